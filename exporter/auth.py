@@ -1,0 +1,320 @@
+"""Request authentication for the Catalog API: SigV4 signing, bearer tokens, or nothing.
+
+This module owns turning (method, url, body, headers) into the extra headers that authenticate
+one request, and obtaining the credentials to do so. It sends nothing over HTTP itself, never
+blocks the event loop (AWS credential look-ups run in a thread) and never lets a secret reach
+an exception message or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import botocore.auth
+import botocore.credentials
+import botocore.session
+from botocore.awsrequest import AWSRequest
+
+__all__ = [
+    "AuthUnavailable",
+    "BearerAuth",
+    "NoAuth",
+    "RequestAuth",
+    "SigV4Auth",
+    "create_auth",
+    "silence_botocore_debug",
+]
+
+#: The session name CloudTrail shows for the role this exporter assumes.
+ROLE_SESSION_NAME = "catalog-upload-exporter"
+
+#: After a failed credential look-up, callers within this many seconds get the same error
+#: without a new look-up: the chain may probe instance metadata, which takes seconds to fail.
+_FAILURE_BACKOFF_SECONDS = 5.0
+
+#: Only these headers of the caller's are signed: the HTTP client may add or rewrite others
+#: (Accept-Encoding, Content-Length...) after we sign, which would break the signature.
+_SIGNED_CALLER_HEADERS = frozenset({"host", "content-type"})
+
+_NO_CREDENTIALS = (
+    "no AWS credentials found in the default chain (environment variables, shared "
+    "config/credentials files, web identity token, container credentials, instance metadata)"
+)
+
+
+class AuthUnavailable(Exception):
+    """Credentials could not be obtained (no AWS credentials in the chain, token file
+    unreadable...). The message never contains a secret."""
+
+
+class RequestAuth(Protocol):
+    """Something that authenticates one Catalog API request."""
+
+    async def headers(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Headers to ADD to the request (e.g. Authorization, X-Amz-Date,
+        X-Amz-Security-Token). Raises AuthUnavailable."""
+        ...
+
+
+class NoAuth:
+    """No authentication: for a local simulator or an API behind an authenticating proxy."""
+
+    async def headers(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Nothing to add."""
+        return {}
+
+
+class BearerAuth:
+    """A static bearer token read from a file (re-read when it changes) or an env variable.
+
+    Kubernetes rotates a mounted secret by swapping a symlink, so the file is stat()ed
+    (following links) on every call, which is cheap, and re-read only when its identity,
+    size or modification time changed.
+    """
+
+    def __init__(
+        self,
+        *,
+        token_file: str = "",
+        token_env: str = "",
+        header: str = "Authorization",
+        scheme: str = "Bearer",
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if not token_file and not token_env:
+            msg = "BearerAuth needs token_file or token_env"
+            raise ValueError(msg)
+        if not header:
+            msg = "BearerAuth needs a header name"
+            raise ValueError(msg)
+        self._token_file = token_file
+        self._token_env = token_env
+        self._header = header
+        self._scheme = scheme
+        self._environ: Mapping[str, str] = os.environ if environ is None else environ
+        self._file_key: tuple[int, int, int, int] | None = None
+        self._file_token = ""
+
+    async def headers(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The token header, e.g. `Authorization: Bearer <token>`."""
+        token = self._from_file() if self._token_file else self._from_env()
+        value = f"{self._scheme} {token}" if self._scheme else token
+        return {self._header: value}
+
+    def _from_file(self) -> str:
+        path = self._token_file
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
+            raise AuthUnavailable(msg) from None
+        key = (st.st_mtime_ns, st.st_ino, st.st_size, st.st_dev)
+        if key == self._file_key:
+            return self._file_token
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
+            raise AuthUnavailable(msg) from None
+        try:
+            token = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            msg = f"token file {path} is not valid UTF-8"
+            raise AuthUnavailable(msg) from None
+        _check_token(token, f"token file {path}")
+        # Remember the key only once the content proved good, so a bad file is retried.
+        self._file_key = key
+        self._file_token = token
+        return token
+
+    def _from_env(self) -> str:
+        name = self._token_env
+        token = self._environ.get(name, "").strip()
+        _check_token(token, f"environment variable {name}")
+        return token
+
+
+def _check_token(token: str, source: str) -> None:
+    if not token:
+        msg = f"{source} is empty or unset"
+        raise AuthUnavailable(msg)
+    # A newline or control character would let the token inject headers; say where, not what.
+    if any(c.isspace() or not c.isprintable() for c in token):
+        msg = f"{source} contains whitespace or control characters inside the token"
+        raise AuthUnavailable(msg)
+
+
+class SigV4Auth:
+    """AWS Signature Version 4 for API Gateway (`execute-api`), signed by botocore.
+
+    Credentials come from the standard botocore chain (environment, shared profile, web
+    identity as in EKS IRSA, container credentials as in EKS Pod Identity, instance
+    metadata), optionally through an assumed role. Look-ups and refreshes are network calls,
+    so they run in a thread; the frozen credentials are cached and re-read every
+    `refresh_interval` seconds, which lets botocore refresh them well before they expire.
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        role_arn: str = "",
+        service: str = "execute-api",
+        credentials: botocore.credentials.Credentials | None = None,
+        session: botocore.session.Session | None = None,
+        refresh_interval: float = 60.0,
+    ) -> None:
+        if not region:
+            msg = "SigV4Auth needs a region"
+            raise ValueError(msg)
+        if refresh_interval < 0:
+            msg = "refresh_interval must be >= 0"
+            raise ValueError(msg)
+        self._region = region
+        self._role_arn = role_arn
+        self._service = service
+        self._session = session
+        self._refresh_interval = refresh_interval
+        self._source: botocore.credentials.Credentials | None = credentials
+        self._lock = asyncio.Lock()
+        self._frozen: botocore.credentials.ReadOnlyCredentials | None = None
+        self._fetched_at = 0.0
+        self._failure: str | None = None
+        self._failed_at = 0.0
+
+    async def headers(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Authorization, X-Amz-Date, and X-Amz-Security-Token when there is a session token.
+
+        The signature covers the method, the full URL, the exact body bytes and the caller's
+        Host and Content-Type headers (Host is derived from the URL when absent).
+        """
+        creds = await self._credentials()
+        to_sign = {k.lower(): v for k, v in headers.items() if k.lower() in _SIGNED_CALLER_HEADERS}
+        request = AWSRequest(method=method.upper(), url=url, data=body, headers=to_sign)
+        botocore.auth.SigV4Auth(creds, self._service, self._region).add_auth(request)
+        signed = request.headers
+        out = {"Authorization": signed["Authorization"], "X-Amz-Date": signed["X-Amz-Date"]}
+        if creds.token:
+            out["X-Amz-Security-Token"] = creds.token
+        if "X-Amz-Content-SHA256" in signed:
+            out["X-Amz-Content-Sha256"] = signed["X-Amz-Content-SHA256"]
+        return out
+
+    async def _credentials(self) -> botocore.credentials.ReadOnlyCredentials:
+        frozen = self._fresh()
+        if frozen is not None:
+            return frozen
+        async with self._lock:
+            # Another caller may have refreshed while this one waited for the lock.
+            frozen = self._fresh()
+            if frozen is not None:
+                return frozen
+            backoff = min(_FAILURE_BACKOFF_SECONDS, self._refresh_interval)
+            if self._failure is not None and time.monotonic() - self._failed_at < backoff:
+                raise AuthUnavailable(self._failure)
+            try:
+                frozen = await asyncio.to_thread(self._fetch)
+            except AuthUnavailable as exc:
+                self._frozen = None
+                self._failure = str(exc)
+                self._failed_at = time.monotonic()
+                raise
+            self._frozen = frozen
+            self._fetched_at = time.monotonic()
+            self._failure = None
+            return frozen
+
+    def _fresh(self) -> botocore.credentials.ReadOnlyCredentials | None:
+        if self._frozen is None:
+            return None
+        if time.monotonic() - self._fetched_at >= self._refresh_interval:
+            return None
+        return self._frozen
+
+    def _fetch(self) -> botocore.credentials.ReadOnlyCredentials:
+        """Resolve the chain once, then freeze (and maybe refresh) it. Runs in a thread."""
+        source = self._source
+        if source is None:
+            session = self._session if self._session is not None else botocore.session.Session()
+            try:
+                base = session.get_credentials()
+            except Exception as exc:  # botocore's providers raise many unrelated types
+                msg = f"could not resolve AWS credentials: {_describe(exc)}"
+                raise AuthUnavailable(msg) from None
+            if base is None:
+                raise AuthUnavailable(_NO_CREDENTIALS)
+            if self._role_arn:
+                fetcher = botocore.credentials.AssumeRoleCredentialFetcher(
+                    client_creator=functools.partial(
+                        session.create_client, region_name=self._region
+                    ),
+                    source_credentials=base,
+                    role_arn=self._role_arn,
+                    extra_args={"RoleSessionName": ROLE_SESSION_NAME},
+                )
+                source = botocore.credentials.DeferredRefreshableCredentials(
+                    method="assume-role", refresh_using=fetcher.fetch_credentials
+                )
+            else:
+                source = base
+            # Kept only on success, so a chain that finds nothing is searched again later.
+            self._source = source
+        try:
+            frozen = source.get_frozen_credentials()
+        except Exception as exc:  # STS, IMDS or a credential process failing in any way
+            what = f"assume role {self._role_arn}" if self._role_arn else "refresh AWS credentials"
+            msg = f"could not {what}: {_describe(exc)}"
+            raise AuthUnavailable(msg) from None
+        if not frozen.access_key or not frozen.secret_key:
+            raise AuthUnavailable(_NO_CREDENTIALS)
+        return frozen
+
+
+def _describe(exc: BaseException) -> str:
+    """Name and shortened text of a botocore error; they carry ARNs and paths, not secrets."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def create_auth(
+    *,
+    type: str,
+    region: str = "",
+    role_arn: str = "",
+    token_file: str = "",
+    token_env: str = "",
+    header: str = "Authorization",
+    scheme: str = "Bearer",
+    credentials: botocore.credentials.Credentials | None = None,
+) -> RequestAuth:
+    """Build the authenticator an `AuthConfig` describes ("sigv4", "bearer" or "none")."""
+    if type == "sigv4":
+        return SigV4Auth(region=region, role_arn=role_arn, credentials=credentials)
+    if type == "bearer":
+        return BearerAuth(token_file=token_file, token_env=token_env, header=header, scheme=scheme)
+    if type == "none":
+        return NoAuth()
+    msg = f"unknown auth type {type!r}: expected 'sigv4', 'bearer' or 'none'"
+    raise ValueError(msg)
+
+
+def silence_botocore_debug() -> None:
+    """Keep botocore below DEBUG: "botocore.auth" logs canonical requests and signatures."""
+    logging.getLogger("botocore").setLevel(logging.WARNING)

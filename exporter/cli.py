@@ -1,0 +1,130 @@
+"""Command line: parse arguments, load the config, set up logs, serve; exit codes.
+
+Exit codes: 0 after a clean shutdown or a valid `--check-config`; 2 for a bad command line
+or an invalid configuration (the message names every bad key); 1 when the listener cannot
+be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from exporter import __version__
+from exporter.config import ConfigError, load_config
+from exporter.logs import configure_logging
+from exporter.reload import ConfigReloader
+from exporter.server import create_app
+from exporter.service import Exporter
+
+log = structlog.get_logger("exporter.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; `catalog-upload-exporter --help` shows it."""
+    parser = argparse.ArgumentParser(
+        prog="catalog-upload-exporter",
+        description="Prometheus exporter for HAQM Catalog API upload status.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--config", type=Path, metavar="PATH", help="YAML configuration file")
+    mode.add_argument(
+        "--demo",
+        action="store_true",
+        help="run against the embedded simulator with demo uploads (no config, no credentials)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate --config and exit 0, or print every problem and exit 2",
+    )
+    parser.add_argument(
+        "--port", type=int, metavar="N", help="listen on this port instead of server.port"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `catalog-upload-exporter` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if args.demo:
+        if args.check_config:
+            parser.error("--check-config needs --config")
+        from exporter.demo import run_demo  # the simulator is only loaded for the demo
+
+        return _serve_until_stopped(lambda: run_demo(port=args.port))
+    if args.config is None:
+        parser.error("--config PATH is required (or try --demo)")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"catalog-upload-exporter: invalid configuration in {args.config}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        print(
+            f"{args.config}: configuration OK "
+            f"({len(config.ingestions.ids)} ingestion ids, auth {config.api.auth.type})"
+        )
+        return EXIT_OK
+    configure_logging(config.logging.level, config.logging.format)
+    exporter = Exporter(config)
+    reloader = ConfigReloader(args.config, exporter)
+    host = config.server.host
+    port = config.server.port if args.port is None else args.port
+    app = create_app(exporter, reloader)
+    return _serve_until_stopped(lambda: serve(app, host, port, on_reload=reloader.request))
+
+
+def _serve_until_stopped(run: Callable[[], object]) -> int:
+    try:
+        asyncio.run(run())  # type: ignore[arg-type]
+    except OSError as exc:
+        log.error("cannot_listen", error=str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    on_reload: Callable[[], None] | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Serve `app` until SIGTERM or SIGINT; SIGHUP calls `on_reload`."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+        log.info("listening", url=url, metrics=f"{url}/metrics")
+        if on_listening is not None:
+            on_listening(url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_reload)
+        await stop.wait()
+        log.info("shutting_down")
+    finally:
+        await runner.cleanup()

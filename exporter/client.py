@@ -1,0 +1,93 @@
+"""The Catalog API client: one ingestionId in, a `StatusReport` or a classified `PollError` out.
+
+It owns the HTTP exchange (signing, timeout, body-size cap) and the per-request metrics.
+It does not retry or pace: that is the scheduler's and the rate limiter's job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from exporter.auth import AuthUnavailable, RequestAuth
+from exporter.metrics import ApiMetrics
+from exporter.models import ErrorKind, PollError, PollOutcome
+from exporter.responses import classify_response, clean_text
+
+STATUS_PATH = "/v1/catalog/getCatalogUploadStatus"
+
+
+class BodyTooLarge(Exception):
+    """The answer's body exceeded `api.max_response_bytes`."""
+
+
+class CatalogClient:
+    """Calls getCatalogUploadStatus through a shared keep-alive session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        auth: RequestAuth,
+        timeout_seconds: float,
+        max_response_bytes: int,
+        metrics: ApiMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + STATUS_PATH
+        self._auth = auth
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_bytes = max_response_bytes
+        self._metrics = metrics
+        self._clock = clock
+
+    async def fetch_status(self, ingestion_id: str) -> PollOutcome:
+        """Poll one upload; never raises for anything the network or the API does."""
+        body = json.dumps({"ingestionId": ingestion_id}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        try:
+            headers.update(await self._auth.headers("POST", self._url, body, headers))
+        except AuthUnavailable as exc:
+            outcome: PollOutcome = PollError(ErrorKind.UNAUTHORIZED, clean_text(str(exc)))
+            self._metrics.observe_outcome(outcome)
+            return outcome
+        started = self._clock()
+        code = "error"
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=headers, timeout=self._timeout
+            ) as response:
+                code = str(response.status)
+                payload = await self._read_capped(response)
+                outcome = classify_response(response.status, payload, response.headers)
+        except BodyTooLarge:
+            outcome = PollError(
+                ErrorKind.MALFORMED_RESPONSE,
+                f"body larger than {self._max_bytes} bytes",
+                int(code),
+            )
+        except TimeoutError:
+            outcome = PollError(ErrorKind.TIMEOUT, "no complete answer within the timeout")
+        except aiohttp.ClientError as exc:
+            outcome = PollError(ErrorKind.CONNECTION, clean_text(type(exc).__name__))
+        self._metrics.observe_request(code, self._clock() - started)
+        self._metrics.observe_outcome(outcome)
+        return outcome
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        if response.content_length is not None and response.content_length > self._max_bytes:
+            raise BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+

@@ -1,0 +1,643 @@
+"""The configuration file: its shape as frozen dataclasses, and the loader that validates it.
+
+`load_config` reads a YAML file and `parse_config` checks an already-parsed document. Both
+report every problem at once in one `ConfigError`, one line per key path, instead of stopping
+at the first. Beyond reading the config file this module only checks that a bearer token file
+is a readable regular file and that a token variable is set: it never reads, keeps or prints
+a token, and no error message echoes a value that might be one.
+
+Rules applied to every key:
+
+- a missing key, or a key whose value is `null`, takes its default; a `null` section means
+  all defaults;
+- an unknown key is an error, and the closest known key is suggested;
+- a number is an int or a float, finite; never a bool (YAML reads `yes`/`on` as true) and
+  never a string, so `"60"` and `1e3` (a string to YAML 1.1: write `1.0e+3`) are errors;
+- an integer is an int, or a float with no fractional part (`5.0` is read as 5; `5.5` is an
+  error);
+- a choice (`api.auth.type`, `logging.level`, `logging.format`) is case-insensitive and
+  stored lower-case.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import stat
+import unicodedata
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ApiConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "IngestionsConfig",
+    "LoggingConfig",
+    "PollingConfig",
+    "ReloadConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
+
+    `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
+    the file leaves it empty). For bearer, exactly one of `token_file` / `token_env` is set;
+    the token itself is read by the auth module, never kept here.
+    """
+
+    type: str = "sigv4"
+    region: str = ""
+    role_arn: str = ""
+    token_file: str = ""
+    token_env: str = ""
+    header: str = "Authorization"
+    scheme: str = "Bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """Where the Catalog API is and how hard we may lean on it.
+
+    `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
+    """
+
+    base_url: str
+    auth: AuthConfig
+    timeout_seconds: float = 10.0
+    max_requests_per_second: float = 5.0
+    max_concurrency: int = 4
+    max_response_bytes: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
+class PollingConfig:
+    """When each ingestion id is polled, retried and forgotten."""
+
+    interval_seconds: float = 60.0
+    jitter_ratio: float = 0.1
+    terminal_retention_seconds: float = 86400.0
+    invalid_retry_seconds: float = 3600.0
+    initial_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestionsConfig:
+    """The ingestion ids to track, duplicates removed, in the order first listed."""
+
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the metrics endpoint listens; port 0 picks a free port."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
+    port: int = DEFAULT_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log level (debug, info, warning, error) and format (json, console), lower-case."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """How often the config file is checked for changes; 0 leaves only SIGHUP."""
+
+    watch_interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    api: ApiConfig
+    polling: PollingConfig = PollingConfig()
+    ingestions: IngestionsConfig = IngestionsConfig()
+    server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    reload: ReloadConfig = ReloadConfig()
+
+
+class ConfigError(Exception):
+    """The configuration is unusable.
+
+    `problems` holds one line per bad key, "path: what was expected"; str() joins them with
+    newlines.
+    """
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[str, ...]]]:
+        # The default rebuilds from args (the joined text), which would split it into letters.
+        return (ConfigError, (self.problems,))
+
+
+_TOP_LEVEL = "(top level)"
+_AUTH_TYPES = ("sigv4", "bearer", "none")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("json", "console")
+_REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_MAX_ID_LENGTH = 255  # the API's limit on ingestionId
+_MAX_ECHO = 60  # longer values are cut in messages
+_KINDS: dict[type, str] = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "a mapping",
+}
+
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
+# Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
+# into the wrong key.
+_ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+
+
+class _Problems:
+    """Every problem found so far, as (key path, what was expected) pairs, in order found."""
+
+    __slots__ = ("_found",)
+
+    def __init__(self) -> None:
+        self._found: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self._found.append((path, message))
+
+    def __contains__(self, path: object) -> bool:
+        return any(found == path for found, _ in self._found)
+
+    def raise_if_any(self) -> None:
+        if self._found:
+            raise ConfigError(f"{path}: {message}" for path, message in self._found)
+
+
+class _Section:
+    """One mapping of the document: its key path, its known keys' values, where problems go.
+
+    A value that is not a mapping, and every unknown key, is reported on construction; `ok`
+    is False when the value was not a mapping, so callers can skip checks that would only
+    repeat that problem.
+    """
+
+    __slots__ = ("ok", "path", "problems", "values")
+
+    def __init__(self, problems: _Problems, path: str, value: object, known: Sequence[str]) -> None:
+        self.problems = problems
+        self.path = path
+        self.values: dict[str, object] = {}
+        self.ok = True
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            problems.add(path or _TOP_LEVEL, f"expected a mapping, got {_describe(value)}")
+            self.ok = False
+            return
+        for key, item in value.items():
+            if isinstance(key, str) and key in known:
+                self.values[key] = item
+            else:
+                name = key if isinstance(key, str) else _describe(key)
+                self.problem(name, "unknown key" + _did_you_mean(name, known))
+
+    def path_of(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str) -> object:
+        return self.values.get(key)
+
+    def child(self, key: str, shape: type[Any]) -> _Section:
+        return _Section(self.problems, self.path_of(key), self.get(key), _keys(shape))
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.add(self.path_of(key), message)
+
+    def has_problem(self, key: str) -> bool:
+        return self.path_of(key) in self.problems
+
+
+def _keys(shape: type[Any]) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(shape))
+
+
+def _did_you_mean(word: str, known: Sequence[str]) -> str:
+    lowered = {candidate.lower(): candidate for candidate in known}
+    matches = difflib.get_close_matches(word.lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[matches[0]]!r}?" if matches else ""
+
+
+def _describe(value: object, *, secret: bool = False) -> str:
+    """Show a value in a message: YAML spellings, cut short, or only its kind when `secret`."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if secret or not isinstance(value, str | int | float):
+        return _KINDS.get(type(value), f"a value of type {type(value).__name__}")
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a very large integer"
+    if isinstance(value, str) and len(value) > _MAX_ECHO:
+        return f"{value[:_MAX_ECHO]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def _number_hint(value: object) -> str:
+    """Explain the two YAML readings that most often turn a number into something else."""
+    if isinstance(value, bool):
+        return " (YAML reads unquoted yes/no/on/off/true/false as booleans)"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a string to YAML: drop any quotes, and write exponents like 1.0e+3)"
+    return ""
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+def _range_text(gt: float | None, ge: float | None, le: float | None) -> str:
+    if ge is not None and le is not None:
+        return f" from {_fmt(ge)} to {_fmt(le)}"
+    parts = [
+        f"{op} {_fmt(bound)}"
+        for op, bound in ((">", gt), (">=", ge), ("<=", le))
+        if bound is not None
+    ]
+    return " " + " and ".join(parts) if parts else ""
+
+
+def _in_range(value: float, gt: float | None, ge: float | None, le: float | None) -> bool:
+    return (
+        (gt is None or value > gt) and (ge is None or value >= ge) and (le is None or value <= le)
+    )
+
+
+def _number(
+    section: _Section,
+    key: str,
+    default: float,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+) -> float:
+    """Read a finite number within the bounds; an int is accepted, a bool is not."""
+    value = section.get(key)
+    if value is None:
+        return default
+    expected = "a number" + _range_text(gt, ge, le)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number) and _in_range(number, gt, ge, le):
+            return number
+    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
+    return default
+
+
+def _integer(section: _Section, key: str, default: int, *, ge: int, le: int) -> int:
+    """Read an integer within [ge, le]; a float with no fractional part is accepted."""
+    value = section.get(key)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and ge <= value <= le:
+        return value
+    expected = "an integer" + _range_text(None, ge, le)
+    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
+    return default
+
+
+def _string(
+    section: _Section, key: str, default: str, *, required: bool = False, secret: bool = False
+) -> str:
+    """Read a string; `secret` keeps the value out of the message (it may be a token)."""
+    value = section.get(key)
+    if value is None:
+        if required:
+            section.problem(key, "required")
+        return default
+    if isinstance(value, str):
+        return value
+    section.problem(key, f"expected a string, got {_describe(value, secret=secret)}")
+    return default
+
+
+def _choice(section: _Section, key: str, default: str, choices: Sequence[str]) -> str:
+    """Read one of `choices`, case-insensitively, stored lower-case."""
+    value = _string(section, key, default)
+    if value.lower() in choices:
+        return value.lower()
+    listed = ", ".join(choices)
+    section.problem(
+        key, f"expected one of {listed}, got {_describe(value)}{_did_you_mean(value, choices)}"
+    )
+    return default
+
+
+def _control_character(text: str) -> str | None:
+    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
+
+
+def _base_url_problem(url: str) -> str | None:
+    """Say what is wrong with `url` as the API's base URL, or None when it is usable."""
+    if _control_character(url) is not None or " " in url:
+        return "must not contain spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return "is not a valid URL (check the host and port)"
+    # Credentials, a query or a fragment may hold secrets (?api_key=...): those are checked
+    # first and their messages never echo the URL.
+    checks = (
+        ("@" in parts.netloc, "must not contain credentials; configure api.auth instead"),
+        ("?" in url, "must not have a query string: the exporter sends its own request"),
+        ("#" in url, "must not have a fragment"),
+        (
+            parts.scheme not in ("http", "https"),
+            f"expected an http:// or https:// URL, got {_describe(url)}",
+        ),
+        (not parts.hostname, f"expected a URL with a host, got {_describe(url)}"),
+    )
+    return next((message for failed, message in checks if failed), None)
+
+
+def _token_file_problem(path: str) -> str | None:
+    """Say why the token file cannot be used, or None; the file's content is never read."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"file {path!r} does not exist"
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        return f"file {path!r} cannot be checked: {reason}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path!r} is not a regular file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        return f"file {path!r} is not readable: {error.strerror}"
+    return None
+
+
+def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:
+    """Take the region from the file, else from the environment, and check its shape."""
+    source = ""
+    if not region:
+        for name in _REGION_ENV_VARS:
+            if environ.get(name):
+                region, source = environ[name], f" (from {name})"
+                break
+        else:
+            section.problem(
+                "region",
+                "required with type: sigv4; set it here or in AWS_REGION or AWS_DEFAULT_REGION",
+            )
+            return ""
+    if not _REGION.fullmatch(region):
+        section.problem(
+            "region", f"expected an AWS region such as us-east-1, got {_describe(region)}{source}"
+        )
+    return region
+
+
+def _check_bearer_source(
+    section: _Section, token_file: str, token_env: str, environ: Mapping[str, str]
+) -> None:
+    if bool(token_file) == bool(token_env):
+        if not (section.has_problem("token_file") or section.has_problem("token_env")):
+            which = "both are set" if token_file else "neither is set"
+            section.problems.add(
+                section.path, f"type: bearer needs exactly one of token_file or token_env; {which}"
+            )
+        return
+    if token_file:
+        problem = _token_file_problem(token_file)
+        if problem:
+            section.problem("token_file", problem)
+    elif not environ.get(token_env, "").strip():
+        name = (
+            repr(token_env)
+            if _ECHOABLE_ENV_NAME.fullmatch(token_env)
+            else "named here (name not shown: is it the token itself?)"
+        )
+        section.problem("token_env", f"environment variable {name} is not set or is empty")
+
+
+def _read_auth(section: _Section, environ: Mapping[str, str]) -> AuthConfig:
+    if not section.ok:
+        return AuthConfig()
+    auth_type = _choice(section, "type", "sigv4", _AUTH_TYPES)
+    region = _string(section, "region", "")
+    role_arn = _string(section, "role_arn", "")
+    token_file = _string(section, "token_file", "")
+    token_env = _string(section, "token_env", "", secret=True)
+    header = _string(section, "header", "Authorization", secret=True)
+    scheme = _string(section, "scheme", "Bearer", secret=True)
+
+    if role_arn and not role_arn.startswith("arn:"):
+        section.problem(
+            "role_arn",
+            "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
+            f"got {_describe(role_arn)}",
+        )
+    if not _HTTP_TOKEN.fullmatch(header):
+        section.problem("header", "expected an HTTP header name such as Authorization")
+    if scheme and not _HTTP_TOKEN.fullmatch(scheme):
+        section.problem("scheme", 'expected one word such as Bearer, or "" for the bare token')
+
+    if section.has_problem("type"):
+        pass  # which keys apply is unknown, so checking them would only add noise
+    elif auth_type == "sigv4":
+        if not section.has_problem("region"):
+            region = _resolve_region(section, region, environ)
+        for key, value in (("token_file", token_file), ("token_env", token_env)):
+            if value:
+                section.problem(key, "only used with type: bearer")
+    elif auth_type == "bearer":
+        _check_bearer_source(section, token_file, token_env, environ)
+
+    return AuthConfig(
+        type=auth_type,
+        region=region,
+        role_arn=role_arn,
+        token_file=token_file,
+        token_env=token_env,
+        header=header,
+        scheme=scheme,
+    )
+
+
+def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
+    if not section.ok:
+        return ApiConfig(base_url="", auth=AuthConfig())
+    base_url = _string(section, "base_url", "", required=True)
+    if "base_url" in section.values and not section.has_problem("base_url"):
+        problem = _base_url_problem(base_url)
+        if problem:
+            section.problem("base_url", problem)
+    return ApiConfig(
+        base_url=base_url.rstrip("/"),
+        auth=_read_auth(section.child("auth", AuthConfig), environ),
+        timeout_seconds=_number(section, "timeout_seconds", 10.0, gt=0, le=300),
+        max_requests_per_second=_number(section, "max_requests_per_second", 5.0, gt=0, le=1000),
+        max_concurrency=_integer(section, "max_concurrency", 4, ge=1, le=256),
+        max_response_bytes=_integer(
+            section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024
+        ),
+    )
+
+
+def _read_polling(section: _Section) -> PollingConfig:
+    polling = PollingConfig(
+        interval_seconds=_number(section, "interval_seconds", 60.0, gt=0, le=86400),
+        jitter_ratio=_number(section, "jitter_ratio", 0.1, ge=0, le=0.5),
+        terminal_retention_seconds=_number(section, "terminal_retention_seconds", 86400.0, ge=0),
+        invalid_retry_seconds=_number(section, "invalid_retry_seconds", 3600.0, gt=0),
+        initial_backoff_seconds=_number(section, "initial_backoff_seconds", 1.0, gt=0),
+        max_backoff_seconds=_number(section, "max_backoff_seconds", 300.0, gt=0),
+    )
+    initial, maximum = polling.initial_backoff_seconds, polling.max_backoff_seconds
+    if (
+        maximum < initial
+        and not section.has_problem("initial_backoff_seconds")
+        and not section.has_problem("max_backoff_seconds")
+    ):
+        section.problem(
+            "max_backoff_seconds",
+            f"expected a number >= {section.path_of('initial_backoff_seconds')} ({_fmt(initial)}), "
+            f"got {_fmt(maximum)}",
+        )
+    return polling
+
+
+def _ingestion_id_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string (quote ids in YAML), got {_describe(value)}"
+    if not value:
+        return "must not be empty"
+    if len(value) > _MAX_ID_LENGTH:
+        return f"expected at most {_MAX_ID_LENGTH} characters, got {len(value)}"
+    char = _control_character(value)
+    if char is not None:
+        return f"must not contain control characters, found {char!r} in {_describe(value)}"
+    return None
+
+
+def _read_ingestions(section: _Section) -> IngestionsConfig:
+    raw = section.get("ids")
+    if raw is None:
+        return IngestionsConfig()
+    if not isinstance(raw, list):
+        section.problem("ids", f"expected a list of ingestion ids, got {_describe(raw)}")
+        return IngestionsConfig()
+    unique: dict[str, None] = {}  # a dict keeps first-seen order
+    for index, value in enumerate(raw):
+        problem = _ingestion_id_problem(value)
+        if problem:
+            section.problems.add(f"{section.path_of('ids')}[{index}]", problem)
+        elif isinstance(value, str):
+            unique.setdefault(value)
+    return IngestionsConfig(ids=tuple(unique))
+
+
+def _read_server(section: _Section) -> ServerConfig:
+    host = _string(section, "host", ServerConfig().host)
+    if not host or _control_character(host) is not None or " " in host:
+        section.problem(
+            "host", f"expected a host name or address such as 0.0.0.0, got {_describe(host)}"
+        )
+    return ServerConfig(host=host, port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535))
+
+
+def _read_logging(section: _Section) -> LoggingConfig:
+    return LoggingConfig(
+        level=_choice(section, "level", "info", _LOG_LEVELS),
+        format=_choice(section, "format", "json", _LOG_FORMATS),
+    )
+
+
+def _read_reload(section: _Section) -> ReloadConfig:
+    return ReloadConfig(
+        watch_interval_seconds=_number(section, "watch_interval_seconds", 5.0, ge=0)
+    )
+
+
+def parse_config(data: object, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML document (environ defaults to os.environ)."""
+    env = os.environ if environ is None else environ
+    problems = _Problems()
+    if data is None:
+        problems.add(_TOP_LEVEL, "the document is empty; at least api.base_url is required")
+    elif not isinstance(data, dict):
+        problems.add(_TOP_LEVEL, f"expected a mapping of sections, got {_describe(data)}")
+    problems.raise_if_any()
+
+    root = _Section(problems, "", data, _keys(Config))
+    config = Config(
+        api=_read_api(root.child("api", ApiConfig), env),
+        polling=_read_polling(root.child("polling", PollingConfig)),
+        ingestions=_read_ingestions(root.child("ingestions", IngestionsConfig)),
+        server=_read_server(root.child("server", ServerConfig)),
+        logging=_read_logging(root.child("logging", LoggingConfig)),
+        reload=_read_reload(root.child("reload", ReloadConfig)),
+    )
+    problems.raise_if_any()
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read, parse (yaml.safe_load) and validate; every failure is a ConfigError."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise ConfigError([f"{name}: cannot read the file: {error.strerror}"]) from None
+    except ValueError as error:  # not UTF-8, or a NUL in the path
+        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        # Our own wording: str(error) quotes the offending lines of the document.
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = error.problem or error.context or "invalid YAML"
+        raise ConfigError([f"{name}: YAML syntax error{where}: {what}"]) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        raise ConfigError([f"{name}: not valid YAML: {type(error).__name__}"]) from None
+    if data is None:
+        raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
+    return parse_config(data, environ=environ)

@@ -1,0 +1,182 @@
+"""Every metric the exporter exposes, on a registry the caller injects.
+
+Metric names and labels are public API (dashboards and alerts depend on them); the README's
+metric table lists them. Per-upload series are rendered at scrape time from `UploadStore`,
+so a removed upload simply disappears and `/metrics` never waits on the Catalog API.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.models import KNOWN_STATUSES, ErrorKind, PollError, PollOutcome
+from exporter.uploads import UploadStore
+
+#: Request latency buckets: the API answers in tens of milliseconds when well, and the
+#: client gives up at `api.timeout_seconds` (10 s by default).
+REQUEST_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: Kinds counted by catalog_api_errors_total; 429 has its own counter.
+ERROR_KINDS = tuple(k.value for k in ErrorKind if k is not ErrorKind.THROTTLED)
+
+
+class ApiMetrics:
+    """Counters and the latency histogram for calls to the Catalog API."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "catalog_api_requests",
+            "Requests sent to getCatalogUploadStatus, by HTTP code ('error' when no response).",
+            ["code"],
+            registry=registry,
+        )
+        self.throttled = Counter(
+            "catalog_api_throttled",
+            "Requests the Catalog API answered with 429 Too Many Requests.",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "catalog_api_errors",
+            "Failed polls by kind (429 excluded: see catalog_api_throttled_total).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        self.duration = Histogram(
+            "catalog_api_request_duration_seconds",
+            "Time from sending a request to having read its whole answer.",
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_request(self, code: str, seconds: float) -> None:
+        """Count one request that was sent, whatever came of it."""
+        self.requests.labels(code).inc()
+        self.duration.observe(seconds)
+
+    def observe_outcome(self, outcome: PollOutcome) -> None:
+        """Count a failed poll by kind; successes are counted by `observe_request`."""
+        if not isinstance(outcome, PollError):
+            return
+        if outcome.kind is ErrorKind.THROTTLED:
+            self.throttled.inc()
+        else:
+            self.errors.labels(outcome.kind.value).inc()
+
+
+class ExporterMetrics:
+    """The exporter's own health: reloads, build, rate limit in force, tracked ids."""
+
+    def __init__(self, registry: CollectorRegistry, *, rate_limit: Callable[[], float]) -> None:
+        self.reload_successful = Gauge(
+            "catalog_exporter_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, else 0.",
+            registry=registry,
+        )
+        self.reload_success_timestamp = Gauge(
+            "catalog_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully.",
+            registry=registry,
+        )
+        self.last_successful_poll = Gauge(
+            "catalog_exporter_last_successful_poll_timestamp_seconds",
+            "When any poll last succeeded (0 until one does).",
+            registry=registry,
+        )
+        rate = Gauge(
+            "catalog_api_rate_limit_requests_per_second",
+            "Client-side rate limit in force now (lowered after 429s, then recovering).",
+            registry=registry,
+        )
+        rate.set_function(rate_limit)
+        build = Gauge(
+            "catalog_exporter_build_info",
+            "Always 1; labels say which build is running.",
+            ["version", "python_version"],
+            registry=registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+
+    def config_loaded(self, ok: bool) -> None:
+        """Record the outcome of a configuration load or reload."""
+        self.reload_successful.set(1 if ok else 0)
+        if ok:
+            self.reload_success_timestamp.set(time.time())
+
+
+class UploadCollector(Collector):
+    """Per-upload and aggregate upload metrics, rendered from the store at scrape time.
+
+    Sample output for one upload::
+
+        catalog_upload_status{ingestion_id="abc",status="INQUEUE"} 0.0
+        catalog_upload_status{ingestion_id="abc",status="INPROGRESS"} 1.0
+        ... (one series per status, exactly one of them 1)
+        catalog_upload_status_changed_timestamp_seconds{ingestion_id="abc"} 1.7e+09
+        catalog_upload_report_available{ingestion_id="abc"} 0.0
+        catalog_uploads{status="INPROGRESS"} 1.0
+    """
+
+    def __init__(self, store: UploadStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterable[Metric]:
+        status = GaugeMetricFamily(
+            "catalog_upload_status",
+            "Upload status, one-hot: 1 for the status the API last reported, else 0.",
+            labels=["ingestion_id", "status"],
+        )
+        changed = GaugeMetricFamily(
+            "catalog_upload_status_changed_timestamp_seconds",
+            "When the exporter first saw the upload's current status.",
+            labels=["ingestion_id"],
+        )
+        last_success = GaugeMetricFamily(
+            "catalog_upload_last_success_timestamp_seconds",
+            "When a poll of this upload last succeeded (absent until one does).",
+            labels=["ingestion_id"],
+        )
+        report = GaugeMetricFamily(
+            "catalog_upload_report_available",
+            "1 when the API returned a non-empty reportDownloadLink for the upload.",
+            labels=["ingestion_id"],
+        )
+        for upload in self._store:
+            ingestion_id = upload.ingestion_id
+            for known in KNOWN_STATUSES:
+                status.add_metric([ingestion_id, known], 1.0 if upload.status == known else 0.0)
+            if upload.status not in KNOWN_STATUSES:
+                status.add_metric([ingestion_id, upload.status], 1.0)
+            changed.add_metric([ingestion_id], upload.status_changed)
+            if upload.last_success is not None:
+                last_success.add_metric([ingestion_id], upload.last_success)
+            report.add_metric([ingestion_id], 1.0 if upload.report_available else 0.0)
+        yield from (status, changed, last_success, report)
+
+        uploads = GaugeMetricFamily(
+            "catalog_uploads", "Tracked uploads per status.", labels=["status"]
+        )
+        for name, count in self._store.status_counts().items():
+            uploads.add_metric([name], count)
+        yield uploads
+        transitions = CounterMetricFamily(
+            "catalog_upload_transitions",
+            "Status transitions observed, by the status entered.",
+            labels=["status"],
+        )
+        for name, count in self._store.transitions().items():
+            transitions.add_metric([name], count)
+        yield transitions
+        yield GaugeMetricFamily(
+            "catalog_exporter_tracked_ingestions",
+            "IngestionIds tracked now (polled, or terminal and within retention).",
+            value=len(self._store),
+        )

@@ -1,0 +1,95 @@
+"""The vocabulary shared by every module: upload statuses, error kinds and poll outcomes.
+
+This module owns no behaviour beyond naming and ranking; parsing lives in `responses`,
+I/O in `client`, scheduling in `scheduler`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Status(enum.StrEnum):
+    """Statuses the exporter exposes in `catalog_upload_status{status}`.
+
+    The first five are the API's; INVALID is ours (the API rejected the id) and UNKNOWN means
+    no successful poll yet, or a value the API sent that is not a sane identifier.
+    """
+
+    INQUEUE = "INQUEUE"
+    INPROGRESS = "INPROGRESS"
+    DONE = "DONE"
+    CANCELLED = "CANCELLED"
+    FATAL = "FATAL"
+    INVALID = "INVALID"
+    UNKNOWN = "UNKNOWN"
+
+
+#: Every status that always has a series, in exposition order.
+KNOWN_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+#: Statuses after which the API will not change its answer: polling stops.
+TERMINAL_STATUSES: frozenset[str] = frozenset({Status.DONE, Status.CANCELLED, Status.FATAL})
+
+#: How far along the upload is, used to pick one status out of a list-valued
+#: `processingStatus`: the highest rank wins, so a list naming a terminal state is terminal,
+#: and FATAL outranks CANCELLED because it is the one someone must be paged for.
+STATUS_RANK: dict[str, int] = {
+    Status.INQUEUE: 1,
+    Status.INPROGRESS: 2,
+    Status.DONE: 3,
+    Status.CANCELLED: 4,
+    Status.FATAL: 5,
+}
+
+
+class ErrorKind(enum.StrEnum):
+    """How a failed poll is classified in `catalog_api_errors_total{kind}`."""
+
+    INVALID_INGESTION_ID = "invalid_ingestion_id"
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    THROTTLED = "throttled"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    MALFORMED_RESPONSE = "malformed_response"
+    UNEXPECTED_STATUS = "unexpected_status"
+
+
+#: Kinds worth retrying soon with exponential backoff: the fault is upstream and passing.
+RETRYABLE_ERRORS: frozenset[ErrorKind] = frozenset(
+    {ErrorKind.THROTTLED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT, ErrorKind.CONNECTION}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A successful poll: the one status we expose and whether a report link was present.
+
+    `raw` is what the API sent (joined with "," when it was a list) for the log line of an
+    unknown value; the report link itself is never kept, it is a presigned credential.
+    """
+
+    status: str
+    report_available: bool
+    raw: str
+    known: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PollError:
+    """A failed poll, classified.
+
+    `message` is the API's `errorMsg`/`message`, shortened and stripped of control
+    characters; `retry_after` is the server's Retry-After in seconds when it sent one.
+    """
+
+    kind: ErrorKind
+    message: str = ""
+    http_status: int | None = None
+    retry_after: float | None = None
+
+
+PollOutcome = StatusReport | PollError

@@ -1,0 +1,96 @@
+"""The client-side rate limit shared by every poll: an adaptive token bucket.
+
+It owns pacing only; who is polled next is the scheduler's business. The rate is the
+configured maximum until the API throttles us; each 429 cuts it (multiplicative decrease,
+at most once per `decrease_hold_seconds` so one burst of 429s counts once) and honours
+Retry-After by pausing everyone; then it climbs back linearly (additive increase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class AdaptiveRateLimiter:
+    """Token bucket whose rate reacts to throttling (AIMD)."""
+
+    def __init__(
+        self,
+        max_rate: float,
+        *,
+        burst: float = 1.0,
+        min_rate: float = 0.1,
+        decrease_factor: float = 0.5,
+        recovery_seconds: float = 30.0,
+        decrease_hold_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._max_rate = max_rate
+        self._min_rate = min(min_rate, max_rate)
+        self._burst = burst
+        self._decrease_factor = decrease_factor
+        self._recovery_seconds = recovery_seconds
+        self._decrease_hold = decrease_hold_seconds
+        now = clock()
+        self._rate = max_rate
+        self._tokens = burst
+        self._updated = now
+        self._paused_until = now
+        self._last_decrease = -float("inf")
+        self._lock = asyncio.Lock()
+
+    @property
+    def max_rate(self) -> float:
+        """The configured ceiling, `api.max_requests_per_second`."""
+        return self._max_rate
+
+    @property
+    def rate(self) -> float:
+        """The rate in force now, in requests per second."""
+        self._advance(self._clock())
+        return self._rate
+
+    def set_max_rate(self, max_rate: float) -> None:
+        """Apply a reloaded limit; a lower ceiling takes effect at once."""
+        self._advance(self._clock())
+        self._max_rate = max_rate
+        self._min_rate = min(self._min_rate, max_rate)
+        self._rate = min(self._rate, max_rate)
+
+    async def acquire(self) -> None:
+        """Wait for a token; callers are served in arrival order."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._advance(now)
+                wait = self._paused_until - now
+                if wait <= 0:
+                    if self._tokens >= 1.0:
+                        self._tokens -= 1.0
+                        return
+                    wait = (1.0 - self._tokens) / self._rate
+                await self._sleep(wait)
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        """The API answered 429: slow down, and pause everyone for Retry-After if given."""
+        now = self._clock()
+        self._advance(now)
+        if now - self._last_decrease >= self._decrease_hold:
+            self._rate = max(self._min_rate, self._rate * self._decrease_factor)
+            self._last_decrease = now
+        self._tokens = min(self._tokens, 0.0)
+        if retry_after is not None:
+            self._paused_until = max(self._paused_until, now + retry_after)
+
+    def _advance(self, now: float) -> None:
+        elapsed = max(0.0, now - self._updated)
+        self._updated = now
+        if self._rate < self._max_rate:
+            step = self._max_rate / self._recovery_seconds
+            self._rate = min(self._max_rate, self._rate + step * elapsed)
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)

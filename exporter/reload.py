@@ -1,0 +1,69 @@
+"""Configuration reloads: on SIGHUP and when the file's content changes on disk.
+
+A new config is validated in full before anything is applied; an invalid one is logged,
+the running config is kept, and `catalog_exporter_config_last_reload_successful` drops to 0.
+The content is compared (not the mtime) because Kubernetes updates a mounted ConfigMap by
+swapping a symlink, which some filesystems report with an unchanged mtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import structlog
+
+from exporter.config import ConfigError, load_config
+from exporter.service import Exporter
+
+log = structlog.get_logger("exporter.reload")
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class ConfigReloader:
+    """Reloads `path` into `exporter` when asked (SIGHUP) or when the file changes."""
+
+    def __init__(self, path: Path, exporter: Exporter) -> None:
+        self._path = path
+        self._exporter = exporter
+        self._requested = asyncio.Event()
+        self._digest = _digest(path)
+
+    def request(self) -> None:
+        """Ask for a reload; safe to call from a signal handler on the loop."""
+        self._requested.set()
+
+    async def run(self) -> None:
+        """Wait for requests or file changes, forever; cancel to stop."""
+        while True:
+            interval = self._exporter.config.reload.watch_interval_seconds
+            try:
+                await asyncio.wait_for(self._requested.wait(), interval or None)
+            except TimeoutError:
+                digest = await asyncio.to_thread(_digest, self._path)
+                if digest is None or digest == self._digest:
+                    continue
+                log.info("config_file_changed", path=str(self._path))
+            self._requested.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load, validate and apply the file; keep the running config if it is invalid."""
+        self._digest = await asyncio.to_thread(_digest, self._path)
+        try:
+            config = await asyncio.to_thread(load_config, self._path)
+        except ConfigError as exc:
+            self._exporter.metrics.config_loaded(ok=False)
+            log.error("config_reload_failed", path=str(self._path), problems=list(exc.problems))
+            return False
+        self._exporter.apply(config)
+        self._exporter.metrics.config_loaded(ok=True)
+        log.info("config_reloaded", path=str(self._path))
+        return True

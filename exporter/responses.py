@@ -1,0 +1,168 @@
+"""Turn one HTTP answer of getCatalogUploadStatus into a `StatusReport` or a `PollError`.
+
+Pure functions, no I/O: every byte string the API may send maps to an outcome, never to an
+exception. The decisions taken where the API text is ambiguous are listed in the README
+("How ambiguous answers are read") and pinned by tests/test_responses.py.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+import unicodedata
+from collections.abc import Mapping
+
+from exporter.models import (
+    KNOWN_STATUSES,
+    STATUS_RANK,
+    ErrorKind,
+    PollError,
+    PollOutcome,
+    Status,
+    StatusReport,
+)
+
+#: An unknown status value is exposed as a label value only if it looks like the API's own
+#: values (upper-case words joined by "_"); anything else becomes UNKNOWN.
+SANE_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+#: Longest API error message kept for logs; the rest is cut.
+MAX_MESSAGE_CHARS = 200
+
+#: A Retry-After beyond this is treated as this: a misbehaving gateway must not park us for days.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+_INVALID_ID_HINTS = ("invalid parameter", "ingestionid", "ingestion id", "not associated")
+_BAD_REQUEST_HINTS = ("request body", "request model")
+
+
+def classify_response(
+    http_status: int, body: bytes, headers: Mapping[str, str], *, now: float | None = None
+) -> PollOutcome:
+    """Classify one answer. `headers` must be case-insensitive (aiohttp's CIMultiDict is)."""
+    if http_status == 200:
+        return parse_status_body(body)
+    message = error_message(body)
+    if http_status == 429:
+        return PollError(
+            ErrorKind.THROTTLED,
+            message,
+            http_status,
+            parse_retry_after(headers.get("Retry-After"), now=now),
+        )
+    if http_status == 400:
+        return PollError(_classify_400(message, headers), message, http_status)
+    if http_status in (401, 403):
+        return PollError(ErrorKind.UNAUTHORIZED, message, http_status)
+    if 500 <= http_status <= 599:
+        retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
+        return PollError(ErrorKind.SERVER_ERROR, message, http_status, retry_after)
+    return PollError(ErrorKind.UNEXPECTED_STATUS, message, http_status)
+
+
+def parse_status_body(body: bytes) -> PollOutcome:
+    """Read a 200 body: `processingStatus` as a string or a list, unknown fields ignored."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return PollError(ErrorKind.MALFORMED_RESPONSE, "body is not JSON", 200)
+    if not isinstance(document, dict):
+        return PollError(ErrorKind.MALFORMED_RESPONSE, "body is not a JSON object", 200)
+    raw = document.get("processingStatus")
+    values: list[str]
+    if isinstance(raw, str):
+        values = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(v, str) for v in raw):
+        values = list(raw)
+    else:
+        return PollError(
+            ErrorKind.MALFORMED_RESPONSE,
+            "processingStatus is missing or neither a string nor a list of strings",
+            200,
+        )
+    link = document.get("reportDownloadLink")
+    report_available = isinstance(link, str) and link.strip() != ""
+    status, known = pick_status(values)
+    return StatusReport(status, report_available, clean_text(",".join(values)), known)
+
+
+def pick_status(values: list[str]) -> tuple[str, bool]:
+    """One status out of what the API sent, and whether it was one of the known values.
+
+    Values are compared case-insensitively after trimming. Among known values the most
+    advanced wins (see `STATUS_RANK`); unknown values count only when no known one is present,
+    and then the first sane one is exposed as it is, else UNKNOWN.
+    """
+    normalised = [v.strip().upper() for v in values]
+    known = [v for v in normalised if v in STATUS_RANK]
+    if known:
+        return max(known, key=STATUS_RANK.__getitem__), True
+    for value in normalised:
+        if SANE_STATUS.fullmatch(value) and value not in KNOWN_STATUSES:
+            return value, False
+    return Status.UNKNOWN.value, False
+
+
+def error_message(body: bytes) -> str:
+    """The API's error text: `errorMsg` or `message` from a JSON body, else the body's start."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if isinstance(document, dict):
+        for key in ("errorMsg", "message", "Message"):
+            value = document.get(key)
+            if isinstance(value, str):
+                return clean_text(value)
+    return clean_text(body[: MAX_MESSAGE_CHARS * 4].decode("utf-8", errors="replace"))
+
+
+def clean_text(text: str) -> str:
+    """Shorten and drop control characters so a hostile body cannot forge log lines."""
+    kept = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    kept = " ".join(kept.split())
+    if len(kept) > MAX_MESSAGE_CHARS:
+        return kept[: MAX_MESSAGE_CHARS - 1] + "…"
+    return kept
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now (delta-seconds or HTTP-date), clamped to [0, 1h]."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _classify_400(message: str, headers: Mapping[str, str]) -> ErrorKind:
+    """Tell "this id is invalid" from "our request was malformed".
+
+    API Gateway names the exception in `x-amzn-ErrorType`; failing that, the documented
+    messages are matched. An unrecognised 400 is `bad_request`: only clear evidence marks
+    an upload INVALID.
+    """
+    error_type = headers.get("x-amzn-ErrorType", "")
+    if error_type.startswith("InvalidRequestException"):
+        return ErrorKind.INVALID_INGESTION_ID
+    if error_type.startswith("BadRequestException"):
+        return ErrorKind.BAD_REQUEST
+    lowered = message.lower()
+    if any(hint in lowered for hint in _BAD_REQUEST_HINTS):
+        return ErrorKind.BAD_REQUEST
+    if any(hint in lowered for hint in _INVALID_ID_HINTS):
+        return ErrorKind.INVALID_INGESTION_ID
+    return ErrorKind.BAD_REQUEST

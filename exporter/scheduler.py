@@ -1,0 +1,238 @@
+"""Who is polled when: per-upload schedules, the concurrency cap, backoff and retention.
+
+One dispatcher task pops the upload that is due first from a heap (so the longest-waiting
+upload goes first and none starves), waits for a rate-limit token and a concurrency slot,
+and starts the poll as a tracked task. After each poll the upload is put back with its next
+due time: the interval with jitter, a backoff after a passing failure, the long invalid-id
+interval, or, once terminal, the end of its retention, when its series are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from exporter.client import CatalogClient
+from exporter.config import PollingConfig
+from exporter.metrics import ExporterMetrics
+from exporter.models import RETRYABLE_ERRORS, ErrorKind, PollError, PollOutcome, StatusReport
+from exporter.ratelimit import AdaptiveRateLimiter
+from exporter.uploads import UploadStore
+
+log = structlog.get_logger("exporter.scheduler")
+
+#: First polls of newly tracked uploads are spread over this many seconds at most.
+INITIAL_SPREAD_SECONDS = 1.0
+
+
+class Action(enum.Enum):
+    """What happens to an upload when its heap entry comes due."""
+
+    POLL = "poll"
+    RETIRE = "retire"
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    due: float
+    seq: int
+    ingestion_id: str = field(compare=False)
+    action: Action = field(compare=False)
+
+
+class Poller:
+    """Polls every tracked, non-terminal upload within the rate and concurrency limits."""
+
+    def __init__(
+        self,
+        *,
+        store: UploadStore,
+        client: CatalogClient,
+        limiter: AdaptiveRateLimiter,
+        settings: PollingConfig,
+        max_concurrency: int,
+        metrics: ExporterMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self.client = client
+        self._limiter = limiter
+        self._settings = settings
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._heap: list[_Entry] = []
+        self._pending: dict[str, int] = {}
+        self._seq = 0
+        self._failures: dict[str, int] = {}
+        self._unknown_values_logged: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the dispatcher task is alive (what /readyz reports)."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start dispatching; uploads already in the store are scheduled first."""
+        self.track(list(u.ingestion_id for u in self._store if not u.terminal))
+        self._task = asyncio.create_task(self._dispatch(), name="poller")
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop scheduling, let in-flight polls finish within the grace period, cancel the rest."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            _, late = await asyncio.wait(set(self._inflight), timeout=grace_seconds)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def track(self, ingestion_ids: Iterable[str]) -> None:
+        """Schedule first polls for newly tracked uploads, spread over a short window."""
+        spread = min(INITIAL_SPREAD_SECONDS, self._settings.interval_seconds)
+        for ingestion_id in ingestion_ids:
+            self._schedule(ingestion_id, self._rng.uniform(0, spread), Action.POLL)
+
+    def untrack(self, ingestion_ids: Iterable[str]) -> None:
+        """Forget the schedules of uploads no longer tracked."""
+        for ingestion_id in ingestion_ids:
+            self._pending.pop(ingestion_id, None)
+            self._failures.pop(ingestion_id, None)
+
+    def reconfigure(self, settings: PollingConfig, max_concurrency: int) -> None:
+        """Apply reloaded settings; current schedules keep their due times."""
+        self._settings = settings
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+
+    async def _dispatch(self) -> None:
+        while True:
+            ingestion_id = await self._next_due()
+            await self._limiter.acquire()
+            semaphore = self._semaphore
+            await semaphore.acquire()
+            if ingestion_id not in self._store:  # removed while we waited
+                semaphore.release()
+                continue
+            task = asyncio.create_task(self._poll(ingestion_id, semaphore))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _next_due(self) -> str:
+        while True:
+            now = self._clock()
+            heap = self._heap
+            while heap and self._pending.get(heap[0].ingestion_id) != heap[0].seq:
+                heapq.heappop(heap)
+            if heap and heap[0].due <= now:
+                entry = heapq.heappop(heap)
+                del self._pending[entry.ingestion_id]
+                if entry.action is Action.POLL:
+                    return entry.ingestion_id
+                self._retire(entry.ingestion_id)
+                continue
+            self._wakeup.clear()
+            timeout = heap[0].due - now if heap else None
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _poll(self, ingestion_id: str, semaphore: asyncio.Semaphore) -> None:
+        with structlog.contextvars.bound_contextvars(ingestion_id=ingestion_id):
+            try:
+                outcome = await self.client.fetch_status(ingestion_id)
+                delay, action = self._apply(ingestion_id, outcome)
+            except Exception:
+                # A bug of ours must not stop this upload from being polled again.
+                log.exception("poll_crashed")
+                delay, action = self._interval(), Action.POLL
+            finally:
+                semaphore.release()
+            self._schedule(ingestion_id, delay, action)
+
+    def _apply(self, ingestion_id: str, outcome: PollOutcome) -> tuple[float, Action]:
+        if isinstance(outcome, StatusReport):
+            return self._apply_report(ingestion_id, outcome)
+        return self._apply_error(ingestion_id, outcome)
+
+    def _apply_report(self, ingestion_id: str, report: StatusReport) -> tuple[float, Action]:
+        self._failures.pop(ingestion_id, None)
+        self._metrics.last_successful_poll.set(time.time())
+        if not report.known and report.raw not in self._unknown_values_logged:
+            self._unknown_values_logged.add(report.raw)
+            log.warning("unknown_status_value", value=report.raw, exposed_as=report.status)
+        transition = self._store.record_report(ingestion_id, report)
+        if transition is not None:
+            log.info("status_changed", old=transition.old, new=transition.new)
+        upload = self._store.get(ingestion_id)
+        if upload is not None and upload.terminal:
+            return self._settings.terminal_retention_seconds, Action.RETIRE
+        return self._interval(), Action.POLL
+
+    def _apply_error(self, ingestion_id: str, error: PollError) -> tuple[float, Action]:
+        transition = self._store.record_error(ingestion_id, error)
+        if transition is not None:
+            log.info("status_changed", old=transition.old, new=transition.new)
+        if error.kind is ErrorKind.THROTTLED:
+            self._limiter.on_throttled(error.retry_after)
+        if error.kind is ErrorKind.INVALID_INGESTION_ID:
+            self._failures.pop(ingestion_id, None)
+            delay = self._jittered(self._settings.invalid_retry_seconds)
+        elif error.kind in RETRYABLE_ERRORS:
+            failures = self._failures.get(ingestion_id, 0) + 1
+            self._failures[ingestion_id] = failures
+            delay = self._backoff(failures, error.retry_after)
+        else:
+            delay = self._interval()
+        log.warning(
+            "poll_failed",
+            kind=error.kind.value,
+            http_status=error.http_status,
+            message=error.message,
+            retry_in_seconds=round(delay, 3),
+        )
+        return delay, Action.POLL
+
+    def _retire(self, ingestion_id: str) -> None:
+        self._failures.pop(ingestion_id, None)
+        if self._store.retire(ingestion_id):
+            log.info("retention_expired", ingestion_id=ingestion_id)
+
+    def _schedule(self, ingestion_id: str, delay: float, action: Action) -> None:
+        if ingestion_id not in self._store:
+            return
+        self._seq += 1
+        self._pending[ingestion_id] = self._seq
+        entry = _Entry(self._clock() + delay, self._seq, ingestion_id, action)
+        heapq.heappush(self._heap, entry)
+        if self._heap[0] is entry:
+            self._wakeup.set()
+
+    def _interval(self) -> float:
+        return self._jittered(self._settings.interval_seconds)
+
+    def _jittered(self, seconds: float) -> float:
+        ratio = self._settings.jitter_ratio
+        return seconds * (1.0 + self._rng.uniform(-ratio, ratio))
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+        ceiling = min(
+            self._settings.max_backoff_seconds,
+            self._settings.initial_backoff_seconds * 2.0 ** min(failures - 1, 30),
+        )
+        delay = self._rng.uniform(0.0, ceiling)
+        return max(delay, retry_after) if retry_after is not None else delay

@@ -1,0 +1,99 @@
+"""The exporter's HTTP face: /metrics, /healthz, /readyz and a landing page.
+
+Handlers only read state the poller keeps up to date; none of them waits on the Catalog
+API. The exporter's lifecycle (and the config reloader's) hangs off the app's cleanup_ctx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+from exporter.reload import ConfigReloader
+from exporter.service import Exporter
+
+EXPORTER = web.AppKey("exporter", Exporter)
+RELOADER = web.AppKey("reloader", ConfigReloader)
+
+#: The exporter's own endpoints take no request bodies worth more than this.
+MAX_REQUEST_BYTES = 64 * 1024
+
+_LANDING = """<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>catalog-upload-exporter</title></head>
+<body>
+<h1>catalog-upload-exporter</h1>
+<p>Prometheus exporter for HAQM Catalog API upload status. Version {version}.</p>
+<p>Tracking {tracked} uploads against <code>{base_url}</code>.</p>
+<ul>
+<li><a href="metrics">Metrics</a></li>
+<li><a href="healthz">Health</a> (alive)</li>
+<li><a href="readyz">Readiness</a> (config loaded and poll loop running)</li>
+</ul>
+</body>
+</html>
+"""
+
+
+def create_app(exporter: Exporter, reloader: ConfigReloader | None = None) -> web.Application:
+    """The aiohttp application; starting it starts polling, cleaning it up stops polling."""
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app[EXPORTER] = exporter
+    if reloader is not None:
+        app[RELOADER] = reloader
+    app.cleanup_ctx.append(_run_exporter)
+    app.router.add_get("/", landing)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
+    exporter = app[EXPORTER]
+    await exporter.start()
+    reloader = app.get(RELOADER)
+    watcher = asyncio.create_task(reloader.run(), name="config-reloader") if reloader else None
+    yield
+    if watcher is not None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    await exporter.stop()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Current state in the text format, or OpenMetrics when the scraper asks for it."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    response = web.Response(body=encoder(request.app[EXPORTER].registry))
+    response.headers["Content-Type"] = content_type
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        response.enable_compression(web.ContentCoding.gzip)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers."""
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: a valid config is loaded and the poll loop runs."""
+    if request.app[EXPORTER].ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="not ready: poll loop not running\n")
+
+
+async def landing(request: web.Request) -> web.Response:
+    """A small page linking the endpoints, like node_exporter's."""
+    exporter = request.app[EXPORTER]
+    page = _LANDING.format(
+        version=html.escape(__version__),
+        tracked=len(exporter.store),
+        base_url=html.escape(exporter.config.api.base_url),
+    )
+    return web.Response(text=page, content_type="text/html")

@@ -1,0 +1,992 @@
+"""A fake Catalog API (`POST /v1/catalog/getCatalogUploadStatus`) served by a real aiohttp app.
+
+It owns scripted uploads, the API's answers and error bodies as the spec shows them, real
+authentication (bearer tokens, SigV4 verified with botocore), a server-side token bucket and
+injectable faults. The demo runs it in-process, the test-suite talks to it over loopback and
+`python -m exporter.simulator --port N` serves it standalone. It must never block: slow and
+hanging answers are asyncio sleeps, so other requests keep being served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import json
+import math
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Final
+from urllib.parse import quote
+
+import botocore.auth
+import botocore.credentials
+from aiohttp import web
+from botocore.awsrequest import AWSRequest
+
+from exporter.models import TERMINAL_STATUSES
+
+__all__ = [
+    "API_PATH",
+    "DEMO_INVALID_IDS",
+    "SIMULATOR_KEY",
+    "TEST_ACCESS_KEY_ID",
+    "TEST_REGION",
+    "TEST_SECRET_ACCESS_KEY",
+    "Fault",
+    "FaultKind",
+    "RequestRecord",
+    "SimulatedUpload",
+    "Simulator",
+    "create_app",
+    "demo_uploads",
+    "main",
+    "random_uploads",
+]
+
+TEST_ACCESS_KEY_ID: Final = "AKIDSIMULATOREXAMPLE"
+TEST_SECRET_ACCESS_KEY: Final = "simulator/secret/key/EXAMPLE"  # noqa: S105 - a published fake
+TEST_REGION: Final = "us-east-1"
+
+API_PATH: Final = "/v1/catalog/getCatalogUploadStatus"
+#: Larger request bodies are refused with 413 before anything else is looked at.
+MAX_BODY_BYTES: Final = 64 * 1024
+#: A "hang" answers 504 after this long if the client is somehow still waiting.
+MAX_HANG_SECONDS: Final = 300.0
+#: How far X-Amz-Date may be from the simulator's clock, as AWS allows.
+MAX_CLOCK_SKEW_SECONDS: Final = 300.0
+MAX_INGESTION_ID_LENGTH: Final = 255
+
+StatusValue = str | list[str]
+Step = tuple[StatusValue, float]
+
+_SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_ERROR_TYPE = "x-amzn-ErrorType"
+
+
+class FaultKind(enum.StrEnum):
+    """What a `Fault` does to the request it is applied to."""
+
+    SERVER_ERROR_JSON = "server_error_json"  # 500 {"errorMsg": ...}
+    SERVER_ERROR_HTML = "server_error_html"  # 502 (or `status`) with an HTML page
+    THROTTLE = "throttle"  # 429 {key: "Too Many Requests"}, Retry-After if retry_after
+    HANG = "hang"  # no answer until the client leaves (at most `seconds`, 300 by default)
+    LATENCY = "latency"  # sleep `seconds` (1 by default), then answer normally
+    MALFORMED_JSON = "malformed_json"  # 200 with truncated JSON
+    NON_JSON = "non_json"  # 200 text/html
+    EMPTY_BODY = "empty_body"  # 200 with an empty body
+    WRONG_SHAPE = "wrong_shape"  # 200 JSON without processingStatus (or `body`, e.g. "42")
+    RESET = "reset"  # the connection is closed without an answer
+    BAD_REQUEST = "bad_request"  # 400 {"message": "Invalid request body"}
+    UNEXPECTED_STATUS = "unexpected_status"  # 418 (or `status`, e.g. 302 with Location)
+    BIG_BODY = "big_body"  # 200 valid JSON of `size` bytes
+    UNAUTHORIZED = "unauthorized"  # 403 {"message": "User: ... is not authorized ..."}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A named misbehaviour applied to a request instead of (or before) the normal answer.
+
+    `status` picks the HTTP status where the kind allows a choice (server errors, unexpected
+    status), `body` replaces the default body of kinds that have one.
+    """
+
+    kind: FaultKind | str
+    status: int | None = None
+    retry_after: float | None = None
+    seconds: float | None = None
+    size: int = 5 * 1024 * 1024
+    key: str = "message"
+    body: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept the plain string too, and refuse an unknown kind here rather than mid-request.
+        object.__setattr__(self, "kind", FaultKind(self.kind))
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedUpload:
+    """An upload whose status follows `script`: (status, seconds) steps, the last forever.
+
+    A status is a string or, as the spec shows, a list of strings. The report link is a fake
+    presigned S3 URL, given when the status is terminal and `report` is true.
+    """
+
+    ingestion_id: str
+    script: Sequence[Step]
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ingestion_id:
+            msg = "ingestion_id must not be empty"
+            raise ValueError(msg)
+        steps = tuple((list(s) if isinstance(s, list) else s, float(t)) for s, t in self.script)
+        if not steps:
+            msg = f"upload {self.ingestion_id}: script must have at least one step"
+            raise ValueError(msg)
+        if any(not (t >= 0) for _, t in steps[:-1]):
+            msg = f"upload {self.ingestion_id}: step durations must be >= 0"
+            raise ValueError(msg)
+        object.__setattr__(self, "script", steps)
+
+    def status_at(self, elapsed: float) -> StatusValue:
+        """The scripted status `elapsed` seconds after the upload was added."""
+        for status, seconds in self.script[:-1]:
+            if elapsed < seconds:
+                return status
+            elapsed -= seconds
+        return self.script[-1][0]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request the simulator received and how it answered.
+
+    `status` is None when it never answered (hang, reset); `fault` is the fault kind applied.
+    """
+
+    time: float
+    ingestion_id: str | None
+    status: int | None
+    fault: str | None
+    auth_ok: bool
+
+
+@dataclass(slots=True)
+class _Tracked:
+    upload: SimulatedUpload
+    started: float
+    forced: StatusValue | None = None
+    forced_report: bool | None = None
+
+
+@dataclass(slots=True)
+class _Injection:
+    fault: Fault
+    ingestion_id: str | None
+    remaining: int | None
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    rate: float
+    burst: float
+    clock: Callable[[], float]
+    tokens: float = field(init=False)
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+        self.last = self.clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Denied(Exception):
+    """An authentication failure, carrying the answer API Gateway would give."""
+
+    def __init__(self, status: int, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+
+def _is_terminal(status: StatusValue) -> bool:
+    values = status if isinstance(status, list) else [status]
+    return any(v in TERMINAL_STATUSES for v in values)
+
+
+def _as_list(status: StatusValue) -> list[str]:
+    """The list-valued form of a status, its own value ranked last as the spec's examples."""
+    if isinstance(status, list):
+        return list(status)
+    before = {"INPROGRESS": ["INQUEUE"], "DONE": ["INPROGRESS"], "FATAL": ["CANCELLED"]}
+    return [*before.get(status, []), status]
+
+
+def _report_link(ingestion_id: str) -> str:
+    """A fake presigned S3 URL: it carries a signature like a real one, so it must not leak."""
+    digest = hashlib.sha256(ingestion_id.encode()).hexdigest()
+    key = quote(ingestion_id, safe="")
+    return (
+        f"https://catalog-reports-example.s3.amazonaws.com/reports/{key}.csv"
+        "?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=ASIASIMULATOREXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+        f"&X-Amz-Security-Token=FwoGZXIvYXdzE{digest[:24]}&X-Amz-Signature={digest}"
+    )
+
+
+def _parse_body(body: bytes) -> str | None:
+    """The request's ingestionId, or None when the body is not what the API's model wants."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    ingestion_id = payload.get("ingestionId")
+    if not isinstance(ingestion_id, str):
+        return None
+    if not 1 <= len(ingestion_id) <= MAX_INGESTION_ID_LENGTH:
+        return None
+    return ingestion_id
+
+
+def _json(
+    status: int,
+    payload: object,
+    *,
+    error_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    all_headers = {"x-amzn-RequestId": str(uuid.uuid4())}
+    if error_type:
+        all_headers[_ERROR_TYPE] = error_type
+    if headers:
+        all_headers.update(headers)
+    return web.Response(
+        status=status,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=all_headers,
+    )
+
+
+def _raw(status: int, body: str, content_type: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=body.encode(),
+        content_type=content_type,
+        headers={"x-amzn-RequestId": str(uuid.uuid4())},
+    )
+
+
+def _bad_request() -> web.Response:
+    return _json(400, {"message": "Invalid request body"}, error_type="BadRequestException")
+
+
+def _server_error_json(fault: Fault) -> web.Response:
+    if fault.body is not None:
+        return _raw(fault.status or 500, fault.body, "application/json")
+    payload = {"errorMsg": "Exception encountered while processing the request"}
+    return _json(fault.status or 500, payload, error_type="InternalServerErrorException")
+
+
+def _server_error_html(fault: Fault) -> web.Response:
+    status = fault.status or 502
+    reason = web.Response(status=status).reason
+    page = (
+        f"<html><head><title>{status} {reason}</title></head>"
+        f"<body><center><h1>{status} {reason}</h1></center></body></html>\n"
+    )
+    return _raw(status, page if fault.body is None else fault.body, "text/html")
+
+
+def _throttle(fault: Fault) -> web.Response:
+    headers = None if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+    payload = {fault.key: "Too Many Requests"}
+    return _json(429, payload, error_type="TooManyRequestsException", headers=headers)
+
+
+def _unexpected_status(fault: Fault) -> web.Response:
+    status = fault.status or 418
+    if 300 <= status < 400:
+        response = _raw(status, fault.body or "", "text/html")
+        response.headers["Location"] = "https://signin.example.invalid/login"
+        return response
+    return _raw(status, fault.body or '{"message": "I\'m a teapot"}', "application/json")
+
+
+def _big_body(fault: Fault) -> web.Response:
+    head = '{"processingStatus": "INPROGRESS", "reportDownloadLink": "", "padding": "'
+    tail = '"}'
+    padding = "x" * max(0, fault.size - len(head) - len(tail))
+    return _raw(200, head + padding + tail, "application/json")
+
+
+def _unauthorized(fault: Fault) -> web.Response:
+    message = (
+        "User: arn:aws:sts::123456789012:assumed-role/catalog-exporter/session is not "
+        "authorized to perform: execute-api:Invoke on resource: arn:aws:execute-api:"
+        "us-east-1:********9012:abcdef1234/prod/POST/v1/catalog/getCatalogUploadStatus"
+    )
+    payload = {"message": fault.body or message}
+    return _json(403, payload, error_type="AccessDeniedException")
+
+
+def _body_200(default: str, content_type: str) -> Callable[[Fault], web.Response]:
+    def answer(fault: Fault) -> web.Response:
+        return _raw(200, default if fault.body is None else fault.body, content_type)
+
+    return answer
+
+
+#: The answer of each fault kind that answers at once (hang, latency and reset act instead).
+_CANNED: Final[dict[FaultKind, Callable[[Fault], web.Response]]] = {
+    FaultKind.SERVER_ERROR_JSON: _server_error_json,
+    FaultKind.SERVER_ERROR_HTML: _server_error_html,
+    FaultKind.THROTTLE: _throttle,
+    FaultKind.MALFORMED_JSON: _body_200(
+        '{"processingStatus": "INPROGRESS", "reportDown', "application/json"
+    ),
+    FaultKind.NON_JSON: _body_200(
+        "<html><body><h1>Service Unavailable</h1></body></html>\n", "text/html"
+    ),
+    FaultKind.EMPTY_BODY: _body_200("", "application/json"),
+    FaultKind.WRONG_SHAPE: _body_200(
+        '{"status": "DONE", "reportDownloadLink": ""}', "application/json"
+    ),
+    FaultKind.BAD_REQUEST: lambda fault: _bad_request(),
+    FaultKind.UNEXPECTED_STATUS: _unexpected_status,
+    FaultKind.BIG_BODY: _big_body,
+    FaultKind.UNAUTHORIZED: _unauthorized,
+}
+
+
+def _canned(fault: Fault) -> web.Response:
+    return _CANNED[FaultKind(fault.kind)](fault)
+
+
+class Simulator:
+    """The state behind the fake API: uploads, accepted credentials, limits, faults, a log.
+
+    `clock` drives upload scripts and the rate limiter (inject a fake one in tests);
+    `wall_clock` is what X-Amz-Date is compared with. `on_request` is called with each
+    `RequestRecord` (the CLI's --log-requests); `max_records` bounds `requests`.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_limit: float | None = 10.0,
+        burst: float | None = None,
+        auth: str = "none",
+        tokens: Iterable[str] = (),
+        credentials: Mapping[str, str] | None = None,
+        region: str = TEST_REGION,
+        error_rate: float = 0.0,
+        malformed_rate: float = 0.0,
+        latency: float = 0.0,
+        list_status_rate: float = 0.0,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_request: Callable[[RequestRecord], None] | None = None,
+        max_records: int | None = None,
+    ) -> None:
+        if auth not in {"none", "bearer", "sigv4"}:
+            msg = f"unknown auth mode {auth!r}: expected 'none', 'bearer' or 'sigv4'"
+            raise ValueError(msg)
+        for name, rate in (
+            ("error_rate", error_rate),
+            ("malformed_rate", malformed_rate),
+            ("list_status_rate", list_status_rate),
+        ):
+            if not 0.0 <= rate <= 1.0:
+                msg = f"{name} must be between 0 and 1, got {rate}"
+                raise ValueError(msg)
+        if latency < 0:
+            msg = f"latency must be >= 0, got {latency}"
+            raise ValueError(msg)
+        self.auth = auth
+        self.region = region
+        self.requests: list[RequestRecord] = []
+        self._tokens = frozenset(tokens)
+        self._credentials = dict(
+            {TEST_ACCESS_KEY_ID: TEST_SECRET_ACCESS_KEY} if credentials is None else credentials
+        )
+        self._error_rate = error_rate
+        self._malformed_rate = malformed_rate
+        self._latency = latency
+        self._list_status_rate = list_status_rate
+        # Seeded, not secret: it only decides which requests get a simulated fault.
+        self._rng = random.Random(seed)  # noqa: S311
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._on_request = on_request
+        self._max_records = max_records
+        self._bucket = (
+            _TokenBucket(rate_limit, max(1.0, burst or rate_limit), clock)
+            if rate_limit is not None and rate_limit > 0
+            else None
+        )
+        self._throttled = 0
+        self._uploads: dict[str, _Tracked] = {}
+        self._injections: list[_Injection] = []
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def add_upload(
+        self, ingestion_id: str, script: Sequence[Step], *, report: bool = True
+    ) -> SimulatedUpload:
+        """Track a new upload whose script starts now (replacing one with the same id)."""
+        upload = SimulatedUpload(ingestion_id, script, report)
+        self.add_uploads([upload])
+        return upload
+
+    def add_uploads(self, uploads: Iterable[SimulatedUpload]) -> None:
+        """Track several uploads, their scripts all starting now."""
+        now = self._clock()
+        for upload in uploads:
+            self._uploads[upload.ingestion_id] = _Tracked(upload, now)
+
+    def set_status(
+        self, ingestion_id: str, status: StatusValue, report: bool | None = None
+    ) -> None:
+        """Answer `status` for this upload from now on, whatever its script says.
+
+        `report`: None gives the link when the status is terminal, True always, False never.
+        Raises KeyError for an id that was never added.
+        """
+        tracked = self._uploads[ingestion_id]
+        tracked.forced = list(status) if isinstance(status, list) else status
+        tracked.forced_report = report
+
+    def remove_upload(self, ingestion_id: str) -> None:
+        """Forget an upload: its id becomes invalid (400). Unknown ids are ignored."""
+        self._uploads.pop(ingestion_id, None)
+
+    def current(self, ingestion_id: str) -> tuple[StatusValue, str]:
+        """The (processingStatus, reportDownloadLink) the API would answer now."""
+        tracked = self._uploads[ingestion_id]
+        if tracked.forced is not None:
+            status = tracked.forced
+            report = tracked.forced_report
+            give = _is_terminal(status) if report is None else report
+        else:
+            status = tracked.upload.status_at(self._clock() - tracked.started)
+            give = tracked.upload.report and _is_terminal(status)
+        return status, _report_link(ingestion_id) if give else ""
+
+    # -- faults and credentials --------------------------------------------------------------
+
+    def inject(
+        self, fault: Fault, *, ingestion_id: str | None = None, count: int | None = None
+    ) -> None:
+        """Apply `fault` to the next `count` matching requests (None: until clear_faults()).
+
+        A fault for a specific ingestionId takes precedence over one for any request.
+        """
+        if count is not None and count < 1:
+            msg = f"count must be >= 1 or None, got {count}"
+            raise ValueError(msg)
+        self._injections.append(_Injection(fault, ingestion_id, count))
+
+    def clear_faults(self) -> None:
+        """Remove every injected fault."""
+        self._injections.clear()
+
+    def set_tokens(self, tokens: Iterable[str]) -> None:
+        """Accept only these bearer tokens from now on (a rotation)."""
+        self._tokens = frozenset(tokens)
+
+    # -- the request log ---------------------------------------------------------------------
+
+    def count(
+        self,
+        *,
+        ingestion_id: str | None = None,
+        status: int | None = None,
+        auth_ok: bool | None = None,
+    ) -> int:
+        """How many logged requests match every filter given."""
+        return sum(
+            1
+            for r in self.requests
+            if (ingestion_id is None or r.ingestion_id == ingestion_id)
+            and (status is None or r.status == status)
+            and (auth_ok is None or r.auth_ok == auth_ok)
+        )
+
+    def _record(
+        self,
+        ingestion_id: str | None,
+        status: int | None,
+        fault: str | None,
+        *,
+        auth_ok: bool = True,
+    ) -> None:
+        record = RequestRecord(self._clock(), ingestion_id, status, fault, auth_ok)
+        self.requests.append(record)
+        if self._max_records is not None and len(self.requests) > self._max_records * 1.1:
+            del self.requests[: len(self.requests) - self._max_records]
+        if self._on_request is not None:
+            self._on_request(record)
+
+    def _answered(
+        self,
+        response: web.Response,
+        ingestion_id: str | None,
+        fault: str | None,
+        *,
+        auth_ok: bool = True,
+    ) -> web.Response:
+        self._record(ingestion_id, response.status, fault, auth_ok=auth_ok)
+        return response
+
+    # -- handling ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request to the app (other than /healthz)."""
+        # API Gateway serves a stage under a prefix (/prod/v1/...), and answers any unknown
+        # route or method with this 403 rather than a 404.
+        if request.method != "POST" or not request.path.endswith(API_PATH):
+            response = _json(
+                403,
+                {"message": "Missing Authentication Token"},
+                error_type="MissingAuthenticationTokenException",
+            )
+            return self._answered(response, None, None, auth_ok=False)
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        while len(body) <= MAX_BODY_BYTES and not request.content.at_eof():
+            chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return self._answered(
+                _json(413, {"message": "Request Too Long"}, error_type="RequestTooLongException"),
+                None,
+                None,
+            )
+        ingestion_id = _parse_body(body)
+        try:
+            self._authenticate(request, body)
+        except _Denied as denied:
+            response = _json(
+                denied.status, {"message": denied.message}, error_type=denied.error_type
+            )
+            return self._answered(response, ingestion_id, None, auth_ok=False)
+
+        injected = self._take_fault(ingestion_id)
+        if injected is not None:
+            return await self._apply_fault(request, injected, ingestion_id)
+        return await self._answer(ingestion_id, None)
+
+    def _take_fault(self, ingestion_id: str | None) -> Fault | None:
+        chosen = None
+        if ingestion_id is not None:
+            chosen = next((i for i in self._injections if i.ingestion_id == ingestion_id), None)
+        if chosen is None:
+            chosen = next((i for i in self._injections if i.ingestion_id is None), None)
+        if chosen is None:
+            return None
+        if chosen.remaining is not None:
+            chosen.remaining -= 1
+            if chosen.remaining <= 0:
+                self._injections.remove(chosen)
+        return chosen.fault
+
+    async def _answer(self, ingestion_id: str | None, fault: str | None) -> web.StreamResponse:
+        """The normal path: latency, rate limit, validation, random faults, the status."""
+        if self._latency > 0:
+            await asyncio.sleep(self._latency * self._rng.uniform(0.5, 1.5))
+        if self._bucket is not None and not self._bucket.take():
+            return self._answered(self._throttle_response(), ingestion_id, fault)
+        if ingestion_id is None:
+            return self._answered(_bad_request(), None, fault)
+        if self._error_rate > 0 and self._rng.random() < self._error_rate:
+            kind = self._rng.choice([FaultKind.SERVER_ERROR_JSON, FaultKind.SERVER_ERROR_HTML])
+            code = self._rng.choice([502, 503]) if kind == FaultKind.SERVER_ERROR_HTML else None
+            return self._answered(_canned(Fault(kind, code)), ingestion_id, kind)
+        if self._malformed_rate > 0 and self._rng.random() < self._malformed_rate:
+            kind = self._rng.choice(
+                [
+                    FaultKind.MALFORMED_JSON,
+                    FaultKind.NON_JSON,
+                    FaultKind.EMPTY_BODY,
+                    FaultKind.WRONG_SHAPE,
+                ]
+            )
+            return self._answered(_canned(Fault(kind)), ingestion_id, kind)
+        if ingestion_id not in self._uploads:
+            response = _json(
+                400,
+                {"errorMsg": "API invoked with Invalid parameter"},
+                error_type="InvalidRequestException",
+            )
+            return self._answered(response, ingestion_id, fault)
+        processing_status, link = self.current(ingestion_id)
+        if self._list_status_rate > 0 and self._rng.random() < self._list_status_rate:
+            processing_status = _as_list(processing_status)
+        payload = {"processingStatus": processing_status, "reportDownloadLink": link}
+        response = _json(200, payload)
+        return self._answered(response, ingestion_id, fault)
+
+    def _throttle_response(self) -> web.Response:
+        # The spec shows both bodies; real gateways add Retry-After only sometimes.
+        n = self._throttled
+        self._throttled += 1
+        key = "message" if n % 2 == 0 else "errorMsg"
+        headers = {"Retry-After": "1"} if n % 3 == 0 else None
+        return _json(
+            429, {key: "Too Many Requests"}, error_type="TooManyRequestsException", headers=headers
+        )
+
+    async def _apply_fault(
+        self, request: web.Request, fault: Fault, ingestion_id: str | None
+    ) -> web.StreamResponse:
+        kind = FaultKind(fault.kind)
+        if kind == FaultKind.LATENCY:
+            await asyncio.sleep(1.0 if fault.seconds is None else fault.seconds)
+            return await self._answer(ingestion_id, kind)
+        if kind == FaultKind.HANG:
+            self._record(ingestion_id, None, kind)
+            await self._hang(request, MAX_HANG_SECONDS if fault.seconds is None else fault.seconds)
+            return _json(504, {"message": "Endpoint request timed out"})
+        if kind == FaultKind.RESET:
+            self._record(ingestion_id, None, kind)
+            if request.transport is not None:
+                request.transport.close()
+            # Nothing reaches the client: aiohttp drops a response for a closed transport.
+            return web.Response(status=500)
+        return self._answered(_canned(fault), ingestion_id, kind)
+
+    async def _hang(self, request: web.Request, limit: float) -> None:
+        """Wait without answering until the client leaves, the app stops or `limit` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while (remaining := deadline - loop.time()) > 0:
+            transport = request.transport
+            released = request.app[_RELEASE_KEY].is_set()
+            if released or transport is None or transport.is_closing():
+                return
+            await asyncio.sleep(min(0.05, remaining))
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request, body: bytes) -> None:
+        """Raise `_Denied` unless the request carries valid credentials for the mode."""
+        if self.auth == "bearer":
+            self._check_bearer(request)
+        elif self.auth == "sigv4":
+            self._check_sigv4(request, body)
+
+    def _check_bearer(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode("utf-8", "surrogateescape")
+        # Compare against every accepted token so the time taken says nothing about which.
+        matches = [hmac.compare_digest(given, t.encode()) for t in self._tokens]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise _Denied(401, "Unauthorized", "UnauthorizedException")
+
+    def _check_sigv4(self, request: web.Request, body: bytes) -> None:  # noqa: PLR0912
+        header = request.headers.get("Authorization")
+        if not header:
+            raise _Denied(
+                403, "Missing Authentication Token", "MissingAuthenticationTokenException"
+            )
+        algorithm, _, rest = header.strip().partition(" ")
+        params: dict[str, str] = {}
+        for part in rest.split(","):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                params[name] = value
+        scope = params.get("Credential", "").split("/")
+        if (
+            algorithm != "AWS4-HMAC-SHA256"
+            or not {"Credential", "SignedHeaders", "Signature"} <= params.keys()
+            or len(scope) != 5
+        ):
+            raise _Denied(
+                403,
+                "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' "
+                "parameters in the form AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., "
+                "Signature=...",
+                "IncompleteSignatureException",
+            )
+        access_key, scope_date, region, service, terminator = scope
+        secret = self._credentials.get(access_key)
+        if secret is None:
+            raise _Denied(
+                403,
+                "The security token included in the request is invalid.",
+                "UnrecognizedClientException",
+            )
+        if service != "execute-api" or terminator != "aws4_request":
+            raise _Denied(
+                403,
+                "Credential should be scoped to correct service: 'execute-api'.",
+                "InvalidSignatureException",
+            )
+        if region != self.region:
+            raise _Denied(
+                403,
+                f"Credential should be scoped to a valid region, not '{region}'.",
+                "InvalidSignatureException",
+            )
+        amz_date = request.headers.get("X-Amz-Date", "")
+        try:
+            signed_at = dt.datetime.strptime(amz_date, _SIGV4_TIMESTAMP).replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise _Denied(
+                403,
+                "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' "
+                "header.",
+                "IncompleteSignatureException",
+            ) from None
+        skew = signed_at.timestamp() - self._wall_clock()
+        if abs(skew) > MAX_CLOCK_SKEW_SECONDS:
+            what = "Signature expired" if skew < 0 else "Signature not yet current"
+            raise _Denied(
+                403,
+                f"{what}: {amz_date} is more than {MAX_CLOCK_SKEW_SECONDS:.0f} s from the "
+                "server's time.",
+                "InvalidSignatureException",
+            )
+        if scope_date != amz_date[:8]:
+            raise _Denied(
+                403,
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of "
+                "date from HTTP.",
+                "InvalidSignatureException",
+            )
+        signed_headers = params["SignedHeaders"].split(";")
+        if "host" not in signed_headers:
+            raise _Denied(
+                403,
+                "'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.",
+                "InvalidSignatureException",
+            )
+        mismatch = _Denied(
+            403,
+            "The request signature we calculated does not match the signature you provided. "
+            "Check your AWS Secret Access Key and signing method. Consult the service "
+            "documentation for details.",
+            "InvalidSignatureException",
+        )
+        content_sha = request.headers.get("X-Amz-Content-Sha256")
+        if content_sha not in (None, _UNSIGNED_PAYLOAD, hashlib.sha256(body).hexdigest()):
+            raise mismatch
+        url = f"{request.scheme}://{request.host}{request.raw_path}"
+        aws_request = AWSRequest(method=request.method, url=url, data=body)
+        for name in signed_headers:
+            values = request.headers.getall(name, [])
+            if not values:
+                raise mismatch
+            for value in values:
+                aws_request.headers[name] = value
+        aws_request.context["timestamp"] = amz_date
+        signer = botocore.auth.SigV4Auth(
+            botocore.credentials.Credentials(access_key, secret), service, region
+        )
+        canonical = signer.canonical_request(aws_request)
+        expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
+        provided = params["Signature"].encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(expected.encode(), provided):
+            raise mismatch
+
+
+SIMULATOR_KEY: Final = web.AppKey("simulator", Simulator)
+
+
+#: Set when the app shuts down, so hanging requests end instead of delaying the shutdown.
+_RELEASE_KEY: Final = web.AppKey("simulator_release_hangs", asyncio.Event)
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    return await request.app[SIMULATOR_KEY].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json(200, {"status": "ok"})
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[_RELEASE_KEY].set()
+
+
+def create_app(sim: Simulator) -> web.Application:
+    """The fake API as an aiohttp app: POST .../v1/catalog/getCatalogUploadStatus, GET /healthz."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SIMULATOR_KEY] = sim
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    app[_RELEASE_KEY] = asyncio.Event()
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+# -- scripted uploads ------------------------------------------------------------------------
+
+#: Ids the demo polls that the simulator does not know: the API answers 400 errorMsg.
+DEMO_INVALID_IDS: Final[tuple[str, ...]] = ("demo-unknown-upload", "demo-typo-0000")
+
+
+def demo_uploads() -> list[SimulatedUpload]:
+    """A dozen uploads that, polled every 2 s, show every exposed status within ~40 s."""
+    inf = math.inf
+    return [
+        SimulatedUpload("demo-done-fast", [("INQUEUE", 4), ("INPROGRESS", 8), ("DONE", inf)]),
+        SimulatedUpload("demo-done-slow", [("INQUEUE", 12), ("INPROGRESS", 22), ("DONE", inf)]),
+        SimulatedUpload(
+            "demo-done-no-report",
+            [("INQUEUE", 6), ("INPROGRESS", 10), ("DONE", inf)],
+            report=False,
+        ),
+        SimulatedUpload("demo-fatal", [("INQUEUE", 6), ("INPROGRESS", 14), ("FATAL", inf)]),
+        SimulatedUpload("demo-fatal-late", [("INPROGRESS", 30), ("FATAL", inf)]),
+        SimulatedUpload("demo-cancelled", [("INQUEUE", 10), ("CANCELLED", inf)]),
+        SimulatedUpload(
+            "demo-list-status",
+            [(["INQUEUE", "INPROGRESS"], 16), (["CANCELLED", "FATAL"], inf)],
+        ),
+        SimulatedUpload("demo-stuck-inprogress", [("INQUEUE", 4), ("INPROGRESS", inf)]),
+        SimulatedUpload("demo-stuck-inqueue", [("INQUEUE", inf)]),
+        SimulatedUpload(
+            "demo-partially-done", [("INQUEUE", 4), ("INPROGRESS", 10), ("PARTIALLY_DONE", inf)]
+        ),
+        SimulatedUpload("demo-odd-status", [("INPROGRESS", 8), ("in progress (50%)", inf)]),
+        SimulatedUpload("demo-done-late", [("INQUEUE", 20), ("INPROGRESS", 18), ("DONE", inf)]),
+    ]
+
+
+def random_uploads(n: int, *, seed: int | None = None) -> list[SimulatedUpload]:
+    """`n` uploads "sim-000001"... going INQUEUE -> INPROGRESS -> DONE (mostly) over minutes."""
+    rng = random.Random(seed)  # noqa: S311 - a reproducible script, not a secret
+    uploads = []
+    for i in range(1, n + 1):
+        end = rng.choices(["DONE", "FATAL", "CANCELLED"], weights=[8, 1, 1])[0]
+        script: list[Step] = [
+            ("INQUEUE", round(rng.uniform(5, 120), 1)),
+            ("INPROGRESS", round(rng.uniform(30, 600), 1)),
+            (end, math.inf),
+        ]
+        uploads.append(SimulatedUpload(f"sim-{i:06d}", script))
+    return uploads
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _uploads_arg(value: str) -> str:
+    if value == "demo" or (value.isdigit() and int(value) >= 0):
+        return value
+    msg = f"expected 'demo' or a number of uploads, got {value!r}"
+    raise argparse.ArgumentTypeError(msg)
+
+
+def _rate_arg(value: str) -> float:
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        msg = f"expected a probability between 0 and 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return rate
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.simulator",
+        description="A fake HAQM Catalog API (getCatalogUploadStatus) for demos and tests.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any)")
+    parser.add_argument(
+        "--rate-limit", type=float, default=10.0, help="requests/s before 429 (0 disables)"
+    )
+    parser.add_argument("--burst", type=float, default=None, help="bucket size (default: rate)")
+    parser.add_argument("--auth", choices=["none", "bearer", "sigv4"], default="none")
+    parser.add_argument(
+        "--token-file", default=None, help="bearer tokens accepted, one per line (read once)"
+    )
+    parser.add_argument("--error-rate", type=_rate_arg, default=0.0)
+    parser.add_argument("--malformed-rate", type=_rate_arg, default=0.0)
+    parser.add_argument("--latency", type=float, default=0.0, help="mean delay in seconds")
+    parser.add_argument("--list-status-rate", type=_rate_arg, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--uploads", type=_uploads_arg, default="demo", help="'demo' or a number of uploads"
+    )
+    parser.add_argument(
+        "--log-requests", action="store_true", help="print one JSON line per request to stderr"
+    )
+    return parser
+
+
+def _log_record(record: RequestRecord) -> None:
+    print(json.dumps(asdict(record)), file=sys.stderr, flush=True)
+
+
+async def _serve(sim: Simulator, host: str, port: int, description: str) -> None:
+    runner = web.AppRunner(create_app(sim), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(
+            f"Catalog API simulator listening on http://{shown}:{bound_port} ({description})",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the simulator until SIGINT or SIGTERM; 0 on a clean stop."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    tokens: list[str] = []
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                tokens = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"cannot read --token-file {args.token_file}: {exc}")
+    if args.auth == "bearer" and not tokens:
+        parser.error("--auth bearer needs --token-file with at least one token")
+    if args.latency < 0:
+        parser.error("--latency must be >= 0")
+    sim = Simulator(
+        rate_limit=args.rate_limit if args.rate_limit > 0 else None,
+        burst=args.burst,
+        auth=args.auth,
+        tokens=tokens,
+        error_rate=args.error_rate,
+        malformed_rate=args.malformed_rate,
+        latency=args.latency,
+        list_status_rate=args.list_status_rate,
+        seed=args.seed,
+        on_request=_log_record if args.log_requests else None,
+        max_records=10_000,
+    )
+    if args.uploads == "demo":
+        uploads = demo_uploads()
+    else:
+        uploads = random_uploads(int(args.uploads), seed=args.seed)
+    sim.add_uploads(uploads)
+    description = f"auth={args.auth}, {len(uploads)} uploads"
+    try:
+        asyncio.run(_serve(sim, args.host, args.port, description))
+    except OSError as exc:
+        print(f"simulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

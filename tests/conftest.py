@@ -1,0 +1,158 @@
+"""Shared fixtures: a real simulator and a real exporter, both on loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+from botocore.credentials import Credentials
+from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
+from exporter.simulator import create_app as create_simulator_app
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.auth import RequestAuth, SigV4Auth
+from exporter.config import AuthConfig, Config, parse_config
+from exporter.logs import configure_logging
+from exporter.server import create_app
+from exporter.service import Exporter, auth_from_config
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_exposition(text: str) -> Samples:
+    """Every sample of a text exposition, keyed by (name, labels)."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """One sample's value, or None when the series is absent."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll an async condition until it holds; fail the test with a clear message if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(interval)
+    pytest.fail(f"condition not met within {timeout} s")
+
+
+def simulator_sigv4_auth(_: AuthConfig) -> RequestAuth:
+    """Sign with the simulator's fixed test key instead of the AWS chain."""
+    return SigV4Auth(
+        region=TEST_REGION, credentials=Credentials(TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY)
+    )
+
+
+class RunningExporter:
+    """An exporter served on loopback, with helpers to scrape it."""
+
+    def __init__(self, exporter: Exporter, server: TestServer, logs: io.StringIO) -> None:
+        self.exporter = exporter
+        self.server = server
+        self.logs = logs
+        self.url = str(server.make_url("/"))
+
+    async def get(self, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        async with ClientSession() as session, session.get(
+            self.server.make_url(path), headers=headers
+        ) as response:
+            return response.status, dict(response.headers), await response.read()
+
+    async def scrape(self) -> Samples:
+        status, _, body = await self.get("/metrics")
+        assert status == 200
+        return parse_exposition(body.decode())
+
+    async def status_of(self, ingestion_id: str) -> str | None:
+        """The status whose one-hot series is 1, or None if the upload has no series."""
+        samples = await self.scrape()
+        hot = [
+            dict(labels)["status"]
+            for (name, labels), v in samples.items()
+            if name == "catalog_upload_status" and dict(labels)["ingestion_id"] == ingestion_id
+            and v == 1.0
+        ]
+        return hot[0] if hot else None
+
+
+SimulatorFactory = Callable[..., Awaitable[tuple[Simulator, str]]]
+ExporterFactory = Callable[..., Awaitable[RunningExporter]]
+
+
+@pytest.fixture
+async def start_simulator() -> AsyncIterator[SimulatorFactory]:
+    """Start simulators on loopback: `sim, base_url = await start_simulator(**options)`."""
+    servers: list[TestServer] = []
+
+    async def start(**options: Any) -> tuple[Simulator, str]:
+        options.setdefault("rate_limit", None)
+        simulator = Simulator(**options)
+        server = TestServer(create_simulator_app(simulator), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return simulator, str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def fast_config(base_url: str, ids: list[str], **overrides: Any) -> Config:
+    """A config that polls every 0.2 s, with `overrides` merged into its sections."""
+    document: dict[str, Any] = {
+        "api": {
+            "base_url": base_url,
+            "auth": {"type": "none"},
+            "timeout_seconds": 2,
+            "max_requests_per_second": 200,
+            "max_concurrency": 8,
+        },
+        "polling": {
+            "interval_seconds": 0.2,
+            "initial_backoff_seconds": 0.05,
+            "max_backoff_seconds": 0.4,
+            "invalid_retry_seconds": 60,
+        },
+        "ingestions": {"ids": ids},
+        "server": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "debug"},
+    }
+    for section, values in overrides.items():
+        document.setdefault(section, {}).update(values)
+    return parse_config(document)
+
+
+@pytest.fixture
+async def start_exporter() -> AsyncIterator[ExporterFactory]:
+    """Start exporters on loopback: `running = await start_exporter(config, auth_factory=...)`."""
+    servers: list[TestServer] = []
+
+    async def start(config: Config, **kwargs: Any) -> RunningExporter:
+        logs = io.StringIO()
+        configure_logging(config.logging.level, config.logging.format, stream=logs)
+        kwargs.setdefault("auth_factory", auth_from_config)
+        kwargs.setdefault("log_stream", logs)
+        exporter = Exporter(config, **kwargs)
+        server = TestServer(create_app(exporter), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return RunningExporter(exporter, server, logs)
+
+    yield start
+    for server in servers:
+        await server.close()

@@ -1,0 +1,805 @@
+"""Tests for exporter.config: the example file, defaults, and every way a config is refused."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from exporter.config import (
+    DEFAULT_PORT,
+    ApiConfig,
+    AuthConfig,
+    Config,
+    ConfigError,
+    IngestionsConfig,
+    LoggingConfig,
+    PollingConfig,
+    ReloadConfig,
+    ServerConfig,
+    load_config,
+    parse_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+REGION_ENV = {"AWS_REGION": "eu-west-1"}
+BASE_URL = "https://api.example.com/prod"
+SECRET = "s3cr3t-T0ken-value-never-shown"
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the documented default listen address, not a bind
+
+
+def minimal(**sections: object) -> dict[str, object]:
+    """A valid document (only api.base_url) with `sections` merged in at the top level."""
+    return {"api": {"base_url": BASE_URL}, **sections}
+
+
+def with_api(**keys: object) -> dict[str, object]:
+    """A valid document with `keys` added to the api section."""
+    return {"api": {"base_url": BASE_URL, **keys}}
+
+
+def problems_of(data: object, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The problems parse_config reports for `data`; fails the test when it accepts it."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, environ=REGION_ENV if environ is None else environ)
+    return caught.value.problems
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(SECRET, encoding="utf-8")
+    return path
+
+
+# The example file
+
+
+def test_example_config_loads_with_the_values_it_documents():
+    """config.example.yaml is valid and every key holds the default its comment states."""
+    config = load_config(EXAMPLE, environ={})
+
+    assert config.api.base_url == "https://a1b2c3d4e5.execute-api.us-east-1.amazonaws.com/prod"
+    assert config.api.auth == AuthConfig(type="sigv4", region="us-east-1")
+    assert config.api.timeout_seconds == 10.0
+    assert config.api.max_requests_per_second == 5.0
+    assert config.api.max_concurrency == 4
+    assert config.api.max_response_bytes == 1048576
+    assert config.polling == PollingConfig()
+    assert config.ingestions.ids == (
+        "a1b2c3d4-0000-4000-8000-000000000001",
+        "a1b2c3d4-0000-4000-8000-000000000002",
+    )
+    assert config.server == ServerConfig(host=ALL_INTERFACES, port=10184)
+    assert config.logging == LoggingConfig(level="info", format="json")
+    assert config.reload == ReloadConfig(watch_interval_seconds=5.0)
+
+
+def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):
+    """With the example's region line removed, AWS_REGION supplies the signing region."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace("region: us-east-1", "region: ''")
+    assert "region: ''" in text
+
+    config = load_config(write(tmp_path, text), environ={"AWS_REGION": "ap-southeast-2"})
+
+    assert config.api.auth.region == "ap-southeast-2"
+
+
+def test_example_config_bearer_alternative_loads_when_uncommented(tmp_path):
+    """Switching the example to its commented bearer lines (token_env variant) is valid."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    text = text.replace("    type: sigv4\n", "    type: bearer\n")
+    text = text.replace("    # token_env: CATALOG_API_TOKEN", "    token_env: CATALOG_API_TOKEN")
+
+    config = load_config(write(tmp_path, text), environ={"CATALOG_API_TOKEN": SECRET})
+
+    assert config.api.auth.type == "bearer"
+    assert config.api.auth.token_env == "CATALOG_API_TOKEN"
+
+
+# Defaults
+
+
+def test_minimal_config_gets_every_default():
+    """A document with only api.base_url gets the documented default for every other key."""
+    config = parse_config({"api": {"base_url": BASE_URL}}, environ=REGION_ENV)
+
+    assert config == Config(
+        api=ApiConfig(
+            base_url=BASE_URL,
+            auth=AuthConfig(
+                type="sigv4",
+                region="eu-west-1",
+                role_arn="",
+                token_file="",
+                token_env="",
+                header="Authorization",
+                scheme="Bearer",
+            ),
+            timeout_seconds=10.0,
+            max_requests_per_second=5.0,
+            max_concurrency=4,
+            max_response_bytes=1048576,
+        ),
+        polling=PollingConfig(
+            interval_seconds=60.0,
+            jitter_ratio=0.1,
+            terminal_retention_seconds=86400.0,
+            invalid_retry_seconds=3600.0,
+            initial_backoff_seconds=1.0,
+            max_backoff_seconds=300.0,
+        ),
+        ingestions=IngestionsConfig(ids=()),
+        server=ServerConfig(host=ALL_INTERFACES, port=DEFAULT_PORT),
+        logging=LoggingConfig(level="info", format="json"),
+        reload=ReloadConfig(watch_interval_seconds=5.0),
+    )
+    assert DEFAULT_PORT == 10184
+
+
+def test_null_sections_and_null_keys_mean_defaults():
+    """`polling:` left empty (null) and `interval_seconds: null` both give the defaults."""
+    config = parse_config(
+        minimal(polling=None, server={"port": None}, ingestions={"ids": None}), environ=REGION_ENV
+    )
+
+    assert config.polling == PollingConfig()
+    assert config.server.port == DEFAULT_PORT
+    assert config.ingestions.ids == ()
+
+
+def test_values_given_are_kept_and_ints_become_floats():
+    """Given values replace defaults; an int where a float is expected is stored as a float."""
+    config = parse_config(
+        minimal(polling={"interval_seconds": 15, "jitter_ratio": 0.25}), environ=REGION_ENV
+    )
+
+    assert config.polling.interval_seconds == 15.0
+    assert isinstance(config.polling.interval_seconds, float)
+    assert config.polling.jitter_ratio == 0.25
+
+
+def test_config_objects_are_frozen():
+    """A loaded config cannot be changed in place."""
+    config = parse_config(minimal(), environ=REGION_ENV)
+
+    with pytest.raises(AttributeError):
+        config.polling.interval_seconds = 1.0  # type: ignore[misc]
+
+
+# Reporting
+
+
+def test_every_problem_is_reported_together_each_naming_its_path():
+    """Four bad keys in four sections give four problems, one per key path."""
+    data = {
+        "api": {"base_url": BASE_URL, "timeout_seconds": "abc"},
+        "polling": {"interval_seconds": -1},
+        "server": {"port": 70000},
+        "logging": {"level": "loud"},
+    }
+
+    problems = problems_of(data)
+
+    assert len(problems) == 4
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "api.timeout_seconds",
+        "polling.interval_seconds",
+        "server.port",
+        "logging.level",
+    ]
+    assert "api.timeout_seconds: expected a number > 0 and <= 300, got 'abc'" in problems
+
+
+def test_config_error_str_joins_the_problems_one_per_line():
+    """str(ConfigError) is its problems joined by newlines, and it survives pickling."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            minimal(polling={"interval_seconds": 0}, server={"port": -1}), environ=REGION_ENV
+        )
+    error = caught.value
+
+    assert str(error) == "\n".join(error.problems)
+    assert len(error.problems) == 2
+    # Our own exception, pickled as multiprocessing or a logging queue would.
+    assert pickle.loads(pickle.dumps(error)).problems == error.problems  # noqa: S301
+
+
+def test_unknown_key_is_reported_with_the_closest_known_key():
+    """A misspelt key is an error that suggests the key it most resembles."""
+    problems = problems_of(minimal(polling={"intervall_seconds": 30}))
+
+    assert problems == ("polling.intervall_seconds: unknown key; did you mean 'interval_seconds'?",)
+
+
+def test_unknown_key_without_a_close_match_has_no_suggestion():
+    """An unknown key nothing resembles is reported without a guess."""
+    problems = problems_of({"api": {"base_url": BASE_URL, "auth": {"zzz": 1}}})
+
+    assert problems == ("api.auth.zzz: unknown key",)
+
+
+def test_unknown_section_is_reported():
+    """A top-level key that is not a section is an error, with a suggestion."""
+    problems = problems_of(minimal(ingestion={"ids": ["a"]}))
+
+    assert problems == ("ingestion: unknown key; did you mean 'ingestions'?",)
+
+
+def test_section_that_is_not_a_mapping_is_one_problem_without_follow_on_noise():
+    """`auth: sigv4` is reported once, on api.auth, not also as a missing region."""
+    problems = problems_of({"api": {"base_url": BASE_URL, "auth": "sigv4"}}, environ={})
+
+    assert problems == ("api.auth: expected a mapping, got 'sigv4'",)
+
+
+def test_missing_api_section_reports_base_url_as_required():
+    """A document without api says api.base_url is required."""
+    problems = problems_of({"polling": {"interval_seconds": 5}})
+
+    assert problems == ("api.base_url: required",)
+
+
+# Types and ranges
+
+
+def test_bool_is_rejected_where_a_number_is_expected(tmp_path):
+    """YAML `yes` is a bool, and a bool is not accepted as a number or an integer."""
+    path = write(
+        tmp_path,
+        f"api:\n  base_url: {BASE_URL}\n  max_concurrency: yes\npolling:\n  interval_seconds: on\n",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert [p.split(":", 1)[0] for p in caught.value.problems] == [
+        "api.max_concurrency",
+        "polling.interval_seconds",
+    ]
+    assert all("got true" in p for p in caught.value.problems)
+
+
+def test_quoted_number_is_rejected_not_coerced():
+    """A number written as a string is an error with a hint, not silently converted."""
+    problems = problems_of(minimal(polling={"interval_seconds": "60"}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith("polling.interval_seconds: expected a number > 0")
+    assert "got '60'" in problems[0]
+    assert "a string to YAML" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("api", "timeout_seconds", 0),
+        ("api", "timeout_seconds", 300.5),
+        ("api", "max_requests_per_second", 0),
+        ("api", "max_requests_per_second", 1001),
+        ("api", "max_concurrency", 0),
+        ("api", "max_concurrency", 257),
+        ("api", "max_response_bytes", 1023),
+        ("api", "max_response_bytes", 64 * 1024 * 1024 + 1),
+        ("polling", "interval_seconds", 0),
+        ("polling", "interval_seconds", 86401),
+        ("polling", "jitter_ratio", -0.1),
+        ("polling", "jitter_ratio", 0.51),
+        ("polling", "terminal_retention_seconds", -1),
+        ("polling", "invalid_retry_seconds", 0),
+        ("polling", "initial_backoff_seconds", 0),
+        ("polling", "max_backoff_seconds", -5),
+        ("server", "port", -1),
+        ("server", "port", 65536),
+        ("reload", "watch_interval_seconds", -0.5),
+    ],
+)
+def test_out_of_range_value_is_reported_on_its_key(section, key, value):
+    """A number outside its documented range is one problem naming the key and the range."""
+    data = with_api(**{key: value}) if section == "api" else minimal(**{section: {key: value}})
+
+    problems = problems_of(data)
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{section}.{key}: expected ")
+    assert problems[0].endswith(f"got {value!r}")
+
+
+def test_range_edges_are_accepted():
+    """The documented inclusive bounds are themselves valid values."""
+    config = parse_config(
+        {
+            "api": {
+                "base_url": BASE_URL,
+                "timeout_seconds": 300,
+                "max_requests_per_second": 1000,
+                "max_concurrency": 256,
+                "max_response_bytes": 64 * 1024 * 1024,
+            },
+            "polling": {
+                "interval_seconds": 0.5,
+                "jitter_ratio": 0.5,
+                "terminal_retention_seconds": 0,
+                "initial_backoff_seconds": 2,
+                "max_backoff_seconds": 2,
+            },
+            "server": {"port": 0},
+            "reload": {"watch_interval_seconds": 0},
+        },
+        environ=REGION_ENV,
+    )
+
+    assert config.api.max_concurrency == 256
+    assert config.api.max_response_bytes == 64 * 1024 * 1024
+    assert config.polling.interval_seconds == 0.5
+    assert config.polling.jitter_ratio == 0.5
+    assert config.server.port == 0
+    assert config.reload.watch_interval_seconds == 0.0
+
+
+def test_integral_float_is_accepted_as_an_integer_and_fraction_is_not():
+    """`port: 8080.0` is read as 8080; `max_concurrency: 2.5` is an error."""
+    config = parse_config(minimal(server={"port": 8080.0}), environ=REGION_ENV)
+    problems = problems_of(with_api(max_concurrency=2.5))
+
+    assert config.server.port == 8080
+    assert isinstance(config.server.port, int)
+    assert problems == ("api.max_concurrency: expected an integer from 1 to 256, got 2.5",)
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_non_finite_number_is_rejected(tmp_path, value):
+    """YAML .inf and .nan are refused even where there is no upper bound."""
+    path = write(
+        tmp_path, f"api:\n  base_url: {BASE_URL}\npolling:\n  terminal_retention_seconds: {value}\n"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("polling.terminal_retention_seconds: expected")
+
+
+def test_max_backoff_below_initial_backoff_is_reported_on_max_backoff():
+    """The cross-field check names polling.max_backoff_seconds and the bound it broke."""
+    problems = problems_of(
+        minimal(polling={"initial_backoff_seconds": 10, "max_backoff_seconds": 5})
+    )
+
+    assert problems == (
+        "polling.max_backoff_seconds: expected a number >= "
+        "polling.initial_backoff_seconds (10), got 5",
+    )
+
+
+def test_choices_are_case_insensitive_and_stored_lower_case():
+    """`level: DEBUG` and `format: Console` are accepted and stored lower-case."""
+    config = parse_config(
+        minimal(logging={"level": "DEBUG", "format": "Console"}), environ=REGION_ENV
+    )
+
+    assert config.logging == LoggingConfig(level="debug", format="console")
+
+
+def test_unknown_choice_lists_the_choices_and_suggests_one():
+    """A choice not in the list names every allowed value and the nearest one."""
+    problems = problems_of(minimal(logging={"level": "warn"}))
+
+    assert problems == (
+        "logging.level: expected one of debug, info, warning, error, got 'warn'; "
+        "did you mean 'warning'?",
+    )
+
+
+def test_empty_server_host_is_rejected():
+    """An empty listen address is an error on server.host."""
+    problems = problems_of(minimal(server={"host": ""}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith("server.host: expected a host name or address")
+
+
+# Ingestion ids
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "expected"),
+    [
+        ("x" * 256, "expected at most 255 characters, got 256"),
+        ("", "must not be empty"),
+        ("abc\ndef", "must not contain control characters, found '\\n'"),
+        ("abc\x00def", "must not contain control characters, found '\\x00'"),
+        ("abc\tdef", "must not contain control characters, found '\\t'"),
+        ("abc\x7f", "must not contain control characters, found '\\x7f'"),
+        (12345, "expected a string (quote ids in YAML), got 12345"),
+        (True, "expected a string (quote ids in YAML), got true"),
+        (["a"], "expected a string (quote ids in YAML), got a list"),
+    ],
+)
+def test_bad_ingestion_id_is_reported_by_its_index(bad_id, expected):
+    """Each bad id is one problem at ingestions.ids[index]; good ids around it are fine."""
+    problems = problems_of(minimal(ingestions={"ids": ["good-1", "good-2", "good-3", bad_id]}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"ingestions.ids[3]: {expected}")
+
+
+def test_every_bad_ingestion_id_is_reported_not_just_the_first():
+    """Three bad ids in one list give three problems with their own indices."""
+    problems = problems_of(minimal(ingestions={"ids": ["", "ok", 7, "a\rb"]}))
+
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "ingestions.ids[0]",
+        "ingestions.ids[2]",
+        "ingestions.ids[3]",
+    ]
+
+
+def test_ingestion_id_of_exactly_255_characters_is_accepted():
+    """255 characters is the API's limit and still valid."""
+    config = parse_config(minimal(ingestions={"ids": ["y" * 255]}), environ=REGION_ENV)
+
+    assert config.ingestions.ids == ("y" * 255,)
+
+
+def test_duplicate_ids_are_removed_keeping_first_order():
+    """Repeated ids are kept once, in the order they first appear."""
+    config = parse_config(
+        minimal(ingestions={"ids": ["b", "a", "b", "c", "a"]}), environ=REGION_ENV
+    )
+
+    assert config.ingestions.ids == ("b", "a", "c")
+
+
+def test_ids_that_are_not_a_list_are_rejected():
+    """A single string instead of a list is an error on ingestions.ids."""
+    problems = problems_of(minimal(ingestions={"ids": "abc"}))
+
+    assert problems == ("ingestions.ids: expected a list of ingestion ids, got 'abc'",)
+
+
+# Authentication
+
+
+def bearer(**auth: object) -> dict[str, object]:
+    """A document using bearer auth with the given auth keys."""
+    return {"api": {"base_url": BASE_URL, "auth": {"type": "bearer", **auth}}}
+
+
+def test_bearer_token_file_that_exists_is_accepted(tmp_path):
+    """A readable regular token file is valid, and its path is kept, not its content."""
+    path = token_file(tmp_path)
+
+    config = parse_config(bearer(token_file=str(path)), environ={})
+
+    assert config.api.auth.type == "bearer"
+    assert config.api.auth.token_file == str(path)
+    assert SECRET not in repr(config)
+
+
+def test_bearer_token_file_that_is_missing_is_reported_with_its_path(tmp_path):
+    """A token file that does not exist is an error on api.auth.token_file naming the path."""
+    missing = tmp_path / "nope" / "token"
+
+    problems = problems_of(bearer(token_file=str(missing)), environ={})
+
+    assert problems == (f"api.auth.token_file: file {str(missing)!r} does not exist",)
+
+
+def test_bearer_token_file_that_is_a_directory_is_rejected(tmp_path):
+    """A directory is not a token file."""
+    problems = problems_of(bearer(token_file=str(tmp_path)), environ={})
+
+    assert problems == (f"api.auth.token_file: {str(tmp_path)!r} is not a regular file",)
+
+
+def test_bearer_token_env_that_is_unset_or_empty_is_reported_by_name():
+    """token_env naming an unset or blank variable is an error on api.auth.token_env."""
+    expected = (
+        "api.auth.token_env: environment variable 'CATALOG_API_TOKEN' is not set or is empty",
+    )
+
+    assert problems_of(bearer(token_env="CATALOG_API_TOKEN"), environ={}) == expected
+    assert (
+        problems_of(bearer(token_env="CATALOG_API_TOKEN"), environ={"CATALOG_API_TOKEN": "  "})
+        == expected
+    )
+
+
+def test_bearer_token_env_that_is_set_is_accepted():
+    """token_env naming a set, non-empty variable is valid; only the name is kept."""
+    config = parse_config(
+        bearer(token_env="CATALOG_API_TOKEN"), environ={"CATALOG_API_TOKEN": SECRET}
+    )
+
+    assert config.api.auth.token_env == "CATALOG_API_TOKEN"
+    assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("auth", "which"), [({}, "neither is set"), ({"token_env": "T", "token_file": "/t"}, "both")]
+)
+def test_bearer_needs_exactly_one_token_source(auth, which):
+    """Bearer with neither or both of token_file / token_env is one error on api.auth."""
+    problems = problems_of(bearer(**auth), environ={"T": SECRET})
+
+    assert len(problems) == 1
+    assert problems[0].startswith("api.auth: type: bearer needs exactly one of token_file")
+    assert which in problems[0]
+
+
+def test_secret_values_never_appear_in_the_error(tmp_path):
+    """No problem echoes a token (from env, file, or pasted in a wrong key) or URL credentials."""
+    path = token_file(tmp_path)
+    environ = {"CATALOG_API_TOKEN": SECRET}
+    documents = [
+        {
+            "api": {
+                "base_url": BASE_URL,
+                "auth": {"type": "bearer", "token_env": "CATALOG_API_TOKEN"},
+                "timeout_seconds": -1,
+            }
+        },
+        {
+            "api": {
+                "base_url": BASE_URL,
+                "auth": {"type": "bearer", "token_file": str(path)},
+                "max_concurrency": 0,
+            }
+        },
+        bearer(token_env=SECRET),
+        bearer(token_env="CATALOG_API_TOKEN", scheme=f"Bearer {SECRET}"),
+        bearer(token_env="CATALOG_API_TOKEN", header=f"Authorization: Bearer {SECRET}"),
+        {"api": {"base_url": f"https://user:{SECRET}@api.example.com/"}},
+        {"api": {"base_url": f"https://api.example.com/prod?api_key={SECRET}"}},
+        {"api": {"base_url": f"ftp://api.example.com/prod#{SECRET}"}},
+        {
+            "api": {
+                "base_url": BASE_URL,
+                "auth": {"type": "sigv4", "region": "us-east-1", "token_env": SECRET},
+            }
+        },
+    ]
+
+    for document in documents:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(document, environ=environ)
+        assert SECRET not in str(caught.value)
+
+
+def test_token_keys_with_sigv4_are_reported_as_bearer_only(tmp_path):
+    """token_file / token_env with type sigv4 are errors saying they belong to bearer."""
+    problems = problems_of(
+        {
+            "api": {
+                "base_url": BASE_URL,
+                "auth": {"token_file": str(token_file(tmp_path)), "token_env": "X"},
+            }
+        }
+    )
+
+    assert problems == (
+        "api.auth.token_file: only used with type: bearer",
+        "api.auth.token_env: only used with type: bearer",
+    )
+
+
+def test_auth_type_none_needs_no_region_and_ignores_token_keys():
+    """type none accepts a config with no region and unused token keys."""
+    config = parse_config(
+        {"api": {"base_url": BASE_URL, "auth": {"type": "none", "token_env": "UNSET"}}},
+        environ={},
+    )
+
+    assert config.api.auth.type == "none"
+    assert config.api.auth.region == ""
+
+
+def test_bad_header_name_and_scheme_are_rejected():
+    """The bearer header must be an HTTP token, and the scheme one word or empty."""
+    problems = problems_of(
+        bearer(token_env="T", header="X Api Key", scheme="Bearer token"), environ={"T": "x"}
+    )
+
+    assert [p.split(":", 1)[0] for p in problems] == ["api.auth.header", "api.auth.scheme"]
+
+
+def test_empty_scheme_is_allowed_for_a_bare_token():
+    """scheme "" is valid: the token is sent without a prefix."""
+    config = parse_config(bearer(token_env="T", header="X-Api-Key", scheme=""), environ={"T": "x"})
+
+    assert config.api.auth.header == "X-Api-Key"
+    assert config.api.auth.scheme == ""
+
+
+def test_role_arn_must_look_like_an_arn():
+    """A role_arn not starting with arn: is an error; a real one is kept."""
+    problems = problems_of(with_api(auth={"region": "us-east-1", "role_arn": "my-role"}))
+    config = parse_config(
+        with_api(auth={"role_arn": "arn:aws:iam::123456789012:role/x"}), environ=REGION_ENV
+    )
+
+    assert len(problems) == 1
+    assert problems[0].startswith("api.auth.role_arn: expected a role ARN")
+    assert config.api.auth.role_arn == "arn:aws:iam::123456789012:role/x"
+
+
+def test_unknown_auth_type_is_reported_with_a_suggestion():
+    """type: sigv is an error suggesting sigv4, with no follow-on region problem."""
+    problems = problems_of(with_api(auth={"type": "sigv"}), environ={})
+
+    assert problems == (
+        "api.auth.type: expected one of sigv4, bearer, none, got 'sigv'; did you mean 'sigv4'?",
+    )
+
+
+# Region
+
+
+def test_region_in_the_file_wins_over_the_environment():
+    """api.auth.region set in the file is used even when AWS_REGION is set."""
+    config = parse_config(with_api(auth={"region": "us-west-2"}), environ=REGION_ENV)
+
+    assert config.api.auth.region == "us-west-2"
+
+
+def test_region_comes_from_aws_region_then_aws_default_region():
+    """An empty region is filled from AWS_REGION, else from AWS_DEFAULT_REGION."""
+    both = {"AWS_REGION": "eu-central-1", "AWS_DEFAULT_REGION": "us-east-2"}
+    default_only = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "us-east-2"}
+
+    assert parse_config(minimal(), environ=both).api.auth.region == "eu-central-1"
+    assert parse_config(minimal(), environ=default_only).api.auth.region == "us-east-2"
+
+
+def test_environ_defaults_to_the_process_environment(monkeypatch):
+    """Without environ=, the region is read from os.environ."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "sa-east-1")
+
+    assert parse_config(minimal()).api.auth.region == "sa-east-1"
+
+
+def test_missing_region_for_sigv4_is_reported_on_api_auth_region():
+    """sigv4 with no region in the file or the environment is an error naming both places."""
+    problems = problems_of(minimal(), environ={})
+
+    assert problems == (
+        "api.auth.region: required with type: sigv4; "
+        "set it here or in AWS_REGION or AWS_DEFAULT_REGION",
+    )
+
+
+def test_malformed_region_from_the_environment_is_reported_with_its_source():
+    """A region that is not shaped like one is an error that says where it came from."""
+    problems = problems_of(minimal(), environ={"AWS_REGION": "US East"})
+
+    assert problems == (
+        "api.auth.region: expected an AWS region such as us-east-1, got 'US East' "
+        "(from AWS_REGION)",
+    )
+
+
+# base_url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("api.example.com/prod", "expected an http:// or https:// URL, got 'api.example.com/prod'"),
+        ("ftp://api.example.com/prod", "expected an http:// or https:// URL"),
+        ("https://api.example.com/prod?stage=1", "must not have a query string"),
+        ("https://api.example.com/prod?", "must not have a query string"),
+        ("https://api.example.com/#top", "must not have a fragment"),
+        ("https:///prod", "expected a URL with a host"),
+        ("https://api.example.com:99999/", "is not a valid URL"),
+        ("https://api.example.com/a b", "must not contain spaces or control characters"),
+        ("", "expected an http:// or https:// URL, got ''"),
+    ],
+)
+def test_bad_base_url_is_reported(url, expected):
+    """A base_url that is not a plain http(s) URL with a host is one problem on api.base_url."""
+    problems = problems_of({"api": {"base_url": url}})
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"api.base_url: {expected}")
+
+
+def test_base_url_keeps_its_path_prefix_and_loses_trailing_slashes():
+    """An API Gateway stage path is kept; trailing "/" are stripped."""
+    config = parse_config({"api": {"base_url": "http://127.0.0.1:8080/prod//"}}, environ=REGION_ENV)
+
+    assert config.api.base_url == "http://127.0.0.1:8080/prod"
+
+
+def test_base_url_that_is_not_a_string_is_rejected():
+    """A number for base_url is a type error, not coerced."""
+    problems = problems_of({"api": {"base_url": 42}})
+
+    assert problems == ("api.base_url: expected a string, got 42",)
+
+
+# Reading the file
+
+
+def test_yaml_syntax_error_is_reported_with_line_and_column(tmp_path):
+    """Broken YAML is a ConfigError naming the file, line and column, not a yaml exception."""
+    path = write(tmp_path, f"api:\n  base_url: {BASE_URL}\n  auth: [sigv4\npolling: {{\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{path}: YAML syntax error at line ")
+    assert ", column " in problem
+
+
+def test_yaml_syntax_error_does_not_quote_the_document(tmp_path):
+    """The syntax-error message does not reproduce lines of the file, which may hold secrets."""
+    path = write(tmp_path, f"# {SECRET}\napi:\n  base_url: {SECRET}: [\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_file_is_reported(tmp_path, text):
+    """A file with no document is a ConfigError saying it is empty."""
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (
+        f"{path}: the file is empty; at least api.base_url is required",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "got"), [("- api\n- polling\n", "a list"), ("just words\n", "'just words'")]
+)
+def test_top_level_that_is_not_a_mapping_is_reported(tmp_path, text, got):
+    """A list or scalar document is one problem on the top level."""
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (f"(top level): expected a mapping of sections, got {got}",)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    """A path that does not exist is a ConfigError naming it."""
+    path = tmp_path / "absent.yaml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (f"{path}: cannot read the file: No such file or directory",)
+
+
+def test_directory_or_non_utf8_file_is_a_config_error(tmp_path):
+    """A directory, or bytes that are not UTF-8, give a ConfigError, not an OSError."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"api:\n  base_url: \xff\xfe\n")
+
+    for path in (tmp_path, binary):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ=REGION_ENV)
+        assert caught.value.problems[0].startswith(f"{path}: cannot read the file: ")
+
+
+def test_load_config_accepts_a_str_path(tmp_path):
+    """load_config takes a str as well as a PathLike."""
+    path = write(tmp_path, f"api:\n  base_url: {BASE_URL}/\n")
+
+    assert load_config(str(path), environ=REGION_ENV).api.base_url == BASE_URL

@@ -1,0 +1,94 @@
+"""/metrics as scrapers see it: valid for promtool, OpenMetrics on request, gzip, no secrets."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+
+from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
+
+IDS = ["done", "fatal", "new", "odd", "nosuch", 'quote"and\\back', "ünïcode-id"]
+
+
+async def _busy_exporter(start_simulator: SimulatorFactory, start_exporter: ExporterFactory):
+    sim, url = await start_simulator()
+    sim.add_upload("done", [("DONE", 0)])
+    sim.add_upload("fatal", [(["CANCELLED", "FATAL"], 0)])
+    sim.add_upload("new", [("PARTIALLY_DONE", 0)])
+    sim.add_upload("odd", [("in progress (50%)", 0)])
+    sim.add_upload('quote"and\\back', [("INQUEUE", 0)])
+    sim.add_upload("ünïcode-id", [("INPROGRESS", 0)])
+    running = await start_exporter(fast_config(url, IDS))
+
+    async def all_polled() -> bool:
+        return all(sim.count(ingestion_id=i) >= 1 for i in IDS)
+
+    await wait_for(all_polled)
+    return running
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is required: `make test` installs Debian's prometheus package"
+    return path
+
+
+async def test_promtool_check_metrics_reports_nothing(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """`promtool check metrics` is silent on real output with every kind of status and id."""
+    running = await _busy_exporter(start_simulator, start_exporter)
+    _, _, body = await running.get("/metrics")
+    result = subprocess.run(
+        [promtool(), "check", "metrics"], input=body, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b""
+
+
+async def test_openmetrics_is_served_when_asked_for(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """An OpenMetrics Accept header gets OpenMetrics, which its strict parser accepts."""
+    running = await _busy_exporter(start_simulator, start_exporter)
+    status, headers, body = await running.get(
+        "/metrics", Accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.rstrip().endswith("# EOF")
+    names = {family.name for family in parse_om(text)}
+    assert {"catalog_upload_status", "catalog_api_requests", "catalog_uploads"} <= names
+
+
+async def test_gzip_is_served_when_the_scraper_accepts_it(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """Accept-Encoding: gzip gets a gzip body (what Prometheus asks for)."""
+    running = await _busy_exporter(start_simulator, start_exporter)
+    from aiohttp import ClientSession
+
+    async with ClientSession(auto_decompress=False) as session, session.get(
+        running.server.make_url("/metrics"), headers={"Accept-Encoding": "gzip"}
+    ) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        raw = await response.read()
+    assert b"catalog_upload_status" in gzip.decompress(raw)
+
+
+async def test_health_readiness_and_landing_page(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """/healthz and /readyz answer 200 while polling; / links the endpoints."""
+    _, url = await start_simulator()
+    running = await start_exporter(fast_config(url, []))
+    assert (await running.get("/healthz"))[0] == 200
+    assert (await running.get("/readyz"))[0] == 200
+    status, headers, body = await running.get("/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    for link in (b'href="metrics"', b'href="healthz"', b'href="readyz"'):
+        assert link in body

@@ -1,0 +1,89 @@
+"""The adaptive token bucket: pacing, slow-down on 429, Retry-After, recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.ratelimit import AdaptiveRateLimiter
+
+
+class FakeTime:
+    """A clock whose sleep advances it: rate arithmetic without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def limiter(fake: FakeTime, max_rate: float, **kwargs: float) -> AdaptiveRateLimiter:
+    return AdaptiveRateLimiter(max_rate, clock=fake.clock, sleep=fake.sleep, **kwargs)
+
+
+async def test_acquire_paces_requests_at_the_configured_rate() -> None:
+    """Eleven tokens at 5/s with a burst of 1 take two seconds."""
+    fake = FakeTime()
+    bucket = limiter(fake, 5.0)
+    start = fake.now
+    for _ in range(11):
+        await bucket.acquire()
+    assert fake.now - start == pytest.approx(2.0)
+
+
+async def test_throttle_halves_the_rate_once_per_hold_window() -> None:
+    """A burst of 429s in the same second counts as one decrease."""
+    fake = FakeTime()
+    bucket = limiter(fake, 8.0)
+    bucket.on_throttled(None)
+    bucket.on_throttled(None)
+    assert bucket.rate == pytest.approx(4.0)
+    fake.now += 1.0
+    bucket.on_throttled(None)
+    assert bucket.rate == pytest.approx((4.0 + 8.0 / 30.0) / 2)  # 1 s of recovery, then halved
+
+
+async def test_rate_recovers_linearly_to_the_maximum() -> None:
+    """After a 429 the rate climbs back to the ceiling within recovery_seconds."""
+    fake = FakeTime()
+    bucket = limiter(fake, 10.0, recovery_seconds=20.0)
+    bucket.on_throttled(None)
+    fake.now += 10.0
+    assert bucket.rate == pytest.approx(10.0)
+    assert limiter(fake, 10.0).rate == 10.0
+
+
+async def test_rate_never_drops_below_the_floor() -> None:
+    """Repeated 429s stop at min_rate instead of reaching zero."""
+    fake = FakeTime()
+    bucket = limiter(fake, 1.0, min_rate=0.1, recovery_seconds=1e9)
+    for _ in range(20):
+        fake.now += 1.0
+        bucket.on_throttled(None)
+    assert bucket.rate == pytest.approx(0.1)
+
+
+async def test_retry_after_pauses_every_caller() -> None:
+    """The next token is not handed out before Retry-After has passed."""
+    fake = FakeTime()
+    bucket = limiter(fake, 100.0)
+    await bucket.acquire()
+    throttled_at = fake.now
+    bucket.on_throttled(7.0)
+    await bucket.acquire()
+    assert fake.now - throttled_at >= 7.0
+
+
+async def test_lower_max_rate_from_a_reload_applies_at_once() -> None:
+    """set_max_rate caps the current rate immediately."""
+    fake = FakeTime()
+    bucket = limiter(fake, 10.0)
+    bucket.set_max_rate(2.0)
+    assert bucket.rate == 2.0
+    start = fake.now
+    for _ in range(5):
+        await bucket.acquire()
+    assert fake.now - start == pytest.approx(2.0)

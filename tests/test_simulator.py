@@ -1,0 +1,532 @@
+"""The fake Catalog API, exercised over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from exporter.models import KNOWN_STATUSES, TERMINAL_STATUSES
+from exporter.simulator import (
+    API_PATH,
+    DEMO_INVALID_IDS,
+    Fault,
+    FaultKind,
+    SimulatedUpload,
+    Simulator,
+    create_app,
+    demo_uploads,
+    random_uploads,
+)
+
+Response = tuple[int, "dict[str, str]", bytes]
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Simulator], Any]]:
+    """Serve simulators on loopback: `base_url = await serve(sim)`."""
+    servers: list[TestServer] = []
+
+    async def start(sim: Simulator) -> str:
+        server = TestServer(create_app(sim), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client that never follows redirects on its own."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    ingestion_id: str | None = None,
+    *,
+    body: bytes | None = None,
+    path: str = API_PATH,
+    timeout: float = 5.0,
+) -> Response:
+    """POST getCatalogUploadStatus and return (status, headers, body)."""
+    if body is None:
+        body = json.dumps({"ingestionId": ingestion_id}).encode()
+    async with session.post(
+        base_url + path,
+        data=body,
+        headers={"Content-Type": "application/json"},
+        allow_redirects=False,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_an_upload_progresses_through_its_script(serve, session):
+    """The answered status follows the script's steps on the injected clock, the last forever."""
+    clock = FakeClock()
+    sim = Simulator(rate_limit=None, clock=clock)
+    sim.add_upload("up-1", [("INQUEUE", 10), ("INPROGRESS", 20), ("DONE", 0)])
+    url = await serve(sim)
+    seen = []
+    for offset in (0, 9.9, 10, 29.9, 30, 10_000):
+        clock.now = 1000.0 + offset
+        status, headers, body = await post(session, url, "up-1")
+        assert status == 200
+        assert headers["Content-Type"].startswith("application/json")
+        seen.append(json.loads(body)["processingStatus"])
+    assert seen == ["INQUEUE", "INQUEUE", "INPROGRESS", "INPROGRESS", "DONE", "DONE"]
+
+
+async def test_a_terminal_status_carries_a_presigned_report_link(serve, session):
+    """DONE answers a fake presigned S3 URL; a running upload answers an empty link."""
+    clock = FakeClock()
+    sim = Simulator(rate_limit=None, clock=clock)
+    sim.add_upload("up-1", [("INPROGRESS", 5), ("DONE", 0)])
+    sim.add_upload("no-report", [("DONE", 0)], report=False)
+    url = await serve(sim)
+    running = json.loads((await post(session, url, "up-1"))[2])
+    assert running == {"processingStatus": "INPROGRESS", "reportDownloadLink": ""}
+    clock.now += 5
+    done = json.loads((await post(session, url, "up-1"))[2])
+    assert done["processingStatus"] == "DONE"
+    assert done["reportDownloadLink"].startswith("https://")
+    assert "X-Amz-Signature=" in done["reportDownloadLink"]
+    assert json.loads((await post(session, url, "no-report"))[2])["reportDownloadLink"] == ""
+
+
+async def test_list_valued_statuses_are_answered_as_lists(serve, session):
+    """A scripted list status is sent as a JSON list, as in the spec's examples."""
+    clock = FakeClock()
+    sim = Simulator(rate_limit=None, clock=clock)
+    sim.add_upload("listy", [(["INQUEUE", "INPROGRESS"], 5), (["CANCELLED", "FATAL"], 0)])
+    url = await serve(sim)
+    first = json.loads((await post(session, url, "listy"))[2])
+    assert first == {"processingStatus": ["INQUEUE", "INPROGRESS"], "reportDownloadLink": ""}
+    clock.now += 5
+    last = json.loads((await post(session, url, "listy"))[2])
+    assert last["processingStatus"] == ["CANCELLED", "FATAL"]
+    assert last["reportDownloadLink"]
+
+
+async def test_list_status_rate_turns_scalar_statuses_into_lists(serve, session):
+    """With list_status_rate=1 every status comes as a list ending with the real status."""
+    sim = Simulator(rate_limit=None, list_status_rate=1.0, seed=1)
+    sim.add_upload("busy", [("INPROGRESS", 0)])
+    url = await serve(sim)
+    payload = json.loads((await post(session, url, "busy"))[2])
+    assert payload["processingStatus"] == ["INQUEUE", "INPROGRESS"]
+
+
+async def test_set_status_forces_a_status_and_remove_upload_makes_the_id_invalid(serve, session):
+    """set_status overrides the script from now on; a removed upload answers 400."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(sim)
+    sim.set_status("up-1", "FATAL")
+    fatal = json.loads((await post(session, url, "up-1"))[2])
+    assert fatal["processingStatus"] == "FATAL"
+    assert fatal["reportDownloadLink"]
+    sim.set_status("up-1", "DONE", report=False)
+    assert json.loads((await post(session, url, "up-1"))[2])["reportDownloadLink"] == ""
+    sim.remove_upload("up-1")
+    assert (await post(session, url, "up-1"))[0] == 400
+
+
+async def test_an_unknown_ingestion_id_is_a_400_with_errormsg(serve, session):
+    """An id the simulator does not know gets the spec's InvalidRequestException answer."""
+    url = await serve(Simulator(rate_limit=None))
+    status, headers, body = await post(session, url, "nosuch")
+    assert status == 400
+    assert json.loads(body) == {"errorMsg": "API invoked with Invalid parameter"}
+    assert headers["x-amzn-ErrorType"] == "InvalidRequestException"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"",
+        b"[]",
+        b'{"ingestion": "up-1"}',
+        b'{"ingestionId": 42}',
+        b'{"ingestionId": ""}',
+        json.dumps({"ingestionId": "x" * 256}).encode(),
+    ],
+    ids=["not-json", "empty", "array", "no-id", "id-not-string", "id-empty", "id-too-long"],
+)
+async def test_a_bad_body_is_a_400_with_message(serve, session, body):
+    """A body the API's model refuses gets the spec's BadRequestException answer."""
+    url = await serve(Simulator(rate_limit=None))
+    status, headers, answer = await post(session, url, body=body)
+    assert status == 400
+    assert json.loads(answer) == {"message": "Invalid request body"}
+    assert headers["x-amzn-ErrorType"] == "BadRequestException"
+
+
+async def test_an_id_of_255_characters_is_accepted(serve, session):
+    """The spec's limit is inclusive."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("y" * 255, [("INQUEUE", 0)])
+    url = await serve(sim)
+    assert (await post(session, url, "y" * 255))[0] == 200
+
+
+async def test_an_oversized_body_is_refused_with_413(serve, session):
+    """Request bodies are read with a size cap."""
+    url = await serve(Simulator(rate_limit=None))
+    status, _, _ = await post(session, url, body=b" " * 200_000)
+    assert status == 413
+
+
+async def test_the_rate_limit_answers_429_past_the_burst_and_recovers(serve, session):
+    """A token bucket refuses requests beyond the burst until time refills it."""
+    clock = FakeClock()
+    sim = Simulator(rate_limit=2.0, burst=3, clock=clock)
+    sim.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(sim)
+    answers = [await post(session, url, "up-1") for _ in range(6)]
+    assert [a[0] for a in answers] == [200, 200, 200, 429, 429, 429]
+    throttled = [json.loads(a[2]) for a in answers[3:]]
+    assert throttled[0] == {"message": "Too Many Requests"}
+    assert throttled[1] == {"errorMsg": "Too Many Requests"}
+    assert answers[3][1].get("Retry-After") == "1"
+    assert "Retry-After" not in answers[4][1]
+    clock.now += 0.5  # one token at 2/s
+    assert (await post(session, url, "up-1"))[0] == 200
+    assert (await post(session, url, "up-1"))[0] == 429
+    assert sim.count(status=429) == 4
+
+
+def _json_body(expected: object) -> Callable[[bytes, dict[str, str]], bool]:
+    return lambda body, headers: json.loads(body) == expected
+
+
+def _not_json(body: bytes, headers: dict[str, str]) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "check"),
+    [
+        (
+            Fault(FaultKind.SERVER_ERROR_JSON),
+            500,
+            _json_body({"errorMsg": "Exception encountered while processing the request"}),
+        ),
+        (
+            Fault(FaultKind.SERVER_ERROR_HTML),
+            502,
+            lambda body, h: h["Content-Type"].startswith("text/html") and b"<html>" in body,
+        ),
+        (
+            Fault(FaultKind.SERVER_ERROR_HTML, status=503),
+            503,
+            lambda body, h: b"503 Service Unavailable" in body,
+        ),
+        (Fault(FaultKind.THROTTLE), 429, _json_body({"message": "Too Many Requests"})),
+        (
+            Fault(FaultKind.THROTTLE, retry_after=7, key="errorMsg"),
+            429,
+            lambda body, h: json.loads(body) == {"errorMsg": "Too Many Requests"}
+            and h["Retry-After"] == "7",
+        ),
+        (Fault(FaultKind.MALFORMED_JSON), 200, _not_json),
+        (
+            Fault(FaultKind.NON_JSON),
+            200,
+            lambda body, h: h["Content-Type"].startswith("text/html") and _not_json(body, h),
+        ),
+        (Fault(FaultKind.EMPTY_BODY), 200, lambda body, h: body == b""),
+        (
+            Fault(FaultKind.WRONG_SHAPE),
+            200,
+            lambda body, h: "processingStatus" not in json.loads(body),
+        ),
+        (Fault(FaultKind.WRONG_SHAPE, body="42"), 200, _json_body(42)),
+        (Fault(FaultKind.BAD_REQUEST), 400, _json_body({"message": "Invalid request body"})),
+        (Fault(FaultKind.UNEXPECTED_STATUS), 418, lambda body, h: True),
+        (Fault(FaultKind.UNEXPECTED_STATUS, status=302), 302, lambda body, h: "Location" in h),
+        (
+            Fault(FaultKind.UNAUTHORIZED),
+            403,
+            lambda body, h: "not authorized" in json.loads(body)["message"],
+        ),
+        (
+            Fault(FaultKind.BIG_BODY, size=100_000),
+            200,
+            lambda body, h: len(body) == 100_000 and "processingStatus" in json.loads(body),
+        ),
+    ],
+    ids=lambda v: (
+        f"{v.kind}-{v.status or ''}{v.body or ''}{v.retry_after or ''}"
+        if isinstance(v, Fault)
+        else ""
+    ),
+)
+async def test_each_fault_kind_answers_as_described(serve, session, fault, status, check):
+    """An injected fault replaces the normal answer with its canned one and is logged."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(sim)
+    sim.inject(fault, count=1)
+    got_status, headers, body = await post(session, url, "up-1")
+    assert got_status == status
+    assert check(body, headers)
+    assert sim.requests[-1].fault == fault.kind
+    assert (await post(session, url, "up-1"))[0] == 200  # count=1: the next one is normal
+
+
+async def test_the_default_big_body_is_five_megabytes_of_valid_json(serve, session):
+    """big_body without a size sends 5 MiB that still parses."""
+    sim = Simulator(rate_limit=None)
+    url = await serve(sim)
+    sim.inject(Fault("big_body"))
+    status, _, body = await post(session, url, "anything")
+    assert status == 200
+    assert len(body) == 5 * 1024 * 1024
+    assert json.loads(body)["processingStatus"] == "INPROGRESS"
+
+
+async def test_a_hang_lasts_until_the_client_gives_up_while_other_requests_are_served(
+    serve, session
+):
+    """A hanging request never answers, and a concurrent request is answered meanwhile."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("stuck", [("INQUEUE", 0)])
+    sim.add_upload("fine", [("DONE", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.HANG), ingestion_id="stuck")
+    hanging = asyncio.create_task(post(session, url, "stuck", timeout=0.5))
+    await asyncio.sleep(0.05)
+    status, _, _ = await post(session, url, "fine", timeout=0.3)
+    assert status == 200
+    assert not hanging.done()
+    with pytest.raises(asyncio.TimeoutError):
+        await hanging
+    assert sim.count(ingestion_id="stuck", status=None) == 1
+    assert sim.requests[0].fault == "hang"
+
+
+async def test_latency_delays_a_normal_answer(serve, session):
+    """A latency fault sleeps, then answers the real status."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.LATENCY, seconds=0.2), count=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, _, body = await post(session, url, "up-1")
+    assert loop.time() - started >= 0.2
+    assert status == 200
+    assert json.loads(body)["processingStatus"] == "INPROGRESS"
+    assert sim.requests[-1].fault == "latency"
+
+
+async def test_reset_closes_the_connection_without_an_answer(serve, session):
+    """A reset fault drops the connection; the client sees a connection error."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.RESET), count=1)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await post(session, url, "up-1")
+    assert sim.requests[-1].status is None
+    assert (await post(session, url, "up-1"))[0] == 200
+
+
+async def test_a_fault_for_an_id_takes_precedence_and_count_limits_it(serve, session):
+    """Id-specific faults win over global ones and expire after `count` requests."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("a", [("INQUEUE", 0)])
+    sim.add_upload("b", [("INQUEUE", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.SERVER_ERROR_JSON))
+    sim.inject(Fault(FaultKind.BAD_REQUEST), ingestion_id="a", count=2)
+    assert [(await post(session, url, "a"))[0] for _ in range(3)] == [400, 400, 500]
+    assert (await post(session, url, "b"))[0] == 500
+    sim.clear_faults()
+    assert (await post(session, url, "b"))[0] == 200
+
+
+async def test_random_faults_follow_the_rates(serve, session):
+    """error_rate=1 makes every answer a server error, malformed_rate=1 a broken 200."""
+    errors = Simulator(rate_limit=None, error_rate=1.0, seed=7)
+    errors.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(errors)
+    statuses = {(await post(session, url, "up-1"))[0] for _ in range(10)}
+    assert statuses <= {500, 502, 503}
+    assert len(statuses) > 1
+
+    broken = Simulator(rate_limit=None, malformed_rate=1.0, seed=7)
+    broken.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(broken)
+    for _ in range(10):
+        status, _, body = await post(session, url, "up-1")
+        assert status == 200
+        assert _not_json(body, {}) or "processingStatus" not in json.loads(body)
+    assert {r.fault for r in broken.requests} <= {
+        "malformed_json",
+        "non_json",
+        "empty_body",
+        "wrong_shape",
+    }
+
+
+async def test_the_request_log_counts_requests_by_id_and_status(serve, session):
+    """Every request is logged with its id, status and fault; count() filters them."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(sim)
+    await post(session, url, "up-1")
+    await post(session, url, "up-1")
+    await post(session, url, "nosuch")
+    await post(session, url, body=b"{")
+    assert len(sim.requests) == 4
+    assert sim.count(ingestion_id="up-1") == 2
+    assert sim.count(ingestion_id="nosuch", status=400) == 1
+    assert sim.count(status=400) == 2
+    assert sim.count(auth_ok=False) == 0
+    assert all(r.fault is None for r in sim.requests)
+
+
+async def test_the_api_is_served_under_a_stage_prefix(serve, session):
+    """API Gateway stages put a prefix before the path, e.g. /prod/v1/catalog/..."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("DONE", 0)])
+    url = await serve(sim)
+    assert (await post(session, url, "up-1", path="/prod" + API_PATH))[0] == 200
+
+
+async def test_unknown_routes_answer_403_and_healthz_answers_200(serve, session):
+    """Like API Gateway, an unknown route or method is a 403 Missing Authentication Token."""
+    url = await serve(Simulator(rate_limit=None))
+    status, _, body = await post(session, url, "up-1", path="/v1/catalog/nothing")
+    assert status == 403
+    assert json.loads(body) == {"message": "Missing Authentication Token"}
+    async with session.get(url + API_PATH) as response:
+        assert response.status == 403
+    async with session.get(url + "/healthz") as response:
+        assert response.status == 200
+
+
+def test_demo_uploads_cover_every_exposed_status_within_forty_seconds():
+    """Sampled every 2 s over 40 s the demo shows each API status, lists and odd values."""
+    uploads = demo_uploads()
+    ids = [u.ingestion_id for u in uploads]
+    assert len(ids) == len(set(ids)) >= 10
+    assert not set(ids) & set(DEMO_INVALID_IDS)
+    seen: set[str] = set()
+    lists_seen = []
+    for upload in uploads:
+        for t in range(0, 41, 2):
+            status = upload.status_at(t)
+            if isinstance(status, list):
+                lists_seen.append(status)
+                seen.update(status)
+            else:
+                seen.add(status)
+    api_statuses = set(KNOWN_STATUSES) - {"INVALID", "UNKNOWN"}
+    assert api_statuses <= seen
+    assert {"PARTIALLY_DONE", "in progress (50%)"} <= seen
+    assert ["INQUEUE", "INPROGRESS"] in lists_seen
+    assert ["CANCELLED", "FATAL"] in lists_seen
+    finals = {u.ingestion_id: u.status_at(math.inf) for u in uploads}
+    assert finals["demo-stuck-inprogress"] == "INPROGRESS"
+    assert finals["demo-stuck-inqueue"] == "INQUEUE"
+
+
+def test_random_uploads_are_numbered_and_end_in_a_terminal_status():
+    """--uploads N makes ids sim-000001.. whose scripts end DONE, FATAL or CANCELLED."""
+    uploads = random_uploads(50, seed=3)
+    assert uploads[0].ingestion_id == "sim-000001"
+    assert uploads[-1].ingestion_id == "sim-000050"
+    finals = [u.status_at(math.inf) for u in uploads]
+    assert set(finals) <= TERMINAL_STATUSES
+    assert finals.count("DONE") > len(finals) / 2
+    assert random_uploads(50, seed=3) == uploads
+
+
+def test_a_script_must_have_a_step_and_a_fault_a_known_kind():
+    """Bad scripts and unknown fault kinds are refused when made, not mid-request."""
+    with pytest.raises(ValueError, match="at least one step"):
+        SimulatedUpload("x", [])
+    with pytest.raises(ValueError, match="durations"):
+        SimulatedUpload("x", [("INQUEUE", -1), ("DONE", 0)])
+    with pytest.raises(ValueError, match="teapot"):
+        Fault("teapot")
+
+
+async def test_the_cli_starts_answers_and_exits_cleanly_on_sigterm(tmp_path: Path):
+    """`python -m exporter.simulator --port 0` prints its URL, serves, and exits 0 on SIGTERM."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text("cli-token\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter.simulator",
+        "--port",
+        "0",
+        "--auth",
+        "bearer",
+        "--token-file",
+        str(token_file),
+        "--log-requests",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        url = match.group(0)
+        async with aiohttp.ClientSession() as client:
+            async with client.post(
+                url + API_PATH,
+                json={"ingestionId": demo_uploads()[0].ingestion_id},
+                headers={"Authorization": "Bearer cli-token"},
+            ) as response:
+                assert response.status == 200
+                assert "processingStatus" in await response.json()
+            async with client.post(url + API_PATH, json={"ingestionId": "x"}) as response:
+                assert response.status == 401
+        logged = json.loads(await asyncio.wait_for(process.stderr.readline(), 5))
+        assert logged["status"] == 200
+        assert logged["auth_ok"] is True
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
