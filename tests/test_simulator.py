@@ -72,7 +72,7 @@ async def post(
     *,
     body: bytes | None = None,
     path: str = API_PATH,
-    timeout: float = 5.0,
+    client_timeout: float = 5.0,
 ) -> Response:
     """POST getCatalogUploadStatus and return (status, headers, body)."""
     if body is None:
@@ -82,7 +82,7 @@ async def post(
         data=body,
         headers={"Content-Type": "application/json"},
         allow_redirects=False,
-        timeout=aiohttp.ClientTimeout(total=timeout),
+        timeout=aiohttp.ClientTimeout(total=client_timeout),
     ) as response:
         return response.status, dict(response.headers), await response.read()
 
@@ -257,8 +257,9 @@ def _not_json(body: bytes, headers: dict[str, str]) -> bool:
         (
             Fault(FaultKind.THROTTLE, retry_after=7, key="errorMsg"),
             429,
-            lambda body, h: json.loads(body) == {"errorMsg": "Too Many Requests"}
-            and h["Retry-After"] == "7",
+            lambda body, h: (
+                json.loads(body) == {"errorMsg": "Too Many Requests"} and h["Retry-After"] == "7"
+            ),
         ),
         (Fault(FaultKind.MALFORMED_JSON), 200, _not_json),
         (
@@ -326,9 +327,9 @@ async def test_a_hang_lasts_until_the_client_gives_up_while_other_requests_are_s
     sim.add_upload("fine", [("DONE", 0)])
     url = await serve(sim)
     sim.inject(Fault(FaultKind.HANG), ingestion_id="stuck")
-    hanging = asyncio.create_task(post(session, url, "stuck", timeout=0.5))
+    hanging = asyncio.create_task(post(session, url, "stuck", client_timeout=0.5))
     await asyncio.sleep(0.05)
-    status, _, _ = await post(session, url, "fine", timeout=0.3)
+    status, _, _ = await post(session, url, "fine", client_timeout=0.3)
     assert status == 200
     assert not hanging.done()
     with pytest.raises(asyncio.TimeoutError):

@@ -1,0 +1,172 @@
+"""Every failure the Catalog API can produce is classified, counted and survived."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from exporter.simulator import Fault
+
+from tests.conftest import (
+    ExporterFactory,
+    RunningExporter,
+    SimulatorFactory,
+    fast_config,
+    value,
+    wait_for,
+)
+
+
+async def _errors(running: RunningExporter, kind: str) -> float:
+    samples = await running.scrape()
+    return value(samples, "catalog_api_errors_total", kind=kind) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "code"),
+    [
+        (Fault("server_error_json"), "server_error", "500"),
+        (Fault("server_error_html", status=502), "server_error", "502"),
+        (Fault("malformed_json"), "malformed_response", "200"),
+        (Fault("non_json"), "malformed_response", "200"),
+        (Fault("empty_body"), "malformed_response", "200"),
+        (Fault("wrong_shape"), "malformed_response", "200"),
+        (Fault("big_body", size=2_000_000), "malformed_response", "200"),
+        (Fault("bad_request"), "bad_request", "400"),
+        (Fault("unexpected_status", status=418), "unexpected_status", "418"),
+        (Fault("unauthorized"), "unauthorized", "403"),
+        (Fault("reset"), "connection", "error"),
+    ],
+)
+async def test_each_fault_is_counted_by_kind_and_code(
+    start_simulator: SimulatorFactory,
+    start_exporter: ExporterFactory,
+    fault: Fault,
+    kind: str,
+    code: str,
+) -> None:
+    """The fault shows in catalog_api_errors_total{kind} and requests_total{code}; polling goes on."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(fault, ingestion_id="up-1", count=2)
+    running = await start_exporter(fast_config(url, ["up-1"]))
+    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    samples = await running.scrape()
+    assert value(samples, "catalog_api_errors_total", kind=kind) == 2.0
+    assert (value(samples, "catalog_api_requests_total", code=code) or 0) >= 2.0
+    others = [
+        v for (name, labels), v in samples.items()
+        if name == "catalog_api_errors_total" and dict(labels)["kind"] != kind
+    ]
+    assert sum(others) == 0.0
+    assert f'"kind": "{kind}"' in running.logs.getvalue()
+
+
+async def _status(running: RunningExporter, ingestion_id: str, status: str) -> bool:
+    return await running.status_of(ingestion_id) == status
+
+
+async def test_timeout_is_counted_and_metrics_do_not_wait_for_the_api(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """A hanging API gives timeout errors; /metrics answers at once all the while."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(Fault("hang", seconds=60), ingestion_id="up-1")
+    running = await start_exporter(fast_config(url, ["up-1"], api={"timeout_seconds": 0.3}))
+    await wait_for(lambda: _has_request(sim, "up-1"))
+    # The poll is now hanging; a scrape must not wait for it.
+    await asyncio.wait_for(running.scrape(), timeout=0.25)
+    await wait_for(lambda: _errors_at_least(running, "timeout", 1))
+    assert await running.status_of("up-1") == "UNKNOWN"
+
+
+async def _has_request(sim: object, ingestion_id: str) -> bool:
+    return sim.count(ingestion_id=ingestion_id) >= 1  # type: ignore[attr-defined, no-any-return]
+
+
+async def _errors_at_least(running: RunningExporter, kind: str, n: float) -> bool:
+    return await _errors(running, kind) >= n
+
+
+async def test_connection_refused_is_counted_as_connection(
+    start_exporter: ExporterFactory,
+) -> None:
+    """Nothing listening: kind connection, code error, exporter stays ready."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    running = await start_exporter(fast_config(f"http://127.0.0.1:{port}", ["up-1"]))
+    await wait_for(lambda: _errors_at_least(running, "connection", 2))
+    samples = await running.scrape()
+    assert (value(samples, "catalog_api_requests_total", code="error") or 0) >= 2
+    assert (await running.get("/readyz"))[0] == 200
+
+
+async def test_429_is_counted_as_throttled_and_lowers_the_rate_limit(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """429s go to catalog_api_throttled_total (not errors) and the rate in force drops."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(Fault("throttle"), ingestion_id="up-1", count=3)
+    running = await start_exporter(fast_config(url, ["up-1"]))
+    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    samples = await running.scrape()
+    assert value(samples, "catalog_api_throttled_total") == 3.0
+    assert value(samples, "catalog_api_requests_total", code="429") == 3.0
+    assert sum(v for (n, _), v in samples.items() if n == "catalog_api_errors_total") == 0.0
+    rate = value(samples, "catalog_api_rate_limit_requests_per_second")
+    assert rate is not None and rate < 200.0
+
+
+async def test_retry_after_is_honoured(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """After a 429 with Retry-After: 1, the next request comes no sooner than 1 s later."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(Fault("throttle", retry_after=1), ingestion_id="up-1", count=1)
+    running = await start_exporter(fast_config(url, ["up-1"]))
+    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    first, second = (r for r in sim.requests[:2])
+    assert first.status == 429
+    assert second.time - first.time >= 1.0
+
+
+async def test_server_errors_back_off_exponentially(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """During an outage an upload is retried far less often than its poll interval."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(Fault("server_error_json"), ingestion_id="up-1")
+    config = fast_config(
+        url,
+        ["up-1"],
+        polling={"interval_seconds": 0.05, "initial_backoff_seconds": 0.1,
+                 "max_backoff_seconds": 5},
+    )
+    await start_exporter(config)
+    started = time.monotonic()
+    await asyncio.sleep(3.0)
+    elapsed = time.monotonic() - started
+    # Without backoff: ~60 requests (every 0.05 s). With it: the ceilings sum to 3 s by the
+    # 5th retry, so full jitter gives well under 20.
+    assert 1 <= sim.count(ingestion_id="up-1") < 20, (sim.count(ingestion_id="up-1"), elapsed)
+
+
+async def test_upload_recovers_when_the_api_does(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """Once the outage ends, the status shows without any restart."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("DONE", 0)])
+    sim.inject(Fault("server_error_json"))
+    running = await start_exporter(fast_config(url, ["up-1"]))
+    await wait_for(lambda: _errors_at_least(running, "server_error", 3))
+    sim.clear_faults()
+    await wait_for(lambda: _status(running, "up-1", "DONE"))
