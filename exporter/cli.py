@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo:
         if args.check_config:
             parser.error("--check-config needs --config")
-        from exporter.demo import run_demo  # the simulator is only loaded for the demo
+        from exporter.demo import run_demo  # noqa: PLC0415 - the simulator loads only for --demo
 
         return _serve_until_stopped(lambda: run_demo(port=args.port))
     if args.config is None:
@@ -114,7 +114,9 @@ async def serve(
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
-        url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+        # A wildcard address is not something to click on: show loopback instead.
+        shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
+        url = f"http://{shown_host}:{bound_port}"
         log.info("listening", url=url, metrics=f"{url}/metrics")
         if on_listening is not None:
             on_listening(url)

@@ -90,4 +90,3 @@ class CatalogClient:
                 raise BodyTooLarge
             chunks.append(chunk)
         return b"".join(chunks)
-

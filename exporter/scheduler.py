@@ -10,6 +10,7 @@ interval, or, once terminal, the end of its retention, when its series are remov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import heapq
 import random
@@ -86,7 +87,7 @@ class Poller:
 
     def start(self) -> None:
         """Start dispatching; uploads already in the store are scheduled first."""
-        self.track(list(u.ingestion_id for u in self._store if not u.terminal))
+        self.track([u.ingestion_id for u in self._store if not u.terminal])
         self._task = asyncio.create_task(self._dispatch(), name="poller")
 
     async def stop(self, grace_seconds: float) -> None:
@@ -145,10 +146,8 @@ class Poller:
                 continue
             self._wakeup.clear()
             timeout = heap[0].due - now if heap else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def _poll(self, ingestion_id: str, semaphore: asyncio.Semaphore) -> None:
         with structlog.contextvars.bound_contextvars(ingestion_id=ingestion_id):

@@ -118,8 +118,12 @@ class Exporter:
             self._poller.track(added)
         if new.server != old.server:
             log.warning("server_settings_need_restart", host=old.server.host, port=old.server.port)
-        log.info("config_applied", added=len(added), removed=len(removed),
-                 tracked_ingestions=len(self.store))
+        log.info(
+            "config_applied",
+            added=len(added),
+            removed=len(removed),
+            tracked_ingestions=len(self.store),
+        )
 
     def _make_client(self, config: Config) -> CatalogClient:
         assert self._session is not None, "start() opens the session first"

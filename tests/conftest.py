@@ -12,8 +12,6 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from botocore.credentials import Credentials
-from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
-from exporter.simulator import create_app as create_simulator_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.auth import RequestAuth, SigV4Auth
@@ -21,6 +19,8 @@ from exporter.config import AuthConfig, Config, parse_config
 from exporter.logs import configure_logging
 from exporter.server import create_app
 from exporter.service import Exporter, auth_from_config
+from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
+from exporter.simulator import create_app as create_simulator_app
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -68,9 +68,10 @@ class RunningExporter:
         self.url = str(server.make_url("/"))
 
     async def get(self, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-        async with ClientSession() as session, session.get(
-            self.server.make_url(path), headers=headers
-        ) as response:
+        async with (
+            ClientSession() as session,
+            session.get(self.server.make_url(path), headers=headers) as response,
+        ):
             return response.status, dict(response.headers), await response.read()
 
     async def scrape(self) -> Samples:
@@ -84,7 +85,8 @@ class RunningExporter:
         hot = [
             dict(labels)["status"]
             for (name, labels), v in samples.items()
-            if name == "catalog_upload_status" and dict(labels)["ingestion_id"] == ingestion_id
+            if name == "catalog_upload_status"
+            and dict(labels)["ingestion_id"] == ingestion_id
             and v == 1.0
         ]
         return hot[0] if hot else None

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from exporter.simulator import Fault
-
 from tests.conftest import (
     ExporterFactory,
     RunningExporter,
@@ -48,7 +47,7 @@ async def test_each_fault_is_counted_by_kind_and_code(
     kind: str,
     code: str,
 ) -> None:
-    """The fault shows in catalog_api_errors_total{kind} and requests_total{code}; polling goes on."""
+    """The fault is counted in errors_total{kind} and requests_total{code}; polling goes on."""
     sim, url = await start_simulator()
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(fault, ingestion_id="up-1", count=2)
@@ -58,7 +57,8 @@ async def test_each_fault_is_counted_by_kind_and_code(
     assert value(samples, "catalog_api_errors_total", kind=kind) == 2.0
     assert (value(samples, "catalog_api_requests_total", code=code) or 0) >= 2.0
     others = [
-        v for (name, labels), v in samples.items()
+        v
+        for (name, labels), v in samples.items()
         if name == "catalog_api_errors_total" and dict(labels)["kind"] != kind
     ]
     assert sum(others) == 0.0
@@ -147,8 +147,11 @@ async def test_server_errors_back_off_exponentially(
     config = fast_config(
         url,
         ["up-1"],
-        polling={"interval_seconds": 0.05, "initial_backoff_seconds": 0.1,
-                 "max_backoff_seconds": 5},
+        polling={
+            "interval_seconds": 0.05,
+            "initial_backoff_seconds": 0.1,
+            "max_backoff_seconds": 5,
+        },
     )
     await start_exporter(config)
     started = time.monotonic()

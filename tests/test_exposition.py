@@ -72,9 +72,12 @@ async def test_gzip_is_served_when_the_scraper_accepts_it(
     running = await _busy_exporter(start_simulator, start_exporter)
     from aiohttp import ClientSession
 
-    async with ClientSession(auto_decompress=False) as session, session.get(
-        running.server.make_url("/metrics"), headers={"Accept-Encoding": "gzip"}
-    ) as response:
+    async with (
+        ClientSession(auto_decompress=False) as session,
+        session.get(
+            running.server.make_url("/metrics"), headers={"Accept-Encoding": "gzip"}
+        ) as response,
+    ):
         assert response.headers["Content-Encoding"] == "gzip"
         raw = await response.read()
     assert b"catalog_upload_status" in gzip.decompress(raw)

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 from exporter.simulator import Fault
-
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, value, wait_for
 
 
@@ -35,8 +34,15 @@ async def test_upload_moves_through_statuses_and_metrics_follow(
         if name == "catalog_upload_status"
     }
     assert sum(one_hot.values()) == 1.0
-    assert set(one_hot) == {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID",
-                            "UNKNOWN"}
+    assert set(one_hot) == {
+        "INQUEUE",
+        "INPROGRESS",
+        "DONE",
+        "CANCELLED",
+        "FATAL",
+        "INVALID",
+        "UNKNOWN",
+    }
     assert value(samples, "catalog_uploads", status="DONE") == 1.0
     assert value(samples, "catalog_uploads", status="INQUEUE") == 0.0
     assert value(samples, "catalog_upload_transitions_total", status="DONE") == 1.0
@@ -57,7 +63,9 @@ async def test_upload_is_unknown_before_its_first_successful_poll(
     await wait_for(lambda: _has_requests(sim, "up-1", 2))
     assert await running.status_of("up-1") == "UNKNOWN"
     samples = await running.scrape()
-    assert value(samples, "catalog_upload_last_success_timestamp_seconds", ingestion_id="up-1") is None
+    assert (
+        value(samples, "catalog_upload_last_success_timestamp_seconds", ingestion_id="up-1") is None
+    )
 
 
 async def _has_requests(sim: object, ingestion_id: str, n: int) -> bool:

@@ -47,7 +47,7 @@ def test_terminal_value_in_a_list_wins_over_earlier_states() -> None:
 
 
 def test_status_is_matched_case_insensitively_and_trimmed() -> None:
-    """" done " is DONE: be liberal in what is accepted."""
+    """ " done " is DONE: be liberal in what is accepted."""
     assert ok({"processingStatus": " done "}).status == "DONE"
 
 
@@ -92,8 +92,17 @@ def test_unknown_fields_are_ignored() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"", b"[1,2]", b'"DONE"', b'{"processingStatus": 5}', b'{"processingStatus": []}',
-     b'{"processingStatus": ["DONE", 3]}', b'{"reportDownloadLink": ""}', b'{"processingStatus": "DO'],
+    [
+        b"not json",
+        b"",
+        b"[1,2]",
+        b'"DONE"',
+        b'{"processingStatus": 5}',
+        b'{"processingStatus": []}',
+        b'{"processingStatus": ["DONE", 3]}',
+        b'{"reportDownloadLink": ""}',
+        b'{"processingStatus": "DO',
+    ],
 )
 def test_malformed_200_bodies_are_classified_not_raised(body: bytes) -> None:
     """Anything unusable in a 200 is a malformed_response error."""
@@ -132,7 +141,9 @@ def test_401_and_403_are_unauthorized(code: int) -> None:
     assert error(code, b'{"message": "Forbidden"}').kind is ErrorKind.UNAUTHORIZED
 
 
-@pytest.mark.parametrize("body", [b'{"message": "Too Many Requests"}', b'{"errorMsg": "Too Many Requests"}'])
+@pytest.mark.parametrize(
+    "body", [b'{"message": "Too Many Requests"}', b'{"errorMsg": "Too Many Requests"}']
+)
 def test_429_is_throttled_with_either_message_key(body: bytes) -> None:
     """429 bodies carry errorMsg or message; both are read."""
     outcome = error(429, body)
@@ -174,8 +185,11 @@ def test_retry_after_http_date_is_converted_to_seconds() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [("-5", 0.0), ("1e9", 3600.0), ("soon", None), ("nan", None), (None, None)]
+    ("value", "expected"),
+    [("-5", 0.0), ("1e9", 3600.0), ("soon", None), ("nan", None), (None, None)],
 )
-def test_retry_after_is_clamped_or_ignored_when_odd(value: str | None, expected: float | None) -> None:
+def test_retry_after_is_clamped_or_ignored_when_odd(
+    value: str | None, expected: float | None
+) -> None:
     """Negative → 0, huge → 1 h, nonsense → ignored."""
     assert parse_retry_after(value) == expected

@@ -1,0 +1,324 @@
+"""The command line contract, exercised as users run it: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import parse_exposition, value
+
+EXPORTER = [sys.executable, "-m", "exporter"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_http(url: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_get(url)
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} did not answer 200 within {timeout} s")
+
+
+class Process:
+    """A child process whose stdout is collected line by line in the background."""
+
+    def __init__(self, args: list[str], **kwargs: object) -> None:
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def wait_for_event(self, event: str, timeout: float = 10.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.events():
+                if record.get("event") == event:
+                    return record
+            time.sleep(0.05)
+        pytest.fail(f"no {event!r} log line within {timeout} s; output:\n{self.output}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def simulator() -> Iterator[str]:
+    """`python -m exporter.simulator` on a free port, with demo uploads and bearer auth."""
+    port = free_port()
+    proc = Process(
+        [
+            sys.executable,
+            "-m",
+            "exporter.simulator",
+            "--port",
+            str(port),
+            "--rate-limit",
+            "0",
+            "--uploads",
+            "demo",
+        ]
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz")
+    yield url
+    assert proc.stop() == 0
+
+
+def write_config(path: Path, base_url: str, ids: list[str], port: int, **extra: str) -> Path:
+    lines = [
+        "api:",
+        f"  base_url: {base_url}",
+        "  auth: {type: none}",
+        "  timeout_seconds: 5",
+        "  max_requests_per_second: 50",
+        "polling:",
+        "  interval_seconds: 0.2",
+        "ingestions:",
+        f"  ids: {json.dumps(ids)}",
+        "server:",
+        "  host: 127.0.0.1",
+        f"  port: {port}",
+        "reload:",
+        f"  watch_interval_seconds: {extra.get('watch', '0')}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_check_config_accepts_the_example_config() -> None:
+    """--check-config on config.example.yaml exits 0 and says OK."""
+    result = subprocess.run(
+        [*EXPORTER, "--config", "config.example.yaml", "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+
+
+def test_check_config_names_every_bad_key_and_exits_2(tmp_path: Path) -> None:
+    """Each bad key path is named, with no traceback, and the exit code is 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "api:\n  base_url: ftp://x\n  timeout_seconds: -1\n  auth: {type: kerberos}\n"
+        "polling:\n  interval_secs: 5\n"
+    )
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(bad), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    for key in ("api.base_url", "api.timeout_seconds", "api.auth.type", "polling.interval_secs"):
+        assert key in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_running_with_a_missing_token_file_exits_2(tmp_path: Path) -> None:
+    """A bearer token file that does not exist stops start-up with exit code 2."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api:\n  base_url: http://127.0.0.1:1\n"
+        f"  auth: {{type: bearer, token_file: {tmp_path / 'nope'}}}\n"
+    )
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert "api.auth.token_file" in result.stderr
+
+
+def test_no_arguments_is_a_usage_error() -> None:
+    """Without --config or --demo the exit code is 2 with a hint."""
+    result = subprocess.run(EXPORTER, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "--demo" in result.stderr
+
+
+def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_path: Path) -> None:
+    """SIGHUP applies added/removed ids; an invalid file keeps the old config, metric says 0."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+    proc = Process([*EXPORTER, "--config", str(config)])
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_http(metrics_url)
+        write_config(config, simulator, ["demo-fatal-02"], port)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for_event("config_reloaded")
+        samples = parse_exposition(http_get(metrics_url)[1])
+        ids = {
+            dict(labels).get("ingestion_id")
+            for (n, labels) in samples
+            if n == "catalog_upload_status"
+        }
+        assert ids == {"demo-fatal-02"}
+        assert value(samples, "catalog_exporter_config_last_reload_successful") == 1.0
+
+        config.write_text("api: [this is not a mapping\n")
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for_event("config_reload_failed")
+        samples = parse_exposition(http_get(metrics_url)[1])
+        assert value(samples, "catalog_exporter_config_last_reload_successful") == 0.0
+        ids = {
+            dict(labels).get("ingestion_id")
+            for (n, labels) in samples
+            if n == "catalog_upload_status"
+        }
+        assert ids == {"demo-fatal-02"}
+        assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    finally:
+        assert proc.stop() == 0
+
+
+def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_path: Path) -> None:
+    """With reload.watch_interval_seconds set, editing the file is enough."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port, watch="0.2")
+    proc = Process([*EXPORTER, "--config", str(config)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz")
+        write_config(config, simulator, ["demo-done-01", "demo-fatal-02"], port, watch="0.2")
+        record = proc.wait_for_event("config_applied")
+        assert record["added"] == 1
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sigterm_with_requests_in_flight_exits_0(tmp_path: Path) -> None:
+    """SIGTERM while polls hang: in-flight requests end within the timeout, exit code 0."""
+    port, sim_port = free_port(), free_port()
+    sim = Process(
+        [
+            sys.executable,
+            "-m",
+            "exporter.simulator",
+            "--port",
+            str(sim_port),
+            "--rate-limit",
+            "0",
+            "--uploads",
+            "demo",
+            "--latency",
+            "30",
+        ]
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{sim_port}/healthz")
+        config = write_config(
+            tmp_path / "c.yaml", f"http://127.0.0.1:{sim_port}", ["demo-done-01"], port
+        )
+        config.write_text(config.read_text().replace("timeout_seconds: 5", "timeout_seconds: 2"))
+        proc = Process([*EXPORTER, "--config", str(config)])
+        wait_http(f"http://127.0.0.1:{port}/readyz")
+        time.sleep(0.5)  # let a poll start and hang on the simulator's latency
+        started = time.monotonic()
+        assert proc.stop() == 0
+        assert time.monotonic() - started < 10
+        events = [e["event"] for e in proc.events()]
+        assert "shutting_down" in events and "exporter_stopped" in events
+    finally:
+        sim.stop()
+
+
+def test_logs_are_one_json_object_per_line_with_timestamp_level_event(
+    simulator: str, tmp_path: Path
+) -> None:
+    """Every stdout line is a JSON object carrying timestamp, level and event."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01", "nosuch"], port)
+    proc = Process([*EXPORTER, "--config", str(config)])
+    try:
+        proc.wait_for_event("poll_failed")
+    finally:
+        assert proc.stop() == 0
+    lines = [line for line in proc.lines if line.strip()]
+    assert lines
+    for line in lines:
+        record = json.loads(line)
+        assert {"timestamp", "level", "event"} <= record.keys(), line
+
+
+def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> None:
+    """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute."""
+    port = free_port()
+    proc = Process(
+        [*EXPORTER, "--demo", "--port", str(port)], env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_http(url)
+        assert f"http://127.0.0.1:{port}/metrics" in proc.output
+        wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            samples = parse_exposition(http_get(url)[1])
+            shown = {
+                dict(labels)["status"]
+                for (name, labels), v in samples.items()
+                if name == "catalog_uploads" and v > 0
+            }
+            throttled = value(samples, "catalog_api_throttled_total") or 0
+            errors = sum(v for (n, _), v in samples.items() if n == "catalog_api_errors_total")
+            if wanted <= shown and throttled > 0 and errors > 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"demo showed {shown}, throttled={throttled}, errors={errors}")
+    finally:
+        assert proc.stop() == 0
