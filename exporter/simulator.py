@@ -688,7 +688,7 @@ class Simulator:
         if scheme.lower() != "bearer" or not any(matches):
             raise _Denied(401, "Unauthorized", "UnauthorizedException")
 
-    def _check_sigv4(self, request: web.Request, body: bytes) -> None:  # noqa: PLR0912
+    def _check_sigv4(self, request: web.Request, body: bytes) -> None:  # noqa: PLR0912 - a check per way to fail
         header = request.headers.get("Authorization")
         if not header:
             raise _Denied(
@@ -926,6 +926,10 @@ def _log_record(record: RequestRecord) -> None:
 
 
 async def _serve(sim: Simulator, host: str, port: int, description: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(create_app(sim), handle_signals=False, access_log=None)
     await runner.setup()
     try:
@@ -937,10 +941,6 @@ async def _serve(sim: Simulator, host: str, port: int, description: str) -> None
             f"Catalog API simulator listening on http://{shown}:{bound_port} ({description})",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -985,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"simulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        return 0
     return 0
 
 
