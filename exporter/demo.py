@@ -83,8 +83,7 @@ def _announce(url: str) -> None:
 async def run_demo(port: int | None = None) -> None:
     """Start the simulator, then serve the exporter until SIGTERM/SIGINT."""
     simulator = Simulator(rate_limit=SIMULATOR_RATE_LIMIT, auth="sigv4", error_rate=0.05)
-    for upload in demo_uploads():
-        simulator.add_upload(upload.ingestion_id, upload.script)
+    simulator.add_uploads(demo_uploads())
     sim_runner = web.AppRunner(create_simulator_app(simulator), access_log=None)
     await sim_runner.setup()
     try:

@@ -234,6 +234,31 @@ def _report_link(ingestion_id: str) -> str:
     )
 
 
+def _dropped() -> web.Response:
+    """What a handler returns for a closed connection: aiohttp cannot send it to anyone."""
+    return web.Response(status=500)
+
+
+async def _wait(request: web.Request, seconds: float) -> bool:
+    """Sleep up to `seconds`, less if the app shuts down; False as soon as the client leaves.
+
+    aiohttp does not cancel a handler when its client disconnects, so without this a slow
+    answer would outlive its client and hold up the server's shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return False
+        if request.app[_RELEASE_KEY].is_set():
+            return True
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return True
+        await asyncio.sleep(min(0.05, remaining))
+
+
 def _parse_body(body: bytes) -> str | None:
     """The request's ingestionId, or None when the body is not what the API's model wants."""
     try:
@@ -579,7 +604,7 @@ class Simulator:
         injected = self._take_fault(ingestion_id)
         if injected is not None:
             return await self._apply_fault(request, injected, ingestion_id)
-        return await self._answer(ingestion_id, None)
+        return await self._answer(request, ingestion_id, None)
 
     def _take_fault(self, ingestion_id: str | None) -> Fault | None:
         chosen = None
@@ -595,28 +620,21 @@ class Simulator:
                 self._injections.remove(chosen)
         return chosen.fault
 
-    async def _answer(self, ingestion_id: str | None, fault: str | None) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, ingestion_id: str | None, fault: str | None
+    ) -> web.StreamResponse:
         """The normal path: latency, rate limit, validation, random faults, the status."""
         if self._latency > 0:
-            await asyncio.sleep(self._latency * self._rng.uniform(0.5, 1.5))
+            delay = self._latency * self._rng.uniform(0.5, 1.5)
+            if not await self._delay(request, delay, ingestion_id, fault):
+                return _dropped()
         if self._bucket is not None and not self._bucket.take():
             return self._answered(self._throttle_response(), ingestion_id, fault)
         if ingestion_id is None:
             return self._answered(_bad_request(), None, fault)
-        if self._error_rate > 0 and self._rng.random() < self._error_rate:
-            kind = self._rng.choice([FaultKind.SERVER_ERROR_JSON, FaultKind.SERVER_ERROR_HTML])
-            code = self._rng.choice([502, 503]) if kind == FaultKind.SERVER_ERROR_HTML else None
-            return self._answered(_canned(Fault(kind, code)), ingestion_id, kind)
-        if self._malformed_rate > 0 and self._rng.random() < self._malformed_rate:
-            kind = self._rng.choice(
-                [
-                    FaultKind.MALFORMED_JSON,
-                    FaultKind.NON_JSON,
-                    FaultKind.EMPTY_BODY,
-                    FaultKind.WRONG_SHAPE,
-                ]
-            )
-            return self._answered(_canned(Fault(kind)), ingestion_id, kind)
+        chance = self._random_fault()
+        if chance is not None:
+            return self._answered(_canned(chance), ingestion_id, chance.kind)
         if ingestion_id not in self._uploads:
             response = _json(
                 400,
@@ -630,6 +648,22 @@ class Simulator:
         payload = {"processingStatus": processing_status, "reportDownloadLink": link}
         response = _json(200, payload)
         return self._answered(response, ingestion_id, fault)
+
+    def _random_fault(self) -> Fault | None:
+        """A server error or a broken 200 as often as error_rate and malformed_rate say."""
+        if self._error_rate > 0 and self._rng.random() < self._error_rate:
+            kind = self._rng.choice([FaultKind.SERVER_ERROR_JSON, FaultKind.SERVER_ERROR_HTML])
+            code = self._rng.choice([502, 503]) if kind == FaultKind.SERVER_ERROR_HTML else None
+            return Fault(kind, code)
+        if self._malformed_rate > 0 and self._rng.random() < self._malformed_rate:
+            broken = [
+                FaultKind.MALFORMED_JSON,
+                FaultKind.NON_JSON,
+                FaultKind.EMPTY_BODY,
+                FaultKind.WRONG_SHAPE,
+            ]
+            return Fault(self._rng.choice(broken))
+        return None
 
     def _throttle_response(self) -> web.Response:
         # The spec shows both bodies; real gateways add Retry-After only sometimes.
@@ -646,30 +680,33 @@ class Simulator:
     ) -> web.StreamResponse:
         kind = FaultKind(fault.kind)
         if kind == FaultKind.LATENCY:
-            await asyncio.sleep(1.0 if fault.seconds is None else fault.seconds)
-            return await self._answer(ingestion_id, kind)
+            seconds = 1.0 if fault.seconds is None else fault.seconds
+            if not await self._delay(request, seconds, ingestion_id, kind):
+                return _dropped()
+            return await self._answer(request, ingestion_id, kind)
         if kind == FaultKind.HANG:
             self._record(ingestion_id, None, kind)
-            await self._hang(request, MAX_HANG_SECONDS if fault.seconds is None else fault.seconds)
+            await _wait(request, MAX_HANG_SECONDS if fault.seconds is None else fault.seconds)
             return _json(504, {"message": "Endpoint request timed out"})
         if kind == FaultKind.RESET:
             self._record(ingestion_id, None, kind)
             if request.transport is not None:
                 request.transport.close()
-            # Nothing reaches the client: aiohttp drops a response for a closed transport.
-            return web.Response(status=500)
+            return _dropped()
         return self._answered(_canned(fault), ingestion_id, kind)
 
-    async def _hang(self, request: web.Request, limit: float) -> None:
-        """Wait without answering until the client leaves, the app stops or `limit` passes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while (remaining := deadline - loop.time()) > 0:
-            transport = request.transport
-            released = request.app[_RELEASE_KEY].is_set()
-            if released or transport is None or transport.is_closing():
-                return
-            await asyncio.sleep(min(0.05, remaining))
+    async def _delay(
+        self, request: web.Request, seconds: float, ingestion_id: str | None, fault: str | None
+    ) -> bool:
+        """Sleep before answering; False, logged as unanswered, when the client left."""
+        try:
+            if await _wait(request, seconds):
+                return True
+        except asyncio.CancelledError:  # servers made with handler_cancellation=True
+            self._record(ingestion_id, None, fault)
+            raise
+        self._record(ingestion_id, None, fault)
+        return False
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -798,7 +835,7 @@ class Simulator:
 SIMULATOR_KEY: Final = web.AppKey("simulator", Simulator)
 
 
-#: Set when the app shuts down, so hanging requests end instead of delaying the shutdown.
+#: Set when the app shuts down, so slow and hanging requests end instead of delaying it.
 _RELEASE_KEY: Final = web.AppKey("simulator_release_hangs", asyncio.Event)
 
 
@@ -832,22 +869,26 @@ DEMO_INVALID_IDS: Final[tuple[str, ...]] = ("demo-unknown-upload", "demo-typo-00
 
 
 def demo_uploads() -> list[SimulatedUpload]:
-    """A dozen uploads that, polled every 2 s, show every exposed status within ~40 s."""
+    """A dozen uploads that, polled every 2 s, show every exposed status within ~40 s.
+
+    Each status is first reached within ~12 s, so a demo shows them all quickly; a few
+    uploads keep changing until ~40 s so the dashboard stays alive for a while.
+    """
     inf = math.inf
     return [
-        SimulatedUpload("demo-done-fast", [("INQUEUE", 4), ("INPROGRESS", 8), ("DONE", inf)]),
+        SimulatedUpload("demo-done-fast", [("INQUEUE", 4), ("INPROGRESS", 6), ("DONE", inf)]),
         SimulatedUpload("demo-done-slow", [("INQUEUE", 12), ("INPROGRESS", 22), ("DONE", inf)]),
         SimulatedUpload(
             "demo-done-no-report",
             [("INQUEUE", 6), ("INPROGRESS", 10), ("DONE", inf)],
             report=False,
         ),
-        SimulatedUpload("demo-fatal", [("INQUEUE", 6), ("INPROGRESS", 14), ("FATAL", inf)]),
+        SimulatedUpload("demo-fatal", [("INQUEUE", 4), ("INPROGRESS", 6), ("FATAL", inf)]),
         SimulatedUpload("demo-fatal-late", [("INPROGRESS", 30), ("FATAL", inf)]),
         SimulatedUpload("demo-cancelled", [("INQUEUE", 10), ("CANCELLED", inf)]),
         SimulatedUpload(
             "demo-list-status",
-            [(["INQUEUE", "INPROGRESS"], 16), (["CANCELLED", "FATAL"], inf)],
+            [(["INQUEUE", "INPROGRESS"], 12), (["CANCELLED", "FATAL"], inf)],
         ),
         SimulatedUpload("demo-stuck-inprogress", [("INQUEUE", 4), ("INPROGRESS", inf)]),
         SimulatedUpload("demo-stuck-inqueue", [("INQUEUE", inf)]),

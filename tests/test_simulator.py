@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from exporter.models import KNOWN_STATUSES, TERMINAL_STATUSES
@@ -351,6 +352,53 @@ async def test_latency_delays_a_normal_answer(serve, session):
     assert status == 200
     assert json.loads(body)["processingStatus"] == "INPROGRESS"
     assert sim.requests[-1].fault == "latency"
+
+
+@pytest.mark.parametrize("cancel_handlers", [True, False], ids=["cancelling", "not-cancelling"])
+async def test_a_slow_answer_ends_when_its_client_leaves(session, cancel_handlers):
+    """A delayed request whose client gave up is logged unanswered at once, not after the delay.
+
+    aiohttp's TestServer cancels the handler of a closed connection; AppRunner, as the CLI
+    and the demo use it, does not, so the simulator has to notice by itself.
+    """
+    sim = Simulator(rate_limit=None, latency=30.0, seed=1)
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    runner = web.AppRunner(create_app(sim), handler_cancellation=cancel_handlers)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        with pytest.raises(asyncio.TimeoutError):
+            await post(session, url, "up-1", client_timeout=0.2)
+        for _ in range(40):
+            if sim.requests:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r.ingestion_id, r.status) for r in sim.requests] == [("up-1", None)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_stopping_the_server_ends_hanging_and_slow_requests_promptly(session):
+    """Shutdown releases in-flight hangs and delays instead of waiting minutes for them."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    server = TestServer(create_app(sim), host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    sim.inject(Fault(FaultKind.HANG), count=1)
+    sim.inject(Fault(FaultKind.LATENCY, seconds=60), count=1)
+    in_flight = [
+        asyncio.create_task(post(session, url, "up-1", client_timeout=30)) for _ in range(2)
+    ]
+    await asyncio.sleep(0.2)  # both requests reach their handlers
+    assert not any(task.done() for task in in_flight)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.close()
+    assert loop.time() - started < 2
+    await asyncio.gather(*in_flight, return_exceptions=True)
 
 
 async def test_reset_closes_the_connection_without_an_answer(serve, session):
