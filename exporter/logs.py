@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from exporter.auth import silence_botocore_debug
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -58,5 +60,5 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(LEVELS[level], logging.INFO))
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+    silence_botocore_debug()
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

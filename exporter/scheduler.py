@@ -25,12 +25,18 @@ from exporter.config import PollingConfig
 from exporter.metrics import ExporterMetrics
 from exporter.models import RETRYABLE_ERRORS, ErrorKind, PollError, PollOutcome, StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
-from exporter.uploads import UploadStore
+from exporter.uploads import Transition, UploadStore
 
 log = structlog.get_logger("exporter.scheduler")
 
 #: First polls of newly tracked uploads are spread over this many seconds at most.
 INITIAL_SPREAD_SECONDS = 1.0
+
+
+def _log_transition(transition: Transition | None) -> None:
+    if transition is not None:
+        # "from"/"to" are Python keywords, hence the dict.
+        log.info("status_changed", **{"from": transition.old, "to": transition.new})
 
 
 class Action(enum.Enum):
@@ -173,18 +179,14 @@ class Poller:
         if not report.known and report.raw not in self._unknown_values_logged:
             self._unknown_values_logged.add(report.raw)
             log.warning("unknown_status_value", value=report.raw, exposed_as=report.status)
-        transition = self._store.record_report(ingestion_id, report)
-        if transition is not None:
-            log.info("status_changed", old=transition.old, new=transition.new)
+        _log_transition(self._store.record_report(ingestion_id, report))
         upload = self._store.get(ingestion_id)
         if upload is not None and upload.terminal:
             return self._settings.terminal_retention_seconds, Action.RETIRE
         return self._interval(), Action.POLL
 
     def _apply_error(self, ingestion_id: str, error: PollError) -> tuple[float, Action]:
-        transition = self._store.record_error(ingestion_id, error)
-        if transition is not None:
-            log.info("status_changed", old=transition.old, new=transition.new)
+        _log_transition(self._store.record_error(ingestion_id, error))
         if error.kind is ErrorKind.THROTTLED:
             self._limiter.on_throttled(error.retry_after)
         if error.kind is ErrorKind.INVALID_INGESTION_ID:

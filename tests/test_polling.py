@@ -49,7 +49,13 @@ async def test_upload_moves_through_statuses_and_metrics_follow(
     assert value(samples, "catalog_upload_report_available", ingestion_id="up-1") == 1.0
     assert value(samples, "catalog_upload_last_success_timestamp_seconds", ingestion_id="up-1")
     assert value(samples, "catalog_api_requests_total", code="200")
-    assert '"event": "status_changed"' in running.logs.getvalue()
+    changes = [
+        (e["ingestion_id"], e["from"], e["to"])
+        for e in map(json.loads, running.logs.getvalue().splitlines())
+        if e["event"] == "status_changed"
+    ]
+    assert changes[0] == ("up-1", "UNKNOWN", "INQUEUE")
+    assert changes[-1][1:] == ("INPROGRESS", "DONE")
 
 
 async def test_upload_is_unknown_before_its_first_successful_poll(
