@@ -97,21 +97,33 @@ ExporterFactory = Callable[..., Awaitable[RunningExporter]]
 
 
 @pytest.fixture
-async def start_simulator() -> AsyncIterator[SimulatorFactory]:
-    """Start simulators on loopback: `sim, base_url = await start_simulator(**options)`."""
+async def serve_simulator() -> AsyncIterator[Callable[[Simulator], Awaitable[str]]]:
+    """Serve simulators on loopback: `base_url = await serve_simulator(sim)`."""
     servers: list[TestServer] = []
+
+    async def serve(simulator: Simulator) -> str:
+        server = TestServer(create_simulator_app(simulator), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield serve
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+def start_simulator(
+    serve_simulator: Callable[[Simulator], Awaitable[str]],
+) -> SimulatorFactory:
+    """Start simulators with no rate limit unless asked: `sim, url = await start_simulator()`."""
 
     async def start(**options: Any) -> tuple[Simulator, str]:
         options.setdefault("rate_limit", None)
         simulator = Simulator(**options)
-        server = TestServer(create_simulator_app(simulator), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return simulator, str(server.make_url("")).rstrip("/")
+        return simulator, await serve_simulator(simulator)
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 def fast_config(base_url: str, ids: list[str], **overrides: Any) -> Config:

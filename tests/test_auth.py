@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +34,23 @@ from exporter.simulator import (
     TEST_REGION,
     TEST_SECRET_ACCESS_KEY,
     Simulator,
-    create_app,
 )
+from tests.conftest import SimulatorFactory
 
 TEST_CREDENTIALS = Credentials(TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY)
 BODY = json.dumps({"ingestionId": "up-1"}).encode()
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[..., Any]]:
+def serve(start_simulator: SimulatorFactory) -> Callable[..., Any]:
     """Serve a simulator with upload "up-1" on loopback: `sim, url = await serve(**options)`."""
-    servers: list[TestServer] = []
 
     async def start(**options: Any) -> tuple[Simulator, str]:
-        options.setdefault("rate_limit", None)
-        sim = Simulator(**options)
+        sim, url = await start_simulator(**options)
         sim.add_upload("up-1", [("INPROGRESS", 0)])
-        server = TestServer(create_app(sim), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return sim, str(server.make_url("")).rstrip("/")
+        return sim, url
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 async def call(

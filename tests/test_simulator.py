@@ -8,7 +8,7 @@ import math
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,9 @@ class FakeClock:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Simulator], Any]]:
+def serve(serve_simulator: Callable[[Simulator], Awaitable[str]]) -> Callable[[Simulator], Any]:
     """Serve simulators on loopback: `base_url = await serve(sim)`."""
-    servers: list[TestServer] = []
-
-    async def start(sim: Simulator) -> str:
-        server = TestServer(create_app(sim), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
-
-    yield start
-    for server in servers:
-        await server.close()
+    return serve_simulator
 
 
 @pytest.fixture
