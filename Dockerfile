@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+#
+# The catalog-upload-exporter image: a wheel built in one stage, installed with its dependencies
+# into /opt/venv, and only that venv copied onto a clean Python base.
+#
+#   docker build -t catalog-upload-exporter:0.1.0 .
+#   docker run --rm -p 10184:10184 \
+#     -v "$PWD/config.yaml:/etc/catalog-upload-exporter/config.yaml:ro" \
+#     catalog-upload-exporter:0.1.0
+#
+# The base is pinned by tag and by the digest of its multi-arch index, so a rebuild gets the same
+# bytes. The digest is the one docker-library/repo-info recorded for python:3.11.16-slim-bookworm
+# (repos/python/remote/3.11.16-slim-bookworm.md). To move to a newer base, read the new digest
+# with `docker buildx imagetools inspect python:3.11.X-slim-bookworm` (the "Digest:" line) or
+# `crane digest python:3.11.X-slim-bookworm`, and change both FROM lines together.
+
+FROM python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY exporter/ exporter/
+
+# The venv has no pip of its own: the base image's pip installs into it (--python), so the venv
+# copied to the final stage holds the exporter and its dependencies and nothing to install with.
+# Every dependency ships manylinux wheels, so no compiler is needed here either.
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && python -m venv --without-pip /opt/venv \
+    && pip --python /opt/venv/bin/python install --compile /wheels/*.whl
+
+
+FROM python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="catalog-upload-exporter" \
+      org.opencontainers.image.description="Prometheus exporter for HAQM Catalog API upload status" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/catalog-upload-exporter/catalog-upload-exporter" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.16-slim-bookworm"
+
+# The venv does not see the system site-packages, so pip, setuptools and wheel there are only
+# tools for changing the image at run time: remove them, and ensurepip's bundled copies.
+RUN rm -rf /usr/local/lib/python3.11/site-packages/* \
+           /usr/local/lib/python3.11/ensurepip \
+           /usr/local/bin/pip /usr/local/bin/pip3 /usr/local/bin/pip3.11
+
+COPY --from=builder /opt/venv /opt/venv
+
+# No .pyc written at run time: the root filesystem is read-only in Kubernetes, and pip already
+# compiled the venv. Unbuffered, so each JSON log line reaches the container log at once.
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# A numeric non-root user (distroless' "nonroot"), so runAsNonRoot can verify it without
+# /etc/passwd; the venv stays owned by root and read-only to the process.
+USER 65532:65532
+EXPOSE 10184
+
+ENTRYPOINT ["/opt/venv/bin/catalog-upload-exporter"]
+CMD ["--config", "/etc/catalog-upload-exporter/config.yaml"]

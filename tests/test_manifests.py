@@ -1,0 +1,475 @@
+"""The Kubernetes manifests and the plain Prometheus scrape config, checked with real tools.
+
+`kubectl kustomize` renders deploy/ (no cluster needed), kubernetes-validate checks each core
+object against the Kubernetes OpenAPI schemas in strict mode, the exporter's own loader reads
+the generated ConfigMap, and promtool checks the scrape config and the alert rules. The
+Prometheus Operator's kinds have no schema there, so their structure is checked by hand. Every
+tool is required: a missing one fails the suite rather than skipping it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from exporter.config import parse_config
+
+ROOT = Path(__file__).parent.parent
+DEPLOY = ROOT / "deploy"
+RULES_FILE = DEPLOY / "prometheus" / "catalog-upload-exporter.rules.yml"
+SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yml"
+DASHBOARD = DEPLOY / "grafana" / "catalog-upload-exporter.json"
+#: Native sidecars (restartPolicy: Always on an init container) are on by default from 1.29;
+#: 1.31 is the oldest schema checked, the newest kubernetes-validate ships the other.
+KUBERNETES_VERSIONS = ("1.31", kubernetes_validate.latest_version())
+OPERATOR_API = "monitoring.coreos.com/v1"
+EXPORTER_IMAGE = "ghcr.io/catalog-upload-exporter/catalog-upload-exporter:"
+INGESTIONS_DIR = "/var/run/catalog-ingestions"
+TOKEN_DIR = "/var/run/secrets/catalog"
+
+Manifest = dict[str, Any]
+
+
+def venv_tool(name: str) -> str:
+    """A tool installed by the test extras (next to this Python), else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is required: `pip install -e '.[test]'` (or Debian's package) has it"
+    return found
+
+
+def run(*argv: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def kustomize(directory: Path) -> list[Manifest]:
+    output = run(venv_tool("kubectl"), "kustomize", str(directory))
+    return [document for document in yaml.safe_load_all(output) if document]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[Manifest]:
+    """Everything `kubectl apply -k deploy` would send, rendered once for the module."""
+    return kustomize(DEPLOY)
+
+
+def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    found = [
+        m
+        for m in manifests
+        if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(manifests: list[Manifest]) -> Manifest:
+    spec: Manifest = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def exporter_container(manifests: list[Manifest]) -> Manifest:
+    spec = pod_spec(manifests)
+    found = [
+        c
+        for c in spec.get("initContainers", []) + spec["containers"]
+        if c["image"].startswith(EXPORTER_IMAGE)
+    ]
+    assert len(found) == 1, "expected exactly one exporter container"
+    return found[0]
+
+
+def app_container(manifests: list[Manifest]) -> Manifest:
+    others = [
+        c for c in pod_spec(manifests)["containers"] if not c["image"].startswith(EXPORTER_IMAGE)
+    ]
+    assert len(others) == 1, "expected exactly one application container"
+    return others[0]
+
+
+def exporter_configmap(manifests: list[Manifest]) -> Manifest:
+    found = [
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap"
+        and m["metadata"]["name"].startswith("catalog-upload-exporter-config-")
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+def metrics_port(manifests: list[Manifest]) -> int:
+    ports = [p for p in exporter_container(manifests)["ports"] if p["name"] == "metrics"]
+    assert len(ports) == 1
+    port: int = ports[0]["containerPort"]
+    return port
+
+
+def test_kustomize_renders_every_object_the_deployment_needs(manifests: list[Manifest]) -> None:
+    """`kubectl kustomize deploy` renders the app, exporter, config, dashboard and alerts."""
+    assert Counter(m["kind"] for m in manifests) == Counter(
+        {
+            "Deployment": 1,
+            "ConfigMap": 2,
+            "Secret": 1,
+            "Service": 1,
+            "ServiceAccount": 1,
+            "ServiceMonitor": 1,
+            "PrometheusRule": 1,
+        }
+    )
+    assert all("namespace" not in m["metadata"] for m in manifests), "namespace is the user's"
+    for manifest in manifests:
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "catalog-upload-exporter"
+
+
+def test_the_kubernetes_directory_renders_on_its_own() -> None:
+    """`kubectl apply -k deploy/kubernetes` works too: everything but the dashboard."""
+    kinds = Counter(m["kind"] for m in kustomize(DEPLOY / "kubernetes"))
+    assert kinds["ConfigMap"] == 1
+    assert kinds["Deployment"] == 1
+
+
+def test_every_core_object_validates_strictly_against_the_kubernetes_schemas(
+    manifests: list[Manifest],
+) -> None:
+    """Each built-in kind is valid for Kubernetes 1.31 and the newest schema, unknown fields
+    included (strict mode)."""
+    core = [m for m in manifests if m["apiVersion"] != OPERATOR_API]
+    assert {m["kind"] for m in core} == {
+        "Deployment",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    }
+    problems = []
+    for version in KUBERNETES_VERSIONS:
+        for manifest in core:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                where = "/".join(map(str, error.path))
+                problems.append(f"{manifest['kind']} for {version}: {where}: {error.message}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_servicemonitor_scrapes_the_services_metrics_port(manifests: list[Manifest]) -> None:
+    """The ServiceMonitor selects the Service by its labels and scrapes port "metrics"."""
+    monitor = one(manifests, "ServiceMonitor")
+    service = one(manifests, "Service")
+    assert monitor["apiVersion"] == OPERATOR_API
+    assert monitor["metadata"]["name"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= service["metadata"]["labels"].items()
+    assert "matchExpressions" not in monitor["spec"]["selector"]
+    endpoints = monitor["spec"]["endpoints"]
+    assert len(endpoints) == 1
+    assert endpoints[0]["port"] == "metrics"
+    assert endpoints[0]["path"] == "/metrics"
+    assert endpoints[0]["interval"] == "30s"
+    assert "metrics" in {port["name"] for port in service["spec"]["ports"]}
+
+
+def test_the_service_reaches_the_exporters_port_on_the_deployments_pods(
+    manifests: list[Manifest],
+) -> None:
+    """The Service selects the pod template's labels and targets the container's metrics port."""
+    service = one(manifests, "Service")
+    template = one(manifests, "Deployment")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    ports = [p for p in service["spec"]["ports"] if p["name"] == "metrics"]
+    assert len(ports) == 1
+    assert ports[0]["port"] == metrics_port(manifests)
+    assert ports[0]["targetPort"] in {"metrics", metrics_port(manifests)}
+
+
+def test_the_prometheusrule_carries_exactly_the_rules_file(
+    manifests: list[Manifest], tmp_path: Path
+) -> None:
+    """spec.groups equals the groups of the rules file, which promtool accepts as rules."""
+    rule = one(manifests, "PrometheusRule")
+    assert rule["apiVersion"] == OPERATOR_API
+    assert rule["metadata"]["name"]
+    rules_file = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))
+    assert set(rules_file) == {"groups"}
+    assert rule["spec"] == {"groups": rules_file["groups"]}, (
+        "deploy/kubernetes/prometheusrule.yaml drifted from the rules file: regenerate it with "
+        "the command at its top"
+    )
+    rendered = tmp_path / "rendered.rules.yml"
+    rendered.write_text(yaml.safe_dump(rule["spec"]), encoding="utf-8")
+    run(venv_tool("promtool"), "check", "rules", str(rendered))
+
+
+def test_the_pod_and_every_container_are_locked_down(manifests: list[Manifest]) -> None:
+    """Pod and each container (sidecar included): non-root numeric ids, read-only root,
+    no privilege escalation, no capabilities, RuntimeDefault seccomp, requests and limits."""
+    spec = pod_spec(manifests)
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] > 0 and pod["runAsGroup"] > 0
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    containers = spec.get("initContainers", []) + spec["containers"]
+    assert len(containers) == 2
+    for container in containers:
+        name = container["name"]
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True, name
+        assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0, name
+        assert isinstance(context["runAsGroup"], int) and context["runAsGroup"] > 0, name
+        assert context["readOnlyRootFilesystem"] is True, name
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["capabilities"] == {"drop": ["ALL"]}, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not context.get("privileged", False), name
+        for bound in ("requests", "limits"):
+            assert set(container["resources"][bound]) >= {"cpu", "memory"}, (name, bound)
+        assert not container["image"].endswith(":latest"), name
+        assert ":" in container["image"], name
+
+
+def test_the_exporter_is_a_native_sidecar_with_health_probes(manifests: list[Manifest]) -> None:
+    """The exporter is an init container with restartPolicy Always, probed on /healthz and
+    /readyz through its port named metrics."""
+    spec = pod_spec(manifests)
+    exporter = exporter_container(manifests)
+    assert exporter in spec["initContainers"]
+    assert exporter["restartPolicy"] == "Always"
+    assert metrics_port(manifests) == 10184
+    assert exporter["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert exporter["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    if "startupProbe" in exporter:
+        assert exporter["startupProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_the_app_and_the_exporter_share_the_ingestions_volume(manifests: list[Manifest]) -> None:
+    """One emptyDir is mounted at /var/run/catalog-ingestions in both containers."""
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    shared = set()
+    for container in (app_container(manifests), exporter_container(manifests)):
+        mounts = [m for m in container["volumeMounts"] if m["mountPath"] == INGESTIONS_DIR]
+        assert len(mounts) == 1, container["name"]
+        shared.add(mounts[0]["name"])
+    assert len(shared) == 1
+    assert "emptyDir" in volumes[shared.pop()]
+    app_mount = [
+        m for m in app_container(manifests)["volumeMounts"] if m["mountPath"] == INGESTIONS_DIR
+    ]
+    assert not app_mount[0].get("readOnly", False), "the application writes the ids"
+
+
+def test_the_exporter_reads_its_config_from_the_generated_configmap(
+    manifests: list[Manifest],
+) -> None:
+    """--config names a key of the hashed ConfigMap, mounted read-only at that directory."""
+    exporter = exporter_container(manifests)
+    args = exporter["args"]
+    assert args[:1] == ["--config"] and len(args) == 2
+    config_dir, _, key = args[1].rpartition("/")
+    assert config_dir == "/etc/catalog-upload-exporter"
+    configmap = exporter_configmap(manifests)
+    assert re.fullmatch(
+        r"catalog-upload-exporter-config-[a-z0-9]{10}", configmap["metadata"]["name"]
+    )
+    assert key in configmap["data"]
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    mounts = [m for m in exporter["volumeMounts"] if m["mountPath"] == config_dir]
+    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
+    assert volumes[mounts[0]["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_the_api_token_secret_is_mounted_optionally(manifests: list[Manifest]) -> None:
+    """The bearer token Secret is a file under /var/run/secrets/catalog, optional for sigv4."""
+    secret = one(manifests, "Secret", "catalog-api-token")
+    assert set(secret["stringData"]) == {"token"}
+    mounts = [
+        m for m in exporter_container(manifests)["volumeMounts"] if m["mountPath"] == TOKEN_DIR
+    ]
+    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    source = volumes[mounts[0]["name"]]["secret"]
+    assert source["secretName"] == "catalog-api-token"
+    assert source["optional"] is True
+    app_mounts = {m["mountPath"] for m in app_container(manifests).get("volumeMounts", [])}
+    assert TOKEN_DIR not in app_mounts, "only the exporter sees the token"
+
+
+def test_the_generated_config_is_valid_and_listens_on_the_container_port(
+    manifests: list[Manifest],
+) -> None:
+    """The exporter's own loader accepts the ConfigMap's file, without environment variables,
+    and its server port is the container's metrics port."""
+    configmap = exporter_configmap(manifests)
+    (text,) = configmap["data"].values()
+    config = parse_config(yaml.safe_load(text), environ={})
+    assert config.server.port == metrics_port(manifests)
+    assert ipaddress.ip_address(config.server.host).is_unspecified, "probes come from outside"
+    assert config.api.auth.type == "sigv4"
+    assert config.api.auth.region
+    assert config.logging.format == "json"
+    assert text == (DEPLOY / "kubernetes" / "exporter-config.yaml").read_text(encoding="utf-8")
+
+
+def test_the_dashboard_configmap_has_a_fixed_name_and_the_grafana_label(
+    manifests: list[Manifest],
+) -> None:
+    """The dashboard ConfigMap keeps its name (no hash), carries grafana_dashboard: "1" and
+    holds the dashboard file unchanged."""
+    configmap = one(manifests, "ConfigMap", "catalog-upload-exporter-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name, text), *rest = configmap["data"].items()
+    assert not rest and name.endswith(".json")
+    assert json.loads(text) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def test_the_service_account_is_annotated_for_irsa_and_mounts_no_api_token(
+    manifests: list[Manifest],
+) -> None:
+    """The pod runs as the ServiceAccount carrying the IRSA role ARN, with no API token."""
+    account = one(manifests, "ServiceAccount")
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", role)
+    assert account["automountServiceAccountToken"] is False
+    spec = pod_spec(manifests)
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_the_pod_annotations_point_plain_prometheus_at_the_exporter(
+    manifests: list[Manifest],
+) -> None:
+    """prometheus.io/scrape, /port and /path on the pod template name the exporter's endpoint."""
+    annotations = one(manifests, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics_port(manifests))
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def scrape_jobs() -> list[dict[str, Any]]:
+    document = yaml.safe_load(SCRAPE_CONFIG.read_text(encoding="utf-8"))
+    assert set(document) == {"scrape_configs"}
+    jobs: list[dict[str, Any]] = document["scrape_configs"]
+    return jobs
+
+
+def commented_static_job() -> list[dict[str, Any]]:
+    """The commented-out static_configs example, uncommented."""
+    lines = SCRAPE_CONFIG.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # - job_name:"))
+    example = [line.replace("  # ", "", 1) for line in lines[start:] if line.startswith("  # ")]
+    jobs: list[dict[str, Any]] = yaml.safe_load("\n".join(example))
+    return jobs
+
+
+def test_the_scrape_config_passes_promtool_check_config(tmp_path: Path) -> None:
+    """Wrapped in a minimal prometheus.yml, the snippet and its commented static example pass
+    `promtool check config`.
+
+    Debian builds Prometheus without Kubernetes discovery, so its promtool rejects the key
+    `kubernetes_sd_configs`: that block is checked here by hand and stood in for by a
+    static_configs block, so that promtool still checks everything else (relabel regexes,
+    actions, intervals, job names)."""
+    jobs = scrape_jobs()
+    assert [job["job_name"] for job in jobs] == ["catalog-upload-exporter"]
+    checked = []
+    for job in jobs:
+        (discovery,) = job.pop("kubernetes_sd_configs")
+        assert discovery == {"role": "pod"}
+        checked.append({**job, "static_configs": [{"targets": ["10.0.0.5:10184"]}]})
+    static = commented_static_job()
+    assert "static_configs" in static[0]
+    # The two are alternatives with the same job name, so each is checked in its own file.
+    for name, scrape_configs in (("discovery", checked), ("static", static)):
+        wrapped = tmp_path / f"prometheus-{name}.yml"
+        wrapped.write_text(
+            yaml.safe_dump({"global": {"scrape_interval": "1m"}, "scrape_configs": scrape_configs}),
+            encoding="utf-8",
+        )
+        run(venv_tool("promtool"), "check", "config", str(wrapped))
+
+
+def test_every_way_of_scraping_names_the_job_the_alerts_expect(
+    manifests: list[Manifest],
+) -> None:
+    """Scrape config jobs and the ServiceMonitor's Service (its job label) match the rules' job."""
+    rules = RULES_FILE.read_text(encoding="utf-8")
+    expected = re.findall(r'up\{job="([^"]+)"\}', rules)
+    assert expected
+    assert set(expected) == {"catalog-upload-exporter"}
+    names = {job["job_name"] for job in scrape_jobs() + commented_static_job()}
+    service = one(manifests, "Service")
+    monitor = one(manifests, "ServiceMonitor")
+    assert "jobLabel" not in monitor["spec"]  # so the job label is the Service's name
+    assert names | {service["metadata"]["name"]} == set(expected)
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' keep, drop and replace actions (anchored RE2 regexes, `;` separator); None
+    when the target is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(s, "") for s in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if (action == "keep" and not match) or (action == "drop" and match):
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("pod", "address"),
+    [
+        (
+            {"__address__": "10.0.0.5:8080", "__meta_kubernetes_pod_ip": "10.0.0.5"},
+            "10.0.0.5:10184",
+        ),
+        ({"__address__": "10.0.0.5", "__meta_kubernetes_pod_ip": "10.0.0.5"}, "10.0.0.5:10184"),
+        (
+            {"__address__": "[fd00::5]:8080", "__meta_kubernetes_pod_ip": "fd00::5"},
+            "[fd00::5]:10184",
+        ),
+    ],
+)
+def test_the_scrape_config_points_an_annotated_pod_at_the_exporter_port(
+    pod: dict[str, str], address: str
+) -> None:
+    """Whatever container port discovery found, an annotated pod is scraped on the annotated
+    port and path, with namespace and pod labels."""
+    (job,) = scrape_jobs()
+    annotated = {
+        **pod,
+        "__metrics_path__": "/metrics",
+        "__meta_kubernetes_namespace": "shop",
+        "__meta_kubernetes_pod_name": "catalog-uploader-abc",
+        "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": "10184",
+        "__meta_kubernetes_pod_annotation_prometheus_io_path": "/metrics",
+    }
+    result = relabel(annotated, job["relabel_configs"])
+    assert result is not None
+    assert result["__address__"] == address
+    assert result["__metrics_path__"] == "/metrics"
+    assert result["namespace"] == "shop" and result["pod"] == "catalog-uploader-abc"
+    not_annotated = {k: v for k, v in annotated.items() if "prometheus_io_scrape" not in k}
+    assert relabel(not_annotated, job["relabel_configs"]) is None
+    finished = {**annotated, "__meta_kubernetes_pod_phase": "Succeeded"}
+    assert relabel(finished, job["relabel_configs"]) is None
