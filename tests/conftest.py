@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +55,35 @@ async def wait_for(
     pytest.fail(f"condition not met within {timeout} s")
 
 
+def require_tool(name: str) -> str:
+    """A tool's path: the test extras' (beside this Python), else Debian's on PATH.
+
+    A missing tool fails the test: `make test` installs every one of them.
+    """
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is required: `make test` installs it (test extras or Debian packages)"
+    return found
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def requests_seen(
+    simulator: Simulator, ingestion_id: str, n: int = 1
+) -> Callable[[], Awaitable[bool]]:
+    """A `wait_for` condition: the simulator received at least `n` requests for the id."""
+
+    async def condition() -> bool:
+        return simulator.count(ingestion_id=ingestion_id) >= n
+
+    return condition
+
+
 def simulator_sigv4_auth(_: AuthConfig) -> RequestAuth:
     """Sign with the simulator's fixed test key instead of the AWS chain."""
     return SigV4Auth(
@@ -78,6 +111,14 @@ class RunningExporter:
         status, _, body = await self.get("/metrics")
         assert status == 200
         return parse_exposition(body.decode())
+
+    def status_is(self, ingestion_id: str, status: str | None) -> Callable[[], Awaitable[bool]]:
+        """A `wait_for` condition: the upload's one-hot status is `status` (None: no series)."""
+
+        async def condition() -> bool:
+            return await self.status_of(ingestion_id) == status
+
+        return condition
 
     async def status_of(self, ingestion_id: str) -> str | None:
         """The status whose one-hot series is 1, or None if the upload has no series."""

@@ -14,6 +14,7 @@ from tests.conftest import (
     RunningExporter,
     SimulatorFactory,
     fast_config,
+    requests_seen,
     value,
     wait_for,
 )
@@ -52,7 +53,7 @@ async def test_each_fault_is_counted_by_kind_and_code(
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(fault, ingestion_id="up-1", count=2)
     running = await start_exporter(fast_config(url, ["up-1"]))
-    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
     samples = await running.scrape()
     assert value(samples, "catalog_api_errors_total", kind=kind) == 2.0
     assert (value(samples, "catalog_api_requests_total", code=code) or 0) >= 2.0
@@ -65,10 +66,6 @@ async def test_each_fault_is_counted_by_kind_and_code(
     assert f'"kind": "{kind}"' in running.logs.getvalue()
 
 
-async def _status(running: RunningExporter, ingestion_id: str, status: str) -> bool:
-    return await running.status_of(ingestion_id) == status
-
-
 async def test_timeout_is_counted_and_metrics_do_not_wait_for_the_api(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory
 ) -> None:
@@ -77,15 +74,11 @@ async def test_timeout_is_counted_and_metrics_do_not_wait_for_the_api(
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(Fault("hang", seconds=60), ingestion_id="up-1")
     running = await start_exporter(fast_config(url, ["up-1"], api={"timeout_seconds": 3}))
-    await wait_for(lambda: _has_request(sim, "up-1"))
+    await wait_for(requests_seen(sim, "up-1"))
     # The poll now hangs for 3 s; a scrape that waited for it could not finish within 1 s.
     await asyncio.wait_for(running.scrape(), timeout=1.0)
     await wait_for(lambda: _errors_at_least(running, "timeout", 1))
     assert await running.status_of("up-1") == "UNKNOWN"
-
-
-async def _has_request(sim: object, ingestion_id: str) -> bool:
-    return sim.count(ingestion_id=ingestion_id) >= 1  # type: ignore[attr-defined, no-any-return]
 
 
 async def _errors_at_least(running: RunningExporter, kind: str, n: float) -> bool:
@@ -114,7 +107,7 @@ async def test_429_is_counted_as_throttled_and_lowers_the_rate_limit(
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(Fault("throttle"), ingestion_id="up-1", count=3)
     running = await start_exporter(fast_config(url, ["up-1"]))
-    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
     samples = await running.scrape()
     assert value(samples, "catalog_api_throttled_total") == 3.0
     assert value(samples, "catalog_api_requests_total", code="429") == 3.0
@@ -131,7 +124,7 @@ async def test_retry_after_is_honoured(
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(Fault("throttle", retry_after=1), ingestion_id="up-1", count=1)
     running = await start_exporter(fast_config(url, ["up-1"]))
-    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
     first, second = (r for r in sim.requests[:2])
     assert first.status == 429
     assert second.time - first.time >= 1.0
@@ -172,4 +165,4 @@ async def test_upload_recovers_when_the_api_does(
     running = await start_exporter(fast_config(url, ["up-1"]))
     await wait_for(lambda: _errors_at_least(running, "server_error", 3))
     sim.clear_faults()
-    await wait_for(lambda: _status(running, "up-1", "DONE"))
+    await wait_for(running.status_is("up-1", "DONE"))

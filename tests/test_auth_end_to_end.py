@@ -11,7 +11,6 @@ from exporter.config import AuthConfig
 from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, Fault
 from tests.conftest import (
     ExporterFactory,
-    RunningExporter,
     SimulatorFactory,
     fast_config,
     simulator_sigv4_auth,
@@ -23,10 +22,6 @@ TOKEN = "tok-6f1c2d0e-SECRET-do-not-log"
 LINK_SIGNATURE_MARKER = "X-Amz-Signature"
 
 
-async def _status(running: RunningExporter, ingestion_id: str, status: str) -> bool:
-    return await running.status_of(ingestion_id) == status
-
-
 async def test_sigv4_signed_polls_are_accepted(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory
 ) -> None:
@@ -35,7 +30,7 @@ async def test_sigv4_signed_polls_are_accepted(
     sim.add_upload("up-1", [("DONE", 0)])
     config = fast_config(url, ["up-1"], api={"auth": {"type": "sigv4", "region": TEST_REGION}})
     running = await start_exporter(config, auth_factory=simulator_sigv4_auth)
-    await wait_for(lambda: _status(running, "up-1", "DONE"))
+    await wait_for(running.status_is("up-1", "DONE"))
     assert sim.count(auth_ok=False) == 0
 
 
@@ -80,8 +75,8 @@ async def test_bearer_token_and_report_links_never_reach_logs_or_metrics(
         logging={"level": "debug"},
     )
     running = await start_exporter(config)
-    await wait_for(lambda: _status(running, "up-1", "DONE"))
-    await wait_for(lambda: _status(running, "up-2", "FATAL"))
+    await wait_for(running.status_is("up-1", "DONE"))
+    await wait_for(running.status_is("up-2", "FATAL"))
     _, _, metrics = await running.get("/metrics")
     _, _, landing = await running.get("/")
     for text in (running.logs.getvalue(), metrics.decode(), landing.decode()):
@@ -104,7 +99,7 @@ async def test_rotated_token_file_is_used_without_a_restart(
         url, ["up-1"], api={"auth": {"type": "bearer", "token_file": str(token_file)}}
     )
     running = await start_exporter(config)
-    await wait_for(lambda: _status(running, "up-1", "INPROGRESS"))
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
     sim.set_tokens(["new-token"])
     staged = tmp_path / "token.new"
     staged.write_text("new-token")

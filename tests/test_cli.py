@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,15 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import parse_exposition, value
+from tests.conftest import free_port, parse_exposition, value
 
 EXPORTER = [sys.executable, "-m", "exporter"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.config import DEFAULT_PORT
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -35,14 +34,6 @@ class Instruction:
 
     keyword: str
     arguments: str
-
-
-def venv_tool(name: str) -> str:
-    """A tool installed by the test extras (next to this Python), else one on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"{name} is required: `pip install -e '.[test]'` installs it"
-    return found
 
 
 def parse_dockerfile(text: str) -> list[Instruction]:
@@ -153,7 +144,7 @@ def is_dockerignored(path: str) -> bool:
 def test_hadolint_reports_nothing_on_the_dockerfile() -> None:
     """hadolint, at its lowest threshold (info), finds nothing to say about the Dockerfile."""
     result = subprocess.run(
-        [venv_tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
+        [require_tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
         capture_output=True,
         text=True,
         check=False,

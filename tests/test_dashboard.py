@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from exporter.models import KNOWN_STATUSES
 from exporter.simulator import Fault
-from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
+from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "catalog-upload-exporter.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -141,14 +140,10 @@ def walk(node: Any, path: str = "$") -> Iterator[tuple[str, str, Any]]:
             yield from walk(child, f"{path}[{index}]")
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is required: `make test` installs Debian's prometheus package"
-    return path
-
-
 def run_promtool(*args: str) -> None:
-    result = subprocess.run([promtool(), *args], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [require_tool("promtool"), *args], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,25 +24,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from exporter.simulator import Fault
-from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
+from tests.conftest import (
+    ExporterFactory,
+    SimulatorFactory,
+    fast_config,
+    free_port,
+    require_tool,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml"
 JOB = "catalog-upload-exporter"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is required: `make test` installs it from Debian's packages"
-    return path
 
 
 def shrink_time_scales(rules_text: str) -> str:
@@ -170,7 +163,7 @@ async def start_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         am_log = tmp_path / "alertmanager.log"
         am = processes.start(
             [
-                binary("prometheus-alertmanager"),
+                require_tool("prometheus-alertmanager"),
                 f"--config.file={am_config}",
                 f"--storage.path={tmp_path / 'am-data'}",
                 f"--web.listen-address=127.0.0.1:{am_port}",
@@ -205,7 +198,7 @@ async def start_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         prom_log = tmp_path / "prometheus.log"
         prom = processes.start(
             [
-                binary("prometheus"),
+                require_tool("prometheus"),
                 f"--config.file={prom_config}",
                 f"--storage.tsdb.path={tmp_path / 'prom-data'}",
                 f"--web.listen-address=127.0.0.1:{prom_port}",

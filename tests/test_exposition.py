@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
-from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
+from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
 
 IDS = ["done", "fatal", "new", "odd", "nosuch", 'quote"and\\back', "ünïcode-id"]
 
@@ -30,12 +29,6 @@ async def _busy_exporter(start_simulator: SimulatorFactory, start_exporter: Expo
     return running
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is required: `make test` installs Debian's prometheus package"
-    return path
-
-
 async def test_promtool_check_metrics_reports_nothing(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory
 ) -> None:
@@ -43,7 +36,7 @@ async def test_promtool_check_metrics_reports_nothing(
     running = await _busy_exporter(start_simulator, start_exporter)
     _, _, body = await running.get("/metrics")
     result = subprocess.run(
-        [promtool(), "check", "metrics"], input=body, capture_output=True, check=False
+        [require_tool("promtool"), "check", "metrics"], input=body, capture_output=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""

@@ -12,9 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pytest
 import yaml
 
 from exporter.config import parse_config
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -41,14 +40,6 @@ TOKEN_DIR = "/var/run/secrets/catalog"
 Manifest = dict[str, Any]
 
 
-def venv_tool(name: str) -> str:
-    """A tool installed by the test extras (next to this Python), else one on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"{name} is required: `pip install -e '.[test]'` (or Debian's package) has it"
-    return found
-
-
 def run(*argv: str) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stdout}{result.stderr}"
@@ -56,7 +47,7 @@ def run(*argv: str) -> str:
 
 
 def kustomize(directory: Path) -> list[Manifest]:
-    output = run(venv_tool("kubectl"), "kustomize", str(directory))
+    output = run(require_tool("kubectl"), "kustomize", str(directory))
     return [document for document in yaml.safe_load_all(output) if document]
 
 
@@ -213,7 +204,7 @@ def test_the_prometheusrule_carries_exactly_the_rules_file(
     )
     rendered = tmp_path / "rendered.rules.yml"
     rendered.write_text(yaml.safe_dump(rule["spec"]), encoding="utf-8")
-    run(venv_tool("promtool"), "check", "rules", str(rendered))
+    run(require_tool("promtool"), "check", "rules", str(rendered))
 
 
 def test_the_pod_and_every_container_are_locked_down(manifests: list[Manifest]) -> None:
@@ -400,7 +391,7 @@ def test_the_scrape_config_passes_promtool_check_config(tmp_path: Path) -> None:
             yaml.safe_dump({"global": {"scrape_interval": "1m"}, "scrape_configs": scrape_configs}),
             encoding="utf-8",
         )
-        run(venv_tool("promtool"), "check", "config", str(wrapped))
+        run(require_tool("promtool"), "check", "config", str(wrapped))
 
 
 def test_every_way_of_scraping_names_the_job_the_alerts_expect(

@@ -6,7 +6,14 @@ import asyncio
 import json
 
 from exporter.simulator import Fault
-from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, value, wait_for
+from tests.conftest import (
+    ExporterFactory,
+    SimulatorFactory,
+    fast_config,
+    requests_seen,
+    value,
+    wait_for,
+)
 
 
 async def test_upload_moves_through_statuses_and_metrics_follow(
@@ -66,16 +73,12 @@ async def test_upload_is_unknown_before_its_first_successful_poll(
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(Fault("server_error_json"), ingestion_id="up-1")
     running = await start_exporter(fast_config(url, ["up-1"]))
-    await wait_for(lambda: _has_requests(sim, "up-1", 2))
+    await wait_for(requests_seen(sim, "up-1", 2))
     assert await running.status_of("up-1") == "UNKNOWN"
     samples = await running.scrape()
     assert (
         value(samples, "catalog_upload_last_success_timestamp_seconds", ingestion_id="up-1") is None
     )
-
-
-async def _has_requests(sim: object, ingestion_id: str, n: int) -> bool:
-    return sim.count(ingestion_id=ingestion_id) >= n  # type: ignore[attr-defined, no-any-return]
 
 
 async def test_terminal_upload_is_not_polled_again(
@@ -88,7 +91,7 @@ async def test_terminal_upload_is_not_polled_again(
     sim.add_upload("cancelled", [("CANCELLED", 0)])
     sim.add_upload("busy", [("INPROGRESS", 0)])
     running = await start_exporter(fast_config(url, ["done", "fatal", "cancelled", "busy"]))
-    await wait_for(lambda: _has_requests(sim, "busy", 3))
+    await wait_for(requests_seen(sim, "busy", 3))
     before = {i: sim.count(ingestion_id=i) for i in ("done", "fatal", "cancelled", "busy")}
     await asyncio.sleep(1.0)  # five polling intervals
     assert sim.count(ingestion_id="busy") > before["busy"]
@@ -106,16 +109,12 @@ async def test_terminal_series_are_removed_after_retention(
     sim.add_upload("busy", [("INPROGRESS", 0)])
     config = fast_config(url, ["done", "busy"], polling={"terminal_retention_seconds": 0.5})
     running = await start_exporter(config)
-    await wait_for(lambda: _status_is(running, "done", "DONE"))
-    await wait_for(lambda: _status_is(running, "done", None), timeout=5)
+    await wait_for(running.status_is("done", "DONE"))
+    await wait_for(running.status_is("done", None), timeout=5)
     samples = await running.scrape()
     assert value(samples, "catalog_exporter_tracked_ingestions") == 1.0
     assert await running.status_of("busy") == "INPROGRESS"
     assert '"event": "retention_expired"' in running.logs.getvalue()
-
-
-async def _status_is(running: object, ingestion_id: str, status: str | None) -> bool:
-    return await running.status_of(ingestion_id) == status  # type: ignore[attr-defined, no-any-return]
 
 
 async def test_list_valued_status_is_reduced_to_the_most_advanced(
@@ -125,8 +124,8 @@ async def test_list_valued_status_is_reduced_to_the_most_advanced(
     sim, url = await start_simulator()
     sim.add_upload("listy", [(["INQUEUE", "INPROGRESS"], 0.5), (["CANCELLED", "FATAL"], 0)])
     running = await start_exporter(fast_config(url, ["listy"]))
-    await wait_for(lambda: _status_is(running, "listy", "INPROGRESS"))
-    await wait_for(lambda: _status_is(running, "listy", "FATAL"))
+    await wait_for(running.status_is("listy", "INPROGRESS"))
+    await wait_for(running.status_is("listy", "FATAL"))
 
 
 async def test_unknown_status_values_are_exposed_and_logged_once(
@@ -137,8 +136,8 @@ async def test_unknown_status_values_are_exposed_and_logged_once(
     sim.add_upload("new", [("PARTIALLY_DONE", 0)])
     sim.add_upload("odd", [("in progress (50%)", 0)])
     running = await start_exporter(fast_config(url, ["new", "odd"]))
-    await wait_for(lambda: _has_requests(sim, "odd", 3))
-    await wait_for(lambda: _has_requests(sim, "new", 3))
+    await wait_for(requests_seen(sim, "odd", 3))
+    await wait_for(requests_seen(sim, "new", 3))
     assert await running.status_of("new") == "PARTIALLY_DONE"
     assert await running.status_of("odd") == "UNKNOWN"
     samples = await running.scrape()
@@ -156,8 +155,8 @@ async def test_invalid_id_is_marked_invalid_and_polled_rarely(
     sim, url = await start_simulator()
     sim.add_upload("busy", [("INPROGRESS", 0)])
     running = await start_exporter(fast_config(url, ["nosuch", "busy"]))
-    await wait_for(lambda: _status_is(running, "nosuch", "INVALID"))
-    await wait_for(lambda: _has_requests(sim, "busy", 5))
+    await wait_for(running.status_is("nosuch", "INVALID"))
+    await wait_for(requests_seen(sim, "busy", 5))
     assert sim.count(ingestion_id="nosuch") == 1
     samples = await running.scrape()
     assert value(samples, "catalog_api_errors_total", kind="invalid_ingestion_id") == 1.0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml"
@@ -25,12 +26,6 @@ REQUIRED_ALERTS = {
 }
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is required: `make test` installs Debian's prometheus package"
-    return path
-
-
 def alerts() -> list[dict[str, object]]:
     document = yaml.safe_load(RULES.read_text())
     return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
@@ -39,7 +34,10 @@ def alerts() -> list[dict[str, object]]:
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
     """`promtool check rules` finds every rule valid."""
     result = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+        [require_tool("promtool"), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alerts())} rules found" in result.stdout
@@ -49,7 +47,7 @@ def test_promtool_unit_tests_pass() -> None:
     """`promtool test rules` passes on every unit-test file."""
     assert RULE_TESTS
     result = subprocess.run(
-        [promtool(), "test", "rules", *map(str, RULE_TESTS)],
+        [require_tool("promtool"), "test", "rules", *map(str, RULE_TESTS)],
         capture_output=True,
         text=True,
         check=False,
