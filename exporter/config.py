@@ -2,9 +2,12 @@
 
 `load_config` reads a YAML file and `parse_config` checks an already-parsed document. Both
 report every problem at once in one `ConfigError`, one line per key path, instead of stopping
-at the first. Beyond reading the config file this module only checks that a bearer token file
-is a readable regular file and that a token variable is set: it never reads, keeps or prints
-a token, and no error message echoes a value that might be one.
+at the first. Beyond reading the config file this module only looks at the filesystem and the
+environment to check that a token file (api.auth, admin) is a readable regular file, that a
+token variable is set, that an existing ingestions.directory is a directory and that the
+directory of state.path exists: it never reads, keeps or prints a token, and no error message
+echoes a value that might be one. It creates nothing: a missing ingestions.directory or state
+file is left for the app.
 
 Rules applied to every key:
 
@@ -15,6 +18,8 @@ Rules applied to every key:
   never a string, so `"60"` and `1e3` (a string to YAML 1.1: write `1.0e+3`) are errors;
 - an integer is an int, or a float with no fractional part (`5.0` is read as 5; `5.5` is an
   error);
+- a boolean is a YAML boolean (true/false, also yes/no/on/off); never 0/1 or a quoted string;
+- a path (`ingestions.directory`, `state.path`) is absolute, or "" to disable what it names;
 - a choice (`api.auth.type`, `logging.level`, `logging.format`) is case-insensitive and
   stored lower-case.
 """
@@ -28,14 +33,18 @@ import re
 import stat
 import unicodedata
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import yaml
 
+from exporter.models import MAX_INGESTION_ID_LENGTH, RejectReason, ingestion_id_problem
+
 __all__ = [
+    "DEFAULT_ADMIN_PORT",
     "DEFAULT_PORT",
+    "AdminConfig",
     "ApiConfig",
     "AuthConfig",
     "Config",
@@ -45,11 +54,13 @@ __all__ = [
     "PollingConfig",
     "ReloadConfig",
     "ServerConfig",
+    "StateConfig",
     "load_config",
     "parse_config",
 ]
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
+DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +110,18 @@ class PollingConfig:
 
 @dataclass(frozen=True, slots=True)
 class IngestionsConfig:
-    """The ingestion ids to track, duplicates removed, in the order first listed."""
+    """Which uploads are tracked, and what is attached to their metrics.
+
+    `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
+    where the app drops one file per upload ("" disables it); it may not exist yet.
+    `max_tracked` caps the ids tracked from every source together.
+    """
 
     ids: tuple[str, ...] = ()
+    directory: str = ""
+    directory_poll_seconds: float = 2.0
+    max_tracked: int = 100_000
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +148,29 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin HTTP API (register, list and delete ids) on its own listener.
+
+    Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
+    each request needs "Authorization: Bearer <token>"; the token is read by the server, never
+    kept here.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_ADMIN_PORT
+    token_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
+
+    path: str = ""
+    debounce_seconds: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -137,6 +180,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
     reload: ReloadConfig = ReloadConfig()
+    admin: AdminConfig = AdminConfig()
+    state: StateConfig = StateConfig()
 
 
 class ConfigError(Exception):
@@ -160,7 +205,10 @@ _AUTH_TYPES = ("sigv4", "bearer", "none")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("json", "console")
 _REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
-_MAX_ID_LENGTH = 255  # the API's limit on ingestionId
+_MAX_LABELS = 10  # each one is copied onto every upload series
+# Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
+_OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
+_YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
 _MAX_ECHO = 60  # longer values are cut in messages
 _KINDS: dict[type, str] = {
     str: "a string",
@@ -172,6 +220,7 @@ _KINDS: dict[type, str] = {
 
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
 # into the wrong key.
 _ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -336,6 +385,22 @@ def _integer(section: _Section, key: str, default: int, *, ge: int, le: int) -> 
     return default
 
 
+def _boolean(section: _Section, key: str, default: bool) -> bool:
+    """Read a YAML boolean; 0/1 and strings such as "true" are not accepted."""
+    value = section.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    hint = (
+        " (a string to YAML: drop the quotes)"
+        if isinstance(value, str) and value.lower() in _YAML_BOOLEAN_WORDS
+        else ""
+    )
+    section.problem(key, f"expected true or false, got {_describe(value)}{hint}")
+    return default
+
+
 def _string(
     section: _Section, key: str, default: str, *, required: bool = False, secret: bool = False
 ) -> str:
@@ -365,6 +430,29 @@ def _choice(section: _Section, key: str, default: str, choices: Sequence[str]) -
 
 def _control_character(text: str) -> str | None:
     return next((char for char in text if unicodedata.category(char) == "Cc"), None)
+
+
+def _host(section: _Section, default: str) -> str:
+    """Read a listen address: non-empty, without spaces or control characters."""
+    host = _string(section, "host", default)
+    if not host or _control_character(host) is not None or " " in host:
+        section.problem(
+            "host", f"expected a host name or address such as {default}, got {_describe(host)}"
+        )
+    return host
+
+
+def _absolute_path_problem(path: str) -> str | None:
+    if _control_character(path) is not None:
+        return "must not contain control characters"
+    if not os.path.isabs(path):
+        return f"expected an absolute path, got {_describe(path)}"
+    return None
+
+
+def _is_within(path: str, directory: str) -> bool:
+    path, directory = os.path.normpath(path), os.path.normpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def _base_url_problem(url: str) -> str | None:
@@ -408,6 +496,32 @@ def _token_file_problem(path: str) -> str | None:
     except OSError as error:
         return f"file {path!r} is not readable: {error.strerror}"
     return None
+
+
+def _kind_problem(path: str, *, directory: bool, required: bool) -> str | None:
+    """Say why `path` is not a directory (or not a regular file), or None; missing may be fine."""
+    noun = "directory" if directory else "file"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"{noun} {path!r} does not exist" if required else None
+    except OSError as error:
+        return f"{noun} {path!r} cannot be checked: {error.strerror}"
+    if directory and not stat.S_ISDIR(info.st_mode):
+        return f"{path!r} is not a directory"
+    if not directory and not stat.S_ISREG(info.st_mode):
+        return f"{path!r} is not a regular file"
+    return None
+
+
+def _state_file_problem(path: str) -> str | None:
+    """Say why `path` cannot hold the state, or None; the file itself may be missing."""
+    if path.endswith("/"):
+        return f"expected a file name after the last '/', got {path!r}"
+    parent = os.path.dirname(path)
+    return _kind_problem(parent, directory=True, required=True) or _kind_problem(
+        path, directory=False, required=False
+    )
 
 
 def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:
@@ -542,42 +656,87 @@ def _read_polling(section: _Section) -> PollingConfig:
 
 
 def _ingestion_id_problem(value: object) -> str | None:
-    if not isinstance(value, str):
+    """The shared rule (`models.ingestion_id_problem`), worded for a config file."""
+    reason = ingestion_id_problem(value)
+    if reason is None:
+        return None
+    if reason is RejectReason.NOT_A_STRING:
         return f"expected a string (quote ids in YAML), got {_describe(value)}"
-    if not value:
+    assert isinstance(value, str)
+    if reason is RejectReason.EMPTY:
         return "must not be empty"
-    if len(value) > _MAX_ID_LENGTH:
-        return f"expected at most {_MAX_ID_LENGTH} characters, got {len(value)}"
-    char = _control_character(value)
-    if char is not None:
-        return f"must not contain control characters, found {char!r} in {_describe(value)}"
+    if reason is RejectReason.TOO_LONG:
+        return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
+    char = next(c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp"))
+    return f"must not contain control characters, found {char!r} in {_describe(value)}"
+
+
+def _label_name_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {_describe(value)}"
+    if not _LABEL_NAME.fullmatch(value):
+        return f"expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got {_describe(value)}"
+    if value.startswith("__"):
+        return f"names starting with '__' are reserved by Prometheus, got {_describe(value)}"
+    if value in _OWN_LABELS:
+        return f"{value!r} is one of the exporter's own labels ({', '.join(_OWN_LABELS)})"
     return None
 
 
-def _read_ingestions(section: _Section) -> IngestionsConfig:
-    raw = section.get("ids")
+def _unique_strings(
+    section: _Section, key: str, what: str, problem_of: Callable[[object], str | None]
+) -> tuple[str, ...]:
+    """Read a list; each bad item is reported by its index, duplicates are dropped."""
+    raw = section.get(key)
     if raw is None:
-        return IngestionsConfig()
+        return ()
     if not isinstance(raw, list):
-        section.problem("ids", f"expected a list of ingestion ids, got {_describe(raw)}")
-        return IngestionsConfig()
+        section.problem(key, f"expected a list of {what}, got {_describe(raw)}")
+        return ()
     unique: dict[str, None] = {}  # a dict keeps first-seen order
     for index, value in enumerate(raw):
-        problem = _ingestion_id_problem(value)
+        problem = problem_of(value)
         if problem:
-            section.problems.add(f"{section.path_of('ids')}[{index}]", problem)
+            section.problems.add(f"{section.path_of(key)}[{index}]", problem)
         elif isinstance(value, str):
             unique.setdefault(value)
-    return IngestionsConfig(ids=tuple(unique))
+    return tuple(unique)
+
+
+def _read_ingestions(section: _Section) -> IngestionsConfig:
+    ingestions = IngestionsConfig(
+        ids=_unique_strings(section, "ids", "ingestion ids", _ingestion_id_problem),
+        directory=_string(section, "directory", ""),
+        directory_poll_seconds=_number(section, "directory_poll_seconds", 2.0, gt=0, le=3600),
+        max_tracked=_integer(section, "max_tracked", 100_000, ge=1, le=10_000_000),
+        labels=_unique_strings(section, "labels", "label names", _label_name_problem),
+    )
+    if ingestions.directory and not section.has_problem("directory"):
+        # Missing is fine: an emptyDir or a mount may only appear once the app starts.
+        problem = _absolute_path_problem(ingestions.directory) or _kind_problem(
+            ingestions.directory, directory=True, required=False
+        )
+        if problem:
+            section.problem("directory", problem)
+    if len(ingestions.labels) > _MAX_LABELS:
+        section.problem(
+            "labels",
+            f"expected at most {_MAX_LABELS} label names, got {len(ingestions.labels)}",
+        )
+    if len(ingestions.ids) > ingestions.max_tracked and not section.has_problem("max_tracked"):
+        section.problem(
+            "ids",
+            f"{len(ingestions.ids)} ids exceed {section.path_of('max_tracked')} "
+            f"{ingestions.max_tracked}",
+        )
+    return ingestions
 
 
 def _read_server(section: _Section) -> ServerConfig:
-    host = _string(section, "host", ServerConfig().host)
-    if not host or _control_character(host) is not None or " " in host:
-        section.problem(
-            "host", f"expected a host name or address such as 0.0.0.0, got {_describe(host)}"
-        )
-    return ServerConfig(host=host, port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535))
+    return ServerConfig(
+        host=_host(section, ServerConfig().host),
+        port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535),
+    )
 
 
 def _read_logging(section: _Section) -> LoggingConfig:
@@ -593,6 +752,49 @@ def _read_reload(section: _Section) -> ReloadConfig:
     )
 
 
+def _read_admin(section: _Section, server: ServerConfig) -> AdminConfig:
+    admin = AdminConfig(
+        enabled=_boolean(section, "enabled", True),
+        host=_host(section, AdminConfig().host),
+        port=_integer(section, "port", DEFAULT_ADMIN_PORT, ge=0, le=65535),
+        token_file=_string(section, "token_file", ""),
+    )
+    if not admin.enabled or section.has_problem("enabled"):
+        return admin  # no listener (or unknown whether one): its port and token do not matter
+    # Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and telling
+    # which names resolve to the same address is not a load-time question. 0 is always free.
+    if (
+        admin.port == server.port != 0
+        and not section.has_problem("port")
+        and "server.port" not in section.problems
+    ):
+        section.problem("port", f"must differ from server.port ({server.port})")
+    if admin.token_file and not section.has_problem("token_file"):
+        problem = _token_file_problem(admin.token_file)
+        if problem:
+            section.problem("token_file", problem)
+    return admin
+
+
+def _read_state(section: _Section, ingestions: IngestionsConfig) -> StateConfig:
+    state = StateConfig(
+        path=_string(section, "path", ""),
+        debounce_seconds=_number(section, "debounce_seconds", 0.5, ge=0, le=60),
+    )
+    if not state.path or section.has_problem("path"):
+        return state
+    directory = "" if "ingestions.directory" in section.problems else ingestions.directory
+    problem = _absolute_path_problem(state.path)
+    if problem is None and directory and _is_within(state.path, directory):
+        # The app drops one file per upload there: the state file would be read as one.
+        problem = f"must be outside ingestions.directory ({directory!r})"
+    if problem is None:
+        problem = _state_file_problem(state.path)
+    if problem:
+        section.problem("path", problem)
+    return state
+
+
 def parse_config(data: object, *, environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed YAML document (environ defaults to os.environ)."""
     env = os.environ if environ is None else environ
@@ -604,13 +806,21 @@ def parse_config(data: object, *, environ: Mapping[str, str] | None = None) -> C
     problems.raise_if_any()
 
     root = _Section(problems, "", data, _keys(Config))
+    # Read in field order, which is the order problems are listed in; admin and state are
+    # checked against sections read before them.
+    api = _read_api(root.child("api", ApiConfig), env)
+    polling = _read_polling(root.child("polling", PollingConfig))
+    ingestions = _read_ingestions(root.child("ingestions", IngestionsConfig))
+    server = _read_server(root.child("server", ServerConfig))
     config = Config(
-        api=_read_api(root.child("api", ApiConfig), env),
-        polling=_read_polling(root.child("polling", PollingConfig)),
-        ingestions=_read_ingestions(root.child("ingestions", IngestionsConfig)),
-        server=_read_server(root.child("server", ServerConfig)),
+        api=api,
+        polling=polling,
+        ingestions=ingestions,
+        server=server,
         logging=_read_logging(root.child("logging", LoggingConfig)),
         reload=_read_reload(root.child("reload", ReloadConfig)),
+        admin=_read_admin(root.child("admin", AdminConfig), server),
+        state=_read_state(root.child("state", StateConfig), ingestions),
     )
     problems.raise_if_any()
     return config

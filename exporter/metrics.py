@@ -16,12 +16,36 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.models import KNOWN_STATUSES, ErrorKind, PollError, PollOutcome
-from exporter.uploads import UploadStore
+from exporter.models import (
+    KNOWN_STATUSES,
+    TERMINAL_STATUSES,
+    ErrorKind,
+    PollError,
+    PollOutcome,
+    RejectReason,
+)
+from exporter.uploads import Transition, UploadStore
 
 #: Request latency buckets: the API answers in tens of milliseconds when well, and the
 #: client gives up at `api.timeout_seconds` (10 s by default).
 REQUEST_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: Upload and queue durations: catalog processing takes from seconds to hours.
+UPLOAD_DURATION_BUCKETS = (
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
+)
 
 #: Kinds counted by catalog_api_errors_total; 429 has its own counter.
 ERROR_KINDS = tuple(k.value for k in ErrorKind if k is not ErrorKind.THROTTLED)
@@ -72,6 +96,34 @@ class ApiMetrics:
             self.errors.labels(outcome.kind.value).inc()
 
 
+class UploadMetrics:
+    """How long uploads take: histograms observed once per upload, on its transitions."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "catalog_upload_duration_seconds",
+            "From the exporter first seeing an upload to its terminal status.",
+            ["final_status"],
+            buckets=UPLOAD_DURATION_BUCKETS,
+            registry=registry,
+        )
+        for status in sorted(TERMINAL_STATUSES):
+            self.duration.labels(status)
+        self.queue = Histogram(
+            "catalog_upload_queue_seconds",
+            "From the exporter first seeing an upload to its first status past INQUEUE.",
+            buckets=UPLOAD_DURATION_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, transition: Transition) -> None:
+        """Record the durations a transition completes, if any."""
+        if transition.queued_for is not None:
+            self.queue.observe(transition.queued_for)
+        if transition.finished_after is not None:
+            self.duration.labels(transition.new).observe(transition.finished_after)
+
+
 class ExporterMetrics:
     """The exporter's own health: reloads, build, rate limit in force, tracked ids."""
 
@@ -104,6 +156,28 @@ class ExporterMetrics:
             registry=registry,
         )
         build.labels(__version__, platform.python_version()).set(1)
+        self.rejected = Counter(
+            "catalog_exporter_rejected_ingestions",
+            "Incoming ingestionIds refused (bad id, labels not allow-listed, cap reached).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RejectReason:
+            self.rejected.labels(reason.value)
+        self.state_load_errors = Counter(
+            "catalog_exporter_state_load_errors",
+            "State files found unreadable or corrupt at start (moved aside).",
+            registry=registry,
+        )
+        self.state_write_errors = Counter(
+            "catalog_exporter_state_write_errors",
+            "Failed writes of the state file (retried).",
+            registry=registry,
+        )
+
+    def count_rejected(self, reason: RejectReason) -> None:
+        """Count one refused ingestionId."""
+        self.rejected.labels(reason.value).inc()
 
     def config_loaded(self, ok: bool) -> None:
         """Record the outcome of a configuration load or reload."""
@@ -125,40 +199,45 @@ class UploadCollector(Collector):
         catalog_uploads{status="INPROGRESS"} 1.0
     """
 
-    def __init__(self, store: UploadStore) -> None:
+    def __init__(self, store: UploadStore, label_names: Callable[[], tuple[str, ...]]) -> None:
         self._store = store
+        self._label_names = label_names
 
     def collect(self) -> Iterable[Metric]:
+        extra = list(self._label_names())
         status = GaugeMetricFamily(
             "catalog_upload_status",
             "Upload status, one-hot: 1 for the status the API last reported, else 0.",
-            labels=["ingestion_id", "status"],
+            labels=["ingestion_id", "status", *extra],
         )
+        per_upload = ["ingestion_id", *extra]
         changed = GaugeMetricFamily(
             "catalog_upload_status_changed_timestamp_seconds",
             "When the exporter first saw the upload's current status.",
-            labels=["ingestion_id"],
+            labels=per_upload,
         )
         last_success = GaugeMetricFamily(
             "catalog_upload_last_success_timestamp_seconds",
             "When a poll of this upload last succeeded (absent until one does).",
-            labels=["ingestion_id"],
+            labels=per_upload,
         )
         report = GaugeMetricFamily(
             "catalog_upload_report_available",
             "1 when the API returned a non-empty reportDownloadLink for the upload.",
-            labels=["ingestion_id"],
+            labels=per_upload,
         )
         for upload in self._store:
             ingestion_id = upload.ingestion_id
+            values = [upload.labels.get(name, "") for name in extra]
             for known in KNOWN_STATUSES:
-                status.add_metric([ingestion_id, known], 1.0 if upload.status == known else 0.0)
+                hot = 1.0 if upload.status == known else 0.0
+                status.add_metric([ingestion_id, known, *values], hot)
             if upload.status not in KNOWN_STATUSES:
-                status.add_metric([ingestion_id, upload.status], 1.0)
-            changed.add_metric([ingestion_id], upload.status_changed)
+                status.add_metric([ingestion_id, upload.status, *values], 1.0)
+            changed.add_metric([ingestion_id, *values], upload.status_changed)
             if upload.last_success is not None:
-                last_success.add_metric([ingestion_id], upload.last_success)
-            report.add_metric([ingestion_id], 1.0 if upload.report_available else 0.0)
+                last_success.add_metric([ingestion_id, *values], upload.last_success)
+            report.add_metric([ingestion_id, *values], 1.0 if upload.report_available else 0.0)
         yield from (status, changed, last_success, report)
 
         uploads = GaugeMetricFamily(

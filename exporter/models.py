@@ -7,7 +7,11 @@ I/O in `client`, scheduling in `scheduler`.
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass
+
+#: The API's limit on an ingestionId's length, in characters.
+MAX_INGESTION_ID_LENGTH = 255
 
 
 class Status(enum.StrEnum):
@@ -62,6 +66,34 @@ class ErrorKind(enum.StrEnum):
 RETRYABLE_ERRORS: frozenset[ErrorKind] = frozenset(
     {ErrorKind.THROTTLED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT, ErrorKind.CONNECTION}
 )
+
+
+class RejectReason(enum.StrEnum):
+    """Why an incoming id or its labels were refused (the `reason` of the rejection counter)."""
+
+    NOT_A_STRING = "not_a_string"
+    EMPTY = "empty"
+    TOO_LONG = "too_long"
+    CONTROL_CHARACTERS = "control_characters"
+    BAD_LABELS = "bad_labels"
+    CAP_REACHED = "cap_reached"
+
+
+def ingestion_id_problem(value: object) -> RejectReason | None:
+    """What is wrong with a would-be ingestionId, or None if the API could accept it.
+
+    Control characters (Unicode category Cc, and the line/paragraph separators) are refused:
+    they would forge log lines and make unreadable label values.
+    """
+    if not isinstance(value, str):
+        return RejectReason.NOT_A_STRING
+    if not value:
+        return RejectReason.EMPTY
+    if len(value) > MAX_INGESTION_ID_LENGTH:
+        return RejectReason.TOO_LONG
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        return RejectReason.CONTROL_CHARACTERS
+    return None
 
 
 @dataclass(frozen=True, slots=True)

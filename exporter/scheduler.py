@@ -22,7 +22,7 @@ import structlog
 
 from exporter.client import CatalogClient
 from exporter.config import PollingConfig
-from exporter.metrics import ExporterMetrics
+from exporter.metrics import ExporterMetrics, UploadMetrics
 from exporter.models import RETRYABLE_ERRORS, ErrorKind, PollError, PollOutcome, StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.uploads import Transition, UploadStore
@@ -31,12 +31,6 @@ log = structlog.get_logger("exporter.scheduler")
 
 #: First polls of newly tracked uploads are spread over this many seconds at most.
 INITIAL_SPREAD_SECONDS = 1.0
-
-
-def _log_transition(transition: Transition | None) -> None:
-    if transition is not None:
-        # "from"/"to" are Python keywords, hence the dict.
-        log.info("status_changed", **{"from": transition.old, "to": transition.new})
 
 
 class Action(enum.Enum):
@@ -66,6 +60,8 @@ class Poller:
         settings: PollingConfig,
         max_concurrency: int,
         metrics: ExporterMetrics,
+        upload_metrics: UploadMetrics,
+        on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -75,6 +71,8 @@ class Poller:
         self._settings = settings
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._metrics = metrics
+        self._upload_metrics = upload_metrics
+        self._on_change = on_change
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._heap: list[_Entry] = []
@@ -92,7 +90,18 @@ class Poller:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        """Start dispatching; uploads already in the store are scheduled first."""
+        """Start dispatching; uploads already in the store (restored state) are scheduled.
+
+        Terminal uploads are not polled again: they retire when their retention, counted
+        from when they became terminal, runs out.
+        """
+        now = time.time()
+        retention = self._settings.terminal_retention_seconds
+        for upload in self._store:
+            if upload.terminal:
+                terminal_at = upload.terminal_at if upload.terminal_at is not None else now
+                delay = max(0.0, terminal_at + retention - now)
+                self._schedule(upload.ingestion_id, delay, Action.RETIRE)
         self.track([u.ingestion_id for u in self._store if not u.terminal])
         self._task = asyncio.create_task(self._dispatch(), name="poller")
 
@@ -160,6 +169,7 @@ class Poller:
             try:
                 outcome = await self.client.fetch_status(ingestion_id)
                 delay, action = self._apply(ingestion_id, outcome)
+                self._on_change()
             except Exception:
                 # A bug of ours must not stop this upload from being polled again.
                 log.exception("poll_crashed")
@@ -179,14 +189,14 @@ class Poller:
         if not report.known and report.raw not in self._unknown_values_logged:
             self._unknown_values_logged.add(report.raw)
             log.warning("unknown_status_value", value=report.raw, exposed_as=report.status)
-        _log_transition(self._store.record_report(ingestion_id, report))
+        self._transitioned(self._store.record_report(ingestion_id, report))
         upload = self._store.get(ingestion_id)
         if upload is not None and upload.terminal:
             return self._settings.terminal_retention_seconds, Action.RETIRE
         return self._interval(), Action.POLL
 
     def _apply_error(self, ingestion_id: str, error: PollError) -> tuple[float, Action]:
-        _log_transition(self._store.record_error(ingestion_id, error))
+        self._transitioned(self._store.record_error(ingestion_id, error))
         if error.kind is ErrorKind.THROTTLED:
             self._limiter.on_throttled(error.retry_after)
         if error.kind is ErrorKind.INVALID_INGESTION_ID:
@@ -207,10 +217,18 @@ class Poller:
         )
         return delay, Action.POLL
 
+    def _transitioned(self, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        # "from"/"to" are Python keywords, hence the dict.
+        log.info("status_changed", **{"from": transition.old, "to": transition.new})
+        self._upload_metrics.observe(transition)
+
     def _retire(self, ingestion_id: str) -> None:
         self._failures.pop(ingestion_id, None)
         if self._store.retire(ingestion_id):
             log.info("retention_expired", ingestion_id=ingestion_id)
+            self._on_change()
 
     def _schedule(self, ingestion_id: str, delay: float, action: Action) -> None:
         if ingestion_id not in self._store:

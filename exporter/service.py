@@ -1,15 +1,17 @@
-"""Wiring of one running exporter: store, rate limiter, API client, poller and metrics.
+"""Wiring of one running exporter: store, tracker, rate limiter, client, poller, state, discovery.
 
-`Exporter` builds the parts from a `Config`, starts and stops them, and applies a reloaded
-config to the running parts. It does no HTTP serving (see `server`) and no file watching
-(see `reload`).
+`Exporter` builds the parts from a `Config`, starts and stops them (its background tasks are
+owned here and awaited on stop), and applies a reloaded config to the running parts. It does
+no HTTP serving (see `server` and `admin`) and no file watching of the config (see `reload`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TextIO
 
 import aiohttp
 import structlog
@@ -18,10 +20,13 @@ from prometheus_client import CollectorRegistry
 from exporter.auth import RequestAuth, create_auth
 from exporter.client import CatalogClient
 from exporter.config import AuthConfig, Config
+from exporter.discovery import DirectoryWatcher
 from exporter.logs import configure_logging
-from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector
+from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller
+from exporter.state import StateWriter, load_state
+from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
 
 log = structlog.get_logger("exporter.service")
@@ -59,22 +64,36 @@ class Exporter:
         self.store = UploadStore()
         self.limiter = AdaptiveRateLimiter(config.api.max_requests_per_second)
         self.api_metrics = ApiMetrics(self.registry)
+        self.upload_metrics = UploadMetrics(self.registry)
         self.metrics = ExporterMetrics(self.registry, rate_limit=lambda: self.limiter.rate)
-        self.registry.register(UploadCollector(self.store))
+        self.registry.register(
+            UploadCollector(self.store, label_names=lambda: self.config.ingestions.labels)
+        )
+        self.tracker = IngestionTracker(
+            self.store,
+            max_tracked=config.ingestions.max_tracked,
+            label_names=config.ingestions.labels,
+            on_added=self._track,
+            on_removed=self._untrack,
+            on_rejected=self.metrics.count_rejected,
+        )
         self._auth_factory = auth_factory
         self._rng = rng
         self._session: aiohttp.ClientSession | None = None
         self._poller: Poller | None = None
-        self.store.sync(config.ingestions.ids)
+        self._state: StateWriter | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self.metrics.config_loaded(ok=True)
 
     @property
     def ready(self) -> bool:
-        """Config loaded and the poll loop running."""
+        """Config loaded, state restored and the poll loop running."""
         return self._poller is not None and self._poller.running
 
     async def start(self) -> None:
-        """Open the shared keep-alive session and start polling."""
+        """Restore state, apply the config's ids, open the session and start polling."""
+        await self._restore_state()
+        self.tracker.replace_config_ids(self.config.ingestions.ids)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             raise_for_status=False,
@@ -86,9 +105,12 @@ class Exporter:
             settings=self.config.polling,
             max_concurrency=self.config.api.max_concurrency,
             metrics=self.metrics,
+            upload_metrics=self.upload_metrics,
+            on_change=self.tracker.mark_dirty,
             rng=self._rng,
         )
         self._poller.start()
+        self._start_watcher(self.config)
         log.info(
             "exporter_started",
             tracked_ingestions=len(self.store),
@@ -97,9 +119,13 @@ class Exporter:
         )
 
     async def stop(self) -> None:
-        """Stop scheduling, let in-flight polls end within the API timeout, close the session."""
+        """Stop scheduling and discovery, let in-flight polls end within the API timeout,
+        write the state a last time, close the session."""
+        await self._cancel("watcher-restart")
+        await self._cancel("directory-watcher")
         if self._poller is not None:
             await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
+        await self._cancel("state-writer")  # its run() writes the last changes on cancel
         if self._session is not None:
             await self._session.close()
         log.info("exporter_stopped")
@@ -108,22 +134,83 @@ class Exporter:
         """Apply a validated config to the running parts; ids added start polling at once."""
         old, self.config = self.config, new
         configure_logging(new.logging.level, new.logging.format, self._log_stream)
-        added, removed = self.store.sync(new.ingestions.ids)
+        self.tracker.configure(
+            max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
+        )
         self.limiter.set_max_rate(new.api.max_requests_per_second)
         if self._poller is not None:
-            self._poller.untrack(removed)
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
-            self._poller.track(added)
-        if new.server != old.server:
-            log.warning("server_settings_need_restart", host=old.server.host, port=old.server.port)
-        log.info(
-            "config_applied",
-            added=len(added),
-            removed=len(removed),
-            tracked_ingestions=len(self.store),
+        self.tracker.replace_config_ids(new.ingestions.ids)
+        watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
+        if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
+            self._restart_watcher(new)
+        for section in ("server", "admin", "state"):
+            if getattr(new, section) != getattr(old, section):
+                log.warning("settings_need_restart", section=section)
+        log.info("config_applied", tracked_ingestions=len(self.store))
+
+    def _track(self, ids: list[str]) -> None:
+        if self._poller is not None:
+            self._poller.track(ids)
+
+    def _untrack(self, ids: list[str]) -> None:
+        if self._poller is not None:
+            self._poller.untrack(ids)
+
+    async def _restore_state(self) -> None:
+        if not self.config.state.path:
+            return
+        path = Path(self.config.state.path)
+        result = await asyncio.to_thread(load_state, path)
+        if result.problem is not None:
+            self.metrics.state_load_errors.inc()
+            log.error(
+                "state_file_unusable",
+                path=str(path),
+                problem=result.problem,
+                moved_to=str(result.moved_to) if result.moved_to else None,
+            )
+        self.tracker.restore(result.snapshot)
+        log.info("state_restored", path=str(path), uploads=len(result.snapshot.uploads))
+        self._state = StateWriter(
+            path,
+            self.tracker.snapshot,
+            debounce_seconds=self.config.state.debounce_seconds,
+            on_error=self._state_write_failed,
         )
+        self.tracker.attach_state(self._state)
+        self._spawn("state-writer", self._state.run())
+
+    def _state_write_failed(self, error: Exception) -> None:
+        self.metrics.state_write_errors.inc()
+        log.error("state_write_failed", path=self.config.state.path, error=str(error))
+
+    def _start_watcher(self, config: Config) -> None:
+        if config.ingestions.directory:
+            watcher = DirectoryWatcher(
+                Path(config.ingestions.directory),
+                self.tracker,
+                poll_seconds=config.ingestions.directory_poll_seconds,
+            )
+            self._spawn("directory-watcher", watcher.run())
+
+    def _restart_watcher(self, config: Config) -> None:
+        async def restart() -> None:
+            await self._cancel("directory-watcher")
+            self._start_watcher(config)
+
+        self._spawn("watcher-restart", restart())
+
+    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[name] = asyncio.create_task(work, name=name)
+
+    async def _cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _make_client(self, config: Config) -> CatalogClient:
         assert self._session is not None, "start() opens the session first"

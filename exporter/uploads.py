@@ -1,16 +1,17 @@
 """The tracked uploads and what is known of each: the single source the metrics render.
 
-`UploadStore` is the only writer of upload state. It knows nothing of HTTP or timing
-policy: the scheduler tells it what a poll found, the collector reads it at scrape time.
-Timestamps here are wall-clock seconds (they are exported); scheduling uses its own clock.
+`UploadStore` is the only writer of upload state. It knows nothing of HTTP, timing policy or
+validation: the tracker decides which ids are tracked, the scheduler tells it what a poll
+found, the collector reads it at scrape time. Timestamps here are wall-clock seconds (they
+are exported and persisted); scheduling uses its own clock.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from exporter.models import (
     KNOWN_STATUSES,
@@ -21,33 +22,47 @@ from exporter.models import (
     StatusReport,
 )
 
+#: Statuses that mean the upload has not left the queue yet (for the queue-time histogram).
+_NOT_YET_STARTED = frozenset({Status.UNKNOWN, Status.INQUEUE, Status.INVALID})
+
 
 @dataclass(slots=True)
 class TrackedUpload:
-    """One ingestionId and the last thing the API told us about it."""
+    """One ingestionId, who asked for it, and the last thing the API told us about it."""
 
     ingestion_id: str
     first_seen: float
     status: str = Status.UNKNOWN.value
     status_changed: float = 0.0
+    sources: set[str] = field(default_factory=set)
+    labels: dict[str, str] = field(default_factory=dict)
     last_success: float | None = None
     last_poll: float | None = None
     last_error: ErrorKind | None = None
     report_available: bool = False
+    terminal_at: float | None = None
+    queue_observed: bool = False
 
     @property
     def terminal(self) -> bool:
         """True once the API reported DONE, CANCELLED or FATAL."""
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def released(self) -> bool:
+        """No source wants it any more: kept only until it is terminal and retained."""
+        return not self.sources
+
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """A status change seen by a poll, for the log line and the transitions counter."""
+    """A status change seen by a poll, with the durations it completes (seconds, or None)."""
 
     ingestion_id: str
     old: str
     new: str
+    queued_for: float | None = None
+    finished_after: float | None = None
 
 
 class UploadStore:
@@ -56,7 +71,7 @@ class UploadStore:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._uploads: dict[str, TrackedUpload] = {}
-        self._retired: set[str] = set()
+        self._retired: dict[str, float] = {}
         self._transitions: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -72,38 +87,70 @@ class UploadStore:
         """The upload's state, or None when it is not tracked."""
         return self._uploads.get(ingestion_id)
 
-    def sync(self, wanted: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Track exactly `wanted` (less retired ids); return (added, removed) ids.
+    @property
+    def retired(self) -> Mapping[str, float]:
+        """Ids whose retention ran out while a source still listed them, and when."""
+        return self._retired
 
-        An id whose retention expired stays retired while it is still wanted, so a reload
-        does not resurrect a finished upload; dropping it from the wanted set forgets that.
-        """
-        wanted_set = dict.fromkeys(wanted)
-        self._retired &= wanted_set.keys()
-        removed = [i for i in self._uploads if i not in wanted_set]
-        for ingestion_id in removed:
-            del self._uploads[ingestion_id]
-        now = self._clock()
-        added = []
-        for ingestion_id in wanted_set:
-            if ingestion_id not in self._uploads and ingestion_id not in self._retired:
-                self._uploads[ingestion_id] = TrackedUpload(
-                    ingestion_id, first_seen=now, status_changed=now
-                )
-                added.append(ingestion_id)
-        return added, removed
+    def is_retired(self, ingestion_id: str) -> bool:
+        """True if the id finished and was retired; a source listing it again is ignored."""
+        return ingestion_id in self._retired
+
+    def add(self, ingestion_id: str, source: str, labels: Mapping[str, str]) -> bool:
+        """Track an id for `source` (labels replace earlier ones); True if newly tracked."""
+        upload = self._uploads.get(ingestion_id)
+        created = upload is None
+        if upload is None:
+            now = self._clock()
+            upload = TrackedUpload(ingestion_id, first_seen=now, status_changed=now)
+            self._uploads[ingestion_id] = upload
+        upload.sources.add(source)
+        if labels:
+            upload.labels = dict(labels)
+        return created
+
+    def restore(self, upload: TrackedUpload) -> None:
+        """Put back an upload read from the state file, as it was."""
+        self._uploads[upload.ingestion_id] = upload
+
+    def restore_retired(self, retired: Mapping[str, float]) -> None:
+        """Put back the retired ids read from the state file."""
+        self._retired.update(retired)
+
+    def drop_source(self, ingestion_id: str, source: str) -> bool:
+        """`source` no longer wants the id; True if it held it. The upload itself stays."""
+        upload = self._uploads.get(ingestion_id)
+        if upload is None or source not in upload.sources:
+            return False
+        upload.sources.discard(source)
+        return True
+
+    def remove(self, ingestion_id: str) -> bool:
+        """Stop tracking at once; its series disappear. True if it was tracked."""
+        return self._uploads.pop(ingestion_id, None) is not None
+
+    def forget_retired(self, before: float) -> None:
+        """Forget ids retired before `before` (wall clock): the list must not grow forever."""
+        for ingestion_id in [i for i, at in self._retired.items() if at < before]:
+            del self._retired[ingestion_id]
 
     def retire(self, ingestion_id: str) -> bool:
-        """Stop tracking an upload whose terminal retention ran out; its series disappear."""
-        if self._uploads.pop(ingestion_id, None) is None:
+        """Stop tracking an upload whose terminal retention ran out; its series disappear.
+
+        While a source still lists it, it is remembered as retired so that it is not polled
+        again; a released upload is simply forgotten.
+        """
+        upload = self._uploads.pop(ingestion_id, None)
+        if upload is None:
             return False
-        self._retired.add(ingestion_id)
+        if upload.sources:
+            self._retired[ingestion_id] = self._clock()
         return True
 
     def record_report(self, ingestion_id: str, report: StatusReport) -> Transition | None:
         """Apply a successful poll; return the transition when the status changed."""
         upload = self._uploads.get(ingestion_id)
-        if upload is None:  # removed by a reload while the request was in flight
+        if upload is None:  # removed while the request was in flight
             return None
         now = self._clock()
         upload.last_poll = now
@@ -139,8 +186,15 @@ class UploadStore:
     def _set_status(self, upload: TrackedUpload, status: str, now: float) -> Transition | None:
         if status == upload.status:
             return None
-        transition = Transition(upload.ingestion_id, upload.status, status)
+        old = upload.status
         upload.status = status
         upload.status_changed = now
         self._transitions[status] += 1
-        return transition
+        queued_for = finished_after = None
+        if not upload.queue_observed and status not in _NOT_YET_STARTED:
+            upload.queue_observed = True
+            queued_for = max(0.0, now - upload.first_seen)
+        if upload.terminal and upload.terminal_at is None:
+            upload.terminal_at = now
+            finished_after = max(0.0, now - upload.first_seen)
+        return Transition(upload.ingestion_id, old, status, queued_for, finished_after)

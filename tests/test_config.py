@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from exporter.config import (
+    DEFAULT_ADMIN_PORT,
     DEFAULT_PORT,
+    AdminConfig,
     ApiConfig,
     AuthConfig,
     Config,
@@ -18,6 +20,7 @@ from exporter.config import (
     PollingConfig,
     ReloadConfig,
     ServerConfig,
+    StateConfig,
     load_config,
     parse_config,
 )
@@ -76,9 +79,15 @@ def test_example_config_loads_with_the_values_it_documents():
         "a1b2c3d4-0000-4000-8000-000000000001",
         "a1b2c3d4-0000-4000-8000-000000000002",
     )
+    assert config.ingestions.directory == ""
+    assert config.ingestions.directory_poll_seconds == 2.0
+    assert config.ingestions.max_tracked == 100000
+    assert config.ingestions.labels == ()
     assert config.server == ServerConfig(host=ALL_INTERFACES, port=10184)
     assert config.logging == LoggingConfig(level="info", format="json")
     assert config.reload == ReloadConfig(watch_interval_seconds=5.0)
+    assert config.admin == AdminConfig(enabled=True, host="127.0.0.1", port=10185, token_file="")
+    assert config.state == StateConfig(path="", debounce_seconds=0.5)
 
 
 def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):
@@ -101,6 +110,18 @@ def test_example_config_bearer_alternative_loads_when_uncommented(tmp_path):
 
     assert config.api.auth.type == "bearer"
     assert config.api.auth.token_env == "CATALOG_API_TOKEN"
+
+
+def test_example_config_directory_and_labels_alternatives_load_when_uncommented(tmp_path):
+    """The example's commented directory and labels lines are valid when swapped in."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    text = text.replace('  directory: ""\n  # directory:', "  # directory: ''\n  directory:")
+    text = text.replace("  labels: []\n  # labels:", "  # labels: []\n  labels:")
+
+    config = load_config(write(tmp_path, text), environ={})
+
+    assert config.ingestions.directory == "/var/run/catalog-uploads"
+    assert config.ingestions.labels == ("catalog", "marketplace", "team")
 
 
 # Defaults
@@ -135,12 +156,17 @@ def test_minimal_config_gets_every_default():
             initial_backoff_seconds=1.0,
             max_backoff_seconds=300.0,
         ),
-        ingestions=IngestionsConfig(ids=()),
+        ingestions=IngestionsConfig(
+            ids=(), directory="", directory_poll_seconds=2.0, max_tracked=100_000, labels=()
+        ),
         server=ServerConfig(host=ALL_INTERFACES, port=DEFAULT_PORT),
         logging=LoggingConfig(level="info", format="json"),
         reload=ReloadConfig(watch_interval_seconds=5.0),
+        admin=AdminConfig(enabled=True, host="127.0.0.1", port=DEFAULT_ADMIN_PORT, token_file=""),
+        state=StateConfig(path="", debounce_seconds=0.5),
     )
     assert DEFAULT_PORT == 10184
+    assert DEFAULT_ADMIN_PORT == 10185
 
 
 def test_null_sections_and_null_keys_mean_defaults():
@@ -152,6 +178,22 @@ def test_null_sections_and_null_keys_mean_defaults():
     assert config.polling == PollingConfig()
     assert config.server.port == DEFAULT_PORT
     assert config.ingestions.ids == ()
+
+
+def test_null_admin_and_state_sections_and_keys_mean_defaults():
+    """`admin:` left empty and `state: {path: null, ...}` give the defaults."""
+    config = parse_config(
+        minimal(
+            admin=None,
+            state={"path": None, "debounce_seconds": None},
+            ingestions={"directory": None, "labels": None, "max_tracked": None},
+        ),
+        environ=REGION_ENV,
+    )
+
+    assert config.admin == AdminConfig()
+    assert config.state == StateConfig()
+    assert config.ingestions == IngestionsConfig()
 
 
 def test_values_given_are_kept_and_ints_become_floats():
@@ -298,6 +340,15 @@ def test_quoted_number_is_rejected_not_coerced():
         ("server", "port", -1),
         ("server", "port", 65536),
         ("reload", "watch_interval_seconds", -0.5),
+        ("ingestions", "directory_poll_seconds", 0),
+        ("ingestions", "directory_poll_seconds", 3600.5),
+        ("ingestions", "max_tracked", 0),
+        ("ingestions", "max_tracked", 10_000_001),
+        ("ingestions", "max_tracked", 2.5),
+        ("admin", "port", -1),
+        ("admin", "port", 65536),
+        ("state", "debounce_seconds", -0.1),
+        ("state", "debounce_seconds", 60.5),
     ],
 )
 def test_out_of_range_value_is_reported_on_its_key(section, key, value):
@@ -341,6 +392,32 @@ def test_range_edges_are_accepted():
     assert config.polling.jitter_ratio == 0.5
     assert config.server.port == 0
     assert config.reload.watch_interval_seconds == 0.0
+
+
+def test_range_edges_of_ingestions_admin_and_state_are_accepted():
+    """The inclusive bounds of the directory poll, max_tracked, admin port and debounce."""
+    low = parse_config(
+        minimal(
+            ingestions={"directory_poll_seconds": 0.01, "max_tracked": 1},
+            admin={"port": 0},
+            state={"debounce_seconds": 0},
+        ),
+        environ=REGION_ENV,
+    )
+    high = parse_config(
+        minimal(
+            ingestions={"directory_poll_seconds": 3600, "max_tracked": 10_000_000},
+            admin={"port": 65535},
+            state={"debounce_seconds": 60},
+        ),
+        environ=REGION_ENV,
+    )
+
+    assert (low.ingestions.max_tracked, low.admin.port, low.state.debounce_seconds) == (1, 0, 0.0)
+    assert high.ingestions.directory_poll_seconds == 3600.0
+    assert high.ingestions.max_tracked == 10_000_000
+    assert high.admin.port == 65535
+    assert high.state.debounce_seconds == 60.0
 
 
 def test_integral_float_is_accepted_as_an_integer_and_fraction_is_not():
@@ -803,3 +880,401 @@ def test_load_config_accepts_a_str_path(tmp_path):
     path = write(tmp_path, f"api:\n  base_url: {BASE_URL}/\n")
 
     assert load_config(str(path), environ=REGION_ENV).api.base_url == BASE_URL
+
+
+# Booleans
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, "expected true or false, got 0"),
+        (1, "expected true or false, got 1"),
+        (1.0, "expected true or false, got 1.0"),
+        ("true", "expected true or false, got 'true' (a string to YAML: drop the quotes)"),
+        ("No", "expected true or false, got 'No' (a string to YAML: drop the quotes)"),
+        ("enabled", "expected true or false, got 'enabled'"),
+        ([True], "expected true or false, got a list"),
+    ],
+)
+def test_non_boolean_enabled_is_rejected(value, expected):
+    """Only a YAML boolean is accepted: not 0/1 and not a quoted string."""
+    problems = problems_of(minimal(admin={"enabled": value}))
+
+    assert problems == (f"admin.enabled: {expected}",)
+
+
+@pytest.mark.parametrize(("word", "enabled"), [("false", False), ("off", False), ("yes", True)])
+def test_yaml_boolean_spellings_are_accepted(tmp_path, word, enabled):
+    """Unquoted true/false, yes/no and on/off are YAML booleans, and so valid."""
+    path = write(tmp_path, f"api:\n  base_url: {BASE_URL}\nadmin:\n  enabled: {word}\n")
+
+    assert load_config(path, environ=REGION_ENV).admin.enabled is enabled
+
+
+# Ingestions: directory, max_tracked, labels
+
+
+def test_ingestions_directory_that_exists_or_is_missing_is_accepted(tmp_path):
+    """An existing directory is valid, and so is a missing one that may be created later."""
+    missing = tmp_path / "later" / "uploads"
+
+    existing = parse_config(minimal(ingestions={"directory": str(tmp_path)}), environ=REGION_ENV)
+    later = parse_config(minimal(ingestions={"directory": str(missing)}), environ=REGION_ENV)
+
+    assert existing.ingestions.directory == str(tmp_path)
+    assert later.ingestions.directory == str(missing)
+
+
+def test_ingestions_directory_that_is_a_file_is_rejected(tmp_path):
+    """A path that exists but is not a directory is an error on ingestions.directory."""
+    path = token_file(tmp_path)
+
+    problems = problems_of(minimal(ingestions={"directory": str(path)}))
+
+    assert problems == (f"ingestions.directory: {str(path)!r} is not a directory",)
+
+
+def test_ingestions_directory_under_a_file_cannot_be_checked(tmp_path):
+    """A directory below a regular file can never exist, so it is an error, not 'later'."""
+    path = token_file(tmp_path) / "uploads"
+
+    problems = problems_of(minimal(ingestions={"directory": str(path)}))
+
+    assert problems == (
+        f"ingestions.directory: directory {str(path)!r} cannot be checked: Not a directory",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("uploads", "expected an absolute path, got 'uploads'"),
+        ("./uploads", "expected an absolute path, got './uploads'"),
+        ("/var/run/up\nloads", "must not contain control characters"),
+        ("/var/run/up\x00loads", "must not contain control characters"),
+        (7, "expected a string, got 7"),
+        (False, "expected a string, got false"),
+    ],
+)
+def test_bad_ingestions_directory_is_reported(value, expected):
+    """A relative path, a control character or a non-string is one problem on the key."""
+    problems = problems_of(minimal(ingestions={"directory": value}))
+
+    assert problems == (f"ingestions.directory: {expected}",)
+
+
+def test_more_config_ids_than_max_tracked_is_reported_on_ids():
+    """Distinct config ids above ingestions.max_tracked are one error on ingestions.ids."""
+    problems = problems_of(minimal(ingestions={"ids": ["a", "b", "c"], "max_tracked": 2}))
+
+    assert problems == ("ingestions.ids: 3 ids exceed ingestions.max_tracked 2",)
+
+
+def test_duplicate_ids_count_once_against_max_tracked():
+    """max_tracked is compared with distinct ids: duplicates are dropped first."""
+    config = parse_config(
+        minimal(ingestions={"ids": ["a", "b", "a", "b"], "max_tracked": 2}), environ=REGION_ENV
+    )
+
+    assert config.ingestions.ids == ("a", "b")
+
+
+def test_bad_max_tracked_is_not_also_compared_with_the_ids():
+    """An invalid max_tracked is reported once, without a follow-on error on the ids."""
+    problems = problems_of(minimal(ingestions={"ids": ["a", "b"], "max_tracked": 0}))
+
+    assert problems == ("ingestions.max_tracked: expected an integer from 1 to 10000000, got 0",)
+
+
+def test_labels_are_kept_in_order_with_duplicates_dropped():
+    """Valid label names are stored as a tuple, first-seen order, each once."""
+    config = parse_config(
+        minimal(ingestions={"labels": ["team", "catalog", "team", "Team", "_x1"]}),
+        environ=REGION_ENV,
+    )
+
+    assert config.ingestions.labels == ("team", "catalog", "Team", "_x1")
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [
+        ("1team", "expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got '1team'"),
+        ("team-name", "expected a Prometheus label name"),
+        ("team name", "expected a Prometheus label name"),
+        ("équipe", "expected a Prometheus label name"),
+        ("team\n", "expected a Prometheus label name"),
+        ("", "expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got ''"),
+        ("__name__", "names starting with '__' are reserved by Prometheus, got '__name__'"),
+        ("__team", "names starting with '__' are reserved by Prometheus"),
+        ("ingestion_id", "'ingestion_id' is one of the exporter's own labels"),
+        ("status", "'status' is one of the exporter's own labels"),
+        ("final_status", "'final_status' is one of the exporter's own labels"),
+        ("le", "'le' is one of the exporter's own labels"),
+        ("job", "'job' is one of the exporter's own labels"),
+        ("instance", "'instance' is one of the exporter's own labels"),
+        (5, "expected a string, got 5"),
+        (None, "expected a string, got null"),
+    ],
+)
+def test_bad_label_name_is_reported_by_its_index(label, expected):
+    """Each bad label name is one problem at ingestions.labels[index]."""
+    problems = problems_of(minimal(ingestions={"labels": ["catalog", label]}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"ingestions.labels[1]: {expected}")
+
+
+def test_own_label_problem_lists_every_reserved_name():
+    """The message for a reserved name lists all the exporter's own labels."""
+    problems = problems_of(minimal(ingestions={"labels": ["job"]}))
+
+    assert problems == (
+        "ingestions.labels[0]: 'job' is one of the exporter's own labels "
+        "(ingestion_id, status, final_status, le, job, instance)",
+    )
+
+
+def test_ten_distinct_labels_are_accepted_and_eleven_are_not():
+    """At most 10 distinct label names; repeats do not count towards the limit."""
+    ten = [f"label_{n}" for n in range(10)]
+
+    config = parse_config(minimal(ingestions={"labels": [*ten, *ten]}), environ=REGION_ENV)
+    problems = problems_of(minimal(ingestions={"labels": [*ten, "label_10"]}))
+
+    assert config.ingestions.labels == tuple(ten)
+    assert problems == ("ingestions.labels: expected at most 10 label names, got 11",)
+
+
+def test_labels_that_are_not_a_list_are_rejected():
+    """A single string instead of a list is an error on ingestions.labels."""
+    problems = problems_of(minimal(ingestions={"labels": "team"}))
+
+    assert problems == ("ingestions.labels: expected a list of label names, got 'team'",)
+
+
+# Admin API
+
+
+def test_admin_values_given_are_kept(tmp_path):
+    """Given admin values (host, port, token file path) are kept; the token itself is not."""
+    path = token_file(tmp_path)
+
+    config = parse_config(
+        minimal(
+            admin={"enabled": True, "host": ALL_INTERFACES, "port": 9000, "token_file": str(path)}
+        ),
+        environ=REGION_ENV,
+    )
+
+    assert config.admin == AdminConfig(
+        enabled=True, host=ALL_INTERFACES, port=9000, token_file=str(path)
+    )
+    assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize("host", ["", "local host", "127.0.0.1\n"])
+def test_bad_admin_host_is_rejected(host):
+    """An empty host, or one with spaces or control characters, is an error on admin.host."""
+    problems = problems_of(minimal(admin={"host": host}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "admin.host: expected a host name or address such as 127.0.0.1, got "
+    )
+
+
+def test_admin_port_equal_to_server_port_is_reported_on_admin_port():
+    """The two listeners cannot share a port: the error names admin.port and server.port."""
+    problems = problems_of(minimal(server={"port": 9000}, admin={"port": 9000}))
+
+    assert problems == ("admin.port: must differ from server.port (9000)",)
+
+
+def test_admin_port_equal_to_the_default_server_port_is_reported():
+    """admin.port set to 10184 collides with the default server.port."""
+    problems = problems_of(minimal(admin={"port": DEFAULT_PORT}))
+
+    assert problems == (f"admin.port: must differ from server.port ({DEFAULT_PORT})",)
+
+
+def test_admin_port_collision_is_reported_even_on_different_hosts():
+    """Equal ports are refused whatever the hosts: 0.0.0.0 would overlap 127.0.0.1."""
+    problems = problems_of(
+        minimal(
+            server={"host": ALL_INTERFACES, "port": 9000}, admin={"host": "127.0.0.1", "port": 9000}
+        )
+    )
+
+    assert problems == ("admin.port: must differ from server.port (9000)",)
+
+
+def test_admin_and_server_port_zero_do_not_collide():
+    """Port 0 picks a free port for each listener, so both may be 0."""
+    config = parse_config(minimal(server={"port": 0}, admin={"port": 0}), environ=REGION_ENV)
+
+    assert (config.server.port, config.admin.port) == (0, 0)
+
+
+def test_disabled_admin_skips_the_port_and_token_file_checks(tmp_path):
+    """With enabled: false nothing listens, so a shared port or missing token file is fine."""
+    config = parse_config(
+        minimal(
+            server={"port": 9000},
+            admin={"enabled": False, "port": 9000, "token_file": str(tmp_path / "nope")},
+        ),
+        environ=REGION_ENV,
+    )
+
+    assert config.admin.enabled is False
+
+
+def test_bad_server_port_is_not_also_reported_as_an_admin_collision():
+    """An invalid server.port is one problem, without a follow-on on admin.port."""
+    problems = problems_of(minimal(server={"port": 70000}, admin={"port": DEFAULT_PORT}))
+
+    assert [p.split(":", 1)[0] for p in problems] == ["server.port"]
+
+
+def test_admin_token_file_that_is_missing_is_reported_with_its_path(tmp_path):
+    """A token file that does not exist is an error on admin.token_file naming the path."""
+    missing = tmp_path / "nope" / "admin-token"
+
+    problems = problems_of(minimal(admin={"token_file": str(missing)}))
+
+    assert problems == (f"admin.token_file: file {str(missing)!r} does not exist",)
+
+
+def test_admin_token_file_that_is_a_directory_is_rejected(tmp_path):
+    """A directory is not a token file."""
+    problems = problems_of(minimal(admin={"token_file": str(tmp_path)}))
+
+    assert problems == (f"admin.token_file: {str(tmp_path)!r} is not a regular file",)
+
+
+def test_admin_token_never_appears_in_an_error(tmp_path):
+    """Other problems in the admin section never echo the token file's content."""
+    path = token_file(tmp_path)
+
+    problems = problems_of(minimal(admin={"token_file": str(path), "port": -1, "host": ""}))
+
+    assert len(problems) == 2
+    assert SECRET not in "\n".join(problems)
+
+
+def test_unknown_admin_and_state_keys_are_reported_with_suggestions():
+    """Misspelt keys in the new sections suggest the key they resemble."""
+    problems = problems_of(minimal(admin={"tokenfile": "/t"}, stat={"path": ""}))
+
+    assert problems == (
+        "stat: unknown key; did you mean 'state'?",
+        "admin.tokenfile: unknown key; did you mean 'token_file'?",
+    )
+
+
+# State file
+
+
+def test_state_path_whose_file_is_missing_or_present_is_accepted(tmp_path):
+    """The state file may be missing (it is created later) or an existing regular file."""
+    present = token_file(tmp_path)
+    missing = tmp_path / "state.json"
+
+    for path in (missing, present):
+        config = parse_config(minimal(state={"path": str(path)}), environ=REGION_ENV)
+        assert config.state.path == str(path)
+
+
+def test_state_path_whose_directory_is_missing_is_reported(tmp_path):
+    """The state file's directory must exist: the error names it."""
+    path = tmp_path / "missing" / "state.json"
+
+    problems = problems_of(minimal(state={"path": str(path)}))
+
+    assert problems == (f"state.path: directory {str(path.parent)!r} does not exist",)
+
+
+def test_state_path_whose_parent_is_a_file_is_reported(tmp_path):
+    """A parent that is a regular file is not a directory."""
+    parent = token_file(tmp_path)
+
+    problems = problems_of(minimal(state={"path": str(parent / "state.json")}))
+
+    assert problems == (f"state.path: {str(parent)!r} is not a directory",)
+
+
+def test_state_path_that_is_a_directory_is_reported(tmp_path):
+    """An existing directory cannot be the state file, written with or without a slash."""
+    plain = problems_of(minimal(state={"path": str(tmp_path)}))
+    slashed = problems_of(minimal(state={"path": f"{tmp_path}/"}))
+
+    assert plain == (f"state.path: {str(tmp_path)!r} is not a regular file",)
+    assert slashed == (f"state.path: expected a file name after the last '/', got '{tmp_path}/'",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("state.json", "expected an absolute path, got 'state.json'"),
+        ("/var/lib/st\tate.json", "must not contain control characters"),
+        (["/state.json"], "expected a string, got a list"),
+    ],
+)
+def test_bad_state_path_is_reported(value, expected):
+    """A relative path, a control character or a non-string is one problem on state.path."""
+    problems = problems_of(minimal(state={"path": value}))
+
+    assert problems == (f"state.path: {expected}",)
+
+
+@pytest.mark.parametrize("inside", ["state.json", "sub/state.json", "."])
+def test_state_path_inside_the_ingestions_directory_is_reported(tmp_path, inside):
+    """The state file must not sit where the app drops upload files."""
+    directory = tmp_path / "uploads"
+    directory.mkdir()
+    (directory / "sub").mkdir()
+
+    problems = problems_of(
+        minimal(
+            ingestions={"directory": f"{directory}/"},
+            state={"path": f"{directory}/{inside}"},
+        )
+    )
+
+    assert problems == (f"state.path: must be outside ingestions.directory ('{directory}/')",)
+
+
+def test_state_path_beside_the_ingestions_directory_is_accepted(tmp_path):
+    """A sibling whose name only starts like the directory's is outside it."""
+    config = parse_config(
+        minimal(
+            ingestions={"directory": str(tmp_path / "uploads")},
+            state={"path": str(tmp_path / "uploads.state")},
+        ),
+        environ=REGION_ENV,
+    )
+
+    assert config.state.path == str(tmp_path / "uploads.state")
+
+
+def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
+    """Bad keys across ingestions, admin and state are all reported at once, in order."""
+    problems = problems_of(
+        minimal(
+            ingestions={"directory": "rel", "labels": ["le"], "max_tracked": 0},
+            server={"port": 9000},
+            admin={"enabled": 1, "host": ""},
+            state={"path": "rel.json", "debounce_seconds": 61},
+        )
+    )
+
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "ingestions.max_tracked",
+        "ingestions.labels[0]",
+        "ingestions.directory",
+        "admin.enabled",
+        "admin.host",
+        "state.debounce_seconds",
+        "state.path",
+    ]

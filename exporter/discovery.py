@@ -1,0 +1,353 @@
+"""The watched directory: one file per upload, registered with the tracker and released on delete.
+
+The application beside the exporter drops one file per upload into `ingestions.directory`
+(typically the pod's shared emptyDir). The directory is polled (a listing every
+`poll_seconds`, off the event loop), not watched with inotify, which misses events on some
+volume types.
+
+File format
+-----------
+* Names starting with "." are ignored, so a writer can create `.tmp-x` and rename it into
+  place atomically. Directories, FIFOs, sockets and devices are ignored too. A symlink is
+  followed only when it resolves to a regular file inside the directory (the layout of a
+  ConfigMap volume); one pointing elsewhere is skipped, so the volume cannot make the
+  exporter read, and then publish, its own files.
+* A file larger than 64 KiB is skipped with a warning.
+* The content is UTF-8 (a leading byte-order mark is dropped). If the stripped content starts
+  with "{", it is a JSON object::
+
+      {"ingestionId": "amzn1.ingestion.abc", "labels": {"team": "pricing"}}
+
+  `labels` is optional; other keys are ignored (a missing or non-string `ingestionId` goes
+  to the tracker, which refuses it as not_a_string). Otherwise the first line of the stripped
+  content, stripped, is the id. A file that is empty (or only whitespace) names the id that
+  is its own file name, so `touch <directory>/<id>` works.
+* A new or changed file is registered with the tracker (source `directory`). The tracker
+  validates the id and the labels; a refusal is logged once per file version and not retried
+  until the file changes (`touch` it to retry, after cap_reached say).
+* When a file is deleted, or changed to name another id (or nothing readable), its old id is
+  released for removal once terminal (`immediate=False`: a FATAL must still be seen),
+  unless another file still names it.
+
+A file version is its (mtime in ns, size, inode): a file is read again only when one of
+these changes. The inode catches a file of the same size renamed into place within the
+file system's timestamp granularity. Problems with a file (too large, not UTF-8, bad JSON)
+are logged once per version; a read error (permissions, say) is logged once and retried on
+every scan, since a chmod does not change the version.
+
+The first scan that lists the directory releases every id the tracker holds for the
+directory (from a previous run) that no file names any more. A missing or unlistable
+directory is logged once per distinct problem and retried; it releases nothing, since an
+unreadable listing says nothing about which files are gone.
+
+This module reads files and talks to the tracker; it must not validate ids or labels (the
+tracker's job, which also counts rejections) and never logs file content beyond the id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from exporter.tracking import Source, Tracker
+
+log = structlog.get_logger("exporter.discovery")
+
+#: Files larger than this are not read: no id needs more, and a stray log file is no id.
+MAX_FILE_BYTES = 64 * 1024
+
+_Version = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+_NO_VERSION: _Version = (-1, -1, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """A file version that names an id (not yet validated: the tracker does that)."""
+
+    ingestion_id: object
+    labels: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    """A file version whose content names no id; skipped until the file changes."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """An error reading a file; retried on every scan."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Observed:
+    """What one scan found in a new or changed file."""
+
+    version: _Version
+    content: _Named | _Bad | _Unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """A file as last read: its version and the id it holds for the tracker, if any."""
+
+    version: _Version
+    held: str | None
+
+
+class DirectoryWatcher:
+    """Keeps the tracker's `directory` ids in step with the files in one directory."""
+
+    def __init__(self, directory: Path, tracker: Tracker, *, poll_seconds: float = 2.0) -> None:
+        if poll_seconds <= 0:
+            msg = f"poll_seconds must be positive, got {poll_seconds}"
+            raise ValueError(msg)
+        self._directory = directory
+        self._tracker = tracker
+        self._poll_seconds = poll_seconds
+        self._files: dict[str, _Seen] = {}
+        self._read_errors: dict[str, tuple[_Version, str]] = {}
+        # Kept across scans so an exception between a file's removal and its release
+        # cannot lose the release.
+        self._to_release: set[str] = set()
+        self._reconciled = False
+        self._directory_problem: str | None = None
+
+    async def run(self) -> None:
+        """Scan, sleep `poll_seconds`, forever; cancel the task to stop."""
+        log.info(
+            "directory_watcher_started",
+            directory=str(self._directory),
+            poll_seconds=self._poll_seconds,
+        )
+        while True:
+            try:
+                await self.scan()
+            except Exception:
+                # A bug of ours (or the tracker's) must not stop discovery for good.
+                log.exception("ingestion_directory_scan_crashed", directory=str(self._directory))
+            await asyncio.sleep(self._poll_seconds)
+
+    async def scan(self) -> None:
+        """One pass: register new and changed files, release the ids of vanished ones."""
+        known = {name: seen.version for name, seen in self._files.items()}
+        try:
+            observed = await asyncio.to_thread(_observe, self._directory, known)
+        except OSError as error:
+            self._directory_unavailable(error)
+            return
+        if self._directory_problem is not None:
+            self._directory_problem = None
+            log.info("ingestion_directory_available", directory=str(self._directory))
+
+        # Registrations come before releases, so an id that moves from one file to another
+        # in the same scan is never released.
+        for name in sorted(observed):
+            found = observed[name]
+            if found is not None:
+                await self._update(name, found)
+        for name in sorted(self._files.keys() - observed.keys()):
+            seen = self._files.pop(name)
+            log.info("ingestion_file_removed", file=name, ingestion_id=seen.held)
+            if seen.held is not None:
+                self._to_release.add(seen.held)
+        for name in self._read_errors.keys() - observed.keys():
+            del self._read_errors[name]
+        if not self._reconciled:
+            self._to_release |= self._tracker.ids_from(Source.DIRECTORY) - self._held()
+            self._reconciled = True
+        await self._release_orphans()
+
+    async def _update(self, name: str, found: _Observed) -> None:
+        content = found.content
+        if isinstance(content, _Unreadable):
+            # The previous version's id stays held: a passing read error is no deletion.
+            if self._read_errors.get(name) != (found.version, content.message):
+                self._read_errors[name] = (found.version, content.message)
+                log.warning(
+                    "ingestion_file_unreadable",
+                    file=name,
+                    reason="read_error",
+                    message=content.message,
+                )
+            return
+        self._read_errors.pop(name, None)
+        if isinstance(content, _Bad):
+            log.warning(
+                "ingestion_file_unreadable",
+                file=name,
+                reason=content.reason,
+                message=content.message,
+            )
+            held = None
+        else:
+            held = await self._register(name, content)
+        previous = self._files.get(name)
+        self._files[name] = _Seen(found.version, held)
+        if previous is not None and previous.held is not None and previous.held != held:
+            self._to_release.add(previous.held)
+
+    async def _register(self, name: str, named: _Named) -> str | None:
+        registration = await self._tracker.register(
+            named.ingestion_id, Source.DIRECTORY, named.labels
+        )
+        if registration.accepted:
+            log.info(
+                "ingestion_file_registered",
+                file=name,
+                ingestion_id=registration.ingestion_id,
+                created=registration.created,
+            )
+            return registration.ingestion_id
+        # The id itself is not logged: it may be the reason (too long, control characters).
+        log.warning(
+            "ingestion_file_rejected",
+            file=name,
+            reason=registration.reason,
+            message=registration.message,
+        )
+        # A refused update (bad labels, say) of an id the directory already holds leaves it
+        # tracked; the file still names it, so it must still be released with the file.
+        if isinstance(named.ingestion_id, str) and named.ingestion_id in self._tracker.ids_from(
+            Source.DIRECTORY
+        ):
+            return named.ingestion_id
+        return None
+
+    async def _release_orphans(self) -> None:
+        held = self._held()
+        for ingestion_id in sorted(self._to_release):
+            if ingestion_id not in held:
+                was_held = await self._tracker.release(
+                    ingestion_id, Source.DIRECTORY, immediate=False
+                )
+                log.info("ingestion_released", ingestion_id=ingestion_id, was_held=was_held)
+            self._to_release.discard(ingestion_id)
+
+    def _held(self) -> set[str]:
+        return {seen.held for seen in self._files.values() if seen.held is not None}
+
+    def _directory_unavailable(self, error: OSError) -> None:
+        missing = isinstance(error, FileNotFoundError)
+        problem = "missing" if missing else str(error)
+        if problem == self._directory_problem:
+            return
+        self._directory_problem = problem
+        if missing:
+            log.warning(
+                "ingestion_directory_missing",
+                directory=str(self._directory),
+                message="directory does not exist yet",
+            )
+        else:
+            log.warning(
+                "ingestion_directory_unreadable", directory=str(self._directory), message=problem
+            )
+
+
+def _observe(directory: Path, known: Mapping[str, _Version]) -> dict[str, _Observed | None]:
+    """Every candidate file in `directory`: None if its version is in `known`, else what it says.
+
+    Blocking: runs in a worker thread. An error listing the directory propagates, so a partial
+    listing is never taken for the whole.
+    """
+    root = os.path.realpath(directory)
+    observed: dict[str, _Observed | None] = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    continue
+                status = entry.stat()
+            except FileNotFoundError:  # deleted since listed, or a dangling symlink
+                continue
+            except OSError as error:
+                observed[entry.name] = _Observed(_NO_VERSION, _Unreadable(str(error)))
+                continue
+            if not stat.S_ISREG(status.st_mode):
+                continue
+            version = _version_of(status)
+            observed[entry.name] = None if known.get(entry.name) == version else _read(entry, root)
+    return observed
+
+
+def _read(entry: os.DirEntry[str], root: str) -> _Observed:
+    path = entry.path
+    try:
+        if entry.is_symlink():
+            path = os.path.realpath(entry.path)
+            if os.path.commonpath([root, path]) != root:
+                return _Observed(
+                    _version_of(entry.stat()),
+                    _Bad("symlink_outside", "symlink resolves outside the directory"),
+                )
+        # O_NOFOLLOW: a file swapped for a symlink since the check is not followed.
+        # O_NONBLOCK: one swapped for a FIFO does not block the thread.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        with open(os.open(path, flags), "rb") as file:
+            # The version of what is read, not of what was listed a moment ago.
+            status = os.fstat(file.fileno())
+            version = _version_of(status)
+            if not stat.S_ISREG(status.st_mode):
+                return _Observed(version, _Bad("not_a_file", "not a regular file"))
+            if status.st_size > MAX_FILE_BYTES:
+                return _Observed(version, _too_large())
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        return _Observed(_NO_VERSION, _Unreadable(str(error)))
+    if len(data) > MAX_FILE_BYTES:
+        return _Observed(version, _too_large())
+    return _Observed(version, _parse(entry.name, data))
+
+
+def _parse(name: str, data: bytes) -> _Named | _Bad:
+    """What a file's content names. Messages never quote the content."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        return _Bad("not_utf8", f"not UTF-8 (byte {error.start})")
+    stripped = text.strip()
+    if not stripped:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return _Bad("not_utf8", "empty file whose name is not UTF-8")
+        return _Named(name)
+    if not stripped.startswith("{"):
+        return _Named(stripped.split("\n", 1)[0].strip())
+    return _parse_json(stripped)
+
+
+def _parse_json(text: str) -> _Named | _Bad:
+    try:
+        document: Any = json.loads(text)
+    except json.JSONDecodeError as error:
+        return _Bad("bad_json", f"not a JSON object: {error.msg} at line {error.lineno}")
+    if not isinstance(document, dict):  # pragma: no cover - "{" guarantees an object
+        return _Bad("bad_json", "not a JSON object")
+    labels = document.get("labels")
+    if labels is not None and not isinstance(labels, dict):
+        return _Bad("bad_json", '"labels" is not a JSON object')
+    return _Named(document.get("ingestionId"), labels)
+
+
+def _version_of(status: os.stat_result) -> _Version:
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _too_large() -> _Bad:
+    return _Bad("too_large", f"larger than {MAX_FILE_BYTES} bytes")

@@ -1,0 +1,332 @@
+"""Which ingestionIds are tracked, and why: the one entry point for every discovery source.
+
+The config file, the watched directory and the admin API all register and release ids here.
+The tracker validates each id (the API's 255-character limit, no control characters) and its
+labels (only allow-listed names), enforces the cap on tracked ids, counts every rejection,
+keeps the store and the poller in step, and marks the state file dirty. It does no I/O of
+its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from exporter.models import MAX_INGESTION_ID_LENGTH, RejectReason, ingestion_id_problem
+from exporter.responses import clean_text
+from exporter.state import StateSnapshot, StateWriter, UploadRecord
+from exporter.uploads import TrackedUpload, UploadStore
+
+__all__ = [
+    "IngestionTracker",
+    "Registration",
+    "RejectReason",
+    "Source",
+    "Tracker",
+    "UploadView",
+]
+
+log = structlog.get_logger("exporter.tracking")
+
+#: Longest label value accepted; longer ones are refused as bad_labels.
+MAX_LABEL_VALUE_LENGTH = 128
+
+#: Retired ids are remembered this long, so a restart or a file still lying in the watched
+#: directory does not re-poll a finished upload; after that the list is pruned.
+RETIRED_MEMORY_SECONDS = 7 * 86400.0
+
+_REASON_TEXT = {
+    RejectReason.NOT_A_STRING: "ingestionId must be a string",
+    RejectReason.EMPTY: "ingestionId must not be empty",
+    RejectReason.TOO_LONG: f"ingestionId must be at most {MAX_INGESTION_ID_LENGTH} characters",
+    RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
+}
+
+
+class Source(enum.StrEnum):
+    """Who asked for an id to be tracked."""
+
+    CONFIG = "config"
+    DIRECTORY = "directory"
+    API = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The answer to a registration: accepted (new or already tracked) or rejected, and why."""
+
+    ingestion_id: str
+    accepted: bool
+    created: bool = False
+    reason: RejectReason | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadView:
+    """A read-only copy of one tracked upload, for the admin API."""
+
+    ingestion_id: str
+    status: str
+    sources: tuple[str, ...]
+    labels: Mapping[str, str]
+    first_seen: float
+    status_changed: float
+    last_poll: float | None
+    last_success: float | None
+    last_error: str | None
+    terminal_at: float | None
+    report_available: bool
+
+
+class Tracker(Protocol):
+    """What discovery sources need from the tracker."""
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        """Track an id for `source`. With `durable`, return only once the state file that
+        holds it is on disk (what makes a 2xx an acknowledgement)."""
+        ...
+
+    async def release(
+        self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
+    ) -> bool:
+        """`source` no longer wants the id. When no source wants it any more it is removed:
+        at once if `immediate` (config removal, API DELETE), else once it is terminal and its
+        retention has passed (a deleted file: a FATAL must still be seen). False if `source`
+        did not hold the id."""
+        ...
+
+    def ids_from(self, source: Source) -> set[str]:
+        """Ids that `source` currently holds (a restarted directory watcher reconciles these)."""
+        ...
+
+
+def _label_problem(labels: Mapping[str, object], allowed: tuple[str, ...]) -> str | None:
+    for name, value in labels.items():
+        if name not in allowed:
+            listed = ", ".join(allowed) if allowed else "none are configured"
+            return f"label {name!r} is not allow-listed in ingestions.labels ({listed})"
+        if not isinstance(value, str):
+            return f"label {name!r} must have a string value"
+        if len(value) > MAX_LABEL_VALUE_LENGTH:
+            return f"label {name!r} is longer than {MAX_LABEL_VALUE_LENGTH} characters"
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+            return f"label {name!r} must not contain control characters"
+    return None
+
+
+def _view(upload: TrackedUpload) -> UploadView:
+    return UploadView(
+        ingestion_id=upload.ingestion_id,
+        status=upload.status,
+        sources=tuple(sorted(upload.sources)),
+        labels=dict(upload.labels),
+        first_seen=upload.first_seen,
+        status_changed=upload.status_changed,
+        last_poll=upload.last_poll,
+        last_success=upload.last_success,
+        last_error=upload.last_error.value if upload.last_error else None,
+        terminal_at=upload.terminal_at,
+        report_available=upload.report_available,
+    )
+
+
+class IngestionTracker:
+    """Registers and releases ids for every source; keeps store, poller and state in step.
+
+    `on_added` / `on_removed` are the poller's `track` / `untrack`; `on_rejected` counts a
+    rejection by reason. Without a `state` writer nothing is persisted and `durable` is a no-op.
+    """
+
+    def __init__(
+        self,
+        store: UploadStore,
+        *,
+        max_tracked: int,
+        label_names: tuple[str, ...],
+        on_added: Callable[[list[str]], None],
+        on_removed: Callable[[list[str]], None],
+        on_rejected: Callable[[RejectReason], None],
+        state: StateWriter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._max_tracked = max_tracked
+        self._label_names = label_names
+        self._on_added = on_added
+        self._on_removed = on_removed
+        self._on_rejected = on_rejected
+        self._state = state
+        self._clock = clock
+
+    def configure(self, *, max_tracked: int, label_names: tuple[str, ...]) -> None:
+        """Apply reloaded limits; ids already tracked stay, even above a lowered cap."""
+        self._max_tracked = max_tracked
+        self._label_names = label_names
+
+    def attach_state(self, state: StateWriter | None) -> None:
+        """Persist through `state` from now on (set once the writer is running)."""
+        self._state = state
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        """Track an id for `source`; see `Tracker.register`."""
+        problem = ingestion_id_problem(ingestion_id)
+        if problem is not None:
+            shown = ingestion_id if isinstance(ingestion_id, str) else ""
+            return self._reject(shown[:MAX_INGESTION_ID_LENGTH], problem, _REASON_TEXT[problem])
+        assert isinstance(ingestion_id, str)
+        label_problem = _label_problem(labels or {}, self._label_names)
+        if label_problem is not None:
+            return self._reject(ingestion_id, RejectReason.BAD_LABELS, label_problem)
+        if self._store.is_retired(ingestion_id) and ingestion_id not in self._store:
+            return Registration(
+                ingestion_id, accepted=True, message="finished and retired; not polled again"
+            )
+        if ingestion_id not in self._store and len(self._store) >= self._max_tracked:
+            message = f"already tracking ingestions.max_tracked={self._max_tracked} ids"
+            return self._reject(ingestion_id, RejectReason.CAP_REACHED, message)
+        created = self._store.add(
+            ingestion_id, source.value, {k: str(v) for k, v in (labels or {}).items()}
+        )
+        if created:
+            self._on_added([ingestion_id])
+            log.info("ingestion_registered", ingestion_id=ingestion_id, source=source.value)
+        await self._changed(durable)
+        return Registration(ingestion_id, accepted=True, created=created)
+
+    async def release(
+        self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
+    ) -> bool:
+        """`source` no longer wants the id; see `Tracker.release`."""
+        if not self._store.drop_source(ingestion_id, source.value):
+            return False
+        upload = self._store.get(ingestion_id)
+        if upload is not None and upload.released and immediate:
+            self._store.remove(ingestion_id)
+            self._on_removed([ingestion_id])
+            log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
+        elif upload is not None and upload.released:
+            log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
+        await self._changed(durable)
+        return True
+
+    def replace_config_ids(self, ids: Iterable[str]) -> None:
+        """Make the config source hold exactly `ids` (validated by the config loader).
+
+        Config ids are not subject to the cap: the config is explicit, and the loader already
+        refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once.
+        """
+        wanted = dict.fromkeys(ids)
+        for ingestion_id in self.ids_from(Source.CONFIG) - wanted.keys():
+            self._store.drop_source(ingestion_id, Source.CONFIG.value)
+            upload = self._store.get(ingestion_id)
+            if upload is not None and upload.released:
+                self._store.remove(ingestion_id)
+                self._on_removed([ingestion_id])
+        added = [
+            ingestion_id
+            for ingestion_id in wanted
+            if not self._store.is_retired(ingestion_id)
+            and self._store.add(ingestion_id, Source.CONFIG.value, {})
+        ]
+        if added:
+            self._on_added(added)
+        self._mark_dirty()
+
+    def ids_from(self, source: Source) -> set[str]:
+        """Ids that `source` currently holds."""
+        return {u.ingestion_id for u in self._store if source.value in u.sources}
+
+    def view(self, ingestion_id: str) -> UploadView | None:
+        """One upload as the admin API shows it."""
+        upload = self._store.get(ingestion_id)
+        return None if upload is None else _view(upload)
+
+    def views(self) -> list[UploadView]:
+        """Every tracked upload, in registration order."""
+        return [_view(upload) for upload in self._store]
+
+    def snapshot(self) -> StateSnapshot:
+        """What the state file must hold now."""
+        self._store.forget_retired(before=self._clock() - RETIRED_MEMORY_SECONDS)
+        return StateSnapshot(
+            uploads=tuple(
+                UploadRecord(
+                    ingestion_id=u.ingestion_id,
+                    sources=tuple(sorted(u.sources)),
+                    labels=dict(u.labels),
+                    status=u.status,
+                    first_seen=u.first_seen,
+                    status_changed=u.status_changed,
+                    last_success=u.last_success,
+                    terminal_at=u.terminal_at,
+                    report_available=u.report_available,
+                    queue_observed=u.queue_observed,
+                    released=u.released,
+                )
+                for u in self._store
+            ),
+            retired=dict(self._store.retired),
+        )
+
+    def restore(self, snapshot: StateSnapshot) -> None:
+        """Load what a previous run persisted, before polling starts."""
+        for record in snapshot.uploads:
+            self._store.restore(
+                TrackedUpload(
+                    ingestion_id=record.ingestion_id,
+                    first_seen=record.first_seen,
+                    status=record.status,
+                    status_changed=record.status_changed,
+                    sources=set(record.sources),
+                    labels=dict(record.labels),
+                    last_success=record.last_success,
+                    report_available=record.report_available,
+                    terminal_at=record.terminal_at,
+                    queue_observed=record.queue_observed,
+                )
+            )
+        self._store.restore_retired(snapshot.retired)
+
+    def mark_dirty(self) -> None:
+        """Upload state changed (a poll): persist it within the debounce."""
+        self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        if self._state is not None:
+            self._state.mark_dirty()
+
+    async def _changed(self, durable: bool) -> None:
+        self._mark_dirty()
+        if durable and self._state is not None:
+            await self._state.flush()
+
+    def _reject(self, ingestion_id: str, reason: RejectReason, message: str) -> Registration:
+        self._on_rejected(reason)
+        log.warning(
+            "ingestion_rejected",
+            ingestion_id=clean_text(ingestion_id),
+            reason=reason.value,
+            message=message,
+        )
+        return Registration(ingestion_id, accepted=False, reason=reason, message=message)

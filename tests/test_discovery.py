@@ -1,0 +1,517 @@
+"""The watched directory: file formats, registration, release, reconciliation, bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+from structlog.typing import EventDict
+
+from exporter.discovery import MAX_FILE_BYTES, DirectoryWatcher
+from exporter.tracking import Registration, RejectReason, Source, Tracker
+from tests.conftest import wait_for
+
+_LABEL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+class FakeTracker:
+    """An in-memory tracker that validates ids and labels like the real one and records calls."""
+
+    def __init__(self, *held: str) -> None:
+        self.sources: dict[str, set[Source]] = {i: {Source.DIRECTORY} for i in held}
+        self.labels: dict[str, dict[str, object]] = {}
+        self.registered: list[object] = []
+        self.rejected: list[RejectReason] = []
+        self.released: list[tuple[str, bool]] = []
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        self.registered.append(ingestion_id)
+        problem = _id_problem(ingestion_id) or _labels_problem(labels)
+        if problem is not None or not isinstance(ingestion_id, str):
+            reason, message = problem or (RejectReason.NOT_A_STRING, "")
+            self.rejected.append(reason)
+            return Registration("", accepted=False, reason=reason, message=message)
+        created = ingestion_id not in self.sources
+        self.sources.setdefault(ingestion_id, set()).add(source)
+        self.labels[ingestion_id] = dict(labels or {})
+        return Registration(ingestion_id, accepted=True, created=created)
+
+    async def release(
+        self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
+    ) -> bool:
+        self.released.append((ingestion_id, immediate))
+        holders = self.sources.get(ingestion_id, set())
+        if source not in holders:
+            return False
+        holders.discard(source)
+        if not holders:  # retention is not modelled: released means gone
+            del self.sources[ingestion_id]
+        return True
+
+    def ids_from(self, source: Source) -> set[str]:
+        return {i for i, holders in self.sources.items() if source in holders}
+
+
+def _id_problem(ingestion_id: object) -> tuple[RejectReason, str] | None:
+    if not isinstance(ingestion_id, str):
+        return RejectReason.NOT_A_STRING, "ingestionId must be a string"
+    if not ingestion_id:
+        return RejectReason.EMPTY, "ingestionId is empty"
+    if len(ingestion_id) > 255:
+        return RejectReason.TOO_LONG, "ingestionId is longer than 255 characters"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in ingestion_id):
+        return RejectReason.CONTROL_CHARACTERS, "ingestionId contains control characters"
+    return None
+
+
+def _labels_problem(labels: Mapping[str, object] | None) -> tuple[RejectReason, str] | None:
+    for name, label_value in (labels or {}).items():
+        if not _LABEL_NAME.fullmatch(name) or not isinstance(label_value, str):
+            return RejectReason.BAD_LABELS, "labels must map lower-case names to strings"
+    return None
+
+
+class FlakyTracker(FakeTracker):
+    """A tracker whose next `failures` registrations raise, as a bug would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        if self.failures:
+            self.failures -= 1
+            msg = "tracker bug"
+            raise RuntimeError(msg)
+        return await super().register(ingestion_id, source, labels, durable=durable)
+
+
+def watcher(directory: Path, tracker: Tracker, poll_seconds: float = 2.0) -> DirectoryWatcher:
+    return DirectoryWatcher(directory, tracker, poll_seconds=poll_seconds)
+
+
+def put(path: Path, content: str | bytes = "") -> Path:
+    """Write a file and give it a later mtime, as a write a while after the last one would."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    after = max(path.stat().st_mtime_ns, before + 1_000_000)
+    os.utime(path, ns=(after, after))
+    return path
+
+
+def events(logs: list[EventDict], name: str) -> list[EventDict]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+@pytest.fixture
+def logs() -> Iterator[list[EventDict]]:
+    """Every log event at every level, whatever level an earlier test configured."""
+    wrapper_class = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    with capture_logs() as entries:
+        yield entries
+    structlog.configure(wrapper_class=wrapper_class)
+
+
+async def test_an_empty_file_names_the_id_that_is_its_file_name(tmp_path: Path) -> None:
+    """`touch <dir>/<id>` tracks the id, with no labels."""
+    (tmp_path / "amzn1.ingestion.a").touch()
+    put(tmp_path / "blank", " \n\n ")
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.a", "blank"}
+    assert tracker.labels["amzn1.ingestion.a"] == {}
+
+
+async def test_the_first_non_empty_line_stripped_is_the_id(tmp_path: Path) -> None:
+    """Leading blank lines, surrounding spaces, a BOM and later lines are not part of the id."""
+    put(tmp_path / "upload-1", "\n\n  amzn1.ingestion.b  \r\nsecond line\n")
+    put(tmp_path / "upload-2", "\ufeffamzn1.ingestion.c\n")
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.registered == ["amzn1.ingestion.b", "amzn1.ingestion.c"]
+
+
+async def test_a_json_object_gives_the_id_and_its_labels(tmp_path: Path) -> None:
+    """`ingestionId` and `labels` are read; unknown keys are ignored; labels are optional."""
+    document = {"ingestionId": "amzn1.ingestion.d", "labels": {"team": "pricing"}, "x": 1}
+    put(tmp_path / "d.json", "  " + json.dumps(document))
+    put(tmp_path / "e.json", json.dumps({"ingestionId": "amzn1.ingestion.e"}))
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.labels == {"amzn1.ingestion.d": {"team": "pricing"}, "amzn1.ingestion.e": {}}
+
+
+async def test_dot_files_are_ignored(tmp_path: Path, logs: list[EventDict]) -> None:
+    """A file being written as `.tmp-x` is neither read nor warned about until renamed."""
+    put(tmp_path / ".tmp-x", "amzn1.ingestion.f")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    assert tracker.registered == []
+    assert logs == []
+    (tmp_path / ".tmp-x").rename(tmp_path / "x")
+    await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.f"]
+
+
+async def test_directories_fifos_and_symlinks_to_directories_are_ignored(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """Only regular files name ids; reading a FIFO would block, so it is never opened."""
+    (tmp_path / "subdir").mkdir()
+    put(tmp_path / "subdir" / "inner", "amzn1.ingestion.g")
+    (tmp_path / "link-to-dir").symlink_to(tmp_path / "subdir")
+    os.mkfifo(tmp_path / "pipe")
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.registered == []
+    assert logs == []
+
+
+async def test_a_symlink_to_a_file_inside_the_directory_is_followed(tmp_path: Path) -> None:
+    """A ConfigMap volume's layout (`key -> ..data/key`) works."""
+    (tmp_path / "..data").mkdir()
+    put(tmp_path / "..data" / "upload", "amzn1.ingestion.h")
+    (tmp_path / "upload").symlink_to(Path("..data") / "upload")
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.registered == ["amzn1.ingestion.h"]
+
+
+async def test_a_symlink_out_of_the_directory_is_not_read(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """The shared volume cannot make the exporter read (and publish) a file of its own."""
+    secret = put(tmp_path / "secret", "do-not-publish")
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (watched / "upload").symlink_to(secret)
+    tracker = FakeTracker()
+    await watcher(watched, tracker).scan()
+    assert tracker.registered == []
+    [warning] = events(logs, "ingestion_file_unreadable")
+    assert warning["reason"] == "symlink_outside"
+    assert "do-not-publish" not in repr(logs)
+
+
+async def test_a_file_over_64_kib_is_skipped_with_one_warning(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """A large file is not read, and is warned about once per version, not once per scan."""
+    big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_FILE_BYTES)
+    put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_FILE_BYTES))
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.j"]
+    [warning] = events(logs, "ingestion_file_unreadable")
+    assert (warning["file"], warning["reason"], warning["log_level"]) == (
+        "big",
+        "too_large",
+        "warning",
+    )
+    put(big, "amzn1.ingestion.i")
+    await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.j", "amzn1.ingestion.i"]
+
+
+async def test_a_new_file_is_registered_by_the_next_scan_and_only_once(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """Unchanged files are not registered again on later scans."""
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(tmp_path / "upload", "amzn1.ingestion.k")
+    await directory.scan()
+    await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.k"]
+    [registered] = events(logs, "ingestion_file_registered")
+    assert registered["file"] == "upload"
+    assert registered["ingestion_id"] == "amzn1.ingestion.k"
+    assert registered["created"] is True
+
+
+async def test_a_changed_file_is_registered_again(tmp_path: Path) -> None:
+    """New labels for the same id reach the tracker, and the id is not released."""
+    upload = put(tmp_path / "upload", json.dumps({"ingestionId": "amzn1.ingestion.l"}))
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(upload, json.dumps({"ingestionId": "amzn1.ingestion.l", "labels": {"team": "ads"}}))
+    await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.l", "amzn1.ingestion.l"]
+    assert tracker.labels["amzn1.ingestion.l"] == {"team": "ads"}
+    assert tracker.released == []
+
+
+async def test_a_file_renamed_into_place_with_the_same_size_and_mtime_is_seen(
+    tmp_path: Path,
+) -> None:
+    """A new inode is a new version even within the file system's timestamp granularity."""
+    upload = put(tmp_path / "upload", "amzn1.ingestion.m1")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    replacement = tmp_path / ".tmp-upload"
+    replacement.write_text("amzn1.ingestion.m2")
+    mtime = upload.stat().st_mtime_ns
+    os.utime(replacement, ns=(mtime, mtime))
+    replacement.rename(upload)
+    await directory.scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.m2"}
+
+
+async def test_a_file_that_now_names_another_id_releases_the_old_one(tmp_path: Path) -> None:
+    """The old id is released for removal once terminal, the new one registered."""
+    upload = put(tmp_path / "upload", "amzn1.ingestion.n1")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(upload, "amzn1.ingestion.n2")
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.n1", False)]
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.n2"}
+
+
+async def test_deleting_a_file_releases_its_id_not_immediately(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """A deleted file's id is released with immediate=False, so a final FATAL is still seen."""
+    upload = put(tmp_path / "upload", "amzn1.ingestion.o")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    upload.unlink()
+    await directory.scan()
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.o", False)]
+    [removed] = events(logs, "ingestion_file_removed")
+    assert (removed["file"], removed["ingestion_id"]) == ("upload", "amzn1.ingestion.o")
+
+
+async def test_an_id_named_by_two_files_is_released_only_when_both_are_gone(
+    tmp_path: Path,
+) -> None:
+    """Deleting one of two files naming the same id releases nothing."""
+    first = put(tmp_path / "first", "amzn1.ingestion.p")
+    second = put(tmp_path / "second", "amzn1.ingestion.p")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    first.unlink()
+    await directory.scan()
+    assert tracker.released == []
+    second.unlink()
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.p", False)]
+
+
+async def test_two_files_swapping_ids_in_one_scan_release_nothing(tmp_path: Path) -> None:
+    """Releases wait for the whole scan, so an id that moves between files stays tracked."""
+    first = put(tmp_path / "first", "amzn1.ingestion.q1")
+    second = put(tmp_path / "second", "amzn1.ingestion.q2")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(first, "amzn1.ingestion.q2")
+    put(second, "amzn1.ingestion.q1")
+    await directory.scan()
+    assert tracker.released == []
+
+
+async def test_the_first_scan_releases_held_ids_that_no_file_names(tmp_path: Path) -> None:
+    """Ids left from a previous run whose files are gone are released; the others kept."""
+    put(tmp_path / "kept", "amzn1.ingestion.kept")
+    tracker = FakeTracker("amzn1.ingestion.kept", "amzn1.ingestion.gone")
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.gone", False)]
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.kept"}
+
+
+async def test_a_missing_directory_is_warned_once_and_scanned_once_created(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """No error and no release while the directory is missing; its files count once it exists."""
+    missing = tmp_path / "ingestions"
+    tracker = FakeTracker("amzn1.ingestion.r0")
+    directory = watcher(missing, tracker)
+    for _ in range(3):
+        await directory.scan()
+    [warning] = events(logs, "ingestion_directory_missing")
+    assert warning["message"] == "directory does not exist yet"
+    assert tracker.released == []
+    missing.mkdir()
+    put(missing / "upload", "amzn1.ingestion.r1")
+    await directory.scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.r1"}
+    assert tracker.released == [("amzn1.ingestion.r0", False)]
+    assert len(events(logs, "ingestion_directory_available")) == 1
+
+
+async def test_an_unlistable_directory_is_warned_once_per_distinct_error(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """A path that is not a directory is an error listing it, logged once and retried."""
+    not_a_directory = put(tmp_path / "ingestions", "")
+    directory = watcher(not_a_directory, FakeTracker())
+    for _ in range(3):
+        await directory.scan()
+    [warning] = events(logs, "ingestion_directory_unreadable")
+    assert "Not a directory" in warning["message"]
+    not_a_directory.unlink()
+    await directory.scan()
+    assert len(events(logs, "ingestion_directory_missing")) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(b'{"ingestionId": "amzn1.ingestion.s",', "bad_json", id="truncated-json"),
+        pytest.param(b'{"ingestionId": "a", "labels": ["x"]}', "bad_json", id="labels-a-list"),
+        pytest.param(b"amzn1.ingestion.\xff\xfe", "not_utf8", id="invalid-utf8"),
+    ],
+)
+async def test_a_bad_file_is_warned_once_across_scans_and_read_again_when_fixed(
+    tmp_path: Path, logs: list[EventDict], content: bytes, reason: str
+) -> None:
+    """Bad JSON or undecodable bytes: one warning per file version, no registration."""
+    bad = put(tmp_path / "bad", content)
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    assert tracker.registered == []
+    [warning] = events(logs, "ingestion_file_unreadable")
+    assert (warning["file"], warning["reason"]) == ("bad", reason)
+    assert "amzn1.ingestion" not in warning["message"]
+    put(bad, "amzn1.ingestion.s")
+    await directory.scan()
+    assert tracker.registered == ["amzn1.ingestion.s"]
+
+
+async def test_a_file_turning_bad_releases_its_id(tmp_path: Path) -> None:
+    """A file that no longer names any id no longer holds the one it named."""
+    upload = put(tmp_path / "upload", "amzn1.ingestion.t")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(upload, "{not json")
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.t", False)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        pytest.param(
+            "json-newline",
+            json.dumps({"ingestionId": "amzn1.ingestion.u\nFAKE log line"}),
+            RejectReason.CONTROL_CHARACTERS,
+            id="newline",
+        ),
+        pytest.param("long", "u" * 300, RejectReason.TOO_LONG, id="300-chars"),
+        pytest.param("bell", "amzn1\x07ingestion", RejectReason.CONTROL_CHARACTERS, id="bell"),
+        pytest.param("amzn1\ningestion", "", RejectReason.CONTROL_CHARACTERS, id="file-name"),
+        pytest.param("number", '{"ingestionId": 42}', RejectReason.NOT_A_STRING, id="number"),
+    ],
+)
+async def test_a_hostile_id_goes_to_the_tracker_and_its_rejection_is_warned_once(
+    tmp_path: Path, logs: list[EventDict], name: str, content: str, reason: RejectReason
+) -> None:
+    """The tracker sees the id as written and refuses it; the warning never quotes it."""
+    put(tmp_path / name, content)
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    assert tracker.rejected == [reason]
+    assert tracker.ids_from(Source.DIRECTORY) == set()
+    [warning] = events(logs, "ingestion_file_rejected")
+    assert (warning["file"], warning["reason"]) == (name, reason)
+    assert "ingestion_id" not in warning
+    assert events(logs, "ingestion_file_registered") == []
+
+
+async def test_a_rejected_label_update_keeps_the_id_until_the_file_goes(tmp_path: Path) -> None:
+    """Bad labels on a tracked id are refused, but the file still names the id it holds."""
+    upload = put(tmp_path / "upload", "amzn1.ingestion.v")
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    await directory.scan()
+    put(upload, json.dumps({"ingestionId": "amzn1.ingestion.v", "labels": {"Bad-Name": "x"}}))
+    await directory.scan()
+    assert tracker.rejected == [RejectReason.BAD_LABELS]
+    assert tracker.released == []
+    upload.unlink()
+    await directory.scan()
+    assert tracker.released == [("amzn1.ingestion.v", False)]
+
+
+async def test_run_picks_up_a_file_within_a_few_polls_and_stops_on_cancel(
+    tmp_path: Path,
+) -> None:
+    """The loop scans every poll_seconds until its task is cancelled."""
+    tracker = FakeTracker()
+    task = asyncio.create_task(watcher(tmp_path, tracker, poll_seconds=0.05).run())
+    await asyncio.sleep(0.06)
+    put(tmp_path / "upload", "amzn1.ingestion.w")
+
+    async def registered() -> bool:
+        return tracker.registered == ["amzn1.ingestion.w"]
+
+    await wait_for(registered, timeout=0.5, interval=0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_run_logs_a_crashed_scan_and_goes_on(tmp_path: Path, logs: list[EventDict]) -> None:
+    """An exception in one scan is logged with its traceback; the next scan retries the file."""
+    put(tmp_path / "upload", "amzn1.ingestion.x")
+    tracker = FlakyTracker(failures=1)
+    task = asyncio.create_task(watcher(tmp_path, tracker, poll_seconds=0.05).run())
+
+    async def registered() -> bool:
+        return tracker.registered == ["amzn1.ingestion.x"]
+
+    await wait_for(registered, timeout=0.5, interval=0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [crash] = events(logs, "ingestion_directory_scan_crashed")
+    assert crash["log_level"] == "error"
+    assert crash["exc_info"] is True
+
+
+def test_poll_seconds_must_be_positive(tmp_path: Path) -> None:
+    """A zero interval would spin the event loop; the constructor refuses it."""
+    with pytest.raises(ValueError, match="poll_seconds"):
+        DirectoryWatcher(tmp_path, FakeTracker(), poll_seconds=0)
