@@ -301,13 +301,24 @@ def test_the_api_token_secret_is_mounted_optionally(manifests: list[Manifest]) -
 
 
 def test_the_generated_config_is_valid_and_listens_on_the_container_port(
-    manifests: list[Manifest],
+    manifests: list[Manifest], tmp_path: Path
 ) -> None:
     """The exporter's own loader accepts the ConfigMap's file, without environment variables,
     and its server port is the container's metrics port."""
     configmap = exporter_configmap(manifests)
     (text,) = configmap["data"].values()
-    config = parse_config(yaml.safe_load(text), environ={})
+    document = yaml.safe_load(text)
+    # The loader checks that the state file's directory exists: here, that is a volume of the
+    # pod, so it must be one of the exporter's mounts; the watched directory must be too.
+    mounts = {m["mountPath"]: m for m in exporter_container(manifests)["volumeMounts"]}
+    state_dir = str(Path(document["state"]["path"]).parent)
+    assert state_dir in mounts and not mounts[state_dir].get("readOnly")
+    assert document["ingestions"]["directory"] in mounts
+    local_state_dir = tmp_path / "state"
+    local_state_dir.mkdir()
+    document["state"]["path"] = str(local_state_dir / Path(document["state"]["path"]).name)
+    config = parse_config(document, environ={})
+    assert config.admin.host == "127.0.0.1", "the admin API stays inside the pod"
     assert config.server.port == metrics_port(manifests)
     assert ipaddress.ip_address(config.server.host).is_unspecified, "probes come from outside"
     assert config.api.auth.type == "sigv4"
