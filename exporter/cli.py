@@ -12,12 +12,14 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from exporter import __version__
+from exporter.admin import create_admin_app
 from exporter.config import ConfigError, load_config
 from exporter.logs import configure_logging
 from exporter.reload import ConfigReloader
@@ -34,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catalog-upload-exporter",
         description="Prometheus exporter for HAQM Catalog API upload status.",
+        epilog=(
+            "To register an ingestionId with a running exporter (from the app's side): "
+            "catalog-upload-exporter register ID [--url URL] [--label NAME=VALUE] "
+            "[--token-file PATH]; see `catalog-upload-exporter register --help`."
+        ),
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--config", type=Path, metavar="PATH", help="YAML configuration file")
@@ -56,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `catalog-upload-exporter` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["register"]:
+        from exporter.register import main as register  # noqa: PLC0415 - a light client
+
+        return register(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     if args.demo:
@@ -87,7 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = config.server.host
     port = config.server.port if args.port is None else args.port
     app = create_app(exporter, reloader)
-    return _serve_until_stopped(lambda: serve(app, host, port, on_reload=reloader.request))
+    admin = (
+        Listener(
+            create_admin_app(exporter.tracker, token_file=config.admin.token_file),
+            config.admin.host,
+            config.admin.port,
+        )
+        if config.admin.enabled
+        else None
+    )
+    return _serve_until_stopped(
+        lambda: serve(app, host, port, admin=admin, on_reload=reloader.request)
+    )
 
 
 def _serve_until_stopped(run: Callable[[], object]) -> int:
@@ -99,25 +122,45 @@ def _serve_until_stopped(run: Callable[[], object]) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A second application on its own address (the admin API)."""
+
+    app: web.Application
+    host: str
+    port: int
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> str:
+    await web.TCPSite(runner, host, port).start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    # A wildcard address is not something to click on: show loopback instead.
+    shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
+    return f"http://{shown_host}:{bound_port}"
+
+
 async def serve(
     app: web.Application,
     host: str,
     port: int,
     *,
+    admin: Listener | None = None,
     on_reload: Callable[[], None] | None = None,
     on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve `app` until SIGTERM or SIGINT; SIGHUP calls `on_reload`."""
+    """Serve `app` (and the admin API) until SIGTERM or SIGINT; SIGHUP calls `on_reload`."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    admin_runner = (
+        web.AppRunner(admin.app, access_log=None, handle_signals=False) if admin else None
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        # A wildcard address is not something to click on: show loopback instead.
-        shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
-        url = f"http://{shown_host}:{bound_port}"
+        url = await _listen(runner, host, port)
         log.info("listening", url=url, metrics=f"{url}/metrics")
+        if admin is not None and admin_runner is not None:
+            await admin_runner.setup()
+            admin_url = await _listen(admin_runner, admin.host, admin.port)
+            log.info("admin_api_listening", url=f"{admin_url}/api/v1/ingestions")
         if on_listening is not None:
             on_listening(url)
         stop = asyncio.Event()
@@ -129,4 +172,6 @@ async def serve(
         await stop.wait()
         log.info("shutting_down")
     finally:
+        if admin_runner is not None and admin_runner.server is not None:
+            await admin_runner.cleanup()  # no registrations while the exporter stops
         await runner.cleanup()

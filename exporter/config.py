@@ -39,7 +39,12 @@ from typing import Any
 
 import yaml
 
-from exporter.models import MAX_INGESTION_ID_LENGTH, RejectReason, ingestion_id_problem
+from exporter.models import (
+    MAX_INGESTION_ID_LENGTH,
+    RejectReason,
+    ingestion_id_problem,
+    refused_character,
+)
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -667,7 +672,7 @@ def _ingestion_id_problem(value: object) -> str | None:
         return "must not be empty"
     if reason is RejectReason.TOO_LONG:
         return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
-    char = next(c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp"))
+    char = refused_character(value)
     return f"must not contain control characters, found {char!r} in {_describe(value)}"
 
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 #: The API's limit on an ingestionId's length, in characters.
 MAX_INGESTION_ID_LENGTH = 255
 
+#: Unicode categories refused in ids and label values: controls, line and paragraph
+#: separators, lone surrogates.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
 
 class Status(enum.StrEnum):
     """Statuses the exporter exposes in `catalog_upload_status{status}`.
@@ -83,7 +87,8 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
     """What is wrong with a would-be ingestionId, or None if the API could accept it.
 
     Control characters (Unicode category Cc, and the line/paragraph separators) are refused:
-    they would forge log lines and make unreadable label values.
+    they would forge log lines and make unreadable label values. So are lone surrogates (Cs),
+    which cannot be encoded as UTF-8 and would break every scrape.
     """
     if not isinstance(value, str):
         return RejectReason.NOT_A_STRING
@@ -91,9 +96,14 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
         return RejectReason.EMPTY
     if len(value) > MAX_INGESTION_ID_LENGTH:
         return RejectReason.TOO_LONG
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+    if refused_character(value) is not None:
         return RejectReason.CONTROL_CHARACTERS
     return None
+
+
+def refused_character(text: str) -> str | None:
+    """The first character not allowed in an id or a label value, or None."""
+    return next((c for c in text if unicodedata.category(c) in _REFUSED_CATEGORIES), None)
 
 
 @dataclass(frozen=True, slots=True)

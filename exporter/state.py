@@ -30,7 +30,6 @@ import math
 import os
 import tempfile
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +37,12 @@ from typing import Any
 
 import structlog
 
+from exporter.models import ingestion_id_problem
+
 log = structlog.get_logger("exporter.state")
 
 STATE_VERSION = 1
 
-_MAX_ID_LENGTH = 255  # the API's limit on ingestionId
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -246,7 +246,7 @@ def _parse_document(document: object) -> tuple[StateSnapshot, int]:
     uploads: dict[str, UploadRecord] = {}
     for index, item in enumerate(uploads_raw):
         record = _parse_record(item, f"uploads[{index}].")
-        if _id_problem(record.ingestion_id) or record.ingestion_id in uploads:
+        if ingestion_id_problem(record.ingestion_id) is not None or record.ingestion_id in uploads:
             dropped += 1
             continue
         uploads[record.ingestion_id] = record
@@ -254,7 +254,7 @@ def _parse_document(document: object) -> tuple[StateSnapshot, int]:
     retired: dict[str, float] = {}
     for key in retired_raw:
         when = _number(retired_raw, key, "retired.")
-        if _id_problem(key):
+        if ingestion_id_problem(key) is not None:
             dropped += 1
             continue
         retired[key] = when
@@ -315,14 +315,6 @@ def _flag(obj: dict[str, Any], key: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"{where}{key}: expected true or false, got {_type_name(value)}")
     return value
-
-
-def _id_problem(ingestion_id: str) -> bool:
-    return (
-        not ingestion_id
-        or len(ingestion_id) > _MAX_ID_LENGTH
-        or any(unicodedata.category(char) == "Cc" for char in ingestion_id)
-    )
 
 
 # -- the debounced writer -----------------------------------------------------------------------

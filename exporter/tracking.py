@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import enum
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
-from exporter.models import MAX_INGESTION_ID_LENGTH, RejectReason, ingestion_id_problem
+from exporter.models import (
+    MAX_INGESTION_ID_LENGTH,
+    RejectReason,
+    ingestion_id_problem,
+    refused_character,
+)
 from exporter.responses import clean_text
 from exporter.state import StateSnapshot, StateWriter, UploadRecord
 from exporter.uploads import TrackedUpload, UploadStore
@@ -123,7 +127,7 @@ def _label_problem(labels: Mapping[str, object], allowed: tuple[str, ...]) -> st
             return f"label {name!r} must have a string value"
         if len(value) > MAX_LABEL_VALUE_LENGTH:
             return f"label {name!r} is longer than {MAX_LABEL_VALUE_LENGTH} characters"
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        if refused_character(value) is not None:
             return f"label {name!r} must not contain control characters"
     return None
 

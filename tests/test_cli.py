@@ -122,6 +122,8 @@ def write_config(path: Path, base_url: str, ids: list[str], port: int, **extra: 
         f"  port: {port}",
         "reload:",
         f"  watch_interval_seconds: {extra.get('watch', '0')}",
+        "admin:",
+        "  port: 0",
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -228,7 +230,7 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
         wait_http(f"http://127.0.0.1:{port}/readyz")
         write_config(config, simulator, ["demo-done-01", "demo-fatal-02"], port, watch="0.2")
         record = proc.wait_for_event("config_applied")
-        assert record["added"] == 1
+        assert record["tracked_ingestions"] == 2
     finally:
         assert proc.stop() == 0
 

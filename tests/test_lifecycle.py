@@ -59,6 +59,7 @@ async def test_an_id_dropped_from_the_config_while_stopped_is_gone_after_restart
     state = {"path": str(tmp_path / "state.json"), "debounce_seconds": 0.05}
     first = await start_exporter(fast_config(url, ["keep", "drop"], state=state))
     await wait_for(first.status_is("drop", "INPROGRESS"))
+    await wait_for(first.status_is("keep", "INPROGRESS"))
     await first.server.close()
     second = await start_exporter(fast_config(url, ["keep"], state=state))
     assert await second.status_of("drop") is None

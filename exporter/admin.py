@@ -1,0 +1,658 @@
+"""The admin HTTP API: register, list, show and delete tracked ingestionIds, over JSON.
+
+It runs on a listener of its own (loopback by default: in a sidecar the app reaches it on
+localhost) and owns only the HTTP side: request validation, status codes, the optional bearer
+token, the OpenAPI document. Every decision about ids (validation, labels, cap, persistence)
+belongs to the `IngestionTracker`; this module never touches the store or the state file.
+
+Every answer is JSON, errors included: `{"error": "<code>", "message": "<text>"}` with a 4xx
+or 5xx status, never an HTML page or a traceback. A 2xx to a POST or DELETE is an
+acknowledgement: the tracker returns only once the state file holding the change is on disk.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+from aiohttp import web
+
+from exporter import __version__
+from exporter.auth import AuthUnavailable, BearerAuth
+from exporter.models import MAX_INGESTION_ID_LENGTH
+from exporter.state import StateError
+from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
+
+__all__ = [
+    "API_PREFIX",
+    "MAX_REQUEST_BYTES",
+    "create_admin_app",
+    "openapi_document",
+    "view_json",
+]
+
+log = structlog.get_logger("exporter.admin")
+
+API_PREFIX = "/api/v1"
+INGESTIONS_PATH = f"{API_PREFIX}/ingestions"
+OPENAPI_PATH = f"{API_PREFIX}/openapi.json"
+HEALTH_PATH = "/healthz"
+
+#: Registrations are a few hundred bytes; anything bigger is a mistake or an attack.
+MAX_REQUEST_BYTES = 64 * 1024
+
+TRACKER = web.AppKey("admin_tracker", IngestionTracker)
+TOKEN = web.AppKey("admin_token", BearerAuth)
+
+#: Reachable without the token: probes and API discovery must work before a client has one.
+_OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
+
+_REQUEST_FIELDS = frozenset({"ingestionId", "labels"})
+
+_HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_admin_app(tracker: IngestionTracker, *, token_file: str = "") -> web.Application:
+    """The admin API as an aiohttp app; with `token_file`, requests need its bearer token."""
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors, _authenticate]
+    )
+    app[TRACKER] = tracker
+    if token_file:
+        # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
+        # file changes) by the same code that authenticates the exporter's own requests.
+        app[TOKEN] = BearerAuth(token_file=token_file, scheme="")
+    app.router.add_post(INGESTIONS_PATH, register)
+    app.router.add_get(INGESTIONS_PATH, list_ingestions, allow_head=False)
+    # `.+` lets an id contain "/" (sent as %2F); aiohttp percent-decodes the match.
+    one = f"{INGESTIONS_PATH}/{{ingestion_id:.+}}"
+    app.router.add_get(one, show_ingestion, allow_head=False)
+    app.router.add_delete(one, delete_ingestion)
+    app.router.add_get(OPENAPI_PATH, openapi, allow_head=False)
+    app.router.add_get(HEALTH_PATH, healthz, allow_head=False)
+    return app
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A request the API answers with a JSON error; raised by handlers, rendered by middleware."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def _timestamp(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def view_json(view: UploadView) -> dict[str, Any]:
+    """One upload as the API shows it; timestamps are RFC 3339 UTC strings or null."""
+    return {
+        "ingestionId": view.ingestion_id,
+        "status": view.status,
+        "sources": list(view.sources),
+        "labels": dict(view.labels),
+        "firstSeen": _timestamp(view.first_seen),
+        "statusChanged": _timestamp(view.status_changed),
+        "lastPoll": _timestamp(view.last_poll),
+        "lastSuccess": _timestamp(view.last_success),
+        "lastErrorKind": view.last_error,
+        "terminalAt": _timestamp(view.terminal_at),
+        "reportAvailable": view.report_available,
+    }
+
+
+def _location(ingestion_id: str) -> str:
+    return f"{INGESTIONS_PATH}/{quote(ingestion_id, safe='')}"
+
+
+# -- middlewares --------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTTP errors (404, 405, 413...) and crashes into the JSON error shape."""
+    try:
+        return await handler(request)
+    except _Refused as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        code = _HTTP_ERROR_CODES.get(exc.status, f"http_{exc.status}")
+        return _error(exc.status, code, _http_error_message(request, exc), headers)
+    except Exception:
+        # Logged with the traceback for the operator; the client learns nothing about internals.
+        log.exception("admin_request_failed", method=request.method, path=request.path)
+        return _error(500, "internal_error", "internal error; see the exporter's log")
+
+
+def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return "no such endpoint; see GET /api/v1/openapi.json"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"method {request.method} not allowed here; allowed: {allowed}"
+    if exc.status == 413:
+        return f"request body larger than {MAX_REQUEST_BYTES} bytes"
+    return exc.reason
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """With a token configured, refuse requests without it (probes and the API doc excepted).
+
+    Unknown paths are refused too, so a client without the token cannot map the API.
+    """
+    auth = request.app.get(TOKEN)
+    if auth is None or request.path in _OPEN_PATHS:
+        return await handler(request)
+    try:
+        expected = (await auth.headers(request.method, "", b"", {}))["Authorization"]
+    except AuthUnavailable as exc:
+        # Fail closed: a token file that vanished must not open the API.
+        log.error("admin_token_unavailable", problem=str(exc))
+        return _error(503, "auth_unavailable", "the admin token cannot be read; see the log")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Compare bytes: compare_digest refuses non-ASCII str, and a client may send anything.
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        return await handler(request)
+    log.warning(
+        "admin_request_unauthorized",
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        token_sent=bool(given),
+    )
+    return _error(
+        401,
+        "unauthorized",
+        "this API needs an 'Authorization: Bearer <token>' header with the admin token",
+        headers={"WWW-Authenticate": 'Bearer realm="catalog-upload-exporter admin"'},
+    )
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def _is_json(content_type: str) -> bool:
+    main, _, subtype = content_type.lower().partition("/")
+    return main == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+async def _registration_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, its shape checked; the values are the tracker's to judge."""
+    # A JSON content type also makes a browser preflight a cross-site POST, which this API
+    # never answers: a web page cannot register ids through a developer's loopback listener.
+    if not _is_json(request.content_type):
+        message = f"Content-Type must be application/json, got {request.content_type!r}"
+        raise _Refused(415, "unsupported_media_type", message)
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        text = str(exc) if isinstance(exc, json.JSONDecodeError) else "not UTF-8 JSON"
+        raise _Refused(400, "invalid_json", f"request body is not valid JSON: {text}") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "invalid_json", "request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # "\ud800" is valid JSON but no text: such an id would break /metrics at every scrape.
+        message = "request body contains an unpaired surrogate escape (\\uD800-\\uDFFF)"
+        raise _Refused(400, "invalid_json", message) from None
+    unknown = sorted(set(body) - _REQUEST_FIELDS)
+    if unknown:
+        shown = ", ".join(repr(name[:64]) for name in unknown[:5])
+        message = f"unknown field(s) {shown}; allowed: ingestionId, labels"
+        raise _Refused(400, "unknown_field", message)
+    labels = body.get("labels")
+    if labels is not None and not isinstance(labels, dict):
+        message = "labels must be an object of label names to strings"
+        raise _Refused(400, "invalid_field", message)
+    return body
+
+
+def _state_unavailable(exc: StateError, message: str) -> _Refused:
+    log.error("admin_state_write_failed", error=str(exc))
+    return _Refused(503, "state_unavailable", message)
+
+
+async def register(request: web.Request) -> web.Response:
+    """POST /api/v1/ingestions: track an id for the API source (201 new, 200 already)."""
+    body = await _registration_body(request)
+    tracker = request.app[TRACKER]
+    try:
+        result = await tracker.register(
+            body.get("ingestionId"), Source.API, body.get("labels"), durable=True
+        )
+    except StateError as exc:
+        raise _state_unavailable(
+            exc, "the state file could not be written, so the id is not acknowledged; retry"
+        ) from None
+    if not result.accepted:
+        reason = result.reason or RejectReason.NOT_A_STRING
+        message = result.message if "ingestionId" in body else "ingestionId is required"
+        raise _Refused(409 if reason is RejectReason.CAP_REACHED else 400, reason.value, message)
+
+    view = tracker.view(result.ingestion_id)
+    if view is None:  # finished and retired earlier: accepted, but never polled again
+        log.info("admin_ingestion_registered", ingestion_id=result.ingestion_id, retired=True)
+        return web.json_response(
+            {"ingestionId": result.ingestion_id, "retired": True, "message": result.message}
+        )
+    log.info(
+        "admin_ingestion_registered",
+        ingestion_id=view.ingestion_id,
+        created=result.created,
+        labels=dict(view.labels),
+    )
+    if result.created:
+        return web.json_response(
+            view_json(view), status=201, headers={"Location": _location(view.ingestion_id)}
+        )
+    return web.json_response(view_json(view))
+
+
+async def list_ingestions(request: web.Request) -> web.Response:
+    """GET /api/v1/ingestions[?status=S&status=T]: every tracked upload, in registration order."""
+    unknown = sorted(set(request.query) - {"status"})
+    if unknown:
+        message = f"unknown query parameter {unknown[0][:64]!r}; allowed: status"
+        raise _Refused(400, "unknown_parameter", message)
+    wanted = {s.strip().upper() for s in request.query.getall("status", [])}
+    views = request.app[TRACKER].views()
+    shown = [view_json(v) for v in views if not wanted or v.status in wanted]
+    return web.json_response({"ingestions": shown})
+
+
+async def show_ingestion(request: web.Request) -> web.Response:
+    """GET /api/v1/ingestions/{id}: one tracked upload, or 404."""
+    ingestion_id = request.match_info["ingestion_id"]
+    view = request.app[TRACKER].view(ingestion_id)
+    if view is None:
+        raise _not_tracked()
+    return web.json_response(view_json(view))
+
+
+def _not_tracked() -> _Refused:
+    return _Refused(404, "not_found", "this ingestionId is not tracked")
+
+
+async def delete_ingestion(request: web.Request) -> web.Response:
+    """DELETE /api/v1/ingestions/{id}: the API source lets go of the id.
+
+    204 when it is gone (its series with it), 200 with the view when another source still
+    holds it, 409 when the API never held it: config and directory ids are removed there.
+    """
+    ingestion_id = request.match_info["ingestion_id"]
+    tracker = request.app[TRACKER]
+    view = tracker.view(ingestion_id)
+    if view is None:
+        raise _not_tracked()
+    if Source.API.value not in view.sources:
+        held_by = ", ".join(view.sources) or "no source (kept until its retention ends)"
+        message = (
+            f"this ingestionId was not registered through the API; it is held by {held_by}: "
+            "remove it there"
+        )
+        raise _Refused(409, "not_registered_by_api", message)
+    try:
+        await tracker.release(ingestion_id, Source.API, immediate=True, durable=True)
+    except StateError as exc:
+        raise _state_unavailable(
+            exc, "released, but the state file could not be written: a restart may bring it back"
+        ) from None
+    remaining = tracker.view(ingestion_id)
+    log.info(
+        "admin_ingestion_deleted",
+        ingestion_id=ingestion_id,
+        removed=remaining is None,
+        remaining_sources=list(remaining.sources) if remaining else [],
+    )
+    if remaining is None:
+        return web.Response(status=204)
+    return web.json_response(
+        {
+            "ingestion": view_json(remaining),
+            "message": "released by the API but still tracked: held by "
+            + ", ".join(remaining.sources),
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /api/v1/openapi.json: the OpenAPI 3.0.3 description of this API."""
+    return web.json_response(openapi_document())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the admin listener answers."""
+    return web.json_response({"status": "ok"})
+
+
+# -- the OpenAPI document -----------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_body(schema: Mapping[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _failure(description: str) -> dict[str, Any]:
+    return _json_body(_ref("Error"), description)
+
+
+_TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
+
+_STATUS_TEXT = (
+    "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL (the API's), INVALID (the API rejected the "
+    "id), UNKNOWN (no successful poll yet), or another upper-case identifier the API sent."
+)
+
+_SCHEMAS: dict[str, Any] = {
+    "RegisterRequest": {
+        "type": "object",
+        "required": ["ingestionId"],
+        "additionalProperties": False,
+        "properties": {
+            "ingestionId": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_INGESTION_ID_LENGTH,
+                "description": "Any characters except control characters (Unicode Cc) and "
+                "line/paragraph separators.",
+            },
+            "labels": {
+                "type": "object",
+                "additionalProperties": {"type": "string", "maxLength": 128},
+                "description": "Per-ingestion metric labels; only the names listed in the "
+                "exporter's ingestions.labels are accepted. Replaces earlier labels.",
+            },
+        },
+    },
+    "UploadView": {
+        "type": "object",
+        "required": [
+            "ingestionId",
+            "status",
+            "sources",
+            "labels",
+            "firstSeen",
+            "statusChanged",
+            "lastPoll",
+            "lastSuccess",
+            "lastErrorKind",
+            "terminalAt",
+            "reportAvailable",
+        ],
+        "description": "One tracked upload. Timestamps are RFC 3339 date-times in UTC "
+        "(e.g. 2024-06-10T12:00:00.000Z) or null.",
+        "properties": {
+            "ingestionId": {"type": "string"},
+            "status": {"type": "string", "description": _STATUS_TEXT},
+            "sources": {
+                "type": "array",
+                "items": {"type": "string", "enum": [s.value for s in Source]},
+                "description": "Who holds the id; empty once released but kept for retention.",
+            },
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "firstSeen": {**_TIMESTAMP, "nullable": False},
+            "statusChanged": {**_TIMESTAMP, "nullable": False},
+            "lastPoll": _TIMESTAMP,
+            "lastSuccess": _TIMESTAMP,
+            "lastErrorKind": {
+                "type": "string",
+                "nullable": True,
+                "description": "Kind of the last failed poll (catalog_api_errors_total's kind "
+                "label), null after a successful one.",
+            },
+            "terminalAt": _TIMESTAMP,
+            "reportAvailable": {"type": "boolean"},
+        },
+    },
+    "Retired": {
+        "type": "object",
+        "required": ["ingestionId", "retired", "message"],
+        "description": "The id finished earlier and its retention ran out: it is not polled again.",
+        "properties": {
+            "ingestionId": {"type": "string"},
+            "retired": {"type": "boolean", "enum": [True]},
+            "message": {"type": "string"},
+        },
+    },
+    "IngestionList": {
+        "type": "object",
+        "required": ["ingestions"],
+        "properties": {"ingestions": {"type": "array", "items": _ref("UploadView")}},
+    },
+    "Released": {
+        "type": "object",
+        "required": ["ingestion", "message"],
+        "properties": {
+            "ingestion": _ref("UploadView"),
+            "message": {"type": "string", "description": "Which sources still hold the id."},
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {
+                "type": "string",
+                "description": "A stable code: invalid_json, unknown_field, invalid_field, "
+                "unknown_parameter, not_a_string, empty, too_long, control_characters, "
+                "bad_labels, cap_reached, not_found, not_registered_by_api, unauthorized, "
+                "method_not_allowed, payload_too_large, unsupported_media_type, "
+                "state_unavailable, auth_unavailable, internal_error.",
+            },
+            "message": {"type": "string", "description": "Human-readable detail."},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    },
+}
+
+_UNAUTHORIZED = {
+    "description": "No or wrong bearer token (only when the exporter has admin.token_file).",
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": _ref("Error")}},
+}
+_INTERNAL = _failure("Unexpected failure (internal_error); details are in the exporter's log.")
+_AUTH_UNAVAILABLE = "auth_unavailable: the admin token file cannot be read (fails closed)."
+_ID_PARAMETER = {
+    "name": "ingestion_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_INGESTION_ID_LENGTH},
+    "description": "The ingestionId, percent-encoded (a '/' in it as %2F).",
+}
+
+
+def _protected(responses: dict[str, Any], unavailable: str = "") -> dict[str, Any]:
+    """Add the answers every token-protected operation may give."""
+    text = f"{unavailable} Or {_AUTH_UNAVAILABLE}" if unavailable else _AUTH_UNAVAILABLE
+    return {**responses, "401": _UNAUTHORIZED, "500": _INTERNAL, "503": _failure(text)}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document served at /api/v1/openapi.json."""
+    view = _ref("UploadView")
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "catalog-upload-exporter admin API",
+            "version": __version__,
+            "description": "Register, list and delete the ingestionIds the exporter polls. "
+            "A 2xx to POST or DELETE is sent only once the change is in the exporter's state "
+            "file (when one is configured). Every error is a JSON Error object. When the "
+            "exporter has admin.token_file, every operation except /healthz and this document "
+            "needs 'Authorization: Bearer <token>'; otherwise no authentication is needed.",
+        },
+        "servers": [{"url": "http://127.0.0.1:10185"}],
+        # Bearer or nothing: whether the token is required depends on admin.token_file.
+        "security": [{"bearerAuth": []}, {}],
+        "paths": {
+            INGESTIONS_PATH: {
+                "post": {
+                    "operationId": "registerIngestion",
+                    "summary": "Track an ingestionId (idempotent)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("RegisterRequest")}},
+                    },
+                    "responses": _protected(
+                        {
+                            "201": {
+                                **_json_body(view, "Newly tracked, and durable."),
+                                "headers": {
+                                    "Location": {
+                                        "schema": {"type": "string"},
+                                        "description": "/api/v1/ingestions/<percent-encoded id>",
+                                    }
+                                },
+                            },
+                            "200": _json_body(
+                                {"oneOf": [view, _ref("Retired")]},
+                                "Already tracked (labels replaced if given), or finished and "
+                                "retired earlier.",
+                            ),
+                            "400": _failure(
+                                "invalid_json, unknown_field, invalid_field, or a rejected id "
+                                "or labels: not_a_string, empty, too_long, control_characters, "
+                                "bad_labels."
+                            ),
+                            "409": _failure("cap_reached: ingestions.max_tracked ids tracked."),
+                            "413": _failure("payload_too_large: body over 64 KiB."),
+                            "415": _failure("unsupported_media_type: not application/json."),
+                        },
+                        "state_unavailable: the state file could not be written; the id is "
+                        "not acknowledged, retry.",
+                    ),
+                },
+                "get": {
+                    "operationId": "listIngestions",
+                    "summary": "Every tracked upload, in registration order",
+                    "parameters": [
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "array", "items": {"type": "string"}},
+                            "style": "form",
+                            "explode": True,
+                            "description": "Only uploads in these statuses (repeatable).",
+                        }
+                    ],
+                    "responses": _protected(
+                        {
+                            "200": _json_body(_ref("IngestionList"), "The uploads."),
+                            "400": _failure("unknown_parameter."),
+                        }
+                    ),
+                },
+            },
+            f"{INGESTIONS_PATH}/{{ingestion_id}}": {
+                "parameters": [_ID_PARAMETER],
+                "get": {
+                    "operationId": "getIngestion",
+                    "summary": "One tracked upload",
+                    "responses": _protected(
+                        {
+                            "200": _json_body(view, "The upload."),
+                            "404": _failure("not_found: not tracked."),
+                        }
+                    ),
+                },
+                "delete": {
+                    "operationId": "deleteIngestion",
+                    "summary": "Stop tracking an id registered through the API",
+                    "responses": _protected(
+                        {
+                            "204": {"description": "Released and removed; its series are gone."},
+                            "200": _json_body(
+                                _ref("Released"),
+                                "Released by the API, but another source still holds it.",
+                            ),
+                            "404": _failure("not_found: not tracked."),
+                            "409": _failure(
+                                "not_registered_by_api: held only by config or directory; "
+                                "remove it there."
+                            ),
+                        },
+                        "state_unavailable: released in memory, but the state file could not "
+                        "be written.",
+                    ),
+                },
+            },
+            OPENAPI_PATH: {
+                "get": {
+                    "operationId": "getOpenApi",
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {
+                        "200": _json_body({"type": "object"}, "The OpenAPI document."),
+                        "500": _INTERNAL,
+                    },
+                }
+            },
+            HEALTH_PATH: {
+                "get": {
+                    "operationId": "health",
+                    "summary": "The admin listener is alive",
+                    "security": [],
+                    "responses": {
+                        "200": _json_body(_ref("Health"), "Alive."),
+                        "500": _INTERNAL,
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The content of the file named by admin.token_file.",
+                }
+            },
+        },
+    }

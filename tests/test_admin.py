@@ -1,0 +1,703 @@
+"""The admin API over real HTTP on loopback, backed by a real tracker, store and state file.
+
+Every response any test sees is recorded with its route template; each test's teardown checks
+that the OpenAPI document lists that status for that operation, so the document cannot drift
+from what the API really answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+from openapi_spec_validator import validate
+from yarl import URL
+
+from exporter import register
+from exporter.admin import create_admin_app, openapi_document
+from exporter.logs import configure_logging
+from exporter.models import Status, StatusReport
+from exporter.state import StateWriter
+from exporter.tracking import IngestionTracker, RejectReason, Source
+from exporter.uploads import UploadStore
+from tests.conftest import free_port
+
+NOW = 1718000000.5  # 2024-06-10T06:13:20.500Z
+HOSTILE_ID = 'shelf/42 "summer" Grüße %2F?#'
+
+Observed = set[tuple[str, str | None, int]]
+
+
+@dataclass
+class Answer:
+    """One HTTP answer: status, headers and the body (parsed JSON, or None when empty)."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+    raw: bytes
+
+
+@dataclass
+class Admin:
+    """A running admin API with the tracker behind it and what it has done."""
+
+    url: str
+    tracker: IngestionTracker
+    store: UploadStore
+    state_path: Path
+    logs: io.StringIO
+    session: ClientSession
+    rejected: list[RejectReason] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        """Send a request; `path` is sent exactly as given (already percent-encoded)."""
+        sent = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        async with self.session.request(
+            method, URL(self.url + path, encoded=True), data=data, headers=sent
+        ) as response:
+            raw = await response.read()
+            assert response.content_type == "application/json" or not raw
+            answer = Answer(
+                response.status, dict(response.headers), json.loads(raw) if raw else None, raw
+            )
+        self.answers.append(answer)
+        return answer
+
+    async def post(self, body: object, **headers: str) -> Answer:
+        """POST a registration."""
+        return await self.call("POST", "/api/v1/ingestions", body=body, headers=headers)
+
+
+AdminFactory = Callable[..., Awaitable[Admin]]
+
+
+def id_path(ingestion_id: str) -> str:
+    """The URL path of one ingestion, its id percent-encoded."""
+    return "/api/v1/ingestions/" + quote(ingestion_id, safe="")
+
+
+def recorder(observed: Observed) -> Any:
+    """A middleware recording (method, route template, status) of every answer."""
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        resource = request.match_info.route.resource
+        observed.add((request.method, resource.canonical if resource else None, response.status))
+        return response
+
+    return record
+
+
+def undocumented(observed: Observed) -> list[tuple[str, str | None, int]]:
+    """Observed answers of a route that the OpenAPI document does not list."""
+    paths = openapi_document()["paths"]
+    return sorted(
+        (method, template, status)
+        for method, template, status in observed
+        if template is not None and str(status) not in paths[template][method.lower()]["responses"]
+    )
+
+
+@pytest.fixture
+async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
+    """Start admin APIs: `admin = await start_admin(labels=("team",), token_file=...)`."""
+    servers: list[TestServer] = []
+    sessions: list[ClientSession] = []
+    writers: list[asyncio.Task[None]] = []
+    observed: Observed = set()
+
+    async def start(
+        *,
+        labels: tuple[str, ...] = ("team",),
+        max_tracked: int = 100,
+        token_file: str = "",
+        state_path: Path | None = None,
+        port: int = 0,
+    ) -> Admin:
+        logs = io.StringIO()
+        configure_logging("debug", "json", stream=logs)
+        store = UploadStore(clock=lambda: NOW)
+        rejected: list[RejectReason] = []
+        removed: list[str] = []
+        tracker = IngestionTracker(
+            store,
+            max_tracked=max_tracked,
+            label_names=labels,
+            on_added=lambda ids: None,
+            on_removed=removed.extend,
+            on_rejected=rejected.append,
+            clock=lambda: NOW,
+        )
+        path = state_path or tmp_path / "state.json"
+        # An hour's debounce: only a durable flush can have written the file during a test.
+        writer = StateWriter(path, tracker.snapshot, debounce_seconds=3600)
+        tracker.attach_state(writer)
+        writers.append(asyncio.create_task(writer.run()))
+        app = create_admin_app(tracker, token_file=token_file)
+        app.middlewares.insert(0, recorder(observed))
+        server = TestServer(app, host="127.0.0.1", port=port)
+        await server.start_server()
+        servers.append(server)
+        session = ClientSession()
+        sessions.append(session)
+        url = str(server.make_url("")).rstrip("/")
+        return Admin(url, tracker, store, path, logs, session, rejected, removed)
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for server in servers:
+        await server.close()
+    for task in writers:
+        task.cancel()
+    await asyncio.gather(*writers, return_exceptions=True)
+    assert not undocumented(observed), "answers missing from the OpenAPI document"
+
+
+@pytest.fixture
+async def admin(start_admin: AdminFactory) -> Admin:
+    """An admin API with the label `team` allow-listed and no token."""
+    return await start_admin()
+
+
+def on_disk(admin: Admin) -> list[str]:
+    """The ids the state file holds right now."""
+    document = json.loads(admin.state_path.read_text())
+    return [record["ingestion_id"] for record in document["uploads"]]
+
+
+# -- registering --------------------------------------------------------------------------------
+
+
+async def test_registering_a_new_id_answers_201_with_its_view_and_location(admin: Admin) -> None:
+    """A new id is tracked for the API: 201, its view, and a Location naming it."""
+    answer = await admin.post({"ingestionId": "upload-1", "labels": {"team": "pricing"}})
+    assert answer.status == 201
+    assert answer.headers["Location"] == "/api/v1/ingestions/upload-1"
+    assert answer.body == {
+        "ingestionId": "upload-1",
+        "status": "UNKNOWN",
+        "sources": ["api"],
+        "labels": {"team": "pricing"},
+        "firstSeen": "2024-06-10T06:13:20.500Z",
+        "statusChanged": "2024-06-10T06:13:20.500Z",
+        "lastPoll": None,
+        "lastSuccess": None,
+        "lastErrorKind": None,
+        "terminalAt": None,
+        "reportAvailable": False,
+    }
+    assert admin.tracker.ids_from(Source.API) == {"upload-1"}
+
+
+async def test_the_state_file_holds_the_id_when_the_201_arrives(admin: Admin) -> None:
+    """A 2xx is an acknowledgement: the id is already in the state file on disk."""
+    assert not admin.state_path.exists()
+    answer = await admin.post({"ingestionId": "durable-1"})
+    assert answer.status == 201
+    assert on_disk(admin) == ["durable-1"]
+
+
+async def test_registering_again_answers_200_and_replaces_the_labels(admin: Admin) -> None:
+    """Registration is idempotent: a second POST answers 200 with the same upload."""
+    first = await admin.post({"ingestionId": "again", "labels": {"team": "a"}})
+    second = await admin.post({"ingestionId": "again", "labels": {"team": "b"}})
+    assert (first.status, second.status) == (201, 200)
+    assert "Location" not in second.headers
+    assert second.body["labels"] == {"team": "b"}
+    assert len(admin.tracker.views()) == 1
+
+
+async def test_the_location_header_percent_encodes_the_id(admin: Admin) -> None:
+    """The Location of an id with reserved characters is usable as is."""
+    answer = await admin.post({"ingestionId": HOSTILE_ID})
+    assert answer.status == 201
+    assert answer.headers["Location"] == id_path(HOSTILE_ID)
+    again = await admin.call("GET", answer.headers["Location"])
+    assert again.body["ingestionId"] == HOSTILE_ID
+
+
+@pytest.mark.parametrize(
+    ("ingestion_id", "reason"),
+    [
+        ("x" * 256, RejectReason.TOO_LONG),
+        ("line\nbreak", RejectReason.CONTROL_CHARACTERS),
+        ("", RejectReason.EMPTY),
+        (12345, RejectReason.NOT_A_STRING),
+        (None, RejectReason.NOT_A_STRING),
+    ],
+)
+async def test_an_invalid_id_is_refused_with_its_reason_and_counted(
+    admin: Admin, ingestion_id: object, reason: RejectReason
+) -> None:
+    """Each rejection answers 400 with the reason as its code, and is counted once."""
+    answer = await admin.post({"ingestionId": ingestion_id})
+    assert answer.status == 400
+    assert answer.body["error"] == reason.value
+    assert answer.body["message"]
+    assert admin.rejected == [reason]
+    assert admin.tracker.views() == []
+
+
+async def test_a_missing_id_is_refused_as_not_a_string(admin: Admin) -> None:
+    """A body without ingestionId says so, and counts as not_a_string."""
+    answer = await admin.post({"labels": {"team": "x"}})
+    assert answer.status == 400
+    assert answer.body == {"error": "not_a_string", "message": "ingestionId is required"}
+    assert admin.rejected == [RejectReason.NOT_A_STRING]
+
+
+async def test_labels_that_are_not_allow_listed_are_refused_as_bad_labels(admin: Admin) -> None:
+    """Only allow-listed label names (and string values) are accepted."""
+    unknown = await admin.post({"ingestionId": "l1", "labels": {"owner": "me"}})
+    not_string = await admin.post({"ingestionId": "l2", "labels": {"team": 7}})
+    assert (unknown.status, not_string.status) == (400, 400)
+    assert unknown.body["error"] == not_string.body["error"] == "bad_labels"
+    assert "owner" in unknown.body["message"]
+    assert admin.rejected == [RejectReason.BAD_LABELS, RejectReason.BAD_LABELS]
+    assert admin.tracker.views() == []
+
+
+async def test_the_cap_answers_409_cap_reached(start_admin: AdminFactory) -> None:
+    """Past ingestions.max_tracked a new id is refused with 409; a tracked one still answers."""
+    admin = await start_admin(max_tracked=2)
+    for name in ("c1", "c2"):
+        assert (await admin.post({"ingestionId": name})).status == 201
+    refused = await admin.post({"ingestionId": "c3"})
+    assert refused.status == 409
+    assert refused.body["error"] == "cap_reached"
+    assert admin.rejected == [RejectReason.CAP_REACHED]
+    assert (await admin.post({"ingestionId": "c1"})).status == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "error"),
+    [
+        (b'{"ingestionId": ', "application/json", 400, "invalid_json"),
+        (b"\xff\xfe", "application/json", 400, "invalid_json"),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400, "invalid_json"),
+        (b'["an-id"]', "application/json", 400, "invalid_json"),
+        (b'{"ingestionId": "a\\ud800b"}', "application/json", 400, "invalid_json"),
+        (b'{"ingestionId": "a", "labels": {"team": "\\udfff"}}', "application/json", 400, None),
+        (b'{"ingestionId": "a", "lables": {}}', "application/json", 400, "unknown_field"),
+        (b'{"ingestionId": "a", "labels": ["team"]}', "application/json", 400, "invalid_field"),
+        (b'{"ingestionId": "a"}', "text/plain", 415, "unsupported_media_type"),
+        (b'{"ingestionId": "a"}', "application/x-www-form-urlencoded", 415, None),
+        (b'{"ingestionId": "' + b"x" * 70_000 + b'"}', "application/json", 413, None),
+    ],
+)
+async def test_a_malformed_request_gets_a_json_error(
+    admin: Admin, data: bytes, content_type: str, status: int, error: str | None
+) -> None:
+    """Bad JSON, bad shapes, wrong content types and big bodies answer JSON errors."""
+    answer = await admin.call(
+        "POST", "/api/v1/ingestions", data=data, headers={"Content-Type": content_type}
+    )
+    assert answer.status == status
+    assert set(answer.body) == {"error", "message"}
+    assert answer.body["error"] == (error or answer.body["error"])
+    assert admin.tracker.views() == [] and admin.rejected == []
+
+
+async def test_a_json_content_type_with_charset_or_suffix_is_accepted(admin: Admin) -> None:
+    """application/json; charset=utf-8 and application/*+json both count as JSON."""
+    for n, content_type in enumerate(("application/json; charset=utf-8", "application/x+json")):
+        answer = await admin.call(
+            "POST",
+            "/api/v1/ingestions",
+            data=json.dumps({"ingestionId": f"ct-{n}"}).encode(),
+            headers={"Content-Type": content_type},
+        )
+        assert answer.status == 201
+
+
+async def test_a_state_write_failure_answers_503_and_is_not_acknowledged(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """When the state file cannot be written the client is told to retry: no 2xx."""
+    admin = await start_admin(state_path=tmp_path / "missing-dir" / "state.json")
+    answer = await admin.post({"ingestionId": "not-durable"})
+    assert answer.status == 503
+    assert answer.body["error"] == "state_unavailable"
+    assert "missing-dir" not in answer.body["message"]
+
+
+async def test_a_retired_id_is_accepted_but_not_tracked_again(admin: Admin) -> None:
+    """An id that finished and was retired answers 200 saying so, and is not polled again."""
+    assert (await admin.post({"ingestionId": "old"})).status == 201
+    admin.store.retire("old")
+    answer = await admin.post({"ingestionId": "old"})
+    assert answer.status == 200
+    assert answer.body["retired"] is True and answer.body["ingestionId"] == "old"
+    assert admin.tracker.view("old") is None
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+async def test_listing_returns_every_upload_and_filters_by_status(admin: Admin) -> None:
+    """GET lists uploads in registration order; ?status= keeps only those statuses."""
+    for name in ("a", "b", "c"):
+        await admin.post({"ingestionId": name})
+    admin.store.record_report("b", StatusReport(Status.FATAL.value, True, "FATAL"))
+    admin.store.record_report("c", StatusReport(Status.DONE.value, False, "DONE"))
+    everything = await admin.call("GET", "/api/v1/ingestions")
+    assert [v["ingestionId"] for v in everything.body["ingestions"]] == ["a", "b", "c"]
+    fatal = await admin.call("GET", "/api/v1/ingestions?status=FATAL")
+    assert [v["ingestionId"] for v in fatal.body["ingestions"]] == ["b"]
+    view = fatal.body["ingestions"][0]
+    assert view["terminalAt"] == view["lastSuccess"] == "2024-06-10T06:13:20.500Z"
+    assert view["reportAvailable"] is True
+    two = await admin.call("GET", "/api/v1/ingestions?status=fatal&status=DONE")
+    assert [v["ingestionId"] for v in two.body["ingestions"]] == ["b", "c"]
+
+
+async def test_listing_refuses_unknown_query_parameters(admin: Admin) -> None:
+    """A misspelt filter is an error, not a silently unfiltered list."""
+    answer = await admin.call("GET", "/api/v1/ingestions?state=FATAL")
+    assert answer.status == 400
+    assert answer.body["error"] == "unknown_parameter"
+
+
+async def test_a_hostile_but_valid_id_round_trips_through_the_url(admin: Admin) -> None:
+    """An id with '/', spaces, quotes, '%' and non-ASCII is reachable percent-encoded."""
+    assert (await admin.post({"ingestionId": HOSTILE_ID})).status == 201
+    answer = await admin.call("GET", id_path(HOSTILE_ID))
+    assert answer.status == 200
+    assert answer.body["ingestionId"] == HOSTILE_ID
+    assert (await admin.call("GET", id_path("shelf/42"))).status == 404
+    assert (await admin.call("DELETE", id_path(HOSTILE_ID))).status == 204
+
+
+async def test_an_unknown_id_and_an_unknown_path_answer_404_json(admin: Admin) -> None:
+    """404s are JSON errors, whether the id or the endpoint is unknown."""
+    unknown_id = await admin.call("GET", id_path("nope"))
+    unknown_path = await admin.call("GET", "/api/v2/whatever")
+    assert (unknown_id.status, unknown_path.status) == (404, 404)
+    assert unknown_id.body["error"] == unknown_path.body["error"] == "not_found"
+
+
+async def test_a_wrong_method_answers_405_json_with_allow(admin: Admin) -> None:
+    """A method the endpoint lacks answers a JSON 405 that lists the allowed ones."""
+    answer = await admin.call("PUT", "/api/v1/ingestions", body={"ingestionId": "x"})
+    assert answer.status == 405
+    assert answer.body["error"] == "method_not_allowed"
+    assert set(answer.headers["Allow"].split(",")) == {"GET", "POST"}
+
+
+async def test_an_unexpected_failure_answers_500_without_details(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash in a handler is a JSON 500 that reveals nothing about it."""
+
+    def broken() -> list[Any]:
+        msg = "internal detail at /secret/path"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(admin.tracker, "views", broken)
+    answer = await admin.call("GET", "/api/v1/ingestions")
+    assert answer.status == 500
+    assert answer.body == {
+        "error": "internal_error",
+        "message": "internal error; see the exporter's log",
+    }
+    assert "admin_request_failed" in admin.logs.getvalue()
+
+
+async def test_healthz_answers_json(admin: Admin) -> None:
+    """The admin listener's health check is JSON too."""
+    answer = await admin.call("GET", "/healthz")
+    assert (answer.status, answer.body) == (200, {"status": "ok"})
+
+
+# -- deleting -----------------------------------------------------------------------------------
+
+
+async def test_deleting_an_api_id_answers_204_and_its_series_go(admin: Admin) -> None:
+    """DELETE of an id only the API held removes it at once, durably."""
+    await admin.post({"ingestionId": "gone"})
+    answer = await admin.call("DELETE", id_path("gone"))
+    assert (answer.status, answer.raw) == (204, b"")
+    assert admin.tracker.view("gone") is None
+    assert admin.removed == ["gone"]
+    assert on_disk(admin) == []
+    assert (await admin.call("DELETE", id_path("gone"))).status == 404
+
+
+async def test_deleting_an_id_also_held_by_config_answers_200_naming_the_holder(
+    admin: Admin,
+) -> None:
+    """When another source still holds the id it stays tracked, and the answer says why."""
+    admin.tracker.replace_config_ids(["shared"])
+    await admin.post({"ingestionId": "shared"})
+    answer = await admin.call("DELETE", id_path("shared"))
+    assert answer.status == 200
+    assert answer.body["ingestion"]["sources"] == ["config"]
+    assert "config" in answer.body["message"]
+    view = admin.tracker.view("shared")
+    assert view is not None and view.sources == ("config",)
+
+
+async def test_deleting_a_config_only_id_answers_409(admin: Admin) -> None:
+    """The API cannot remove ids it did not register: that is done in the config."""
+    admin.tracker.replace_config_ids(["from-config"])
+    answer = await admin.call("DELETE", id_path("from-config"))
+    assert answer.status == 409
+    assert answer.body["error"] == "not_registered_by_api"
+    assert "config" in answer.body["message"]
+    assert admin.tracker.view("from-config") is not None
+
+
+# -- the bearer token ---------------------------------------------------------------------------
+
+
+def write_token(path: Path, token: str) -> None:
+    """Replace the token file the way Kubernetes does: a new file renamed over the old."""
+    temp = path.with_suffix(".new")
+    temp.write_text(token + "\n")
+    os.replace(temp, path)
+
+
+async def test_the_token_is_required_when_configured(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """Without or with a wrong token: 401; with it: 200; health and the doc stay open."""
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, "right-token-123")
+    admin = await start_admin(token_file=str(token_file))
+    missing = await admin.call("GET", "/api/v1/ingestions")
+    wrong = await admin.call(
+        "GET", "/api/v1/ingestions", headers={"Authorization": "Bearer wrong-token-999"}
+    )
+    unknown_path = await admin.call("GET", "/api/v1/secret-probe")
+    for answer in (missing, wrong, unknown_path):
+        assert answer.status == 401
+        assert answer.body["error"] == "unauthorized"
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    right = await admin.call(
+        "GET", "/api/v1/ingestions", headers={"Authorization": "bearer right-token-123"}
+    )
+    assert right.status == 200
+    registered = await admin.post(
+        {"ingestionId": "with-token"}, Authorization="Bearer right-token-123"
+    )
+    assert registered.status == 201
+    assert (await admin.call("GET", "/healthz")).status == 200
+    assert (await admin.call("GET", "/api/v1/openapi.json")).status == 200
+
+
+async def test_a_replaced_token_file_takes_effect_without_a_restart(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """Rotating the token file swaps the accepted token at once."""
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, "first-token")
+    admin = await start_admin(token_file=str(token_file))
+    first = {"Authorization": "Bearer first-token"}
+    second = {"Authorization": "Bearer second-token"}
+    assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 200
+    write_token(token_file, "second-token")
+    assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 401
+    assert (await admin.call("GET", "/api/v1/ingestions", headers=second)).status == 200
+
+
+async def test_an_unreadable_token_file_fails_closed(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """A token file that disappears locks the API instead of opening it."""
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, "the-token")
+    admin = await start_admin(token_file=str(token_file))
+    token_file.unlink()
+    answer = await admin.call(
+        "GET", "/api/v1/ingestions", headers={"Authorization": "Bearer the-token"}
+    )
+    assert answer.status == 503
+    assert answer.body["error"] == "auth_unavailable"
+
+
+async def test_the_token_never_appears_in_responses_or_logs(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """Neither the real token nor a wrong one sent is echoed in any answer or log line."""
+    token, wrong = "tok-S3CRET-admin-4242", "tok-WRONG-guess-7777"
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, token)
+    admin = await start_admin(token_file=str(token_file))
+    good, bad = f"Bearer {token}", f"Bearer {wrong}"
+    await admin.post({"ingestionId": "t1", "labels": {"team": "x"}}, Authorization=good)
+    await admin.post({"ingestionId": "t1"}, Authorization=bad)
+    await admin.post({"ingestionId": "t2", "labels": {"nope": "x"}}, Authorization=good)
+    await admin.call("GET", "/api/v1/ingestions", headers={"Authorization": good})
+    await admin.call("GET", "/api/v1/ingestions", headers={"Authorization": wrong})
+    await admin.call("GET", id_path("t1"), headers={"Authorization": good})
+    await admin.call("PATCH", id_path("t1"), headers={"Authorization": good})
+    await admin.call("DELETE", id_path("t1"), headers={"Authorization": good})
+    await admin.call("GET", "/api/v1/openapi.json")
+    token_file.unlink()
+    await admin.call("GET", "/api/v1/ingestions", headers={"Authorization": good})
+    seen = (
+        "\n".join(answer.raw.decode() + json.dumps(answer.headers) for answer in admin.answers)
+        + admin.logs.getvalue()
+    )
+    assert "admin_ingestion_registered" in seen and "admin_request_unauthorized" in seen
+    assert token not in seen and wrong not in seen
+    assert "S3CRET" not in seen and "WRONG" not in seen
+
+
+# -- the OpenAPI document -----------------------------------------------------------------------
+
+
+async def test_the_openapi_document_served_is_a_valid_openapi_3_document(admin: Admin) -> None:
+    """The served document passes openapi-spec-validator."""
+    answer = await admin.call("GET", "/api/v1/openapi.json")
+    assert answer.status == 200
+    validate(answer.body)
+    assert answer.body == openapi_document()
+
+
+async def test_every_route_is_in_the_openapi_document_and_nothing_else() -> None:
+    """The app's routes and the document's operations are the same set."""
+    app = create_admin_app(
+        IngestionTracker(
+            UploadStore(),
+            max_tracked=1,
+            label_names=(),
+            on_added=lambda ids: None,
+            on_removed=lambda ids: None,
+            on_rejected=lambda reason: None,
+        )
+    )
+    routes = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+    }
+    documented = {
+        (method, path)
+        for path, item in openapi_document()["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    assert routes == documented
+
+
+def test_the_document_check_catches_an_undocumented_status() -> None:
+    """The per-test check really fails on a status the document lacks."""
+    assert undocumented({("GET", "/api/v1/ingestions", 418), ("GET", None, 404)}) == [
+        ("GET", "/api/v1/ingestions", 418)
+    ]
+
+
+# -- `catalog-upload-exporter register` ---------------------------------------------------------
+
+
+async def test_register_command_tracks_the_id_and_prints_its_view(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """register ID --url --label: exit 0, the id is tracked for the API, its view printed."""
+    code = await asyncio.to_thread(
+        register.main, ["my-id", "--url", admin.url + "/", "--label", "team=x"]
+    )
+    assert code == 0
+    view = admin.tracker.view("my-id")
+    assert view is not None and view.sources == ("api",) and dict(view.labels) == {"team": "x"}
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ingestionId"] == "my-id" and printed["labels"] == {"team": "x"}
+    assert on_disk(admin) == ["my-id"]
+
+
+async def test_register_command_reads_the_url_from_the_environment(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CATALOG_EXPORTER_ADMIN_URL replaces the default URL."""
+    monkeypatch.setenv("CATALOG_EXPORTER_ADMIN_URL", admin.url)
+    assert await asyncio.to_thread(register.main, ["env-id"]) == 0
+    assert admin.tracker.view("env-id") is not None
+
+
+async def test_register_command_exits_1_when_the_id_is_rejected(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused id exits 1 with the API's code and message on stderr."""
+    code = await asyncio.to_thread(register.main, ["x" * 300, "--url", admin.url])
+    assert code == 1
+    assert "too_long" in capsys.readouterr().err
+    assert admin.rejected == [RejectReason.TOO_LONG]
+
+
+async def test_register_command_exits_3_when_the_exporter_cannot_be_reached(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listening: a few quick retries, then exit 3."""
+    monkeypatch.setattr(register, "RETRY_DELAYS", (0.01, 0.01))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert await asyncio.to_thread(register.main, ["lost", "--url", url]) == 3
+    assert "cannot reach" in capsys.readouterr().err
+
+
+async def test_register_command_waits_for_an_exporter_that_is_still_starting(
+    start_admin: AdminFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection refused is retried, so a sidecar that starts late still gets the id."""
+    monkeypatch.setattr(register, "RETRY_DELAYS", (0.2,) * 15)
+    port = free_port()
+    command = asyncio.create_task(
+        asyncio.to_thread(register.main, ["late", "--url", f"http://127.0.0.1:{port}"])
+    )
+    await asyncio.sleep(0.5)
+    admin = await start_admin(port=port)
+    assert await command == 0
+    assert admin.tracker.view("late") is not None
+
+
+async def test_register_command_sends_the_token_from_its_token_file(
+    start_admin: AdminFactory, tmp_path: Path
+) -> None:
+    """--token-file authenticates; without it the command exits 1 (401)."""
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, "cli-token")
+    admin = await start_admin(token_file=str(token_file))
+    assert await asyncio.to_thread(register.main, ["no-token", "--url", admin.url]) == 1
+    argv = ["with-token", "--url", admin.url, "--token-file", str(token_file)]
+    assert await asyncio.to_thread(register.main, argv) == 0
+    assert admin.tracker.ids_from(Source.API) == {"with-token"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["id", "--label", "no-equals-sign"],
+        ["id", "--url", "ftp://127.0.0.1:1"],
+        ["id", "--token-file", "/nonexistent/admin-token"],
+    ],
+)
+def test_register_command_exits_2_on_a_usage_error(argv: list[str]) -> None:
+    """A bad command line or an unreadable token file exits 2 without sending anything."""
+    assert register.main(argv) == 2
