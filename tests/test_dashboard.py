@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from exporter.models import KNOWN_STATUSES
+from exporter.models import KNOWN_STATUSES, TERMINAL_STATUSES
 from exporter.simulator import Fault
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
+from tests.test_rules import slo_error_budget
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "catalog-upload-exporter.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -53,8 +55,22 @@ REQUIRED_METRICS = {
     "catalog_exporter_config_last_reload_successful",
     "catalog_exporter_tracked_ingestions",
     "catalog_exporter_build_info",
+    "catalog_upload_duration_seconds_bucket",
+    "catalog_upload_duration_seconds_count",
+    "catalog_upload_queue_seconds_bucket",
+    "catalog_exporter_rejected_ingestions_total",
     "up",
 }
+
+#: Panels that show the upload success SLO over the fixed windows of its recording rules and
+#: alerts (every other query uses $__rate_interval), with those windows.
+SLO_PANEL_WINDOWS = {
+    "Upload success ratio": {"1h", "1d"},
+    "Error-budget burn rate": {"1h", "6h"},
+}
+#: The promtool unit tests of the SLO recording rules, whose input series and expected values
+#: the SLO panels are checked against.
+SLO_RULE_TESTS = Path(__file__).parent / "rules" / "catalog-upload-exporter.slo.test.yml"
 
 PROMQL_KEYWORDS = {
     "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
@@ -236,8 +252,11 @@ def test_panels_cover_uploads_api_and_exporter_health() -> None:
         assert f"histogram_quantile({quantile}, " in joined
     assert "time() - catalog_upload_status_changed_timestamp_seconds" in joined
     assert "$stuck_after" in joined
-    windows = re.findall(r"\[([^\]]+)\]", joined)
-    assert windows and set(windows) == {"$__rate_interval"}
+    for panel in panels(dashboard):
+        windows = {w for t in panel["targets"] for w in re.findall(r"\[([^\]]+)\]", t["expr"])}
+        allowed = SLO_PANEL_WINDOWS.get(panel["title"], {"$__rate_interval"})
+        assert windows <= allowed, (panel["title"], windows - allowed)
+    assert "$__rate_interval" in joined
     table = panel_titled(dashboard, "Uploads needing attention")
     assert table["type"] == "table" and table["transformations"]
     assert all(t["instant"] and t["format"] == "table" for t in table["targets"])
@@ -262,6 +281,72 @@ def test_every_expression_passes_promtool_check_rules(tmp_path: Path) -> None:
     rules_file = tmp_path / "dashboard.rules.yml"
     rules_file.write_text(json.dumps(rules, indent=2))  # JSON is YAML, quoting included
     run_promtool("check", "rules", str(rules_file))
+
+
+def test_slo_panels_show_what_the_recording_rules_record(tmp_path: Path) -> None:
+    """The success-ratio and burn-rate panels compute what the SLO recording rules record.
+
+    Run by `promtool test rules` on the input series of the rules' own unit test (all jobs and
+    instances selected), each panel query must give the values that test expects of the
+    recording rule for its window, divided by the error budget for burn rates. The dashed
+    threshold lines are the objective (1 - the rules' error budget) and the alerts' burn rates.
+    """
+    dashboard = load_dashboard()
+    budget = float(slo_error_budget())
+    case = next(
+        c
+        for c in yaml.safe_load(SLO_RULE_TESTS.read_text())["tests"]
+        if c["name"] == "slo ratios and finished uploads"
+    )
+    recorded = {
+        (check["expr"], check["eval_time"]): check["exp_samples"]
+        for check in case["promql_expr_test"]
+        if check["exp_samples"]
+    }
+    checks = []
+    for title, kind, scale in (
+        ("Upload success ratio", "success", 1.0),
+        ("Error-budget burn rate", "failure", budget),
+    ):
+        for target in panel_titled(dashboard, title)["targets"]:
+            (window,) = set(re.findall(r"\[([^\]]+)\]", target["expr"]))
+            eval_time = "24h"
+            expected = recorded[(f"job:catalog_upload_{kind}:ratio_rate{window}", eval_time)]
+            checks.append(
+                {
+                    "expr": substitute(target["expr"]),
+                    "eval_time": eval_time,
+                    "exp_samples": [
+                        {
+                            "labels": s["labels"][s["labels"].index("{") :],
+                            "value": s["value"] / scale,
+                        }
+                        for s in expected
+                    ],
+                }
+            )
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": case["interval"],
+                "input_series": case["input_series"],
+                "promql_expr_test": checks,
+            }
+        ],
+    }
+    tests_file = tmp_path / "slo-panels.test.yml"
+    tests_file.write_text(json.dumps(tests, indent=2))
+    run_promtool("test", "rules", str(tests_file))
+
+    def dashed_thresholds(title: str) -> list[float]:
+        defaults = panel_titled(dashboard, title)["fieldConfig"]["defaults"]
+        assert defaults["custom"]["thresholdsStyle"]["mode"] == "dashed", title
+        return [step["value"] for step in defaults["thresholds"]["steps"][1:]]
+
+    assert dashed_thresholds("Upload success ratio") == [pytest.approx(1 - budget)]
+    assert dashed_thresholds("Error-budget burn rate") == [6, 14.4]
 
 
 #: Labels Prometheus adds to every series of one exporter in the PromQL unit tests.
@@ -352,10 +437,14 @@ def test_in_flight_age_shows_every_unfinished_upload_and_nothing_else(tmp_path: 
 def test_status_values_the_dashboard_matches_are_statuses_the_exporter_knows() -> None:
     """Every value in a `status=~"A|B"` matcher is one of the exporter's known statuses."""
     joined = "\n".join(expressions(load_dashboard()))
-    values = re.findall(r'status\s*(?:=~|!~|=|!=)\s*"([^"]*)"', joined)
+    values = re.findall(r'\bstatus\s*(?:=~|!~|=|!=)\s*"([^"]*)"', joined)
     assert values
     for value in values:
         assert set(value.split("|")) <= set(KNOWN_STATUSES), value
+    final = re.findall(r'\bfinal_status\s*(?:=~|!~|=|!=)\s*"([^"]*)"', joined)
+    assert final
+    for value in final:
+        assert set(value.split("|")) <= set(TERMINAL_STATUSES), value
 
 
 async def test_every_metric_and_label_the_dashboard_uses_is_exported(
@@ -389,13 +478,13 @@ async def test_every_metric_and_label_the_dashboard_uses_is_exported(
     samples = await running.scrape()
     exported = {name for name, _ in samples} | PROMETHEUS_OWN_SERIES
     exported_labels = {label for _, labels in samples for label, _ in labels}
-
     dashboard = load_dashboard()
     exprs = expressions(dashboard)
     used = set().union(*(metric_names(e) for e in exprs))
     for variable in variable_queries(dashboard):
         used.update(re.findall(r"catalog_[a-z0-9_]+", variable["definition"]))
-    assert used - exported == set(), f"used by the dashboard, not exported: {used - exported}"
+    missing_names = used - exported
+    assert missing_names == set(), f"used by the dashboard, not exported: {missing_names}"
 
     labels = set().union(*(label_names(e) for e in exprs))
     missing = labels - exported_labels - PROMETHEUS_TARGET_LABELS

@@ -1,10 +1,11 @@
-"""Alert rules: valid for promtool, unit-tested for every alert, documented in the README."""
+"""Alert and recording rules: valid for promtool, unit-tested, alerts documented in the README."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,12 +24,42 @@ REQUIRED_ALERTS = {
     "CatalogExporterDown",
     "CatalogExporterStale",
     "CatalogExporterConfigReloadFailed",
+    "CatalogUploadSuccessBudgetBurn",
 }
+#: Recording rule names follow the Prometheus convention `level:metric:operations`.
+RECORD_NAME = re.compile(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+")
+#: A burn-rate threshold in the SLO alerts: `(<burn rate> * <error budget>)`.
+BURN_THRESHOLD = re.compile(r"\((\d+(?:\.\d+)?) \* (0\.\d+)\)")
+
+
+def rules() -> list[dict[str, object]]:
+    document = yaml.safe_load(RULES.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
 
 
 def alerts() -> list[dict[str, object]]:
-    document = yaml.safe_load(RULES.read_text())
-    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recording_rules() -> list[dict[str, object]]:
+    return [rule for rule in rules() if "record" in rule]
+
+
+def slo_error_budget() -> str:
+    """The error budget (1 - objective) of the upload success SLO, as written in the rules.
+
+    It appears in every burn-rate threshold; they must all agree.
+    """
+    budgets = {
+        budget for rule in alerts() for _, budget in BURN_THRESHOLD.findall(str(rule["expr"]))
+    }
+    assert len(budgets) == 1, f"the burn-rate alerts disagree on the error budget: {budgets}"
+    return budgets.pop()
+
+
+def unit_tests() -> list[dict[str, Any]]:
+    """Every test case of every promtool unit-test file."""
+    return [case for path in RULE_TESTS for case in yaml.safe_load(path.read_text())["tests"]]
 
 
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
@@ -40,7 +71,7 @@ def test_promtool_check_rules_accepts_the_rules_file() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(alerts())} rules found" in result.stdout
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -59,7 +90,8 @@ def test_every_required_alert_exists_with_severity_and_annotations() -> None:
     """Each alert the issue asks for is defined with severity, summary, description, runbook."""
     defined = {str(rule["alert"]): rule for rule in alerts()}
     assert defined.keys() >= REQUIRED_ALERTS
-    for name, rule in defined.items():
+    for rule in alerts():  # every rule: an alert may have one rule per severity
+        name = rule["alert"]
         labels = rule.get("labels")
         annotations = rule.get("annotations")
         assert isinstance(labels, dict) and labels.get("severity") in {"page", "warning"}, name
@@ -72,10 +104,9 @@ def test_every_alert_has_a_firing_and_a_not_firing_unit_test() -> None:
     """The promtool tests check each alert both ways."""
     firing: set[str] = set()
     silent: set[str] = set()
-    for path in RULE_TESTS:
-        for case in yaml.safe_load(path.read_text())["tests"]:
-            for check in case.get("alert_rule_test", []):
-                (firing if check.get("exp_alerts") else silent).add(check["alertname"])
+    for case in unit_tests():
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else silent).add(check["alertname"])
     names = {str(rule["alert"]) for rule in alerts()}
     assert names - firing == set()
     assert names - silent == set()
@@ -93,3 +124,40 @@ def test_every_runbook_url_points_at_a_readme_section() -> None:
         assert isinstance(annotations, dict)
         url = str(annotations["runbook_url"])
         assert url.split("#", 1)[1] in anchors, url
+
+
+def test_every_recording_rule_is_named_by_convention_and_unit_tested() -> None:
+    """Each `record:` is `level:metric:operations` and has a promql_expr_test with samples.
+
+    A test with expected samples pins its values; tests that expect no series (the guards
+    against dividing by zero) come in addition.
+    """
+    names = {str(rule["record"]) for rule in recording_rules()}
+    assert names
+    assert {name for name in names if not RECORD_NAME.fullmatch(name)} == set()
+    tested: set[str] = set()
+    for case in unit_tests():
+        for check in case.get("promql_expr_test", []):
+            if check.get("exp_samples"):
+                used = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", check["expr"]))
+                tested |= names & used
+    assert names - tested == set()
+
+
+def test_the_budget_burn_alert_pages_fast_and_tickets_slow_on_one_objective() -> None:
+    """Page at 14.4 times the error budget over 1h/5m, ticket at 6 times over 6h/30m, both on
+    the same budget, each needing enough finished uploads in its long window."""
+    burn: dict[str, str] = {}
+    for rule in alerts():
+        if rule["alert"] == "CatalogUploadSuccessBudgetBurn":
+            labels = rule["labels"]
+            assert isinstance(labels, dict)
+            burn[labels["severity"]] = " ".join(str(rule["expr"]).split())
+    assert burn.keys() == {"page", "warning"}
+    budget = slo_error_budget()
+    windows = {"page": ("14.4", "1h", "5m"), "warning": ("6", "6h", "30m")}
+    for severity, (rate, long, short) in windows.items():
+        expr, threshold = burn[severity], f"({rate} * {budget})"
+        assert f"job:catalog_upload_failure:ratio_rate{long} > {threshold}" in expr
+        assert f"job:catalog_upload_duration_seconds_count:increase{long} >= 5" in expr
+        assert f"unless job:catalog_upload_failure:ratio_rate{short} <= {threshold}" in expr
