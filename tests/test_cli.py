@@ -317,3 +317,37 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
             pytest.fail(f"demo showed {shown}, throttled={throttled}, errors={errors}")
     finally:
         assert proc.stop() == 0
+
+
+def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_path: Path) -> None:
+    """`catalog-upload-exporter register ID --url ...` makes a running exporter track the id."""
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, [], port)
+    config.write_text(config.read_text().replace("  port: 0", f"  port: {admin_port}"))
+    proc = Process([*EXPORTER, "--config", str(config)])
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        wait_http(f"{admin}/healthz")
+        result = subprocess.run(
+            [*EXPORTER, "register", "demo-done-01", "--url", admin],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["ingestionId"] == "demo-done-01"
+        status, body = http_get(f"{admin}/api/v1/ingestions")
+        assert status == 200
+        assert [v["ingestionId"] for v in json.loads(body)["ingestions"]] == ["demo-done-01"]
+        refused = subprocess.run(
+            [*EXPORTER, "register", "x" * 300, "--url", admin],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert refused.returncode == 1
+        assert "too_long" in refused.stderr
+    finally:
+        assert proc.stop() == 0
