@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.models import (
-    KNOWN_STATUSES,
     TERMINAL_STATUSES,
     ErrorKind,
     PollError,
@@ -187,59 +186,17 @@ class ExporterMetrics:
 
 
 class UploadCollector(Collector):
-    """Per-upload and aggregate upload metrics, rendered from the store at scrape time.
+    """Aggregate upload metrics, rendered from the store at scrape time.
 
-    Sample output for one upload::
-
-        catalog_upload_status{ingestion_id="abc",status="INQUEUE"} 0.0
-        catalog_upload_status{ingestion_id="abc",status="INPROGRESS"} 1.0
-        ... (one series per status, exactly one of them 1)
-        catalog_upload_status_changed_timestamp_seconds{ingestion_id="abc"} 1.7e+09
-        catalog_upload_report_available{ingestion_id="abc"} 0.0
-        catalog_uploads{status="INPROGRESS"} 1.0
+    The per-upload families (`catalog_upload_status` and friends) are not here: they are
+    kept pre-rendered by `exposition.UploadExposition`, which is what keeps a scrape of
+    100,000 uploads fast.
     """
 
-    def __init__(self, store: UploadStore, label_names: Callable[[], tuple[str, ...]]) -> None:
+    def __init__(self, store: UploadStore) -> None:
         self._store = store
-        self._label_names = label_names
 
     def collect(self) -> Iterable[Metric]:
-        extra = list(self._label_names())
-        status = GaugeMetricFamily(
-            "catalog_upload_status",
-            "Upload status, one-hot: 1 for the status the API last reported, else 0.",
-            labels=["ingestion_id", "status", *extra],
-        )
-        per_upload = ["ingestion_id", *extra]
-        changed = GaugeMetricFamily(
-            "catalog_upload_status_changed_timestamp_seconds",
-            "When the exporter first saw the upload's current status.",
-            labels=per_upload,
-        )
-        last_success = GaugeMetricFamily(
-            "catalog_upload_last_success_timestamp_seconds",
-            "When a poll of this upload last succeeded (absent until one does).",
-            labels=per_upload,
-        )
-        report = GaugeMetricFamily(
-            "catalog_upload_report_available",
-            "1 when the API returned a non-empty reportDownloadLink for the upload.",
-            labels=per_upload,
-        )
-        for upload in self._store:
-            ingestion_id = upload.ingestion_id
-            values = [upload.labels.get(name, "") for name in extra]
-            for known in KNOWN_STATUSES:
-                hot = 1.0 if upload.status == known else 0.0
-                status.add_metric([ingestion_id, known, *values], hot)
-            if upload.status not in KNOWN_STATUSES:
-                status.add_metric([ingestion_id, upload.status, *values], 1.0)
-            changed.add_metric([ingestion_id, *values], upload.status_changed)
-            if upload.last_success is not None:
-                last_success.add_metric([ingestion_id, *values], upload.last_success)
-            report.add_metric([ingestion_id, *values], 1.0 if upload.report_available else 0.0)
-        yield from (status, changed, last_success, report)
-
         uploads = GaugeMetricFamily(
             "catalog_uploads", "Tracked uploads per status.", labels=["status"]
         )

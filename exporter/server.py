@@ -68,8 +68,12 @@ async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
 
 async def metrics(request: web.Request) -> web.Response:
     """Current state in the text format, or OpenMetrics when the scraper asks for it."""
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    response = web.Response(body=encoder(request.app[EXPORTER].registry))
+    _, content_type = choose_encoder(request.headers.get("Accept", ""))
+    exporter = request.app[EXPORTER]
+    body = exporter.exposition.render(
+        exporter.registry, openmetrics=content_type.startswith("application/openmetrics-text")
+    )
+    response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         response.enable_compression(web.ContentCoding.gzip)

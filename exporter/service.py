@@ -21,6 +21,7 @@ from exporter.auth import RequestAuth, create_auth
 from exporter.client import CatalogClient
 from exporter.config import AuthConfig, Config
 from exporter.discovery import DirectoryWatcher
+from exporter.exposition import UploadExposition
 from exporter.logs import configure_logging
 from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
 from exporter.ratelimit import AdaptiveRateLimiter
@@ -66,8 +67,11 @@ class Exporter:
         self.api_metrics = ApiMetrics(self.registry)
         self.upload_metrics = UploadMetrics(self.registry)
         self.metrics = ExporterMetrics(self.registry, rate_limit=lambda: self.limiter.rate)
-        self.registry.register(
-            UploadCollector(self.store, label_names=lambda: self.config.ingestions.labels)
+        self.registry.register(UploadCollector(self.store))
+        self.exposition = UploadExposition(
+            self.store,
+            label_names=lambda: self.config.ingestions.labels,
+            active_status_only=lambda: False,
         )
         self.tracker = IngestionTracker(
             self.store,

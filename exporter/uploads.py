@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 
 from exporter.models import (
@@ -21,6 +21,11 @@ from exporter.models import (
     Status,
     StatusReport,
 )
+
+
+def _render_nothing(upload: TrackedUpload, full: bool) -> None:
+    """The renderer until one is set: a store may be used without exposition (tests)."""
+
 
 #: Statuses that mean the upload has not left the queue yet (for the queue-time histogram).
 _NOT_YET_STARTED = frozenset({Status.UNKNOWN, Status.INQUEUE, Status.INVALID})
@@ -42,6 +47,13 @@ class TrackedUpload:
     report_available: bool = False
     terminal_at: float | None = None
     queue_observed: bool = False
+    #: This upload's exposition lines, rendered by `exposition` whenever what they show
+    #: changes, so that a scrape only joins them: the status series, the status-changed,
+    #: last-success (b"" before the first success) and report-available lines.
+    r_status: bytes = b""
+    r_changed: bytes = b""
+    r_success: bytes = b""
+    r_report: bytes = b""
 
     @property
     def terminal(self) -> bool:
@@ -52,6 +64,9 @@ class TrackedUpload:
     def released(self) -> bool:
         """No source wants it any more: kept only until it is terminal and retained."""
         return not self.sources
+
+
+Renderer = Callable[[TrackedUpload, bool], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +88,25 @@ class UploadStore:
         self._uploads: dict[str, TrackedUpload] = {}
         self._retired: dict[str, float] = {}
         self._transitions: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # kept in step, so a scrape need not count
+        self._render: Renderer = _render_nothing
 
     def __len__(self) -> int:
         return len(self._uploads)
 
     def __iter__(self) -> Iterator[TrackedUpload]:
         return iter(self._uploads.values())
+
+    def uploads(self) -> ValuesView[TrackedUpload]:
+        """A live view of every tracked upload, in registration order."""
+        return self._uploads.values()
+
+    def set_renderer(self, render: Renderer) -> None:
+        """Have `render(upload, full)` called after every change to what an upload shows
+        (`full` False when only its last success changed), and once for each upload now."""
+        self._render = render
+        for upload in self._uploads.values():
+            render(upload, True)
 
     def __contains__(self, ingestion_id: object) -> bool:
         return ingestion_id in self._uploads
@@ -104,14 +132,21 @@ class UploadStore:
             now = self._clock()
             upload = TrackedUpload(ingestion_id, first_seen=now, status_changed=now)
             self._uploads[ingestion_id] = upload
+            self._counts[upload.status] += 1
         upload.sources.add(source)
-        if labels:
+        if labels and labels != upload.labels:
             upload.labels = dict(labels)
+            self._render(upload, True)
+        elif created:
+            self._render(upload, True)
         return created
 
     def restore(self, upload: TrackedUpload) -> None:
         """Put back an upload read from the state file, as it was."""
+        self._forget(upload.ingestion_id)
         self._uploads[upload.ingestion_id] = upload
+        self._counts[upload.status] += 1
+        self._render(upload, True)
 
     def restore_retired(self, retired: Mapping[str, float]) -> None:
         """Put back the retired ids read from the state file."""
@@ -127,7 +162,7 @@ class UploadStore:
 
     def remove(self, ingestion_id: str) -> bool:
         """Stop tracking at once; its series disappear. True if it was tracked."""
-        return self._uploads.pop(ingestion_id, None) is not None
+        return self._forget(ingestion_id) is not None
 
     def forget_retired(self, before: float) -> None:
         """Forget ids retired before `before` (wall clock): the list must not grow forever."""
@@ -140,7 +175,7 @@ class UploadStore:
         While a source still lists it, it is remembered as retired so that it is not polled
         again; a released upload is simply forgotten.
         """
-        upload = self._uploads.pop(ingestion_id, None)
+        upload = self._forget(ingestion_id)
         if upload is None:
             return False
         if upload.sources:
@@ -156,8 +191,11 @@ class UploadStore:
         upload.last_poll = now
         upload.last_success = now
         upload.last_error = None
+        shown_changed = upload.report_available != report.report_available
         upload.report_available = report.report_available
-        return self._set_status(upload, report.status, now)
+        transition = self._set_status(upload, report.status, now)
+        self._render(upload, shown_changed or transition is not None)
+        return transition
 
     def record_error(self, ingestion_id: str, error: PollError) -> Transition | None:
         """Apply a failed poll; only an invalid id changes the status (to INVALID)."""
@@ -168,13 +206,16 @@ class UploadStore:
         upload.last_poll = now
         upload.last_error = error.kind
         if error.kind is ErrorKind.INVALID_INGESTION_ID:
-            return self._set_status(upload, Status.INVALID.value, now)
+            transition = self._set_status(upload, Status.INVALID.value, now)
+            if transition is not None:
+                self._render(upload, True)
+            return transition
         return None
 
     def status_counts(self) -> Counter[str]:
         """Tracked uploads per status; every known status present, zero or not."""
         counts: Counter[str] = Counter(dict.fromkeys(KNOWN_STATUSES, 0))
-        counts.update(u.status for u in self._uploads.values())
+        counts.update(+self._counts)
         return counts
 
     def transitions(self) -> Counter[str]:
@@ -183,10 +224,18 @@ class UploadStore:
         counts.update(self._transitions)
         return counts
 
+    def _forget(self, ingestion_id: str) -> TrackedUpload | None:
+        upload = self._uploads.pop(ingestion_id, None)
+        if upload is not None:
+            self._counts[upload.status] -= 1
+        return upload
+
     def _set_status(self, upload: TrackedUpload, status: str, now: float) -> Transition | None:
         if status == upload.status:
             return None
         old = upload.status
+        self._counts[old] -= 1
+        self._counts[status] += 1
         upload.status = status
         upload.status_changed = now
         self._transitions[status] += 1
