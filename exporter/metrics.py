@@ -126,7 +126,13 @@ class UploadMetrics:
 class ExporterMetrics:
     """The exporter's own health: reloads, build, rate limit in force, tracked ids."""
 
-    def __init__(self, registry: CollectorRegistry, *, rate_limit: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        rate_limit: Callable[[], float],
+        poll_lag: Callable[[], float],
+    ) -> None:
         self.reload_successful = Gauge(
             "catalog_exporter_config_last_reload_successful",
             "1 if the last configuration load or reload succeeded, else 0.",
@@ -148,6 +154,13 @@ class ExporterMetrics:
             registry=registry,
         )
         rate.set_function(rate_limit)
+        lag = Gauge(
+            "catalog_exporter_poll_lag_seconds",
+            "How overdue the most overdue poll is: above 0 for long, the rate budget is too "
+            "small for the uploads tracked (raise it, lengthen the interval, or shard).",
+            registry=registry,
+        )
+        lag.set_function(poll_lag)
         build = Gauge(
             "catalog_exporter_build_info",
             "Always 1; labels say which build is running.",

@@ -89,6 +89,17 @@ class Poller:
         """True while the dispatcher task is alive (what /readyz reports)."""
         return self._task is not None and not self._task.done()
 
+    def lag(self) -> float:
+        """How overdue the most overdue upload is, in seconds (0 when none is).
+
+        It grows when the rate budget cannot keep every upload fresh (N/interval > rate):
+        the signal to raise the budget, lengthen the interval, or shard.
+        """
+        heap = self._heap
+        while heap and self._pending.get(heap[0].ingestion_id) != heap[0].seq:
+            heapq.heappop(heap)
+        return max(0.0, self._clock() - heap[0].due) if heap else 0.0
+
     def start(self) -> None:
         """Start dispatching; uploads already in the store (restored state) are scheduled.
 

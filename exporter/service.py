@@ -66,7 +66,11 @@ class Exporter:
         self.limiter = AdaptiveRateLimiter(config.api.max_requests_per_second)
         self.api_metrics = ApiMetrics(self.registry)
         self.upload_metrics = UploadMetrics(self.registry)
-        self.metrics = ExporterMetrics(self.registry, rate_limit=lambda: self.limiter.rate)
+        self.metrics = ExporterMetrics(
+            self.registry,
+            rate_limit=lambda: self.limiter.rate,
+            poll_lag=lambda: self._poller.lag() if self._poller is not None else 0.0,
+        )
         self.registry.register(UploadCollector(self.store))
         self.exposition = UploadExposition(
             self.store,

@@ -161,3 +161,33 @@ async def test_invalid_id_is_marked_invalid_and_polled_rarely(
     samples = await running.scrape()
     assert value(samples, "catalog_api_errors_total", kind="invalid_ingestion_id") == 1.0
     assert value(samples, "catalog_uploads", status="INVALID") == 1.0
+
+
+async def test_poll_lag_shows_when_the_budget_is_too_small(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """With N/interval above the rate limit, catalog_exporter_poll_lag_seconds climbs."""
+    sim, url = await start_simulator()
+    ids = [f"up-{n}" for n in range(40)]
+    for ingestion_id in ids:
+        sim.add_upload(ingestion_id, [("INPROGRESS", 0)])
+    config = fast_config(url, ids, api={"max_requests_per_second": 10})
+    running = await start_exporter(config)
+
+    async def lagging() -> bool:
+        lag = value(await running.scrape(), "catalog_exporter_poll_lag_seconds")
+        return lag is not None and lag > 1.0  # 40 uploads every 0.2 s need 200/s, not 10/s
+
+    await wait_for(lagging, timeout=15)
+
+
+async def test_poll_lag_stays_near_zero_within_budget(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """When the budget suffices, no poll is more than a fraction of a second overdue."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    running = await start_exporter(fast_config(url, ["up-1"]))
+    await wait_for(requests_seen(sim, "up-1", 5))
+    lag = value(await running.scrape(), "catalog_exporter_poll_lag_seconds")
+    assert lag is not None and lag < 0.5
