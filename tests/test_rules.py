@@ -24,6 +24,7 @@ REQUIRED_ALERTS = {
     "CatalogExporterDown",
     "CatalogExporterStale",
     "CatalogExporterConfigReloadFailed",
+    "CatalogExporterPollLagging",
     "CatalogUploadSuccessBudgetBurn",
 }
 #: Recording rule names follow the Prometheus convention `level:metric:operations`.
