@@ -264,7 +264,8 @@ async def register(request: web.Request) -> web.Response:
     if not result.accepted:
         reason = result.reason or RejectReason.NOT_A_STRING
         message = result.message if "ingestionId" in body else "ingestionId is required"
-        raise _Refused(409 if reason is RejectReason.CAP_REACHED else 400, reason.value, message)
+        conflict = reason in (RejectReason.CAP_REACHED, RejectReason.NOT_OWNED)
+        raise _Refused(409 if conflict else 400, reason.value, message)
 
     view = tracker.view(result.ingestion_id)
     if view is None:  # finished and retired earlier: accepted, but never polled again

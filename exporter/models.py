@@ -81,6 +81,7 @@ class RejectReason(enum.StrEnum):
     CONTROL_CHARACTERS = "control_characters"
     BAD_LABELS = "bad_labels"
     CAP_REACHED = "cap_reached"
+    NOT_OWNED = "not_owned"
 
 
 def ingestion_id_problem(value: object) -> RejectReason | None:

@@ -26,6 +26,7 @@ from exporter.logs import configure_logging
 from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller
+from exporter.sharding import Shard
 from exporter.state import StateWriter, load_state
 from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
@@ -84,6 +85,7 @@ class Exporter:
             on_added=self._track,
             on_removed=self._untrack,
             on_rejected=self.metrics.count_rejected,
+            shard=Shard(config.sharding.index, config.sharding.total),
         )
         self._auth_factory = auth_factory
         self._rng = rng
@@ -154,7 +156,7 @@ class Exporter:
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
             self._restart_watcher(new)
-        for section in ("server", "admin", "state"):
+        for section in ("server", "admin", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))

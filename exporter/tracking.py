@@ -24,6 +24,7 @@ from exporter.models import (
     refused_character,
 )
 from exporter.responses import clean_text
+from exporter.sharding import Shard, shard_of
 from exporter.state import StateSnapshot, StateWriter, UploadRecord
 from exporter.uploads import TrackedUpload, UploadStore
 
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger("exporter.tracking")
+
+#: One replica owning every id: the default.
+UNSHARDED = Shard()
 
 #: Longest label value accepted; longer ones are refused as bad_labels.
 MAX_LABEL_VALUE_LENGTH = 128
@@ -165,9 +169,11 @@ class IngestionTracker:
         on_removed: Callable[[list[str]], None],
         on_rejected: Callable[[RejectReason], None],
         state: StateWriter | None = None,
+        shard: Shard = UNSHARDED,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._shard = shard
         self._max_tracked = max_tracked
         self._label_names = label_names
         self._on_added = on_added
@@ -199,6 +205,8 @@ class IngestionTracker:
             shown = ingestion_id if isinstance(ingestion_id, str) else ""
             return self._reject(shown[:MAX_INGESTION_ID_LENGTH], problem, _REASON_TEXT[problem])
         assert isinstance(ingestion_id, str)
+        if not self._shard.owns(ingestion_id):
+            return self._not_owned(ingestion_id, source)
         label_problem = _label_problem(labels or {}, self._label_names)
         if label_problem is not None:
             return self._reject(ingestion_id, RejectReason.BAD_LABELS, label_problem)
@@ -240,7 +248,7 @@ class IngestionTracker:
         Config ids are not subject to the cap: the config is explicit, and the loader already
         refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once.
         """
-        wanted = dict.fromkeys(ids)
+        wanted = dict.fromkeys(i for i in ids if self._shard.owns(i))
         for ingestion_id in self.ids_from(Source.CONFIG) - wanted.keys():
             self._store.drop_source(ingestion_id, Source.CONFIG.value)
             upload = self._store.get(ingestion_id)
@@ -296,6 +304,8 @@ class IngestionTracker:
     def restore(self, snapshot: StateSnapshot) -> None:
         """Load what a previous run persisted, before polling starts."""
         for record in snapshot.uploads:
+            if not self._shard.owns(record.ingestion_id):
+                continue  # sharding.total changed since: another replica owns it now
             self._store.restore(
                 TrackedUpload(
                     ingestion_id=record.ingestion_id,
@@ -324,6 +334,17 @@ class IngestionTracker:
         self._mark_dirty()
         if durable and self._state is not None:
             await self._state.flush()
+
+    def _not_owned(self, ingestion_id: str, source: Source) -> Registration:
+        owner = shard_of(ingestion_id, self._shard.total)
+        message = (
+            f"owned by shard {owner} of {self._shard.total}, not this one ({self._shard.index})"
+        )
+        if source is Source.API:
+            # Someone sent it to the wrong replica: say so. The config and a shared directory
+            # list every id on every replica, so skipping is normal there.
+            return self._reject(ingestion_id, RejectReason.NOT_OWNED, message)
+        return Registration(ingestion_id, accepted=True, message=message)
 
     def _reject(self, ingestion_id: str, reason: RejectReason, message: str) -> Registration:
         self._on_rejected(reason)

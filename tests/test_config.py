@@ -20,6 +20,7 @@ from exporter.config import (
     PollingConfig,
     ReloadConfig,
     ServerConfig,
+    ShardingConfig,
     StateConfig,
     load_config,
     parse_config,
@@ -88,6 +89,7 @@ def test_example_config_loads_with_the_values_it_documents():
     assert config.reload == ReloadConfig(watch_interval_seconds=5.0)
     assert config.admin == AdminConfig(enabled=True, host="127.0.0.1", port=10185, token_file="")
     assert config.state == StateConfig(path="", debounce_seconds=0.5)
+    assert config.sharding == ShardingConfig(total=1, index=0)
 
 
 def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):
@@ -164,6 +166,7 @@ def test_minimal_config_gets_every_default():
         reload=ReloadConfig(watch_interval_seconds=5.0),
         admin=AdminConfig(enabled=True, host="127.0.0.1", port=DEFAULT_ADMIN_PORT, token_file=""),
         state=StateConfig(path="", debounce_seconds=0.5),
+        sharding=ShardingConfig(total=1, index=0),
     )
     assert DEFAULT_PORT == 10184
     assert DEFAULT_ADMIN_PORT == 10185
@@ -349,6 +352,11 @@ def test_quoted_number_is_rejected_not_coerced():
         ("admin", "port", 65536),
         ("state", "debounce_seconds", -0.1),
         ("state", "debounce_seconds", 60.5),
+        ("sharding", "total", 0),
+        ("sharding", "total", 1025),
+        ("sharding", "total", 2.5),
+        ("sharding", "index", -1),
+        ("sharding", "index", 1024),
     ],
 )
 def test_out_of_range_value_is_reported_on_its_key(section, key, value):
@@ -1277,4 +1285,168 @@ def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
         "admin.host",
         "state.debounce_seconds",
         "state.path",
+    ]
+
+
+# Sharding
+
+
+def no_hostname() -> str:
+    """A stand-in for socket.gethostname that fails the test if the hostname is looked up."""
+    raise AssertionError("the hostname must not be looked up")
+
+
+def sharding_problems(sharding: object, hostname: str | None = None) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(sharding=sharding), environ=REGION_ENV, hostname=hostname)
+    return caught.value.problems
+
+
+def test_example_config_sharding_across_a_statefulset_loads_when_edited(tmp_path):
+    """The example with total: 3 takes its index from a StatefulSet pod's hostname."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace("  total: 1\n", "  total: 3\n")
+    assert "  total: 3\n" in text
+
+    config = load_config(write(tmp_path, text), environ={}, hostname="catalog-upload-exporter-1")
+
+    assert config.sharding == ShardingConfig(total=3, index=1)
+
+
+def test_a_single_replica_never_looks_at_the_hostname(monkeypatch):
+    """With total 1 (the default, or given) the index is 0 and no hostname is needed."""
+    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+
+    for sharding in (None, {}, {"total": 1}, {"total": 1, "index": None}, {"index": 0}):
+        config = parse_config(minimal(sharding=sharding), environ=REGION_ENV)
+        assert config.sharding == ShardingConfig(total=1, index=0)
+
+
+def test_an_explicit_index_wins_over_the_hostname(monkeypatch):
+    """sharding.index given: the hostname is neither read nor compared."""
+    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+
+    config = parse_config(
+        minimal(sharding={"total": 4, "index": 3}),
+        environ={**REGION_ENV, "HOSTNAME": "catalog-upload-exporter-0"},
+    )
+
+    assert config.sharding == ShardingConfig(total=4, index=3)
+
+
+def test_a_null_index_is_the_statefulset_ordinal_of_the_hostname_given():
+    """`hostname=` supplies the pod name; its -<ordinal> suffix is the index."""
+    config = parse_config(
+        minimal(sharding={"total": 3, "index": None}),
+        environ=REGION_ENV,
+        hostname="catalog-upload-exporter-2",
+    )
+
+    assert config.sharding == ShardingConfig(total=3, index=2)
+
+
+def test_the_hostname_comes_from_the_hostname_variable_then_the_system(monkeypatch):
+    """Without `hostname=`, HOSTNAME (set by Kubernetes) is used, else socket.gethostname()."""
+    monkeypatch.setattr("exporter.config.socket.gethostname", lambda: "exporter-1.example.org")
+    data = minimal(sharding={"total": 3})
+
+    from_env = parse_config(data, environ={**REGION_ENV, "HOSTNAME": "exporter-2"})
+    empty_env = parse_config(data, environ={**REGION_ENV, "HOSTNAME": ""})
+    no_env = parse_config(data, environ=REGION_ENV)
+
+    assert from_env.sharding.index == 2
+    assert empty_env.sharding.index == 1
+    assert no_env.sharding.index == 1
+
+
+def test_load_config_passes_the_hostname_on(tmp_path):
+    """load_config's `hostname=` reaches the sharding check."""
+    path = write(tmp_path, f"api: {{base_url: '{BASE_URL}'}}\nsharding: {{total: 2}}\n")
+
+    config = load_config(path, environ=REGION_ENV, hostname="catalog-upload-exporter-1")
+
+    assert config.sharding == ShardingConfig(total=2, index=1)
+
+
+def test_index_not_below_total_is_reported_on_index():
+    """An explicit index must be below total, 0 when total is 1."""
+    assert sharding_problems({"total": 3, "index": 3}) == (
+        "sharding.index: expected an integer from 0 to 2 (below sharding.total 3), got 3",
+    )
+    assert sharding_problems({"index": 1}) == (
+        "sharding.index: expected an integer from 0 to 0 (below sharding.total 1), got 1",
+    )
+
+
+def test_a_hostname_without_an_ordinal_is_reported_on_index():
+    """total > 1, index null and a hostname with no -<ordinal>: one problem naming it."""
+    problems = sharding_problems({"total": 3}, hostname="catalog-upload-exporter-7d9f8-xkq2p")
+
+    assert problems == (
+        "sharding.index: set sharding.index or run in a StatefulSet whose pod names end in "
+        "-<ordinal>; hostname 'catalog-upload-exporter-7d9f8-xkq2p' has none",
+    )
+
+
+def test_an_ordinal_not_below_total_is_reported_naming_the_hostname():
+    """A fourth pod of a three-shard StatefulSet (or a Deployment's all-digit suffix) fails."""
+    problems = sharding_problems({"total": 3}, hostname="catalog-upload-exporter-3")
+
+    assert problems == (
+        "sharding.index: hostname 'catalog-upload-exporter-3' gives ordinal 3, but "
+        "sharding.total is 3 (ordinals 0 to 2): run as many replicas as sharding.total, or "
+        "set sharding.index",
+    )
+
+
+def test_a_fully_qualified_hostname_gives_the_ordinal_of_its_first_label():
+    """With setHostnameAsFQDN the pod name is the first label of the hostname."""
+    config = parse_config(
+        minimal(sharding={"total": 3}),
+        environ=REGION_ENV,
+        hostname="catalog-upload-exporter-1.catalog-upload-exporter.shop.svc.cluster.local",
+    )
+
+    assert config.sharding.index == 1
+
+
+def test_a_bad_total_is_reported_alone_without_an_index_check(monkeypatch):
+    """A wrong total is one problem: the index is not compared and no hostname is read."""
+    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+
+    assert sharding_problems({"total": "3"}) == (
+        "sharding.total: expected an integer from 1 to 1024, got '3' "
+        "(a string to YAML: drop any quotes, and write exponents like 1.0e+3)",
+    )
+    assert sharding_problems({"total": 0, "index": 5}) == (
+        "sharding.total: expected an integer from 1 to 1024, got 0",
+    )
+    assert sharding_problems({"total": True, "index": None}) == (
+        "sharding.total: expected an integer from 1 to 1024, got true "
+        "(YAML reads unquoted yes/no/on/off/true/false as booleans)",
+    )
+
+
+def test_sharding_that_is_not_a_mapping_or_has_unknown_keys_is_reported():
+    """`sharding: 3` is one problem; a misspelt key suggests the real one."""
+    assert sharding_problems(3) == ("sharding: expected a mapping, got 3",)
+    assert sharding_problems({"totl": 2, "replicas": 2}) == (
+        "sharding.totl: unknown key; did you mean 'total'?",
+        "sharding.replicas: unknown key",
+    )
+
+
+def test_sharding_problems_are_listed_after_the_other_sections():
+    """Sharding is read last, so its problems come last, with everything else found."""
+    problems = problems_of(
+        minimal(
+            server={"port": -1},
+            state={"debounce_seconds": 61},
+            sharding={"total": 2, "index": 2},
+        )
+    )
+
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "server.port",
+        "state.debounce_seconds",
+        "sharding.index",
     ]

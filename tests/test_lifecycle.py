@@ -195,3 +195,21 @@ async def test_a_file_dropped_in_the_directory_is_polled_and_released_when_delet
     (drop / "upload-1.json").unlink()
     await wait_for(running.status_is("file-up", "DONE"))  # still polled to its end
     await wait_for(running.status_is("file-up", None), timeout=5)
+
+
+async def test_a_shard_tracks_only_the_ids_it_owns_and_refuses_misdirected_registrations(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """With sharding.total 3, each replica polls its own third; the API names the owner."""
+    from exporter.sharding import shard_of
+
+    _, url = await start_simulator()
+    ids = [f"id-{n}" for n in range(30)]
+    owned = [i for i in ids if shard_of(i, 3) == 1]
+    foreign = next(i for i in ids if shard_of(i, 3) != 1)
+    config = fast_config(url, ids, sharding={"total": 3, "index": 1})
+    running = await start_exporter(config)
+    assert {view.ingestion_id for view in running.exporter.tracker.views()} == set(owned)
+    refused = await running.exporter.tracker.register(foreign, Source.API)
+    assert (refused.accepted, refused.reason) == (False, "not_owned")
+    assert f"owned by shard {shard_of(foreign, 3)} of 3" in refused.message

@@ -1,6 +1,7 @@
 """The Kubernetes manifests and the plain Prometheus scrape config, checked with real tools.
 
-`kubectl kustomize` renders deploy/ (no cluster needed), kubernetes-validate checks each core
+`kubectl kustomize` renders deploy/ and the sharded overlay (no cluster needed),
+kubernetes-validate checks each core
 object against the Kubernetes OpenAPI schemas in strict mode, the exporter's own loader reads
 the generated ConfigMap, and promtool checks the scrape config and the alert rules. The
 Prometheus Operator's kinds have no schema there, so their structure is checked by hand. Every
@@ -21,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from exporter.config import parse_config
+from exporter.config import ConfigError, parse_config
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).parent.parent
@@ -29,6 +30,9 @@ DEPLOY = ROOT / "deploy"
 RULES_FILE = DEPLOY / "prometheus" / "catalog-upload-exporter.rules.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yml"
 DASHBOARD = DEPLOY / "grafana" / "catalog-upload-exporter.json"
+SHARDED = DEPLOY / "overlays" / "sharded"
+#: The Catalog API's request budget per account, shared by every replica.
+API_REQUESTS_PER_SECOND = 10
 #: Native sidecars (restartPolicy: Always on an init container) are on by default from 1.29;
 #: 1.31 is the oldest schema checked, the newest kubernetes-validate ships the other.
 KUBERNETES_VERSIONS = ("1.31", kubernetes_validate.latest_version())
@@ -67,14 +71,14 @@ def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manife
     return found[0]
 
 
-def pod_spec(manifests: list[Manifest]) -> Manifest:
-    spec: Manifest = one(manifests, "Deployment")["spec"]["template"]["spec"]
+def pod_spec(manifests: list[Manifest], kind: str = "Deployment") -> Manifest:
+    spec: Manifest = one(manifests, kind)["spec"]["template"]["spec"]
     return spec
 
 
-def exporter_container(manifests: list[Manifest]) -> Manifest:
-    spec = pod_spec(manifests)
-    found = [
+def exporter_container(manifests: list[Manifest], kind: str = "Deployment") -> Manifest:
+    spec = pod_spec(manifests, kind)
+    found: list[Manifest] = [
         c
         for c in spec.get("initContainers", []) + spec["containers"]
         if c["image"].startswith(EXPORTER_IMAGE)
@@ -84,7 +88,7 @@ def exporter_container(manifests: list[Manifest]) -> Manifest:
 
 
 def app_container(manifests: list[Manifest]) -> Manifest:
-    others = [
+    others: list[Manifest] = [
         c for c in pod_spec(manifests)["containers"] if not c["image"].startswith(EXPORTER_IMAGE)
     ]
     assert len(others) == 1, "expected exactly one application container"
@@ -148,6 +152,12 @@ def test_every_core_object_validates_strictly_against_the_kubernetes_schemas(
         "Service",
         "ServiceAccount",
     }
+    problems = schema_problems(core)
+    assert not problems, "\n".join(problems)
+
+
+def schema_problems(core: list[Manifest]) -> list[str]:
+    """What kubernetes-validate finds wrong with each object, for every checked version."""
     problems = []
     for version in KUBERNETES_VERSIONS:
         for manifest in core:
@@ -156,7 +166,7 @@ def test_every_core_object_validates_strictly_against_the_kubernetes_schemas(
             except kubernetes_validate.ValidationError as error:
                 where = "/".join(map(str, error.path))
                 problems.append(f"{manifest['kind']} for {version}: {where}: {error.message}")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 def test_the_servicemonitor_scrapes_the_services_metrics_port(manifests: list[Manifest]) -> None:
@@ -211,12 +221,18 @@ def test_the_pod_and_every_container_are_locked_down(manifests: list[Manifest]) 
     """Pod and each container (sidecar included): non-root numeric ids, read-only root,
     no privilege escalation, no capabilities, RuntimeDefault seccomp, requests and limits."""
     spec = pod_spec(manifests)
+    assert len(spec.get("initContainers", []) + spec["containers"]) == 2
+    assert_locked_down(spec)
+
+
+def assert_locked_down(spec: Manifest) -> None:
+    """The pod spec and each of its containers run as the security tests expect."""
     pod = spec["securityContext"]
     assert pod["runAsNonRoot"] is True
     assert pod["runAsUser"] > 0 and pod["runAsGroup"] > 0
     assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
     containers = spec.get("initContainers", []) + spec["containers"]
-    assert len(containers) == 2
+    assert containers
     for container in containers:
         name = container["name"]
         context = container["securityContext"]
@@ -475,3 +491,212 @@ def test_the_scrape_config_points_an_annotated_pod_at_the_exporter_port(
     assert relabel(not_annotated, job["relabel_configs"]) is None
     finished = {**annotated, "__meta_kubernetes_pod_phase": "Succeeded"}
     assert relabel(finished, job["relabel_configs"]) is None
+
+
+# The sharded overlay: the exporter alone, as a StatefulSet whose replicas split the ids.
+
+
+@pytest.fixture(scope="module")
+def sharded() -> list[Manifest]:
+    """Everything `kubectl apply -k deploy/overlays/sharded` would send."""
+    return kustomize(SHARDED)
+
+
+def sharded_document(sharded: list[Manifest]) -> dict[str, Any]:
+    (text,) = exporter_configmap(sharded)["data"].values()
+    assert text == (SHARDED / "exporter-config.yaml").read_text(encoding="utf-8")
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
+def parse_sharded_config(sharded: list[Manifest], tmp_path: Path, hostname: str) -> Any:
+    """The overlay's config as the pod named `hostname` loads it, its state directory (a
+    volume of the pod) stood in for by a temporary one."""
+    document = sharded_document(sharded)
+    local_state_dir = tmp_path / "state"
+    local_state_dir.mkdir(exist_ok=True)
+    document["state"]["path"] = str(local_state_dir / Path(document["state"]["path"]).name)
+    return parse_config(document, environ={}, hostname=hostname)
+
+
+def test_the_sharded_overlay_renders_a_statefulset_and_no_application(
+    sharded: list[Manifest],
+) -> None:
+    """`kubectl kustomize deploy/overlays/sharded` gives the exporter's StatefulSet with the
+    base's monitoring, identity and token objects, and neither the app nor its sidecar."""
+    assert Counter(m["kind"] for m in sharded) == Counter(
+        {
+            "StatefulSet": 1,
+            "ConfigMap": 1,
+            "Secret": 1,
+            "Service": 1,
+            "ServiceAccount": 1,
+            "ServiceMonitor": 1,
+            "PrometheusRule": 1,
+        }
+    )
+    assert all("namespace" not in m["metadata"] for m in sharded), "namespace is the user's"
+    for manifest in sharded:
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/part-of"] == (
+            "catalog-upload-exporter"
+        )
+    statefulset = one(sharded, "StatefulSet", "catalog-upload-exporter")
+    spec = statefulset["spec"]["template"]["spec"]
+    assert "initContainers" not in spec and len(spec["containers"]) == 1, "standalone"
+
+
+def test_the_sharded_overlays_core_objects_validate_strictly(sharded: list[Manifest]) -> None:
+    """Each built-in kind of the overlay is valid for the checked Kubernetes versions."""
+    core = [m for m in sharded if m["apiVersion"] != OPERATOR_API]
+    assert {m["kind"] for m in core} == {
+        "StatefulSet",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    }
+    problems = schema_problems(core)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_statefulset_runs_as_many_replicas_as_the_config_has_shards(
+    sharded: list[Manifest],
+) -> None:
+    """replicas equals sharding.total, each pod's index comes from its name (index null), and
+    HOSTNAME is the pod's name."""
+    statefulset = one(sharded, "StatefulSet")
+    sharding = sharded_document(sharded)["sharding"]
+    assert statefulset["spec"]["replicas"] == sharding["total"] == 3
+    assert sharding["index"] is None
+    env = {e["name"]: e for e in exporter_container(sharded, "StatefulSet").get("env", [])}
+    assert env["HOSTNAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_statefulset_is_governed_by_a_headless_service_that_selects_its_pods(
+    sharded: list[Manifest],
+) -> None:
+    """serviceName names a Service with clusterIP None, whose selector picks the pods, and
+    whose port "metrics" is the container's."""
+    statefulset = one(sharded, "StatefulSet")
+    service = one(sharded, "Service", statefulset["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    template_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
+    ports = [p for p in service["spec"]["ports"] if p["name"] == "metrics"]
+    assert len(ports) == 1
+    assert ports[0]["targetPort"] in {"metrics", metrics_port_of(sharded)}
+    assert ports[0]["port"] == metrics_port_of(sharded) == 10184
+
+
+def metrics_port_of(sharded: list[Manifest]) -> int:
+    ports = [
+        p for p in exporter_container(sharded, "StatefulSet")["ports"] if p["name"] == "metrics"
+    ]
+    assert len(ports) == 1
+    port: int = ports[0]["containerPort"]
+    return port
+
+
+def test_the_base_servicemonitor_scrapes_every_replica_through_the_headless_service(
+    manifests: list[Manifest], sharded: list[Manifest]
+) -> None:
+    """The base's ServiceMonitor, unchanged in the overlay, selects the headless Service by
+    its labels and scrapes its port "metrics"; the job label (the Service's name) is the one
+    the alerts expect."""
+    monitor = one(manifests, "ServiceMonitor")
+    assert one(sharded, "ServiceMonitor") == monitor
+    service = one(sharded, "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= service["metadata"]["labels"].items()
+    assert "metrics" in {port["name"] for port in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
+    assert service["metadata"]["name"] == one(manifests, "Service")["metadata"]["name"]
+    assert one(sharded, "PrometheusRule") == one(manifests, "PrometheusRule")
+
+
+def test_the_statefulsets_pod_is_locked_down_like_the_sidecar(
+    manifests: list[Manifest], sharded: list[Manifest]
+) -> None:
+    """The shards pass the security checks and keep the sidecar's security contexts, probes,
+    resources, image and service account."""
+    spec = pod_spec(sharded, "StatefulSet")
+    assert_locked_down(spec)
+    base_spec = pod_spec(manifests)
+    assert spec["securityContext"] == base_spec["securityContext"]
+    assert spec["serviceAccountName"] == base_spec["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is False
+    shard, sidecar = exporter_container(sharded, "StatefulSet"), exporter_container(manifests)
+    for key in (
+        "image",
+        "args",
+        "ports",
+        "securityContext",
+        "resources",
+        "startupProbe",
+        "livenessProbe",
+        "readinessProbe",
+    ):
+        assert shard[key] == sidecar[key], key
+
+
+def test_each_shard_keeps_its_state_on_its_own_small_volume(sharded: list[Manifest]) -> None:
+    """state.path lies on a volumeClaimTemplate's mount (one ReadWriteOnce claim per pod, of
+    at most 64Mi); the config is the hashed ConfigMap, mounted read-only."""
+    statefulset = one(sharded, "StatefulSet")
+    document = sharded_document(sharded)
+    mounts = {m["mountPath"]: m for m in exporter_container(sharded, "StatefulSet")["volumeMounts"]}
+    state_mount = mounts[str(Path(document["state"]["path"]).parent)]
+    assert not state_mount.get("readOnly")
+    (claim,) = [
+        t
+        for t in statefulset["spec"]["volumeClaimTemplates"]
+        if t["metadata"]["name"] == state_mount["name"]
+    ]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] in {"16Mi", "32Mi", "64Mi"}
+    volumes = {v["name"]: v for v in pod_spec(sharded, "StatefulSet")["volumes"]}
+    assert state_mount["name"] not in volumes, "a template, not a shared pod volume"
+    config_mount = mounts["/etc/catalog-upload-exporter"]
+    assert config_mount["readOnly"] is True
+    configmap_name = exporter_configmap(sharded)["metadata"]["name"]
+    assert volumes[config_mount["name"]]["configMap"]["name"] == configmap_name
+
+
+def test_the_sharded_config_loads_in_each_pod_with_its_ordinal_as_index(
+    sharded: list[Manifest], tmp_path: Path
+) -> None:
+    """Pod catalog-upload-exporter-2 loads the config as shard 2 of 3, and every pod of the
+    StatefulSet gets its own index; a pod beyond the replicas is refused."""
+    config = parse_sharded_config(sharded, tmp_path, "catalog-upload-exporter-2")
+    assert (config.sharding.index, config.sharding.total) == (2, 3)
+    replicas = one(sharded, "StatefulSet")["spec"]["replicas"]
+    indexes = [
+        parse_sharded_config(sharded, tmp_path, f"catalog-upload-exporter-{ordinal}").sharding.index
+        for ordinal in range(replicas)
+    ]
+    assert indexes == list(range(replicas))
+    with pytest.raises(ConfigError, match=r"sharding\.index: hostname"):
+        parse_sharded_config(sharded, tmp_path, f"catalog-upload-exporter-{replicas}")
+    assert config.server.port == metrics_port_of(sharded)
+    assert ipaddress.ip_address(config.server.host).is_unspecified, "probes come from outside"
+    assert config.api.auth.type == "sigv4" and config.api.auth.region
+
+
+def test_the_replicas_together_stay_within_the_apis_request_budget(
+    sharded: list[Manifest], tmp_path: Path
+) -> None:
+    """api.max_requests_per_second is per replica: times sharding.total it is at most the
+    API's 10 requests/s, and it uses most of that budget."""
+    config = parse_sharded_config(sharded, tmp_path, "catalog-upload-exporter-0")
+    budget = config.api.max_requests_per_second * config.sharding.total
+    assert API_REQUESTS_PER_SECOND / 2 < budget <= API_REQUESTS_PER_SECOND
+
+
+def test_the_sharded_config_takes_no_ids_from_a_single_replicas_admin_api(
+    sharded: list[Manifest], tmp_path: Path
+) -> None:
+    """Registrations through one replica's admin API would reach that replica only, so the
+    overlay turns the admin API off; ids come from the config or a shared directory."""
+    config = parse_sharded_config(sharded, tmp_path, "catalog-upload-exporter-0")
+    assert config.admin.enabled is False
