@@ -65,7 +65,7 @@ def simulator_url() -> Iterator[str]:
 
 def test_acknowledged_ids_survive_sigkill_and_restart(simulator_url: str, tmp_path: Path) -> None:
     """Register ids over HTTP, SIGKILL at a random moment, restart: every 2xx id is back."""
-    rng = random.Random(20261127)  # noqa: S311 - test randomness, seeded to be replayable
+    rng = random.Random(20261127)
     state = tmp_path / "state.json"
     admin_port, metrics_port = free_port(), free_port()
     config = tmp_path / "config.yaml"

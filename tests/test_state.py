@@ -321,7 +321,7 @@ CRASH_LOOP = textwrap.dedent(
 def test_state_file_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
     """A writer killed mid-save 20 times never leaves a file that fails to load."""
     path = tmp_path / "state.json"
-    rng = random.Random(20240611)  # noqa: S311 -- reproducible kill times, not a secret
+    rng = random.Random(20240611)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(20):
         child = subprocess.Popen(
