@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "IngestionsConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PollingConfig",
     "ReloadConfig",
     "ServerConfig",
@@ -115,6 +116,13 @@ class PollingConfig:
     invalid_retry_seconds: float = 3600.0
     initial_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0
+    done_retention_seconds: float | None = None  # None: terminal_retention_seconds for DONE too
+
+    def retention_for(self, status: str) -> float:
+        """How long a terminal upload's series are kept: DONE may have its own, shorter one."""
+        if status == "DONE" and self.done_retention_seconds is not None:
+            return self.done_retention_seconds
+        return self.terminal_retention_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +155,13 @@ class LoggingConfig:
 
     level: str = "info"
     format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
+
+    status_series: str = "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +215,7 @@ class Config:
     ingestions: IngestionsConfig = IngestionsConfig()
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     reload: ReloadConfig = ReloadConfig()
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
@@ -663,6 +679,11 @@ def _read_polling(section: _Section) -> PollingConfig:
         invalid_retry_seconds=_number(section, "invalid_retry_seconds", 3600.0, gt=0),
         initial_backoff_seconds=_number(section, "initial_backoff_seconds", 1.0, gt=0),
         max_backoff_seconds=_number(section, "max_backoff_seconds", 300.0, gt=0),
+        done_retention_seconds=(
+            None
+            if section.get("done_retention_seconds") is None
+            else _number(section, "done_retention_seconds", 0.0, ge=0)
+        ),
     )
     initial, maximum = polling.initial_backoff_seconds, polling.max_backoff_seconds
     if (
@@ -767,6 +788,10 @@ def _read_logging(section: _Section) -> LoggingConfig:
         level=_choice(section, "level", "info", _LOG_LEVELS),
         format=_choice(section, "format", "json", _LOG_FORMATS),
     )
+
+
+def _read_metrics(section: _Section) -> MetricsConfig:
+    return MetricsConfig(status_series=_choice(section, "status_series", "all", ("all", "active")))
 
 
 def _read_reload(section: _Section) -> ReloadConfig:
@@ -893,6 +918,7 @@ def parse_config(
         ingestions=ingestions,
         server=server,
         logging=_read_logging(root.child("logging", LoggingConfig)),
+        metrics=_read_metrics(root.child("metrics", MetricsConfig)),
         reload=_read_reload(root.child("reload", ReloadConfig)),
         admin=_read_admin(root.child("admin", AdminConfig), server),
         state=_read_state(root.child("state", StateConfig), ingestions),

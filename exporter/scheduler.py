@@ -107,10 +107,10 @@ class Poller:
         from when they became terminal, runs out.
         """
         now = time.time()
-        retention = self._settings.terminal_retention_seconds
         for upload in self._store:
             if upload.terminal:
                 terminal_at = upload.terminal_at if upload.terminal_at is not None else now
+                retention = self._settings.retention_for(upload.status)
                 delay = max(0.0, terminal_at + retention - now)
                 self._schedule(upload.ingestion_id, delay, Action.RETIRE)
         self.track([u.ingestion_id for u in self._store if not u.terminal])
@@ -203,7 +203,7 @@ class Poller:
         self._transitioned(self._store.record_report(ingestion_id, report))
         upload = self._store.get(ingestion_id)
         if upload is not None and upload.terminal:
-            return self._settings.terminal_retention_seconds, Action.RETIRE
+            return self._settings.retention_for(upload.status), Action.RETIRE
         return self._interval(), Action.POLL
 
     def _apply_error(self, ingestion_id: str, error: PollError) -> tuple[float, Action]:

@@ -76,7 +76,7 @@ class Exporter:
         self.exposition = UploadExposition(
             self.store,
             label_names=lambda: self.config.ingestions.labels,
-            active_status_only=lambda: False,
+            active_status_only=lambda: self.config.metrics.status_series == "active",
         )
         self.tracker = IngestionTracker(
             self.store,

@@ -1450,3 +1450,31 @@ def test_sharding_problems_are_listed_after_the_other_sections():
         "state.debounce_seconds",
         "sharding.index",
     ]
+
+
+def test_cardinality_controls_default_to_full_one_hot_and_one_retention():
+    """metrics.status_series is "all" and DONE keeps the terminal retention by default."""
+    config = parse_config(minimal(), environ=REGION_ENV)
+    assert config.metrics.status_series == "all"
+    assert config.polling.done_retention_seconds is None
+    assert config.polling.retention_for("DONE") == config.polling.terminal_retention_seconds
+
+
+def test_done_retention_applies_to_done_only():
+    """A shorter done_retention_seconds leaves FATAL and CANCELLED at the terminal retention."""
+    config = parse_config(
+        minimal(polling={"terminal_retention_seconds": 86400, "done_retention_seconds": 600}),
+        environ=REGION_ENV,
+    )
+    assert config.polling.retention_for("DONE") == 600
+    assert config.polling.retention_for("FATAL") == 86400
+    assert config.polling.retention_for("CANCELLED") == 86400
+
+
+def test_bad_cardinality_settings_are_named():
+    """An unknown status_series mode and a negative done retention are both reported."""
+    problems = problems_of(
+        minimal(metrics={"status_series": "some"}, polling={"done_retention_seconds": -1})
+    )
+    assert any(p.startswith("metrics.status_series:") for p in problems)
+    assert any(p.startswith("polling.done_retention_seconds:") for p in problems)

@@ -213,3 +213,44 @@ async def test_a_shard_tracks_only_the_ids_it_owns_and_refuses_misdirected_regis
     refused = await running.exporter.tracker.register(foreign, Source.API)
     assert (refused.accepted, refused.reason) == (False, "not_owned")
     assert f"owned by shard {shard_of(foreign, 3)} of 3" in refused.message
+
+
+async def test_done_uploads_can_retire_sooner_than_failed_ones(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """With done_retention_seconds shorter, DONE series go first and FATAL stays."""
+    sim, url = await start_simulator()
+    sim.add_upload("ok", [("DONE", 0)])
+    sim.add_upload("bad", [("FATAL", 0)])
+    config = fast_config(
+        url,
+        ["ok", "bad"],
+        polling={"terminal_retention_seconds": 60, "done_retention_seconds": 0.3},
+    )
+    running = await start_exporter(config)
+    await wait_for(running.status_is("bad", "FATAL"))
+    await wait_for(running.status_is("ok", None), timeout=5)
+    assert await running.status_of("bad") == "FATAL"
+    samples = await running.scrape()
+    assert value(samples, "catalog_uploads", status="DONE") == 0
+    assert value(samples, "catalog_uploads", status="FATAL") == 1
+
+
+async def test_active_only_mode_exposes_one_status_series_per_upload(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """metrics.status_series: active keeps only the series valued 1; aggregates stay exact."""
+    sim, url = await start_simulator()
+    sim.add_upload("a", [("INPROGRESS", 0)])
+    sim.add_upload("b", [("DONE", 0)])
+    running = await start_exporter(
+        fast_config(url, ["a", "b"], metrics={"status_series": "active"})
+    )
+    await wait_for(running.status_is("b", "DONE"))
+    await wait_for(running.status_is("a", "INPROGRESS"))
+    samples = await running.scrape()
+    status = [(labels, v) for (n, labels), v in samples.items() if n == "catalog_upload_status"]
+    assert len(status) == 2
+    assert all(v == 1.0 for _, v in status)
+    assert value(samples, "catalog_uploads", status="DONE") == 1
+    assert value(samples, "catalog_uploads", status="INQUEUE") == 0
