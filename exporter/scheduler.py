@@ -255,8 +255,9 @@ class Poller:
         return self._jittered(self._settings.interval_seconds)
 
     def _jittered(self, seconds: float) -> float:
-        ratio = self._settings.jitter_ratio
-        return seconds * (1.0 + self._rng.uniform(-ratio, ratio))
+        """Shortened at random by up to jitter_ratio, never lengthened: polls spread out, and
+        every upload is still polled at least once per interval."""
+        return seconds * (1.0 - self._rng.uniform(0.0, self._settings.jitter_ratio))
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter, never shorter than the server's Retry-After."""

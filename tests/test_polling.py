@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 from exporter.simulator import Fault
@@ -191,3 +192,20 @@ async def test_poll_lag_stays_near_zero_within_budget(
     await wait_for(requests_seen(sim, "up-1", 5))
     lag = value(await running.scrape(), "catalog_exporter_poll_lag_seconds")
     assert lag is not None and lag < 0.5
+
+
+async def test_jitter_only_shortens_the_interval(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """Gaps between polls of one upload fall in [interval * (1 - jitter), interval + dispatch]."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    config = fast_config(url, ["up-1"], polling={"interval_seconds": 0.4, "jitter_ratio": 0.5})
+    await start_exporter(config)
+    await wait_for(requests_seen(sim, "up-1", 12), timeout=15)
+    times = [r.time for r in sim.requests if r.ingestion_id == "up-1"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.2 - 0.01
+    # Symmetric jitter would give gaps up to 0.6 s; the slack is for dispatch on a busy machine.
+    assert max(gaps) < 0.4 + 0.15
+    assert len({round(g, 2) for g in gaps}) > 3  # really jittered
