@@ -663,7 +663,7 @@ def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
         base_url=base_url.rstrip("/"),
         auth=_read_auth(section.child("auth", AuthConfig), environ),
         timeout_seconds=_number(section, "timeout_seconds", 10.0, gt=0, le=300),
-        max_requests_per_second=_number(section, "max_requests_per_second", 5.0, gt=0, le=1000),
+        max_requests_per_second=_number(section, "max_requests_per_second", 5.0, gt=0, le=10000),
         max_concurrency=_integer(section, "max_concurrency", 4, ge=1, le=256),
         max_response_bytes=_integer(
             section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024

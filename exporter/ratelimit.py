@@ -20,7 +20,7 @@ class AdaptiveRateLimiter:
         self,
         max_rate: float,
         *,
-        burst: float = 1.0,
+        burst_seconds: float = 0.1,
         min_rate: float = 0.1,
         decrease_factor: float = 0.5,
         recovery_seconds: float = 30.0,
@@ -32,13 +32,14 @@ class AdaptiveRateLimiter:
         self._sleep = sleep
         self._max_rate = max_rate
         self._min_rate = min(min_rate, max_rate)
-        self._burst = burst
+        self._burst_seconds = burst_seconds
+        self._burst = self._burst_for(max_rate)
         self._decrease_factor = decrease_factor
         self._recovery_seconds = recovery_seconds
         self._decrease_hold = decrease_hold_seconds
         now = clock()
         self._rate = max_rate
-        self._tokens = burst
+        self._tokens = self._burst
         self._updated = now
         self._paused_until = now
         self._last_decrease = -float("inf")
@@ -61,6 +62,7 @@ class AdaptiveRateLimiter:
         self._max_rate = max_rate
         self._min_rate = min(self._min_rate, max_rate)
         self._rate = min(self._rate, max_rate)
+        self._burst = self._burst_for(max_rate)
 
     async def acquire(self) -> None:
         """Wait for a token; callers are served in arrival order."""
@@ -70,8 +72,10 @@ class AdaptiveRateLimiter:
                 self._advance(now)
                 wait = self._paused_until - now
                 if wait <= 0:
-                    if self._tokens >= 1.0:
-                        self._tokens -= 1.0
+                    # A hair below one token is one token: float rounding must not leave a
+                    # caller waiting for ever-smaller amounts of time.
+                    if self._tokens >= 1.0 - 1e-9:
+                        self._tokens = max(0.0, self._tokens - 1.0)
                         return
                     wait = (1.0 - self._tokens) / self._rate
                 await self._sleep(wait)
@@ -86,6 +90,12 @@ class AdaptiveRateLimiter:
         self._tokens = min(self._tokens, 0.0)
         if retry_after is not None:
             self._paused_until = max(self._paused_until, now + retry_after)
+
+    def _burst_for(self, max_rate: float) -> float:
+        """Tokens that may be spent at once: 100 ms worth, at least one. At 5 requests/s that
+        is one (evenly spaced requests); at 1,000/s, a hundred, so that pacing does not cost a
+        timer per request."""
+        return max(1.0, max_rate * self._burst_seconds)
 
     def _advance(self, now: float) -> None:
         elapsed = max(0.0, now - self._updated)

@@ -327,7 +327,7 @@ def test_quoted_number_is_rejected_not_coerced():
         ("api", "timeout_seconds", 0),
         ("api", "timeout_seconds", 300.5),
         ("api", "max_requests_per_second", 0),
-        ("api", "max_requests_per_second", 1001),
+        ("api", "max_requests_per_second", 10001),
         ("api", "max_concurrency", 0),
         ("api", "max_concurrency", 257),
         ("api", "max_response_bytes", 1023),
@@ -377,7 +377,7 @@ def test_range_edges_are_accepted():
             "api": {
                 "base_url": BASE_URL,
                 "timeout_seconds": 300,
-                "max_requests_per_second": 1000,
+                "max_requests_per_second": 10000,
                 "max_concurrency": 256,
                 "max_response_bytes": 64 * 1024 * 1024,
             },

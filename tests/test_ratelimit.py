@@ -87,3 +87,15 @@ async def test_lower_max_rate_from_a_reload_applies_at_once() -> None:
     for _ in range(5):
         await bucket.acquire()
     assert fake.now - start == pytest.approx(2.0)
+
+
+async def test_a_high_rate_allows_a_burst_of_a_tenth_of_a_second() -> None:
+    """At 1,000/s, 100 tokens go without waiting: pacing costs no timer per request."""
+    fake = FakeTime()
+    bucket = limiter(fake, 1000.0)
+    start = fake.now
+    for _ in range(100):
+        await bucket.acquire()
+    assert fake.now == start
+    await bucket.acquire()
+    assert fake.now - start == pytest.approx(0.001)
