@@ -47,6 +47,19 @@ def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> Non
     pytest.fail(f"{url} not up within {timeout} s")
 
 
+def start_exporter(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "exporter", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def tracked_ids(api: str) -> set[str]:
+    with urllib.request.urlopen(api, timeout=5) as response:  # noqa: S310 - loopback only
+        return {view["ingestionId"] for view in json.load(response)["ingestions"]}
+
+
 @pytest.fixture
 def simulator_url() -> Iterator[str]:
     port = free_port()
@@ -81,18 +94,10 @@ def test_acknowledged_ids_survive_sigkill_and_restart(simulator_url: str, tmp_pa
     acknowledged: set[str] = set()
     counter = 0
     for round_number in range(ROUNDS):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_exporter(config)
         try:
             wait_up(f"http://127.0.0.1:{admin_port}/healthz", proc)
-            listed = {
-                view["ingestionId"]
-                for view in json.load(urllib.request.urlopen(api, timeout=5))["ingestions"]
-            }
-            lost = acknowledged - listed
+            lost = acknowledged - tracked_ids(api)
             assert not lost, f"round {round_number}: acknowledged ids lost: {sorted(lost)[:5]}"
             assert not list(tmp_path.glob("state.json.corrupt-*")), "state file was corrupt"
 
@@ -126,18 +131,10 @@ def test_acknowledged_ids_survive_sigkill_and_restart(simulator_url: str, tmp_pa
     assert len(acknowledged) > ROUNDS * 5, "too few registrations to mean anything"
     print(f"{len(acknowledged)} registrations acknowledged over {ROUNDS} SIGKILLs")
     # A last start proves the final state too.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_exporter(config)
     try:
         wait_up(f"http://127.0.0.1:{admin_port}/healthz", proc)
-        listed = {
-            view["ingestionId"]
-            for view in json.load(urllib.request.urlopen(api, timeout=5))["ingestions"]
-        }
-        assert acknowledged <= listed
+        assert acknowledged <= tracked_ids(api)
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
