@@ -180,7 +180,6 @@ class Poller:
             try:
                 outcome = await self.client.fetch_status(ingestion_id)
                 delay, action = self._apply(ingestion_id, outcome)
-                self._on_change()
             except Exception:
                 # A bug of ours must not stop this upload from being polled again.
                 log.exception("poll_crashed")
@@ -234,6 +233,8 @@ class Poller:
         # "from"/"to" are Python keywords, hence the dict.
         log.info("status_changed", **{"from": transition.old, "to": transition.new})
         self._upload_metrics.observe(transition)
+        # Only status changes are worth a state write; a fresher last-success time is not.
+        self._on_change()
 
     def _retire(self, ingestion_id: str) -> None:
         self._failures.pop(ingestion_id, None)
