@@ -477,8 +477,8 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "description": "A stable code: invalid_json, unknown_field, invalid_field, "
                 "unknown_parameter, not_a_string, empty, too_long, control_characters, "
-                "bad_labels, cap_reached, not_found, not_registered_by_api, unauthorized, "
-                "method_not_allowed, payload_too_large, unsupported_media_type, "
+                "bad_labels, cap_reached, not_owned, not_found, not_registered_by_api, "
+                "unauthorized, method_not_allowed, payload_too_large, unsupported_media_type, "
                 "state_unavailable, auth_unavailable, internal_error.",
             },
             "message": {"type": "string", "description": "Human-readable detail."},
@@ -560,7 +560,11 @@ def openapi_document() -> dict[str, Any]:
                                 "or labels: not_a_string, empty, too_long, control_characters, "
                                 "bad_labels."
                             ),
-                            "409": _failure("cap_reached: ingestions.max_tracked ids tracked."),
+                            "409": _failure(
+                                "cap_reached: ingestions.max_tracked ids tracked; not_owned: "
+                                "with sharding, another replica owns this id (the message "
+                                "names it)."
+                            ),
                             "413": _failure("payload_too_large: body over 64 KiB."),
                             "415": _failure("unsupported_media_type: not application/json."),
                         },

@@ -27,8 +27,9 @@ from exporter import register
 from exporter.admin import create_admin_app, openapi_document
 from exporter.logs import configure_logging
 from exporter.models import Status, StatusReport
+from exporter.sharding import Shard, shard_of
 from exporter.state import StateWriter
-from exporter.tracking import IngestionTracker, RejectReason, Source
+from exporter.tracking import UNSHARDED, IngestionTracker, RejectReason, Source
 from exporter.uploads import UploadStore
 from tests.conftest import free_port
 
@@ -138,6 +139,7 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
         token_file: str = "",
         state_path: Path | None = None,
         port: int = 0,
+        shard: Shard = UNSHARDED,
     ) -> Admin:
         logs = io.StringIO()
         configure_logging("debug", "json", stream=logs)
@@ -151,6 +153,7 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
             on_added=lambda ids: None,
             on_removed=removed.extend,
             on_rejected=rejected.append,
+            shard=shard,
             clock=lambda: NOW,
         )
         path = state_path or tmp_path / "state.json"
@@ -293,6 +296,21 @@ async def test_the_cap_answers_409_cap_reached(start_admin: AdminFactory) -> Non
     assert refused.body["error"] == "cap_reached"
     assert admin.rejected == [RejectReason.CAP_REACHED]
     assert (await admin.post({"ingestionId": "c1"})).status == 200
+
+
+async def test_an_id_another_shard_owns_answers_409_naming_the_owner(
+    start_admin: AdminFactory,
+) -> None:
+    """With sharding, a registration sent to the wrong replica is refused with 409 not_owned."""
+    admin = await start_admin(shard=Shard(index=0, total=3))
+    foreign = next(f"id-{n}" for n in range(100) if shard_of(f"id-{n}", 3) != 0)
+    refused = await admin.post({"ingestionId": foreign})
+    assert refused.status == 409
+    assert refused.body["error"] == "not_owned"
+    assert f"owned by shard {shard_of(foreign, 3)} of 3" in refused.body["message"]
+    assert admin.tracker.views() == []
+    own = next(f"id-{n}" for n in range(100) if shard_of(f"id-{n}", 3) == 0)
+    assert (await admin.post({"ingestionId": own})).status == 201
 
 
 @pytest.mark.parametrize(
