@@ -57,10 +57,15 @@ class AdaptiveRateLimiter:
         return self._rate
 
     def set_max_rate(self, max_rate: float) -> None:
-        """Apply a reloaded limit; a lower ceiling takes effect at once."""
-        self._advance(self._clock())
+        """Apply a reloaded limit at once; after a recent 429, a higher one is still climbed to."""
+        now = self._clock()
+        self._advance(now)
+        raised = max_rate > self._max_rate
         self._max_rate = max_rate
         self._min_rate = min(self._min_rate, max_rate)
+        if raised and now - self._last_decrease >= self._recovery_seconds:
+            # Not recovering from a 429: a raised ceiling applies at once, as a reload promises.
+            self._rate = max_rate
         self._rate = min(self._rate, max_rate)
         self._burst = self._burst_for(max_rate)
 

@@ -99,3 +99,20 @@ async def test_a_high_rate_allows_a_burst_of_a_tenth_of_a_second() -> None:
     assert fake.now == start
     await bucket.acquire()
     assert fake.now - start == pytest.approx(0.001)
+
+
+async def test_a_raised_limit_from_a_reload_applies_at_once() -> None:
+    """Raising the ceiling with no recent 429 takes effect immediately, not over 30 s."""
+    fake = FakeTime()
+    bucket = limiter(fake, 10.0)
+    bucket.set_max_rate(50.0)
+    assert bucket.rate == 50.0
+
+
+async def test_a_raised_limit_right_after_a_429_is_still_climbed_to() -> None:
+    """While recovering from throttling, a higher ceiling does not reset the slow-down."""
+    fake = FakeTime()
+    bucket = limiter(fake, 10.0)
+    bucket.on_throttled(None)
+    bucket.set_max_rate(50.0)
+    assert bucket.rate == pytest.approx(5.0)
