@@ -80,6 +80,7 @@ class FaultKind(enum.StrEnum):
     SERVER_ERROR_HTML = "server_error_html"  # 502 (or `status`) with an HTML page
     THROTTLE = "throttle"  # 429 {key: "Too Many Requests"}, Retry-After if retry_after
     HANG = "hang"  # no answer until the client leaves (at most `seconds`, 300 by default)
+    DRIP = "drip"  # 200 and headers at once, then the body one byte every `seconds` (1)
     LATENCY = "latency"  # sleep `seconds` (1 by default), then answer normally
     MALFORMED_JSON = "malformed_json"  # 200 with truncated JSON
     NON_JSON = "non_json"  # 200 text/html
@@ -97,7 +98,8 @@ class Fault:
     """A named misbehaviour applied to a request instead of (or before) the normal answer.
 
     `status` picks the HTTP status where the kind allows a choice (server errors, unexpected
-    status), `body` replaces the default body of kinds that have one.
+    status), `body` replaces the default body of kinds that have one. `label` names the fault
+    in the request log (the kind by default), e.g. to tell 429s with Retry-After apart.
     """
 
     kind: FaultKind | str
@@ -107,10 +109,13 @@ class Fault:
     size: int = 5 * 1024 * 1024
     key: str = "message"
     body: str | None = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
         # Accept the plain string too, and refuse an unknown kind here rather than mid-request.
         object.__setattr__(self, "kind", FaultKind(self.kind))
+        if self.label is None:
+            object.__setattr__(self, "label", str(self.kind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +156,8 @@ class SimulatedUpload:
 class RequestRecord:
     """One request the simulator received and how it answered.
 
-    `status` is None when it never answered (hang, reset); `fault` is the fault kind applied.
+    `status` is None when it never answered (hang, reset, a drip the client left); `fault` is
+    the label of the fault applied (its kind unless labelled).
     """
 
     time: float
@@ -456,6 +462,7 @@ class Simulator:
         self._throttled = 0
         self._uploads: dict[str, _Tracked] = {}
         self._injections: list[_Injection] = []
+        self._chaos: list[tuple[Fault, float]] = []
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -515,9 +522,21 @@ class Simulator:
             raise ValueError(msg)
         self._injections.append(_Injection(fault, ingestion_id, count))
 
+    def set_chaos(self, mix: Iterable[tuple[Fault, float]]) -> None:
+        """From now on give each request `fault` with its probability, at most one per request.
+
+        Faults injected with `inject` come first; `clear_faults()` ends the chaos too.
+        """
+        chosen = list(mix)
+        if any(not 0.0 <= p <= 1.0 for _, p in chosen) or sum(p for _, p in chosen) > 1.0:
+            msg = "chaos probabilities must be between 0 and 1 and sum to at most 1"
+            raise ValueError(msg)
+        self._chaos = chosen
+
     def clear_faults(self) -> None:
-        """Remove every injected fault."""
+        """Remove every injected fault, and the chaos mix."""
         self._injections.clear()
+        self._chaos = []
 
     def set_tokens(self, tokens: Iterable[str]) -> None:
         """Accept only these bearer tokens from now on (a rotation)."""
@@ -601,7 +620,7 @@ class Simulator:
             )
             return self._answered(response, ingestion_id, None, auth_ok=False)
 
-        injected = self._take_fault(ingestion_id)
+        injected = self._take_fault(ingestion_id) or self._draw_chaos()
         if injected is not None:
             return await self._apply_fault(request, injected, ingestion_id)
         return await self._answer(request, ingestion_id, None)
@@ -620,6 +639,16 @@ class Simulator:
                 self._injections.remove(chosen)
         return chosen.fault
 
+    def _draw_chaos(self) -> Fault | None:
+        if not self._chaos:
+            return None
+        draw = self._rng.random()
+        for fault, probability in self._chaos:
+            if draw < probability:
+                return fault
+            draw -= probability
+        return None
+
     async def _answer(
         self, request: web.Request, ingestion_id: str | None, fault: str | None
     ) -> web.StreamResponse:
@@ -634,7 +663,7 @@ class Simulator:
             return self._answered(_bad_request(), None, fault)
         chance = self._random_fault()
         if chance is not None:
-            return self._answered(_canned(chance), ingestion_id, chance.kind)
+            return self._answered(_canned(chance), ingestion_id, chance.label)
         if ingestion_id not in self._uploads:
             response = _json(
                 400,
@@ -679,21 +708,52 @@ class Simulator:
         self, request: web.Request, fault: Fault, ingestion_id: str | None
     ) -> web.StreamResponse:
         kind = FaultKind(fault.kind)
+        label = fault.label
         if kind == FaultKind.LATENCY:
             seconds = 1.0 if fault.seconds is None else fault.seconds
-            if not await self._delay(request, seconds, ingestion_id, kind):
+            if not await self._delay(request, seconds, ingestion_id, label):
                 return _dropped()
-            return await self._answer(request, ingestion_id, kind)
+            return await self._answer(request, ingestion_id, label)
         if kind == FaultKind.HANG:
-            self._record(ingestion_id, None, kind)
+            self._record(ingestion_id, None, label)
             await _wait(request, MAX_HANG_SECONDS if fault.seconds is None else fault.seconds)
             return _json(504, {"message": "Endpoint request timed out"})
+        if kind == FaultKind.DRIP:
+            return await self._drip(request, fault, ingestion_id)
         if kind == FaultKind.RESET:
-            self._record(ingestion_id, None, kind)
+            self._record(ingestion_id, None, label)
             if request.transport is not None:
                 request.transport.close()
             return _dropped()
-        return self._answered(_canned(fault), ingestion_id, kind)
+        return self._answered(_canned(fault), ingestion_id, label)
+
+    async def _drip(
+        self, request: web.Request, fault: Fault, ingestion_id: str | None
+    ) -> web.StreamResponse:
+        """Send 200 and the headers, then a valid body one byte at a time.
+
+        Logged as answered (200) only if the client stayed for the last byte.
+        """
+        status, link = self.current(ingestion_id) if ingestion_id in self._uploads else ("", "")
+        body = json.dumps({"processingStatus": status, "reportDownloadLink": link}).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        interval = 1.0 if fault.seconds is None else fault.seconds
+        try:
+            await response.prepare(request)
+            for i in range(len(body)):
+                if not await _wait(request, interval):
+                    self._record(ingestion_id, None, fault.label)
+                    return response
+                await response.write(body[i : i + 1])
+        except ConnectionError:
+            self._record(ingestion_id, None, fault.label)
+            return response
+        except asyncio.CancelledError:  # servers made with handler_cancellation=True
+            self._record(ingestion_id, None, fault.label)
+            raise
+        self._record(ingestion_id, 200, fault.label)
+        return response
 
     async def _delay(
         self, request: web.Request, seconds: float, ingestion_id: str | None, fault: str | None

@@ -29,6 +29,7 @@ from exporter.simulator import (
     demo_uploads,
     random_uploads,
 )
+from tests.conftest import wait_for
 
 Response = tuple[int, "dict[str, str]", bytes]
 
@@ -342,6 +343,63 @@ async def test_latency_delays_a_normal_answer(serve, session):
     assert status == 200
     assert json.loads(body)["processingStatus"] == "INPROGRESS"
     assert sim.requests[-1].fault == "latency"
+
+
+async def test_a_drip_sends_headers_at_once_then_the_body_byte_by_byte(serve, session):
+    """A drip answers 200 at once but takes len(body) * seconds to finish the body."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("DONE", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.DRIP, seconds=0.002), count=1)
+    status, _, body = await post(session, url, "up-1")
+    assert status == 200
+    assert json.loads(body)["processingStatus"] == "DONE"
+    assert len(body) > 100  # the link is in it: a drip of it takes a while
+    assert sim.requests[-1].fault == "drip"
+    assert sim.requests[-1].status == 200
+
+
+async def test_a_drip_the_client_leaves_is_logged_unanswered(serve, session):
+    """A client that gives up on a drip is logged with no status."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("up-1", [("INQUEUE", 0)])
+    url = await serve(sim)
+    sim.inject(Fault(FaultKind.DRIP), count=1)
+    with pytest.raises(asyncio.TimeoutError):
+        await post(session, url, "up-1", client_timeout=0.3)
+
+    async def logged() -> bool:
+        return bool(sim.requests)
+
+    await wait_for(logged, timeout=3)
+    assert sim.requests[-1].status is None
+    assert sim.requests[-1].fault == "drip"
+
+
+async def test_chaos_gives_each_fault_about_its_share_and_clear_faults_ends_it(serve, session):
+    """A chaos mix applies faults at the rates given, logs their labels, and stops on clear."""
+    sim = Simulator(rate_limit=None, seed=7)
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    url = await serve(sim)
+    sim.set_chaos(
+        [
+            (Fault(FaultKind.THROTTLE, retry_after=1, label="throttle_retry_after"), 0.2),
+            (Fault(FaultKind.SERVER_ERROR_JSON), 0.3),
+        ]
+    )
+    statuses = [(await post(session, url, "up-1"))[0] for _ in range(400)]
+    labels = [r.fault for r in sim.requests]
+    assert 40 <= labels.count("throttle_retry_after") == statuses.count(429) <= 120
+    assert 80 <= labels.count("server_error_json") == statuses.count(500) <= 160
+    assert labels.count(None) == statuses.count(200)
+    sim.clear_faults()
+    assert [(await post(session, url, "up-1"))[0] for _ in range(20)] == [200] * 20
+
+
+def test_a_chaos_mix_over_one_is_refused() -> None:
+    sim = Simulator(rate_limit=None)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        sim.set_chaos([(Fault(FaultKind.RESET), 0.6), (Fault(FaultKind.HANG), 0.5)])
 
 
 @pytest.mark.parametrize("cancel_handlers", [True, False], ids=["cancelling", "not-cancelling"])
