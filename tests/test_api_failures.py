@@ -81,6 +81,34 @@ async def test_timeout_is_counted_and_metrics_do_not_wait_for_the_api(
     assert await running.status_of("up-1") == "UNKNOWN"
 
 
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [(Fault("hang", seconds=120), "error"), (Fault("drip", seconds=1.0), "200")],
+    ids=["accepts-and-never-answers", "drips-a-byte-a-second"],
+)
+async def test_an_upstream_that_never_finishes_is_cut_off_at_the_timeout(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, fault: Fault, code: str
+) -> None:
+    """A poll that would take minutes ends as a timeout after api.timeout_seconds.
+
+    The code is the status line received, if any: a drip sent "200" before stalling.
+    """
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.inject(fault, ingestion_id="up-1", count=1)
+    running = await start_exporter(fast_config(url, ["up-1"], api={"timeout_seconds": 1}))
+    await wait_for(lambda: _errors_at_least(running, "timeout", 1), timeout=5)
+    samples = await running.scrape()
+    longest = value(samples, "catalog_api_request_duration_seconds_sum") or 0.0
+    # Only the stalled poll has taken any time worth counting: it took about the timeout.
+    assert 0.9 <= longest <= 2.0
+    assert value(samples, "catalog_api_errors_total", kind="timeout") == 1.0
+    assert (value(samples, "catalog_api_requests_total", code=code) or 0) >= 1.0
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
+    abandoned = [r for r in sim.requests if r.status is None]
+    assert [r.fault for r in abandoned] == [fault.kind]  # the simulator saw it abandoned
+
+
 async def _errors_at_least(running: RunningExporter, kind: str, n: float) -> bool:
     return await _errors(running, kind) >= n
 
