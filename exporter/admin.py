@@ -12,6 +12,7 @@ acknowledgement: the tracker returns only once the state file holding the change
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,6 +49,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 TRACKER = web.AppKey("admin_tracker", IngestionTracker)
 TOKEN = web.AppKey("admin_token", BearerAuth)
+BODY_TIMEOUT = web.AppKey("admin_body_timeout", float)
 
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
@@ -66,12 +68,18 @@ _HTTP_ERROR_CODES = {
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_admin_app(tracker: IngestionTracker, *, token_file: str = "") -> web.Application:
-    """The admin API as an aiohttp app; with `token_file`, requests need its bearer token."""
+def create_admin_app(
+    tracker: IngestionTracker, *, token_file: str = "", body_timeout: float = 10.0
+) -> web.Application:
+    """The admin API as an aiohttp app; with `token_file`, requests need its bearer token.
+
+    A request body not received within `body_timeout` seconds is answered 408.
+    """
     app = web.Application(
         client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors, _authenticate]
     )
     app[TRACKER] = tracker
+    app[BODY_TIMEOUT] = body_timeout
     if token_file:
         # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
         # file changes) by the same code that authenticates the exporter's own requests.
@@ -218,7 +226,11 @@ async def _registration_body(request: web.Request) -> dict[str, Any]:
     if not _is_json(request.content_type):
         message = f"Content-Type must be application/json, got {request.content_type!r}"
         raise _Refused(415, "unsupported_media_type", message)
-    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
+            raw = await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise _Refused(408, "request_timeout", "request body not received in time") from None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -564,6 +576,10 @@ def openapi_document() -> dict[str, Any]:
                                 "cap_reached: ingestions.max_tracked ids tracked; not_owned: "
                                 "with sharding, another replica owns this id (the message "
                                 "names it)."
+                            ),
+                            "408": _failure(
+                                "request_timeout: the body did not arrive within "
+                                "server.idle_timeout_seconds."
                             ),
                             "413": _failure("payload_too_large: body over 64 KiB."),
                             "415": _failure("unsupported_media_type: not application/json."),

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.admin import create_admin_app
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError, ServerConfig, load_config
 from exporter.logs import configure_logging
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
@@ -101,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(exporter, reloader)
     admin = (
         Listener(
-            create_admin_app(exporter.tracker, token_file=config.admin.token_file),
+            create_admin_app(
+                exporter.tracker,
+                token_file=config.admin.token_file,
+                body_timeout=config.server.idle_timeout_seconds,
+            ),
             config.admin.host,
             config.admin.port,
         )
@@ -109,7 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     )
     return _serve_until_stopped(
-        lambda: serve(app, host, port, admin=admin, on_reload=reloader.request)
+        lambda: serve(
+            app,
+            host,
+            port,
+            admin=admin,
+            on_reload=reloader.request,
+            idle_timeout=config.server.idle_timeout_seconds,
+        )
     )
 
 
@@ -147,11 +158,21 @@ async def serve(
     admin: Listener | None = None,
     on_reload: Callable[[], None] | None = None,
     on_listening: Callable[[str], None] | None = None,
+    idle_timeout: float = ServerConfig().idle_timeout_seconds,
 ) -> None:
-    """Serve `app` (and the admin API) until SIGTERM or SIGINT; SIGHUP calls `on_reload`."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    """Serve `app` (and the admin API) until SIGTERM or SIGINT; SIGHUP calls `on_reload`.
+
+    `idle_timeout` closes connections that sit idle or stall halfway through a request.
+    """
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout
+    )
     admin_runner = (
-        web.AppRunner(admin.app, access_log=None, handle_signals=False) if admin else None
+        web.AppRunner(
+            admin.app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout
+        )
+        if admin
+        else None
     )
     await runner.setup()
     try:

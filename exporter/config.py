@@ -143,10 +143,15 @@ class IngestionsConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Where the metrics endpoint listens; port 0 picks a free port."""
+    """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
+    dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
+    read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
+    """
 
     host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
     port: int = DEFAULT_PORT
+    idle_timeout_seconds: float = 75.0
+    write_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -780,6 +785,8 @@ def _read_server(section: _Section) -> ServerConfig:
     return ServerConfig(
         host=_host(section, ServerConfig().host),
         port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535),
+        idle_timeout_seconds=_number(section, "idle_timeout_seconds", 75.0, gt=0, le=3600),
+        write_timeout_seconds=_number(section, "write_timeout_seconds", 60.0, gt=0, le=3600),
     )
 
 

@@ -94,7 +94,11 @@ async def run_demo(port: int | None = None) -> None:
         configure_logging(config.logging.level, config.logging.format)
         exporter = Exporter(config, auth_factory=_simulator_auth)
         await serve(
-            create_app(exporter), config.server.host, config.server.port, on_listening=_announce
+            create_app(exporter),
+            config.server.host,
+            config.server.port,
+            on_listening=_announce,
+            idle_timeout=config.server.idle_timeout_seconds,
         )
     finally:
         await sim_runner.cleanup()

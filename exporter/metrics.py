@@ -186,6 +186,11 @@ class ExporterMetrics:
             "Failed writes of the state file (retried).",
             registry=registry,
         )
+        self.scrape_clients_dropped = Counter(
+            "catalog_exporter_scrape_clients_dropped",
+            "Scrapes whose client did not read the body within server.write_timeout_seconds.",
+            registry=registry,
+        )
 
     def count_rejected(self, reason: RejectReason) -> None:
         """Count one refused ingestionId."""

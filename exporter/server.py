@@ -10,6 +10,7 @@ import asyncio
 import html
 from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
@@ -19,6 +20,8 @@ from exporter.service import Exporter
 
 EXPORTER = web.AppKey("exporter", Exporter)
 RELOADER = web.AppKey("reloader", ConfigReloader)
+
+log = structlog.get_logger("exporter.server")
 
 #: The exporter's own endpoints take no request bodies worth more than this.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -66,17 +69,32 @@ async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
     await exporter.stop()
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Current state in the text format, or OpenMetrics when the scraper asks for it."""
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Current state in the text format, or OpenMetrics when the scraper asks for it.
+
+    The body is written under `server.write_timeout_seconds`: a client that stops reading is
+    disconnected rather than left holding a copy of a body that can be tens of megabytes.
+    """
     _, content_type = choose_encoder(request.headers.get("Accept", ""))
     exporter = request.app[EXPORTER]
     body = exporter.exposition.render(
         exporter.registry, openmetrics=content_type.startswith("application/openmetrics-text")
     )
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         response.enable_compression(web.ContentCoding.gzip)
+    else:
+        response.content_length = len(body)
+    try:
+        async with asyncio.timeout(exporter.config.server.write_timeout_seconds):
+            await response.prepare(request)
+            await response.write(body)
+            await response.write_eof()
+    except TimeoutError:
+        exporter.metrics.scrape_clients_dropped.inc()
+        log.warning("scrape_client_too_slow", peer=request.remote)
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 
