@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Final
 from urllib.parse import quote
@@ -67,6 +68,9 @@ MAX_INGESTION_ID_LENGTH: Final = 255
 
 StatusValue = str | list[str]
 Step = tuple[StatusValue, float]
+
+#: When the request being handled arrived, for its RequestRecord.
+_RECEIVED: ContextVar[float] = ContextVar("simulator_request_received")
 
 _SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -157,7 +161,8 @@ class RequestRecord:
     """One request the simulator received and how it answered.
 
     `status` is None when it never answered (hang, reset, a drip the client left); `fault` is
-    the label of the fault applied (its kind unless labelled).
+    the label of the fault applied (its kind unless labelled). `time` is when the answer was
+    logged, `received` when the request arrived (both on the simulator's clock).
     """
 
     time: float
@@ -165,6 +170,7 @@ class RequestRecord:
     status: int | None
     fault: str | None
     auth_ok: bool
+    received: float | None = None
 
 
 @dataclass(slots=True)
@@ -568,7 +574,8 @@ class Simulator:
         *,
         auth_ok: bool = True,
     ) -> None:
-        record = RequestRecord(self._clock(), ingestion_id, status, fault, auth_ok)
+        received = _RECEIVED.get(None)
+        record = RequestRecord(self._clock(), ingestion_id, status, fault, auth_ok, received)
         self.requests.append(record)
         if self._max_records is not None and len(self.requests) > self._max_records * 1.1:
             del self.requests[: len(self.requests) - self._max_records]
@@ -590,6 +597,7 @@ class Simulator:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request to the app (other than /healthz)."""
+        _RECEIVED.set(self._clock())  # each request is handled in a task, a context, of its own
         # API Gateway serves a stage under a prefix (/prod/v1/...), and answers any unknown
         # route or method with this 403 rather than a 404.
         if request.method != "POST" or not request.path.endswith(API_PATH):

@@ -343,6 +343,9 @@ async def test_latency_delays_a_normal_answer(serve, session):
     assert status == 200
     assert json.loads(body)["processingStatus"] == "INPROGRESS"
     assert sim.requests[-1].fault == "latency"
+    record = sim.requests[-1]
+    assert record.received is not None
+    assert record.time - record.received >= 0.2  # arrival and answer are both logged
 
 
 async def test_a_drip_sends_headers_at_once_then_the_body_byte_by_byte(serve, session):
