@@ -32,6 +32,11 @@ SANE_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 #: Longest API error message kept for logs; the rest is cut.
 MAX_MESSAGE_CHARS = 200
 
+#: A URL's query string, where a presigned S3 link carries its credential and signature.
+_URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
+#: Presigned-URL parameters that may appear outside a whole URL (split, or JSON-escaped).
+_SIGNING_PARAMETER = re.compile(r"(?i)\bX-Amz-[A-Za-z-]+=[^\s&\"'<>]*")
+
 #: A Retry-After beyond this is treated as this: a misbehaving gateway must not park us for days.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
@@ -121,7 +126,9 @@ def error_message(body: bytes) -> str:
 
 
 def clean_text(text: str) -> str:
-    """Shorten and drop control characters so a hostile body cannot forge log lines."""
+    """Shorten and drop control characters so a hostile body cannot forge log lines; drop
+    URLs' query strings, where a presigned report link keeps its credential."""
+    text = _SIGNING_PARAMETER.sub("X-Amz-…=<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
     kept = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
     kept = " ".join(kept.split())
     if len(kept) > MAX_MESSAGE_CHARS:

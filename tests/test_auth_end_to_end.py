@@ -66,6 +66,9 @@ async def test_bearer_token_and_report_links_never_reach_logs_or_metrics(
     sim.add_upload("up-2", [("FATAL", 0)])
     sim.inject(Fault("server_error_html", status=503), count=2)
     sim.inject(Fault("unauthorized"), count=1)
+    # An error page quoting a presigned link: the message is logged, the signature must not be.
+    link = "https://r.s3.amazonaws.com/up-1.csv?X-Amz-Credential=A&X-Amz-Signature=f00d"
+    sim.inject(Fault("server_error_html", status=502, body=f"<a href='{link}'>x</a>"), count=1)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     config = fast_config(
@@ -79,9 +82,11 @@ async def test_bearer_token_and_report_links_never_reach_logs_or_metrics(
     await wait_for(running.status_is("up-2", "FATAL"))
     _, _, metrics = await running.get("/metrics")
     _, _, landing = await running.get("/")
+    assert "https://r.s3.amazonaws.com/up-1.csv?<redacted>" in running.logs.getvalue()
     for text in (running.logs.getvalue(), metrics.decode(), landing.decode()):
         assert TOKEN not in text
         assert LINK_SIGNATURE_MARKER not in text
+        assert "f00d" not in text
     assert (
         value(await running.scrape(), "catalog_upload_report_available", ingestion_id="up-1") == 1
     )

@@ -178,6 +178,33 @@ def test_error_message_is_shortened_and_stripped_of_control_characters() -> None
     assert len(message) <= 200
 
 
+PRESIGNED = (
+    "https://reports.s3.amazonaws.com/r/up-1.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=ASIAEXAMPLE%2F20240101&X-Amz-Security-Token=FwoGZXIvSECRET"
+    "&X-Amz-Signature=5ec7e7"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"errorMsg": f"report at {PRESIGNED}"}).encode(),
+        json.dumps({"message": f"report at {PRESIGNED}"}, ensure_ascii=True)
+        .replace("/", "\\/")
+        .encode(),
+        f"<html><a href='{PRESIGNED}'>report</a></html>".encode(),
+        b"X-Amz-Signature=5ec7e7 X-Amz-Security-Token=FwoGZXIvSECRET",
+    ],
+    ids=["json-errorMsg", "json-escaped-slashes", "html", "bare-parameters"],
+)
+def test_a_presigned_link_in_an_error_body_loses_its_query_string(body: bytes) -> None:
+    """Error messages are logged: a link in one keeps its path, never its credential."""
+    message = error(502, body).message
+    for secret in ("5ec7e7", "FwoGZXIvSECRET", "ASIAEXAMPLE"):
+        assert secret not in message
+    assert "<redacted>" in message
+
+
 def test_retry_after_http_date_is_converted_to_seconds() -> None:
     """Retry-After may be an HTTP-date; it becomes seconds from now."""
     now = 1_700_000_000.0  # 2023-11-14T22:13:20Z
