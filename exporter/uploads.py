@@ -27,6 +27,10 @@ def _render_nothing(upload: TrackedUpload, full: bool) -> None:
     """The renderer until one is set: a store may be used without exposition (tests)."""
 
 
+def _forget_nothing(upload: TrackedUpload) -> None:
+    """The renderer's removal hook until one is set."""
+
+
 #: Statuses that mean the upload has not left the queue yet (for the queue-time histogram).
 _NOT_YET_STARTED = frozenset({Status.UNKNOWN, Status.INQUEUE, Status.INVALID})
 
@@ -47,13 +51,10 @@ class TrackedUpload:
     report_available: bool = False
     terminal_at: float | None = None
     queue_observed: bool = False
-    #: This upload's exposition lines, rendered by `exposition` whenever what they show
-    #: changes, so that a scrape only joins them: the status series, the status-changed,
-    #: last-success (b"" before the first success) and report-available lines.
-    r_status: bytes = b""
-    r_changed: bytes = b""
-    r_success: bytes = b""
-    r_report: bytes = b""
+    #: Where the renderer keeps this upload's exposition lines (`exposition`: the block of
+    #: uploads holding them, and the position in it). Not state: not compared, not shown.
+    r_block: object = field(default=None, compare=False, repr=False)
+    r_index: int = field(default=0, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -67,6 +68,7 @@ class TrackedUpload:
 
 
 Renderer = Callable[[TrackedUpload, bool], None]
+Forgetter = Callable[[TrackedUpload], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class UploadStore:
         self._transitions: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()  # kept in step, so a scrape need not count
         self._render: Renderer = _render_nothing
+        self._unrender: Forgetter = _forget_nothing
 
     def __len__(self) -> int:
         return len(self._uploads)
@@ -101,10 +104,12 @@ class UploadStore:
         """A live view of every tracked upload, in registration order."""
         return self._uploads.values()
 
-    def set_renderer(self, render: Renderer) -> None:
+    def set_renderer(self, render: Renderer, forget: Forgetter = _forget_nothing) -> None:
         """Have `render(upload, full)` called after every change to what an upload shows
-        (`full` False when only its last success changed), and once for each upload now."""
+        (`full` False when only its last success changed), and once for each upload now;
+        and `forget(upload)` when an upload stops being tracked (its lines must go)."""
         self._render = render
+        self._unrender = forget
         for upload in self._uploads.values():
             render(upload, True)
 
@@ -228,6 +233,7 @@ class UploadStore:
         upload = self._uploads.pop(ingestion_id, None)
         if upload is not None:
             self._counts[upload.status] -= 1
+            self._unrender(upload)
         return upload
 
     def _set_status(self, upload: TrackedUpload, status: str, now: float) -> Transition | None:
