@@ -72,23 +72,26 @@ async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
 async def metrics(request: web.Request) -> web.StreamResponse:
     """Current state in the text format, or OpenMetrics when the scraper asks for it.
 
-    The body is written under `server.write_timeout_seconds`: a client that stops reading is
-    disconnected rather than left holding a copy of a body that can be tens of megabytes.
+    The body goes out in the exposition's pieces, never joined into one copy (tens of MB at
+    100,000 uploads), gzip-encoded from precompressed pieces when the scraper accepts gzip.
+    It is written under `server.write_timeout_seconds`: a client that stops reading is
+    disconnected rather than left holding the response.
     """
     _, content_type = choose_encoder(request.headers.get("Accept", ""))
     exporter = request.app[EXPORTER]
-    body = exporter.exposition.render(
-        exporter.registry, openmetrics=content_type.startswith("application/openmetrics-text")
-    )
-    response = web.StreamResponse(headers={"Content-Type": content_type})
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
-        response.enable_compression(web.ContentCoding.gzip)
-    else:
-        response.content_length = len(body)
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    render = exporter.exposition.gzip_chunks if gzipped else exporter.exposition.chunks
+    chunks = render(exporter.registry, openmetrics=openmetrics)
+    response = web.StreamResponse(headers={"Content-Type": content_type, "Vary": "Accept-Encoding"})
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
+    response.content_length = sum(map(len, chunks))
     try:
         async with asyncio.timeout(exporter.config.server.write_timeout_seconds):
             await response.prepare(request)
-            await response.write(body)
+            for chunk in chunks:
+                await response.write(chunk)
             await response.write_eof()
     except TimeoutError:
         exporter.metrics.scrape_clients_dropped.inc()
@@ -96,6 +99,20 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.abort()
     return response
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip` or `*`, not with q=0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in {"gzip", "*"}:
+            continue
+        quality = params.strip().lower().removeprefix("q=")
+        try:
+            return not params.strip() or float(quality) > 0
+        except ValueError:
+            return False
+    return False
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import subprocess
 
+import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
+from exporter.server import accepts_gzip
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
 
 IDS = ["done", "fatal", "new", "odd", "nosuch", 'quote"and\\back', "ünïcode-id"]
@@ -74,6 +76,53 @@ async def test_gzip_is_served_when_the_scraper_accepts_it(
         assert response.headers["Content-Encoding"] == "gzip"
         raw = await response.read()
     assert b"catalog_upload_status" in gzip.decompress(raw)
+
+
+async def test_the_gzip_body_is_the_identity_body_compressed(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """Precompressed pieces make one gzip stream that decodes to the same exposition."""
+    from aiohttp import ClientSession
+
+    running = await _busy_exporter(start_simulator, start_exporter)
+    await running.exporter.stop()  # nothing changes between the two scrapes
+    bodies = {}
+    openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    for accept in ("OpenMetrics", "text"):
+        headers = openmetrics if accept == "OpenMetrics" else {}
+        async with ClientSession(auto_decompress=False) as session:
+            for encoding in ("gzip", "identity"):
+                async with session.get(
+                    running.server.make_url("/metrics"),
+                    headers={**headers, "Accept-Encoding": encoding},
+                ) as response:
+                    raw = await response.read()
+                    assert int(response.headers["Content-Length"]) == len(raw)
+                    assert response.headers.get("Content-Encoding") == (
+                        "gzip" if encoding == "gzip" else None
+                    )
+                    bodies[accept, encoding] = gzip.decompress(raw) if encoding == "gzip" else raw
+        assert bodies[accept, "gzip"] == bodies[accept, "identity"]
+    assert bodies["OpenMetrics", "gzip"].endswith(b"# EOF\n")
+    assert "ünïcode-id".encode() in bodies["text", "gzip"]
+
+
+@pytest.mark.parametrize(
+    ("header", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("deflate, GZIP;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0.0, identity", False),
+        ("identity", False),
+        ("", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_gzip_is_chosen_only_when_accept_encoding_allows_it(header: str, gzipped: bool) -> None:
+    assert accepts_gzip(header) is gzipped
 
 
 async def test_health_readiness_and_landing_page(
