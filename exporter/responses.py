@@ -128,7 +128,9 @@ def error_message(body: bytes) -> str:
 def clean_text(text: str) -> str:
     """Shorten and drop control characters so a hostile body cannot forge log lines; drop
     URLs' query strings, where a presigned report link keeps its credential."""
-    text = _SIGNING_PARAMETER.sub("X-Amz-…=<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
+    if "://" in text or "=" in text:  # nothing to redact otherwise (most texts: a status)
+        text = _URL_QUERY.sub(r"\1?<redacted>", text)
+        text = _SIGNING_PARAMETER.sub("X-Amz-…=<redacted>", text)
     kept = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
     kept = " ".join(kept.split())
     if len(kept) > MAX_MESSAGE_CHARS:
