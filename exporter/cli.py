@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -182,6 +183,12 @@ async def serve(
             await admin_runner.setup()
             admin_url = await _listen(admin_runner, admin.host, admin.port)
             log.info("admin_api_listening", url=f"{admin_url}/api/v1/ingestions")
+        # What start-up loaded (up to 100,000 uploads and their lines) lives as long as the
+        # process: keep it out of the cyclic GC's full collections, which would otherwise
+        # pause the event loop for tens of milliseconds now and then (scrape p99;
+        # BENCHMARKS.md). Frozen objects are still freed by reference counting.
+        gc.collect()
+        gc.freeze()
         if on_listening is not None:
             on_listening(url)
         stop = asyncio.Event()
