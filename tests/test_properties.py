@@ -6,13 +6,14 @@ import json
 import shutil
 import subprocess
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import ConfigError, load_config, parse_config
 from exporter.exposition import UploadExposition
 from exporter.models import PollError, StatusReport, ingestion_id_problem
 from exporter.responses import classify_response
@@ -58,6 +59,34 @@ def test_any_document_gives_a_config_or_a_config_error(document: object) -> None
     problems: tuple[str, ...] = ()
     try:
         parse_config(document, environ={"AWS_REGION": "us-east-1"}, hostname="h-0")
+    except ConfigError as error:
+        problems = error.problems or ("(no problem listed)",)
+    assert all(":" in problem for problem in problems)
+
+
+#: Text that is often YAML-ish: keys of the config, YAML punctuation, and anything at all.
+YAML_TEXT = st.lists(
+    st.sampled_from(
+        ["api:", "base_url:", "polling:", "ingestions:", "ids:", "- ", "  ", "\n", ": ", "{", "}",
+         "[", "]", "&a ", "*a", "!!python/object ", "'", '"', "#", "---", "...", "1e9", "null",
+         "http://x", "\t", "%YAML 1.2", "<<: "]
+    )
+    | st.text(max_size=8),
+    max_size=40,
+).map("".join)  # fmt: skip
+
+
+@given(text=YAML_TEXT)
+@settings(max_examples=200, deadline=None)
+def test_any_yaml_text_gives_a_config_or_a_config_error_naming_where(
+    text: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """load_config reads any file content into a Config or a ConfigError, nothing else."""
+    path = tmp_path_factory.mktemp("yaml") / "config.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    problems: tuple[str, ...] = ()
+    try:
+        load_config(path, environ={"AWS_REGION": "us-east-1"}, hostname="h-0")
     except ConfigError as error:
         problems = error.problems or ("(no problem listed)",)
     assert all(":" in problem for problem in problems)
