@@ -244,6 +244,8 @@ class UploadExposition:
         if not isinstance(block, _Block) or block.owner is not self:
             return
         block.remove(upload)
+        if len(block.removed) >= _EAGER:
+            block.refresh()  # without scrapes, removed uploads must not pile up in the block
         self._mark(block)
 
     def _place(self, upload: TrackedUpload) -> _Block:

@@ -110,6 +110,20 @@ def test_removing_an_upload_removes_its_lines(small_blocks: int) -> None:
     assert body == from_scratch(store)
 
 
+def test_removed_uploads_are_let_go_even_if_nobody_scrapes(small_blocks: int) -> None:
+    """Churn with no scrape (Prometheus down) keeps at most a few removed uploads held."""
+    clock = Clock()
+    store = filled(16, clock)
+    exposition = new_exposition(store)
+    exposition.render(REGISTRY, openmetrics=False)
+    for i in range(16, 400):
+        store.add(f"u{i:04d}", "api", {})
+        store.remove(f"u{i - 16:04d}")
+    held = sum(len(block.order) for block in exposition._blocks)
+    assert held <= len(store) + 2 * len(exposition._blocks)
+    assert exposition.render(REGISTRY, openmetrics=False) == from_scratch(store)
+
+
 def test_families_stay_grouped_under_their_headers(small_blocks: int) -> None:
     clock = Clock()
     store = filled(45, clock)
