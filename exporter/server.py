@@ -104,12 +104,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 def accepts_gzip(accept_encoding: str) -> bool:
     """Whether an Accept-Encoding header allows gzip (`gzip` or `*`, not with q=0)."""
     for item in accept_encoding.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() not in {"gzip", "*"}:
+        coding, *params = (part.strip().lower() for part in item.split(";"))
+        if coding not in {"gzip", "*"}:
             continue
-        quality = params.strip().lower().removeprefix("q=")
+        qualities = [p.removeprefix("q=") for p in params if p.startswith("q=")]
         try:
-            return not params.strip() or float(quality) > 0
+            return not qualities or float(qualities[0]) > 0
         except ValueError:
             return False
     return False

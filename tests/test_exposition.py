@@ -128,6 +128,8 @@ def _steady(body: bytes) -> bytes:
         ("identity", False),
         ("", False),
         ("gzip;q=nonsense", False),
+        ("gzip; q=0.5; level=1", True),
+        ("gzip;level=1;q=0", False),
     ],
 )
 def test_gzip_is_chosen_only_when_accept_encoding_allows_it(header: str, gzipped: bool) -> None:
