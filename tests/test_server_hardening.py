@@ -92,9 +92,8 @@ def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
         while True:
             assert proc.poll() is None, log.read_text()
             try:
-                if fetch(found.url("/readyz"))[0] == 200 and fetch(
-                    found.url("/healthz", admin=True)
-                ):
+                ready = fetch(found.url("/readyz"))[0]
+                if ready == 200 and fetch(found.url("/healthz", admin=True))[0] == 200:
                     break
             except OSError:
                 pass
