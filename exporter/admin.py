@@ -25,6 +25,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.auth import AuthUnavailable, BearerAuth
+from exporter.config import ServerConfig
 from exporter.models import MAX_INGESTION_ID_LENGTH
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
@@ -69,7 +70,10 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_admin_app(
-    tracker: IngestionTracker, *, token_file: str = "", body_timeout: float = 10.0
+    tracker: IngestionTracker,
+    *,
+    token_file: str = "",
+    body_timeout: float = ServerConfig().idle_timeout_seconds,
 ) -> web.Application:
     """The admin API as an aiohttp app; with `token_file`, requests need its bearer token.
 
