@@ -1,7 +1,8 @@
 """The exporter's HTTP face: /metrics, /healthz, /readyz and a landing page.
 
 Handlers only read state the poller keeps up to date; none of them waits on the Catalog
-API. The exporter's lifecycle (and the config reloader's) hangs off the app's cleanup_ctx.
+API. The exporter's lifecycle (and the config reloader's, and the event loop lag tick's) hangs
+off the app's cleanup_ctx.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.looplag import measure_loop_lag
 from exporter.reload import ConfigReloader
 from exporter.service import Exporter
 
@@ -50,6 +52,7 @@ def create_app(exporter: Exporter, reloader: ConfigReloader | None = None) -> we
     if reloader is not None:
         app[RELOADER] = reloader
     app.cleanup_ctx.append(_run_exporter)
+    app.cleanup_ctx.append(_measure_loop_lag)
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -67,6 +70,15 @@ async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
     await exporter.stop()
+
+
+async def _measure_loop_lag(app: web.Application) -> AsyncIterator[None]:
+    ticker = asyncio.create_task(
+        measure_loop_lag(app[EXPORTER].metrics.loop_lag.observe), name="loop-lag"
+    )
+    yield
+    ticker.cancel()
+    await asyncio.gather(ticker, return_exceptions=True)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
