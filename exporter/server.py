@@ -85,7 +85,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     """Current state in the text format, or OpenMetrics when the scraper asks for it.
 
     The body goes out in the exposition's pieces, never joined into one copy (tens of MB at
-    100,000 uploads), gzip-encoded from precompressed pieces when the scraper accepts gzip.
+    100,000 uploads), gzip-encoded from precompressed pieces when the scraper accepts gzip
+    (pieces not compressed yet are compressed in a worker thread).
     It is written under `server.write_timeout_seconds`: a client that stops reading is
     disconnected rather than left holding the response.
     """
@@ -93,8 +94,11 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     exporter = request.app[EXPORTER]
     openmetrics = content_type.startswith("application/openmetrics-text")
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-    render = exporter.exposition.gzip_chunks if gzipped else exporter.exposition.chunks
-    chunks = render(exporter.registry, openmetrics=openmetrics)
+    exposition = exporter.exposition
+    if gzipped:
+        chunks = await exposition.gzip_chunks_off_loop(exporter.registry, openmetrics=openmetrics)
+    else:
+        chunks = exposition.chunks(exporter.registry, openmetrics=openmetrics)
     response = web.StreamResponse(headers={"Content-Type": content_type, "Vary": "Accept-Encoding"})
     if gzipped:
         response.headers["Content-Encoding"] = "gzip"

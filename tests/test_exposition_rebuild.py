@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
+import threading
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+from exporter import exposition as exposition_module
 from exporter.exposition import FAMILIES, REBUILD_SLICE, UploadExposition
 from exporter.models import StatusReport
 from exporter.tracking import Source
@@ -151,3 +155,30 @@ async def test_a_label_changing_reload_is_served_old_until_the_background_rebuil
     assert len(rendered_samples(after, openmetrics=False)) == len(
         rendered_samples(before, openmetrics=False)
     )
+
+
+async def test_a_gzip_scrape_compresses_what_is_not_compressed_yet_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a mass change every block needs compressing: done off the event loop's thread,
+    cached for the next scrape, and the body is the identity body gzipped."""
+    store = store_of(600)
+    exposition = UploadExposition(store, label_names=lambda: ("team",), active_status_only=bool)
+    threads: list[int] = []
+    deflate = exposition_module._deflate
+
+    def spy(data: bytes) -> bytes:
+        threads.append(threading.get_ident())
+        return deflate(data)
+
+    monkeypatch.setattr(exposition_module, "_deflate", spy)
+    pieces = await exposition.gzip_chunks_off_loop(REGISTRY, openmetrics=False)
+    assert len(threads) > 4 * 2  # the registry's head and every block's four families
+    assert threading.get_ident() not in threads
+    assert gzip.decompress(b"".join(pieces)) == exposition.render(REGISTRY, openmetrics=False)
+
+    threads.clear()
+    store.record_report("u00007", StatusReport("DONE", True, "DONE"))
+    pieces = await exposition.gzip_chunks_off_loop(REGISTRY, openmetrics=True)
+    assert 1 < len(threads) <= 1 + 4  # the head, and the changed block's changed families
+    assert gzip.decompress(b"".join(pieces)) == exposition.render(REGISTRY, openmetrics=True)
