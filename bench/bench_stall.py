@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -236,12 +237,7 @@ async def one_run(
     """Start the exporter for `run`, wait until it tracks every id, measure, stop it."""
     slug = f"stall-{n}-{run.name.replace(' ', '-')}"
     work = common.LOGS / slug
-    if work.exists():
-        for leftover in sorted(work.rglob("*"), reverse=True):
-            if leftover.is_dir():
-                leftover.rmdir()
-            else:
-                leftover.unlink()
+    shutil.rmtree(work, ignore_errors=True)  # the previous run's, kept until now to look at
     work.mkdir(parents=True)
     directory = work / "ingestions" if run.directory else None
     if directory is not None:
