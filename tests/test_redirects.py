@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from botocore.credentials import Credentials
 
+from exporter import register
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import AuthConfig
 from exporter.simulator import API_PATH, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY
@@ -119,3 +123,33 @@ async def test_redirect_under_sigv4_with_a_session_token_is_not_followed(
     samples = await running.scrape()
     assert (value(samples, "catalog_api_errors_total", kind="unexpected_status") or 0) >= 3
     _assert_refused(running, status, (SESSION_TOKEN, TEST_SECRET_ACCESS_KEY))
+
+
+@pytest.mark.parametrize("status", [302, 307])
+async def test_register_command_does_not_follow_a_redirect_with_its_token(
+    tmp_path: Path, status: int
+) -> None:
+    """catalog-upload-register refuses a 3xx: the admin token never reaches the other host."""
+    received: list[web.Request] = []
+
+    async def record(request: web.Request) -> web.Response:
+        received.append(request)
+        return web.json_response({"ingestionId": "x"}, status=201)
+
+    elsewhere_app = web.Application()
+    elsewhere_app.router.add_route("*", "/{tail:.*}", record)
+    async with TestServer(elsewhere_app, host="127.0.0.1") as elsewhere:
+
+        async def redirect(request: web.Request) -> web.Response:
+            location = str(elsewhere.make_url(request.path))
+            return web.Response(status=status, headers={"Location": location})
+
+        admin_app = web.Application()
+        admin_app.router.add_route("*", "/{tail:.*}", redirect)
+        async with TestServer(admin_app, host="127.0.0.1") as admin:
+            token_file = tmp_path / "admin-token"
+            token_file.write_text("admin-SECRET-token-1")
+            argv = ["up-1", "--url", str(admin.make_url("")), "--token-file", str(token_file)]
+            code = await asyncio.to_thread(register.main, argv)
+    assert code == register.EXIT_REFUSED
+    assert received == []
