@@ -196,7 +196,10 @@ def _keep_scheme(match: re.Match[str]) -> str:
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now (delta-seconds or HTTP-date), clamped to [0, 1h]."""
+    """Retry-After as seconds from now (delta-seconds or HTTP-date), at least 0.
+
+    Not capped here: the scheduler and the rate limiter honour it up to
+    `polling.max_backoff_seconds`, the one place that bound is configured."""
     if value is None:
         return None
     value = value.strip()
@@ -210,9 +213,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         if when.tzinfo is None:
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds):
+    if not math.isfinite(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return max(seconds, 0.0)
 
 
 def _classify_400(message: str, headers: Mapping[str, str]) -> ErrorKind:

@@ -64,7 +64,10 @@ class Exporter:
         self._log_stream = log_stream
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
-        self.limiter = AdaptiveRateLimiter(config.api.max_requests_per_second)
+        self.limiter = AdaptiveRateLimiter(
+            config.api.max_requests_per_second,
+            max_pause_seconds=config.polling.max_backoff_seconds,
+        )
         self.api_metrics = ApiMetrics(self.registry)
         self.upload_metrics = UploadMetrics(self.registry)
         self.metrics = ExporterMetrics(
@@ -148,6 +151,7 @@ class Exporter:
             max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
         )
         self.limiter.set_max_rate(new.api.max_requests_per_second)
+        self.limiter.set_max_pause(new.polling.max_backoff_seconds)
         if self._poller is not None:
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:

@@ -213,10 +213,10 @@ def test_retry_after_http_date_is_converted_to_seconds() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("-5", 0.0), ("1e9", 3600.0), ("soon", None), ("nan", None), (None, None)],
+    [("-5", 0.0), ("1e9", 1e9), ("soon", None), ("nan", None), ("inf", None), (None, None)],
 )
 def test_retry_after_is_clamped_or_ignored_when_odd(
     value: str | None, expected: float | None
 ) -> None:
-    """Negative → 0, huge → 1 h, nonsense → ignored."""
+    """Negative → 0, huge is kept (polling.max_backoff_seconds bounds it), nonsense → ignored."""
     assert parse_retry_after(value) == expected
