@@ -20,9 +20,10 @@ import structlog
 from aiohttp import web
 
 from exporter import __version__
+from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
 from exporter.config import ConfigError, ServerConfig, load_config
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
 from exporter.service import Exporter
@@ -94,25 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({len(config.ingestions.ids)} ingestion ids, auth {config.api.auth.type})"
         )
         return EXIT_OK
-    configure_logging(config.logging.level, config.logging.format)
-    exporter = Exporter(config)
+    mask = SecretMask()
+    configure_logging(config.logging.level, config.logging.format, mask=mask)
+    exporter = Exporter(config, secret_mask=mask)
     reloader = ConfigReloader(args.config, exporter)
     host = config.server.host
     port = config.server.port if args.port is None else args.port
     app = create_app(exporter, reloader)
-    admin = (
-        Listener(
-            create_admin_app(
-                exporter.tracker,
-                token_file=config.admin.token_file,
-                body_timeout=config.server.idle_timeout_seconds,
-            ),
-            config.admin.host,
-            config.admin.port,
+    admin = None
+    if config.admin.enabled:
+        admin_app = create_admin_app(
+            exporter.tracker,
+            token_file=config.admin.token_file,
+            body_timeout=config.server.idle_timeout_seconds,
         )
-        if config.admin.enabled
-        else None
-    )
+        admin_auth = admin_app.get(ADMIN_TOKEN)
+        if admin_auth is not None:
+            mask.watch("admin", admin_auth.held_secrets)
+        admin = Listener(admin_app, config.admin.host, config.admin.port)
     return _serve_until_stopped(
         lambda: serve(
             app,

@@ -148,7 +148,7 @@ def _read_token(path: str) -> str:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Hand a 3xx back as the answer instead of following it."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:  # noqa: ARG002 - refused
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
 
 

@@ -44,9 +44,13 @@ _VALUE = rf"""(?:"[^"]*"|'[^']*'|(?:(?!{_AMP})[^\s&"'<>,;])+)"""
 #: A URL's query string, where a presigned S3 link carries its credential and signature.
 _URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
 #: The same, percent-encoded (a link quoted inside another URL): `https%3A%2F%2F...%3F...`.
-_ENCODED_URL_QUERY = re.compile(r"(?i)\b(https?%(?:25)?3A(?:(?!%(?:25)?3F)[^\s?#\"'<>&])*)%(?:25)?3F[^\s#\"'<>&]*")
+_ENCODED_URL_QUERY = re.compile(
+    r"(?i)\b(https?%(?:25)?3A(?:(?!%(?:25)?3F)[^\s?#\"'<>&])*)%(?:25)?3F[^\s#\"'<>&]*"
+)
 #: `user:password@` in a URL, plain or percent-encoded.
-_USERINFO = re.compile(r"(?i)(//|%(?:25)?2F%(?:25)?2F)((?:(?!%(?:25)?2F)[^/\s@\"'<>?#])+?)(@|%(?:25)?40)")
+_USERINFO = re.compile(
+    r"(?i)(//|%(?:25)?2F%(?:25)?2F)((?:(?!%(?:25)?2F)[^/\s@\"'<>?#])+?)(@|%(?:25)?40)"
+)
 #: Parameters and fields whose value is a credential: SigV4 and SigV2 query parameters,
 #: OAuth-style tokens, API keys; as `name=value`, `name: value` or `"name": "value"`.
 _SECRET_FIELD = re.compile(
@@ -74,11 +78,11 @@ def classify_response(
     if http_status == 200:
         return parse_status_body(body)
     if 300 <= http_status <= 399:
-        # Not followed (see client); its body and full Location may carry a signed link.
-        return PollError(
-            ErrorKind.UNEXPECTED_STATUS, redirect_message(headers.get("Location")), http_status
-        )
-    message = error_message(body)
+        # Not followed (see client): an unexpected_status whose log names the Location's host
+        # only; its body and full Location may carry a signed link.
+        message = redirect_message(headers.get("Location"))
+    else:
+        message = error_message(body)
     if http_status == 429:
         return PollError(
             ErrorKind.THROTTLED,

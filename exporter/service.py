@@ -22,7 +22,7 @@ from exporter.client import CatalogClient
 from exporter.config import AuthConfig, Config
 from exporter.discovery import DirectoryWatcher
 from exporter.exposition import UploadExposition
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller
@@ -59,9 +59,14 @@ class Exporter:
         auth_factory: AuthFactory = auth_from_config,
         rng: random.Random | None = None,
         log_stream: TextIO | None = None,
+        secret_mask: SecretMask | None = None,
     ) -> None:
         self.config = config
         self._log_stream = log_stream
+        # The one given to configure_logging at start-up; reloads reconfigure with it.
+        self.secret_mask = SecretMask() if secret_mask is None else secret_mask
+        self._auth: RequestAuth | None = None
+        self.secret_mask.watch("api", self._held_api_secrets)
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
         self.limiter = AdaptiveRateLimiter(
@@ -146,7 +151,9 @@ class Exporter:
     def apply(self, new: Config) -> None:
         """Apply a validated config to the running parts; ids added start polling at once."""
         old, self.config = self.config, new
-        configure_logging(new.logging.level, new.logging.format, self._log_stream)
+        configure_logging(
+            new.logging.level, new.logging.format, self._log_stream, mask=self.secret_mask
+        )
         self.tracker.configure(
             max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
         )
@@ -226,12 +233,16 @@ class Exporter:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _held_api_secrets(self) -> tuple[str, ...]:
+        return () if self._auth is None else self._auth.held_secrets()
+
     def _make_client(self, config: Config) -> CatalogClient:
         assert self._session is not None, "start() opens the session first"
+        self._auth = self._auth_factory(config.api.auth)
         return CatalogClient(
             self._session,
             base_url=config.api.base_url,
-            auth=self._auth_factory(config.api.auth),
+            auth=self._auth,
             timeout_seconds=config.api.timeout_seconds,
             max_response_bytes=config.api.max_response_bytes,
             metrics=self.api_metrics,

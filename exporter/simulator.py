@@ -435,7 +435,7 @@ class Simulator:
         burst: float | None = None,
         auth: str = "none",
         tokens: Iterable[str] = (),
-        token_header: str = "Authorization",
+        token_header: str = "Authorization",  # noqa: S107 - a header's name, not a secret
         credentials: Mapping[str, str] | None = None,
         region: str = TEST_REGION,
         error_rate: float = 0.0,

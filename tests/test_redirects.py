@@ -14,10 +14,21 @@ from botocore.credentials import Credentials
 from exporter import register
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import AuthConfig
-from exporter.simulator import API_PATH, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY
-from exporter.simulator import Fault
-from tests.conftest import ExporterFactory, RunningExporter, SimulatorFactory, fast_config, value
-from tests.conftest import wait_for
+from exporter.simulator import (
+    API_PATH,
+    TEST_ACCESS_KEY_ID,
+    TEST_REGION,
+    TEST_SECRET_ACCESS_KEY,
+    Fault,
+)
+from tests.conftest import (
+    ExporterFactory,
+    RunningExporter,
+    SimulatorFactory,
+    fast_config,
+    value,
+    wait_for,
+)
 
 API_KEY = "key-3b9f0c1d-SECRET-api-key"
 SESSION_TOKEN = "FwoGZXIvYXdzSESSION-TOKEN-3c1f9e"
@@ -63,9 +74,7 @@ async def _redirect_run(
 
 def _assert_refused(running: RunningExporter, status: int, secrets: tuple[str, ...]) -> None:
     logs = running.logs.getvalue()
-    failures = [
-        e for e in map(json.loads, logs.splitlines()) if e["event"] == "poll_failed"
-    ]
+    failures = [e for e in map(json.loads, logs.splitlines()) if e["event"] == "poll_failed"]
     assert failures
     assert all(e["kind"] == "unexpected_status" for e in failures)
     assert all(e["http_status"] == status for e in failures)
