@@ -1,10 +1,10 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
 The config file, the watched directory and the admin API all register and release ids here.
-The tracker validates each id (the API's 255-character limit, no control characters) and its
-labels (only allow-listed names), enforces the cap on tracked ids, counts every rejection,
-keeps the store and the poller in step, and marks the state file dirty. It does no I/O of
-its own.
+The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
+no control or invisible format characters) and its labels (only allow-listed names), enforces
+the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
+marks the state file dirty. It does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ _REASON_TEXT = {
     RejectReason.EMPTY: "ingestionId must not be empty",
     RejectReason.TOO_LONG: f"ingestionId must be at most {MAX_INGESTION_ID_LENGTH} characters",
     RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
+    RejectReason.FORMAT_CHARACTERS: "ingestionId must not contain invisible format characters "
+    "(Unicode category Cf, such as U+202E or U+200B)",
 }
 
 
