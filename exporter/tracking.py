@@ -114,9 +114,10 @@ class Tracker(Protocol):
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id. When no source wants it any more it is removed:
-        at once if `immediate` (config removal, API DELETE), else once it is terminal and its
-        retention has passed (a deleted file: a FATAL must still be seen). False if `source`
-        did not hold the id."""
+        at once if `immediate` (config removal, API DELETE) or if it awaits no status (never
+        polled successfully, INVALID or UNKNOWN), else once it is terminal and its retention
+        has passed (a deleted file: a FATAL must still be seen). False if `source` did not
+        hold the id."""
         ...
 
     def ids_from(self, source: Source) -> set[str]:
@@ -235,7 +236,7 @@ class IngestionTracker:
         if not self._store.drop_source(ingestion_id, source.value):
             return False
         upload = self._store.get(ingestion_id)
-        if upload is not None and upload.released and immediate:
+        if upload is not None and upload.released and (immediate or not upload.awaiting_status):
             self._store.remove(ingestion_id)
             self._on_removed([ingestion_id])
             log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
