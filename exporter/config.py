@@ -44,6 +44,7 @@ import yaml
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
+    format_character,
     ingestion_id_problem,
     refused_character,
 )
@@ -716,6 +717,12 @@ def _ingestion_id_problem(value: object) -> str | None:
         return "must not be empty"
     if reason is RejectReason.TOO_LONG:
         return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
+    if reason is RejectReason.FORMAT_CHARACTERS:
+        invisible = format_character(value) or "?"
+        return (
+            f"must not contain invisible format characters, found {invisible!r} "
+            f"(U+{ord(invisible):04X}) in {_describe(value)}"
+        )
     char = refused_character(value)
     return f"must not contain control characters, found {char!r} in {_describe(value)}"
 

@@ -203,6 +203,35 @@ class ExporterMetrics:
             self.reload_success_timestamp.set(time.time())
 
 
+class DirectoryMetrics:
+    """The watched directory's health: files it cannot use, and scans that fail."""
+
+    def __init__(self, registry: CollectorRegistry, file_problems: Iterable[str]) -> None:
+        self.file_errors = Counter(
+            "catalog_exporter_directory_file_errors",
+            "Files in the watched directory that name no id, once per file version, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in file_problems:
+            self.file_errors.labels(reason)
+        self.scan_failing = Gauge(
+            "catalog_exporter_directory_scan_failing",
+            "1 while scans of the watched directory fail (cannot be listed, or crashed), else 0.",
+            registry=registry,
+        )
+        self.last_scan_success = Gauge(
+            "catalog_exporter_directory_last_scan_success_timestamp_seconds",
+            "When a scan of the watched directory last completed (0 until one does).",
+            registry=registry,
+        )
+
+    def scan_succeeded(self) -> None:
+        """Record a complete scan."""
+        self.scan_failing.set(0)
+        self.last_scan_success.set(time.time())
+
+
 class UploadCollector(Collector):
     """Aggregate upload metrics, rendered from the store at scrape time.
 

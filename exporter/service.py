@@ -20,10 +20,16 @@ from prometheus_client import CollectorRegistry
 from exporter.auth import RequestAuth, create_auth
 from exporter.client import CatalogClient
 from exporter.config import AuthConfig, Config
-from exporter.discovery import DirectoryWatcher
+from exporter.discovery import DirectoryWatcher, FileProblem
 from exporter.exposition import UploadExposition
 from exporter.logs import SecretMask, configure_logging
-from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
+from exporter.metrics import (
+    ApiMetrics,
+    DirectoryMetrics,
+    ExporterMetrics,
+    UploadCollector,
+    UploadMetrics,
+)
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
@@ -81,6 +87,7 @@ class Exporter:
             poll_lag=lambda: self._poller.lag() if self._poller is not None else 0.0,
         )
         self.registry.register(UploadCollector(self.store))
+        self.directory_metrics = DirectoryMetrics(self.registry, FileProblem)
         self.exposition = UploadExposition(
             self.store,
             label_names=lambda: self.config.ingestions.labels,
@@ -214,6 +221,7 @@ class Exporter:
                 Path(config.ingestions.directory),
                 self.tracker,
                 poll_seconds=config.ingestions.directory_poll_seconds,
+                metrics=self.directory_metrics,
             )
             self._spawn("directory-watcher", watcher.run())
 

@@ -1,10 +1,10 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
 The config file, the watched directory and the admin API all register and release ids here.
-The tracker validates each id (the API's 255-character limit, no control characters) and its
-labels (only allow-listed names), enforces the cap on tracked ids, counts every rejection,
-keeps the store and the poller in step, and marks the state file dirty. It does no I/O of
-its own.
+The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
+no control or invisible format characters) and its labels (only allow-listed names), enforces
+the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
+marks the state file dirty. It does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ _REASON_TEXT = {
     RejectReason.EMPTY: "ingestionId must not be empty",
     RejectReason.TOO_LONG: f"ingestionId must be at most {MAX_INGESTION_ID_LENGTH} characters",
     RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
+    RejectReason.FORMAT_CHARACTERS: "ingestionId must not contain invisible format characters "
+    "(Unicode category Cf, such as U+202E or U+200B)",
 }
 
 
@@ -112,9 +114,10 @@ class Tracker(Protocol):
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id. When no source wants it any more it is removed:
-        at once if `immediate` (config removal, API DELETE), else once it is terminal and its
-        retention has passed (a deleted file: a FATAL must still be seen). False if `source`
-        did not hold the id."""
+        at once if `immediate` (config removal, API DELETE) or if it awaits no status (never
+        polled successfully, INVALID or UNKNOWN), else once it is terminal and its retention
+        has passed (a deleted file: a FATAL must still be seen). False if `source` did not
+        hold the id."""
         ...
 
     def ids_from(self, source: Source) -> set[str]:
@@ -233,7 +236,7 @@ class IngestionTracker:
         if not self._store.drop_source(ingestion_id, source.value):
             return False
         upload = self._store.get(ingestion_id)
-        if upload is not None and upload.released and immediate:
+        if upload is not None and upload.released and (immediate or not upload.awaiting_status):
             self._store.remove(ingestion_id)
             self._on_removed([ingestion_id])
             log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)

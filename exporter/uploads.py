@@ -34,6 +34,9 @@ def _forget_nothing(upload: TrackedUpload) -> None:
 #: Statuses that mean the upload has not left the queue yet (for the queue-time histogram).
 _NOT_YET_STARTED = frozenset({Status.UNKNOWN, Status.INQUEUE, Status.INVALID})
 
+#: Statuses of an upload the API gave no real status for (see `TrackedUpload.awaiting_status`).
+_NOTHING_TO_AWAIT = frozenset({Status.UNKNOWN, Status.INVALID})
+
 
 @dataclass(slots=True)
 class TrackedUpload:
@@ -65,6 +68,15 @@ class TrackedUpload:
     def released(self) -> bool:
         """No source wants it any more: kept only until it is terminal and retained."""
         return not self.sources
+
+    @property
+    def awaiting_status(self) -> bool:
+        """True if the API gave it a real status, so a terminal one (a FATAL) may still come.
+
+        An upload never polled successfully, or INVALID or UNKNOWN, waits for nothing: once
+        released it is removed at once instead of being kept, and polled, forever.
+        """
+        return self.last_success is not None and self.status not in _NOTHING_TO_AWAIT
 
 
 Renderer = Callable[[TrackedUpload, bool], None]
@@ -212,7 +224,10 @@ class UploadStore:
         upload.last_error = error.kind
         if error.kind is ErrorKind.INVALID_INGESTION_ID:
             transition = self._set_status(upload, Status.INVALID.value, now)
-            if transition is not None:
+            if upload.released:
+                # Released while waiting for a terminal status that now cannot come.
+                self._forget(ingestion_id)
+            elif transition is not None:
                 self._render(upload, True)
             return transition
         return None
