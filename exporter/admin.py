@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +25,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.auth import AuthUnavailable, BearerAuth
-from exporter.config import ServerConfig
+from exporter.config import ServerConfig, is_loopback_host
 from exporter.models import MAX_INGESTION_ID_LENGTH
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
@@ -51,6 +51,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 TRACKER = web.AppKey("admin_tracker", IngestionTracker)
 TOKEN = web.AppKey("admin_token", BearerAuth)
 BODY_TIMEOUT = web.AppKey("admin_body_timeout", float)
+ALLOWED_HOSTS = web.AppKey("admin_allowed_hosts", frozenset[str])
 
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
@@ -64,6 +65,7 @@ _HTTP_ERROR_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    421: "misdirected_request",
 }
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,16 +76,20 @@ def create_admin_app(
     *,
     token_file: str = "",
     body_timeout: float = ServerConfig().idle_timeout_seconds,
+    allowed_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The admin API as an aiohttp app; with `token_file`, requests need its bearer token.
 
-    A request body not received within `body_timeout` seconds is answered 408.
+    A request body not received within `body_timeout` seconds is answered 408. Only requests
+    whose Host is a loopback name or address, or one of `allowed_hosts`, are served.
     """
     app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors, _authenticate]
+        client_max_size=MAX_REQUEST_BYTES,
+        middlewares=[_json_errors, _check_host, _authenticate],
     )
     app[TRACKER] = tracker
     app[BODY_TIMEOUT] = body_timeout
+    app[ALLOWED_HOSTS] = frozenset(_normal_host(name) for name in allowed_hosts)
     if token_file:
         # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
         # file changes) by the same code that authenticates the exporter's own requests.
@@ -179,6 +185,52 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.reason
 
 
+def _normal_host(name: str) -> str:
+    """A host name as compared: lower-case, without the root's trailing dot."""
+    return name.strip().lower().removesuffix(".")
+
+
+def _host_of(header: str) -> str | None:
+    """The host part of a Host header ("[::1]:10185" -> "::1"), or None if it is malformed."""
+    value = header.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1 :]
+        if end < 0 or not host:
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        rest = colon + port
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None  # a bare IPv6 address, or a port that is not a number
+    return _normal_host(host) or None
+
+
+@web.middleware
+async def _check_host(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Refuse (421, changing nothing) a request whose Host is neither loopback nor allowed.
+
+    A web page can make a browser reach this listener under the page's own name by pointing
+    that name at 127.0.0.1 (DNS rebinding); the browser then sends that name as Host.
+    """
+    header = request.headers.get("Host", "")
+    host = _host_of(header)
+    if host is not None and (is_loopback_host(host) or host in request.app[ALLOWED_HOSTS]):
+        return await handler(request)
+    log.warning(
+        "admin_request_misdirected",
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        host=header[:255].encode("ascii", "backslashreplace").decode(),
+    )
+    message = (
+        "this API answers only requests for a loopback host (localhost, 127.0.0.1, [::1]) "
+        "or a name listed in admin.allowed_hosts"
+    )
+    return _error(421, "misdirected_request", message)
+
+
 @web.middleware
 async def _authenticate(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """With a token configured, refuse requests without it (probes and the API doc excepted).
@@ -195,10 +247,13 @@ async def _authenticate(request: web.Request, handler: _Handler) -> web.StreamRe
         log.error("admin_token_unavailable", problem=str(exc))
         return _error(503, "auth_unavailable", "the admin token cannot be read; see the log")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Compare bytes: compare_digest refuses non-ASCII str, and a client may send anything.
-    if scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    # Compare bytes: compare_digest refuses non-ASCII str, and a client may send anything,
+    # bytes that are not UTF-8 included (aiohttp hands those over as lone surrogates).
+    try:
+        sent = given.strip().encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        sent = b""  # not bytes off the wire: nothing that could be the token
+    if scheme.lower() == "bearer" and hmac.compare_digest(sent, expected.encode()):
         return await handler(request)
     log.warning(
         "admin_request_unauthorized",
@@ -308,8 +363,15 @@ async def list_ingestions(request: web.Request) -> web.Response:
     if unknown:
         message = f"unknown query parameter {unknown[0][:64]!r}; allowed: status"
         raise _Refused(400, "unknown_parameter", message)
+    tracker = request.app[TRACKER]
     wanted = {s.strip().upper() for s in request.query.getall("status", [])}
-    views = request.app[TRACKER].views()
+    allowed = tracker.statuses()
+    bogus = sorted(wanted.difference(allowed))
+    if bogus:
+        # A typo must not read as "none in that status".
+        message = f"unknown status {bogus[0][:64]!r}; allowed: {', '.join(allowed)}"
+        raise _Refused(400, "invalid_parameter", message)
+    views = tracker.views()
     shown = [view_json(v) for v in views if not wanted or v.status in wanted]
     return web.json_response({"ingestions": shown})
 
@@ -495,7 +557,8 @@ _SCHEMAS: dict[str, Any] = {
                 "unknown_parameter, not_a_string, empty, too_long, control_characters, "
                 "bad_labels, cap_reached, not_owned, not_found, not_registered_by_api, "
                 "unauthorized, method_not_allowed, payload_too_large, unsupported_media_type, "
-                "state_unavailable, auth_unavailable, internal_error.",
+                "invalid_parameter, misdirected_request, state_unavailable, auth_unavailable, "
+                "internal_error.",
             },
             "message": {"type": "string", "description": "Human-readable detail."},
         },
@@ -523,10 +586,23 @@ _ID_PARAMETER = {
 }
 
 
+_MISDIRECTED = _failure(
+    "misdirected_request: the Host header names neither a loopback host (localhost, "
+    "127.0.0.0/8, [::1]) nor one in admin.allowed_hosts; nothing was done (DNS rebinding "
+    "protection)."
+)
+
+
 def _protected(responses: dict[str, Any], unavailable: str = "") -> dict[str, Any]:
     """Add the answers every token-protected operation may give."""
     text = f"{unavailable} Or {_AUTH_UNAVAILABLE}" if unavailable else _AUTH_UNAVAILABLE
-    return {**responses, "401": _UNAUTHORIZED, "500": _INTERNAL, "503": _failure(text)}
+    return {
+        **responses,
+        "401": _UNAUTHORIZED,
+        "421": _MISDIRECTED,
+        "500": _INTERNAL,
+        "503": _failure(text),
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -603,13 +679,20 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {"type": "array", "items": {"type": "string"}},
                             "style": "form",
                             "explode": True,
-                            "description": "Only uploads in these statuses (repeatable).",
+                            "description": "Only uploads in these statuses (repeatable, "
+                            "case-insensitive): INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, "
+                            "INVALID, UNKNOWN, or another status the API sent that a tracked "
+                            "upload has now. Anything else is a 400.",
                         }
                     ],
                     "responses": _protected(
                         {
                             "200": _json_body(_ref("IngestionList"), "The uploads."),
-                            "400": _failure("unknown_parameter."),
+                            "400": _failure(
+                                "unknown_parameter, or invalid_parameter: a status that is "
+                                "neither known nor held by a tracked upload (the message "
+                                "lists the allowed ones)."
+                            ),
                         }
                     ),
                 },
@@ -655,6 +738,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_body({"type": "object"}, "The OpenAPI document."),
                         "500": _INTERNAL,
+                        "421": _MISDIRECTED,
                     },
                 }
             },
@@ -666,6 +750,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_body(_ref("Health"), "Alive."),
                         "500": _INTERNAL,
+                        "421": _MISDIRECTED,
                     },
                 }
             },

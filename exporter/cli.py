@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 exporter.tracker,
                 token_file=config.admin.token_file,
                 body_timeout=config.server.idle_timeout_seconds,
+                allowed_hosts=config.admin.allowed_hosts,
             ),
             config.admin.host,
             config.admin.port,

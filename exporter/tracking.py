@@ -18,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from exporter.models import (
+    KNOWN_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
     ingestion_id_problem,
@@ -277,6 +278,13 @@ class IngestionTracker:
     def views(self) -> list[UploadView]:
         """Every tracked upload, in registration order."""
         return [_view(upload) for upload in self._store]
+
+    def statuses(self) -> tuple[str, ...]:
+        """Statuses an upload can be listed under: the known ones, then any other value the
+        API sent that a tracked upload has now (sorted)."""
+        present = self._store.status_counts()
+        others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
+        return (*KNOWN_STATUSES, *others)
 
     def snapshot(self) -> StateSnapshot:
         """What the state file must hold now."""
