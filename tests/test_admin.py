@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from openapi_spec_validator import validate
 from yarl import URL
 
+from exporter import admin as admin_module
 from exporter import register
 from exporter.admin import create_admin_app, openapi_document
 from exporter.config import ConfigError, parse_config
@@ -384,13 +385,14 @@ async def test_a_retired_id_is_accepted_but_not_tracked_again(admin: Admin) -> N
 
 
 async def test_listing_returns_every_upload_and_filters_by_status(admin: Admin) -> None:
-    """GET lists uploads in registration order; ?status= keeps only those statuses."""
-    for name in ("a", "b", "c"):
+    """GET lists uploads in id order; ?status= keeps only those statuses."""
+    for name in ("c", "a", "b"):
         await admin.post({"ingestionId": name})
     admin.store.record_report("b", StatusReport(Status.FATAL.value, True, "FATAL"))
     admin.store.record_report("c", StatusReport(Status.DONE.value, False, "DONE"))
     everything = await admin.call("GET", "/api/v1/ingestions")
     assert [v["ingestionId"] for v in everything.body["ingestions"]] == ["a", "b", "c"]
+    assert everything.body["nextCursor"] is None
     fatal = await admin.call("GET", "/api/v1/ingestions?status=FATAL")
     assert [v["ingestionId"] for v in fatal.body["ingestions"]] == ["b"]
     view = fatal.body["ingestions"][0]
@@ -422,6 +424,141 @@ async def test_listing_accepts_a_status_the_api_sent_while_an_upload_has_it(
     assert after.status == 200
     assert [v["ingestionId"] for v in after.body["ingestions"]] == ["novel"]
     assert "ON_HOLD" in (await admin.call("GET", "/api/v1/ingestions?status=X")).body["message"]
+
+
+async def walk(
+    admin: Admin, query: str = "", between: Callable[[], Awaitable[None]] | None = None
+) -> list[str]:
+    """Every id GET /api/v1/ingestions lists, following nextCursor to the end."""
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(10_000):
+        suffix = "" if cursor is None else f"&cursor={cursor}"
+        page = await admin.call("GET", f"/api/v1/ingestions?{query}{suffix}")
+        assert page.status == 200, page.body
+        seen += [view["ingestionId"] for view in page.body["ingestions"]]
+        cursor = page.body["nextCursor"]
+        if cursor is None:
+            return seen
+        if between is not None:
+            await between()
+    raise AssertionError("the pages never end")
+
+
+def hostile_ids(n: int) -> list[str]:
+    """`n` distinct ids mixing ASCII, reserved URL characters and non-ASCII text."""
+    shapes = ("upload-{:05d}", "é/{:05d}?#%", "{:05d} 😀", "Z{:05d}", "a{:05d}&cursor=x")
+    return [shapes[i % len(shapes)].format(i) for i in range(n)]
+
+
+async def test_walking_every_page_lists_each_id_exactly_once(start_admin: AdminFactory) -> None:
+    """Pages in id order, joined, are every tracked id once; the last page says so."""
+    admin = await start_admin(max_tracked=5_000)
+    ids = hostile_ids(2_345)
+    admin.tracker.replace_config_ids(ids[:-5])
+    for ingestion_id in ids[-5:]:
+        assert (await admin.post({"ingestionId": ingestion_id})).status == 201
+    for query in ("limit=100", "limit=2345", "limit=2344", ""):
+        assert await walk(admin, query) == sorted(ids)
+    assert await walk(admin, "limit=7&status=UNKNOWN") == sorted(ids)
+    first = await admin.call("GET", "/api/v1/ingestions")
+    assert len(first.body["ingestions"]) == 1_000  # the default page
+    assert first.body["nextCursor"] is not None
+    whole = await admin.call("GET", "/api/v1/ingestions?limit=10000")
+    assert len(whole.body["ingestions"]) == 2_345 and whole.body["nextCursor"] is None
+
+
+async def test_ids_removed_or_added_between_pages_do_not_make_a_survivor_skip(
+    start_admin: AdminFactory,
+) -> None:
+    """Deleting listed, unlisted and cursor ids and adding new ones mid-walk skips no survivor."""
+    admin = await start_admin(max_tracked=5_000)
+    ids = sorted(hostile_ids(600))
+    admin.tracker.replace_config_ids(ids)
+    held = list(ids)
+    removed: set[str] = set()
+    added: set[str] = set()
+    state = {"round": 0}
+
+    async def churn() -> None:
+        state["round"] += 1
+        n = state["round"]
+        # Drop every 37th id still held, from a shifting start: some already listed, some
+        # not yet, sometimes the cursor's own; add ids that sort before, among and after.
+        for victim in held[n % 10 :: 37]:
+            removed.add(victim)
+        fresh = [f"{held[(n * 13) % len(held)]}-new-{n}", f"0-new-{n}", f"zzz-new-{n}"]
+        added.update(fresh)
+        keep = [i for i in held if i not in removed]
+        held[:] = keep
+        admin.tracker.replace_config_ids([*held, *sorted(added)])
+
+    seen = await walk(admin, "limit=25", between=churn)
+    survivors = [i for i in ids if i not in removed]
+    assert state["round"] > 10 and removed
+    assert all(admin.tracker.view(i) is None for i in removed)
+    assert len(seen) == len(set(seen)), "an id was listed twice"
+    assert set(survivors) <= set(seen), "a survivor was skipped"
+    assert set(seen) <= set(ids) | added
+    assert seen == sorted(seen)
+
+
+async def test_deleting_the_cursor_id_itself_does_not_lose_the_place(admin: Admin) -> None:
+    """The cursor holds a position, not a reference: its id may be gone by the next page."""
+    for name in ("a", "b", "c", "d"):
+        await admin.post({"ingestionId": name})
+    first = await admin.call("GET", "/api/v1/ingestions?limit=2")
+    assert [v["ingestionId"] for v in first.body["ingestions"]] == ["a", "b"]
+    assert (await admin.call("DELETE", id_path("b"))).status == 204
+    rest = await admin.call("GET", f"/api/v1/ingestions?limit=2&cursor={first.body['nextCursor']}")
+    assert [v["ingestionId"] for v in rest.body["ingestions"]] == ["c", "d"]
+    assert rest.body["nextCursor"] is None
+
+
+async def test_a_filtered_walk_finds_rare_statuses_over_short_pages(
+    start_admin: AdminFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page looks at a bounded number of ids; walking on still finds every match."""
+    monkeypatch.setattr(admin_module, "MAX_PAGE_EXAMINED", 40)
+    admin = await start_admin(max_tracked=1_000)
+    ids = [f"id-{n:04d}" for n in range(500)]
+    admin.tracker.replace_config_ids(ids)
+    fatal = ids[3::97]
+    for ingestion_id in fatal:
+        admin.store.record_report(ingestion_id, StatusReport(Status.FATAL.value, False, "FATAL"))
+    first = await admin.call("GET", "/api/v1/ingestions?status=FATAL&limit=10")
+    assert len(first.body["ingestions"]) < 10 and first.body["nextCursor"] is not None
+    assert await walk(admin, "status=FATAL&limit=10") == fatal
+    assert await walk(admin, "status=FATAL&limit=1") == fatal
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=10001",
+        "limit=1000000",
+        "limit=0001000000",
+        "limit=abc",
+        "limit=1.5",
+        "limit=",
+        "limit=%C2%B2",
+        "limit=5&limit=6",
+        "cursor=!!!",
+        "cursor=",
+        "cursor=_w",
+        "cursor=" + "QQ" * 2000,
+        "cursor=YQ&cursor=Yg",
+    ],
+)
+async def test_a_bad_limit_or_cursor_answers_400(admin: Admin, query: str) -> None:
+    """limit outside 1-10000, a cursor this API did not hand out, or either twice: 400."""
+    await admin.post({"ingestionId": "a"})
+    answer = await admin.call("GET", f"/api/v1/ingestions?{query}")
+    assert answer.status == 400
+    assert answer.body["error"] == "invalid_parameter"
+    assert ("limit" in query) == ("limit" in answer.body["message"])
 
 
 async def test_listing_refuses_unknown_query_parameters(admin: Admin) -> None:
@@ -462,11 +599,11 @@ async def test_an_unexpected_failure_answers_500_without_details(
 ) -> None:
     """A crash in a handler is a JSON 500 that reveals nothing about it."""
 
-    def broken() -> list[Any]:
+    def broken(*args: object) -> list[Any]:
         msg = "internal detail at /secret/path"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(admin.tracker, "views", broken)
+    monkeypatch.setattr(admin.tracker, "page", broken)
     answer = await admin.call("GET", "/api/v1/ingestions")
     assert answer.status == 500
     assert answer.body == {
