@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             exporter.tracker,
             token_file=config.admin.token_file,
             body_timeout=config.server.idle_timeout_seconds,
+            allowed_hosts=config.admin.allowed_hosts,
         )
         admin_auth = admin_app.get(ADMIN_TOKEN)
         if admin_auth is not None:

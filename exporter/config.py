@@ -28,6 +28,7 @@ Rules applied to every key:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -66,6 +67,7 @@ __all__ = [
     "ServerConfig",
     "ShardingConfig",
     "StateConfig",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
@@ -190,6 +192,8 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_ADMIN_PORT
     token_file: str = ""
+    #: Host names (besides loopback ones) a request may name in its Host header.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,7 @@ _KINDS: dict[type, str] = {
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
 # into the wrong key.
 _ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -485,6 +490,20 @@ def _host(section: _Section, default: str) -> str:
             "host", f"expected a host name or address such as {default}, got {_describe(host)}"
         )
     return host
+
+
+def is_loopback_host(name: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1), given without port."""
+    host = name.strip().lower().removesuffix(".").removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _absolute_path_problem(path: str) -> str | None:
@@ -727,6 +746,22 @@ def _ingestion_id_problem(value: object) -> str | None:
     return f"must not contain control characters, found {char!r} in {_describe(value)}"
 
 
+def _host_name_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {_describe(value)}"
+    if not _HOST_NAME.fullmatch(value.lower().removesuffix(".")) and not _is_ip_address(value):
+        return f"expected a host name or IP address, without port, got {_describe(value)}"
+    return None
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _label_name_problem(value: object) -> str | None:
     if not isinstance(value, str):
         return f"expected a string, got {_describe(value)}"
@@ -820,9 +855,17 @@ def _read_admin(section: _Section, server: ServerConfig) -> AdminConfig:
         host=_host(section, AdminConfig().host),
         port=_integer(section, "port", DEFAULT_ADMIN_PORT, ge=0, le=65535),
         token_file=_string(section, "token_file", ""),
+        allowed_hosts=_unique_strings(section, "allowed_hosts", "host names", _host_name_problem),
     )
     if not admin.enabled or section.has_problem("enabled"):
         return admin  # no listener (or unknown whether one): its port and token do not matter
+    if not (admin.token_file or is_loopback_host(admin.host) or section.has_problem("host")):
+        section.problem(
+            "host",
+            f"{admin.host!r} is not a loopback address (127.0.0.1, ::1, localhost): anyone who "
+            f"can reach it could register and delete ids; set {section.path_of('token_file')} "
+            "too",
+        )
     # Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and telling
     # which names resolve to the same address is not a load-time question. 0 is always free.
     if (

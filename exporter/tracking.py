@@ -18,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from exporter.models import (
+    KNOWN_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
     ingestion_id_problem,
@@ -30,6 +31,7 @@ from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
     "IngestionTracker",
+    "Page",
     "Registration",
     "RejectReason",
     "Source",
@@ -93,6 +95,15 @@ class UploadView:
     last_error: str | None
     terminal_at: float | None
     report_available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Part of the tracked uploads in id order; the next part starts after `next_after`
+    (None: nothing follows)."""
+
+    views: tuple[UploadView, ...]
+    next_after: str | None
 
 
 class Tracker(Protocol):
@@ -280,6 +291,33 @@ class IngestionTracker:
     def views(self) -> list[UploadView]:
         """Every tracked upload, in registration order."""
         return [_view(upload) for upload in self._store]
+
+    def page(self, after: str | None, limit: int, statuses: frozenset[str], examine: int) -> Page:
+        """Up to `limit` uploads whose ids sort above `after`, only those in `statuses` if any.
+
+        At most max(`limit`, `examine`) ids are looked at, so a filtered page may be short,
+        even empty, with more to come. The cost is O(log n + what is looked at), whatever
+        the number tracked, and an id removed between pages moves no other id.
+        """
+        views: list[UploadView] = []
+        budget = max(limit, examine)
+        last: str | None = None
+        for ingestion_id in self._store.ids_after(after):
+            if len(views) == limit or budget == 0:
+                return Page(tuple(views), last)
+            budget -= 1
+            last = ingestion_id
+            upload = self._store.get(ingestion_id)
+            if upload is not None and (not statuses or upload.status in statuses):
+                views.append(_view(upload))
+        return Page(tuple(views), None)
+
+    def statuses(self) -> tuple[str, ...]:
+        """Statuses an upload can be listed under: the known ones, then any other value the
+        API sent that a tracked upload has now (sorted)."""
+        present = self._store.status_counts()
+        others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
+        return (*KNOWN_STATUSES, *others)
 
     def snapshot(self) -> StateSnapshot:
         """What the state file must hold now."""
