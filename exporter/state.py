@@ -348,18 +348,24 @@ class StateWriter:
         # The write that has been asked for but has not taken its snapshot yet: every flush()
         # until then shares it, because it will contain all of their changes.
         self._pending: asyncio.Task[Exception | None] | None = None
+        # What to undo if that pending write fails: the changes of the flushes that joined it.
+        self._undos: list[Callable[[], None]] = []
         self._failed_at: float | None = None
 
     def mark_dirty(self) -> None:
         """Note that the in-memory state changed; `run()` writes it within the debounce."""
         self._dirty.set()
 
-    async def flush(self) -> None:
+    async def flush(self, undo: Callable[[], None] | None = None) -> None:
         """Return once a write that started after this call has completed.
 
         It does not wait for the debounce, only for a write already in progress. Raises
-        StateError when that write failed. Cancelling a flush does not cancel the write.
+        StateError when that write failed; `undo` is then called first, before any later
+        write takes its snapshot, so a change that was never acknowledged cannot reach the
+        file afterwards. Cancelling a flush does not cancel the write.
         """
+        if undo is not None:
+            self._undos.append(undo)
         error = await asyncio.shield(self._request_write())
         if error is not None:
             msg = f"could not write the state file {self._path}: {_short(error)}"
@@ -401,6 +407,7 @@ class StateWriter:
             # No await between these lines: whoever joined this write did so before the
             # snapshot was taken, and every change after it marks the state dirty again.
             self._pending = None
+            undos, self._undos = self._undos, []
             self._dirty.clear()
             try:
                 snapshot = self._snapshot()
@@ -411,10 +418,19 @@ class StateWriter:
             except Exception as exc:  # any failure must leave the loop running
                 self._dirty.set()
                 self._failed_at = asyncio.get_running_loop().time()
+                self._undo(undos)
                 self._report(exc)
                 return exc
             self._failed_at = None
             return None
+
+    def _undo(self, undos: list[Callable[[], None]]) -> None:
+        """Roll back the unacknowledged changes, newest first, still holding the write lock."""
+        for undo in reversed(undos):
+            try:
+                undo()
+            except Exception:  # one broken undo must not keep the others from running
+                log.exception("state_undo_failed", path=str(self._path))
 
     def _report(self, exc: Exception) -> None:
         if self._on_error is None:

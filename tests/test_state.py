@@ -552,3 +552,24 @@ async def test_cancelling_run_writes_the_final_dirty_state(tmp_path: Path) -> No
     await stop(task)
 
     assert load_state(path).snapshot.uploads == (minimal_record("last"),)
+
+
+async def test_a_failed_write_is_undone_before_the_next_write_takes_its_snapshot(
+    tmp_path: Path,
+) -> None:
+    """A flush that fails runs its undo first: a write queued meanwhile never holds the change."""
+    path = tmp_path / "state.json"
+    path.mkdir()  # the first write fails: os.replace cannot put a file over a directory
+    state = Counted()
+    state.records.append(minimal_record("unacknowledged"))
+    writer = StateWriter(path, state, on_error=lambda exc: path.rmdir())
+    first = asyncio.create_task(writer.flush(undo=state.records.clear))
+    await state.called.wait()  # the first write has taken its snapshot
+    second = asyncio.create_task(writer.flush())  # joins the next write
+
+    with pytest.raises(StateError):
+        await first
+    await second
+
+    assert state.calls == 2
+    assert load_state(path).snapshot.uploads == ()
