@@ -27,7 +27,7 @@ from exporter.models import (
 )
 from exporter.responses import clean_text
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateSnapshot, StateWriter, UploadRecord
+from exporter.state import StateSnapshot, StateWriter, UnavailableState, UploadRecord
 from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
@@ -170,7 +170,7 @@ class IngestionTracker:
         on_added: Callable[[list[str]], None],
         on_removed: Callable[[list[str]], None],
         on_rejected: Callable[[RejectReason], None],
-        state: StateWriter | None = None,
+        state: StateWriter | UnavailableState | None = None,
         shard: Shard = UNSHARDED,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -192,7 +192,7 @@ class IngestionTracker:
         self._max_tracked = max_tracked
         self._label_names = label_names
 
-    def attach_state(self, state: StateWriter | None) -> None:
+    def attach_state(self, state: StateWriter | UnavailableState | None) -> None:
         """Persist through `state` from now on (set once the writer is running)."""
         self._state = state
 
