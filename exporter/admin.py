@@ -344,7 +344,7 @@ async def register(request: web.Request) -> web.Response:
         )
     except StateError as exc:
         raise _state_unavailable(
-            exc, "the state file could not be written, so the id is not acknowledged; retry"
+            exc, "the state could not be written, so the id is not tracked; retry"
         ) from None
     if not result.accepted:
         reason = result.reason or RejectReason.NOT_A_STRING
@@ -478,7 +478,7 @@ async def delete_ingestion(request: web.Request) -> web.Response:
         await tracker.release(ingestion_id, Source.API, immediate=True, durable=True)
     except StateError as exc:
         raise _state_unavailable(
-            exc, "released, but the state file could not be written: a restart may bring it back"
+            exc, "the state could not be written, so the id is still tracked; retry"
         ) from None
     remaining = tracker.view(ingestion_id)
     log.info(
@@ -742,8 +742,8 @@ def openapi_document() -> dict[str, Any]:
                             "413": _failure("payload_too_large: body over 64 KiB."),
                             "415": _failure("unsupported_media_type: not application/json."),
                         },
-                        "state_unavailable: the state file could not be written; the id is "
-                        "not acknowledged, retry.",
+                        "state_unavailable: the state could not be written (or persistence "
+                        "is unavailable); the id is not tracked, retry.",
                     ),
                 },
                 "get": {
@@ -830,8 +830,8 @@ def openapi_document() -> dict[str, Any]:
                                 "remove it there."
                             ),
                         },
-                        "state_unavailable: released in memory, but the state file could not "
-                        "be written.",
+                        "state_unavailable: the state could not be written (or persistence "
+                        "is unavailable); the id is still tracked, retry.",
                     ),
                 },
             },

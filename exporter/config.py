@@ -579,13 +579,15 @@ def _kind_problem(path: str, *, directory: bool, required: bool) -> str | None:
 
 
 def _state_file_problem(path: str) -> str | None:
-    """Say why `path` cannot hold the state, or None; the file itself may be missing."""
+    """Say why `path` cannot hold the state, or None; the file itself may be missing.
+
+    What is at the path itself is not checked: a directory or an unreadable file there is
+    found at start, where the exporter runs without persistence instead of exiting (a
+    container restarted on exit would crash-loop).
+    """
     if path.endswith("/"):
         return f"expected a file name after the last '/', got {path!r}"
-    parent = os.path.dirname(path)
-    return _kind_problem(parent, directory=True, required=True) or _kind_problem(
-        path, directory=False, required=False
-    )
+    return _kind_problem(os.path.dirname(path), directory=True, required=True)
 
 
 def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:

@@ -186,6 +186,17 @@ class ExporterMetrics:
             "Failed writes of the state file (retried).",
             registry=registry,
         )
+        self.state_skipped_entries = Counter(
+            "catalog_exporter_state_skipped_entries",
+            "Entries of the state file skipped at start as invalid (the rest was loaded).",
+            registry=registry,
+        )
+        self.state_available = Gauge(
+            "catalog_exporter_state_persistence_available",
+            "0 when state.path is set but could not be read at start: nothing is persisted "
+            "and admin writes answer 503 (1 otherwise).",
+            registry=registry,
+        )
         self.scrape_clients_dropped = Counter(
             "catalog_exporter_scrape_clients_dropped",
             "Scrapes whose client did not read the body within server.write_timeout_seconds.",

@@ -33,7 +33,7 @@ from exporter.metrics import (
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
-from exporter.state import StateWriter, load_state
+from exporter.state import StateWriter, UnavailableState, load_state
 from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
 
@@ -189,13 +189,27 @@ class Exporter:
 
     async def _restore_state(self) -> None:
         if not self.config.state.path:
+            self.metrics.state_available.set(1)  # 0 means "set but unusable": alertable
             return
         path = Path(self.config.state.path)
         result = await asyncio.to_thread(load_state, path)
-        if result.problem is not None:
-            self.metrics.state_load_errors.inc()
+        self.metrics.state_skipped_entries.inc(result.skipped)
+        self.metrics.state_available.set(1 if result.available else 0)
+        if not result.available:
             log.error(
-                "state_file_unusable",
+                "state_persistence_unavailable",
+                path=str(path),
+                problem=result.problem,
+                consequence="nothing is persisted and admin writes answer 503 until a restart "
+                "finds the file readable; the file is left as it is",
+            )
+            self.tracker.attach_state(UnavailableState(path, result.problem or "unreadable"))
+            return
+        if result.problem is not None:
+            if result.skipped == 0:
+                self.metrics.state_load_errors.inc()
+            log.error(
+                "state_file_unusable" if result.skipped == 0 else "state_entries_skipped",
                 path=str(path),
                 problem=result.problem,
                 moved_to=str(result.moved_to) if result.moved_to else None,

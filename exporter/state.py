@@ -18,7 +18,10 @@ The file is one compact JSON object (no indentation)::
 Timestamps are wall-clock seconds. `retired` maps an id whose terminal retention ended to when
 it ended, so it is not polled again while a source still lists it. On load every field is
 checked for its exact type; a record may omit the fields that have defaults, and keys this
-version does not know are ignored. A file that fails the checks is moved aside, never deleted.
+version does not know are ignored. A record (or retired entry) that fails the checks is skipped
+and counted, the rest kept; a file whose top level fails them is moved aside, never deleted. A
+path that exists but cannot be read (a directory, a FIFO, no permission) is left alone: the
+caller runs without persistence rather than overwrite what it could not read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -77,11 +81,17 @@ class StateError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
-    """What `load_state` found: a usable snapshot, and what was wrong with the file if anything."""
+    """What `load_state` found: a usable snapshot, and what was wrong with the file if anything.
+
+    `available` is False when the file exists but could not be read: it must then be neither
+    moved nor overwritten. `skipped` counts the entries dropped while the rest was kept.
+    """
 
     snapshot: StateSnapshot
     problem: str | None = None
     moved_to: Path | None = None
+    skipped: int = 0
+    available: bool = True
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -164,35 +174,54 @@ class _Invalid(ValueError):
 def load_state(path: Path, *, now: Callable[[], float] = time.time) -> LoadResult:
     """Read the state file; never raises.
 
-    A missing file is an empty snapshot and no problem. A file that cannot be read, is not
-    JSON, has another version or the wrong shape is renamed to `<path>.corrupt-<unix time>`
-    and yields an empty snapshot with `problem` saying why. Records (and retired entries)
-    whose id is not a valid ingestionId are dropped one by one and counted in `problem`,
-    while the rest of the file is used and stays where it is.
+    A missing file is an empty snapshot and no problem. A path that exists but cannot be read
+    as a regular file (a directory, a FIFO, a permission error) yields an empty snapshot with
+    `available` False and is left where it is. A file that is not JSON, has another version or
+    the wrong shape at the top level is renamed to `<path>.corrupt-<unix time>` and yields an
+    empty snapshot with `problem` saying why. Entries that fail their checks (a bad field, an
+    invalid or duplicate id) are skipped one by one and counted in `skipped`, while the rest of
+    the file is used and stays where it is.
 
     Call it before the writer starts: it also removes temp files left by a save that was
     interrupted (a crash between creating and renaming them).
     """
     _remove_leftover_temp_files(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path)
     except FileNotFoundError:
         return LoadResult(StateSnapshot())
     except OSError as exc:
-        return _move_aside(path, f"state file could not be read: {exc.strerror}", now)
+        detail = exc.strerror or _short(exc)
+        return LoadResult(
+            StateSnapshot(), f"state file could not be read: {detail}", available=False
+        )
     try:
         # RecursionError: deeply nested arrays in a hostile file exhaust the parser's stack.
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         return _move_aside(path, f"state file is not valid JSON: {_short(exc)}", now)
     try:
-        snapshot, dropped = _parse_document(document)
+        snapshot, skipped, first_reason = _parse_document(document)
     except _Invalid as exc:
         return _move_aside(path, f"state file has the wrong shape: {exc}", now)
-    if dropped:
-        problem = f"dropped {dropped} entries with an invalid ingestion id from the state file"
-        return LoadResult(snapshot, problem=problem)
+    if skipped:
+        problem = f"skipped {skipped} invalid entries in the state file (first: {first_reason})"
+        return LoadResult(snapshot, problem=problem, skipped=skipped)
     return LoadResult(snapshot)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; OSError unless it is a regular file we may read.
+
+    O_NONBLOCK: opening a FIFO put where the state file should be must not hang the start.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(0, f"the path is {kind}")
+        return file.read()
 
 
 def _short(exc: BaseException) -> str:
@@ -226,8 +255,8 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _parse_document(document: object) -> tuple[StateSnapshot, int]:
-    """The snapshot in `document` and how many entries were dropped for an invalid id."""
+def _parse_document(document: object) -> tuple[StateSnapshot, int, str]:
+    """The snapshot in `document`, how many entries were skipped, and why the first was."""
     if not isinstance(document, dict):
         raise _Invalid(f"expected an object at the top level, got {_type_name(document)}")
     version = document.get("version")
@@ -242,23 +271,36 @@ def _parse_document(document: object) -> tuple[StateSnapshot, int]:
     if not isinstance(retired_raw, dict):
         raise _Invalid(f"retired: expected an object, got {_type_name(retired_raw)}")
 
-    dropped = 0
+    reasons: list[str] = []
     uploads: dict[str, UploadRecord] = {}
     for index, item in enumerate(uploads_raw):
-        record = _parse_record(item, f"uploads[{index}].")
-        if ingestion_id_problem(record.ingestion_id) is not None or record.ingestion_id in uploads:
-            dropped += 1
+        where = f"uploads[{index}]."
+        try:
+            record = _parse_record(item, where)
+        except _Invalid as exc:
+            reasons.append(str(exc))
             continue
-        uploads[record.ingestion_id] = record
+        if ingestion_id_problem(record.ingestion_id) is not None:
+            reasons.append(f"{where}ingestion_id: not a valid ingestionId")
+        elif record.ingestion_id in uploads:
+            reasons.append(f"{where}ingestion_id: a duplicate")
+        else:
+            uploads[record.ingestion_id] = record
 
     retired: dict[str, float] = {}
     for key in retired_raw:
-        when = _number(retired_raw, key, "retired.")
+        try:
+            when = _number(retired_raw, key, "retired.")
+        except _Invalid:
+            # Not the message: it would quote the key, which is untrusted text.
+            reasons.append("retired: an entry's time is not a finite number")
+            continue
         if ingestion_id_problem(key) is not None:
-            dropped += 1
+            reasons.append("retired: not a valid ingestionId")
             continue
         retired[key] = when
-    return StateSnapshot(tuple(uploads.values()), retired), dropped
+    first = reasons[0] if reasons else ""
+    return StateSnapshot(tuple(uploads.values()), retired), len(reasons), first
 
 
 def _parse_record(item: object, where: str) -> UploadRecord:
@@ -348,18 +390,24 @@ class StateWriter:
         # The write that has been asked for but has not taken its snapshot yet: every flush()
         # until then shares it, because it will contain all of their changes.
         self._pending: asyncio.Task[Exception | None] | None = None
+        # What to undo if that pending write fails: the changes of the flushes that joined it.
+        self._undos: list[Callable[[], None]] = []
         self._failed_at: float | None = None
 
     def mark_dirty(self) -> None:
         """Note that the in-memory state changed; `run()` writes it within the debounce."""
         self._dirty.set()
 
-    async def flush(self) -> None:
+    async def flush(self, undo: Callable[[], None] | None = None) -> None:
         """Return once a write that started after this call has completed.
 
         It does not wait for the debounce, only for a write already in progress. Raises
-        StateError when that write failed. Cancelling a flush does not cancel the write.
+        StateError when that write failed; `undo` is then called first, before any later
+        write takes its snapshot, so a change that was never acknowledged cannot reach the
+        file afterwards. Cancelling a flush does not cancel the write.
         """
+        if undo is not None:
+            self._undos.append(undo)
         error = await asyncio.shield(self._request_write())
         if error is not None:
             msg = f"could not write the state file {self._path}: {_short(error)}"
@@ -401,6 +449,7 @@ class StateWriter:
             # No await between these lines: whoever joined this write did so before the
             # snapshot was taken, and every change after it marks the state dirty again.
             self._pending = None
+            undos, self._undos = self._undos, []
             self._dirty.clear()
             try:
                 snapshot = self._snapshot()
@@ -411,10 +460,19 @@ class StateWriter:
             except Exception as exc:  # any failure must leave the loop running
                 self._dirty.set()
                 self._failed_at = asyncio.get_running_loop().time()
+                self._undo(undos)
                 self._report(exc)
                 return exc
             self._failed_at = None
             return None
+
+    def _undo(self, undos: list[Callable[[], None]]) -> None:
+        """Roll back the unacknowledged changes, newest first, still holding the write lock."""
+        for undo in reversed(undos):
+            try:
+                undo()
+            except Exception:  # one broken undo must not keep the others from running
+                log.exception("state_undo_failed", path=str(self._path))
 
     def _report(self, exc: Exception) -> None:
         if self._on_error is None:
@@ -424,3 +482,25 @@ class StateWriter:
             self._on_error(exc)
         except Exception:  # a broken callback must not stop the writer
             log.exception("state_error_callback_failed", path=str(self._path))
+
+
+class UnavailableState:
+    """Stands in for the writer when the state file exists but cannot be read.
+
+    Nothing is written (the file must not be overwritten by a state that lacks what it holds),
+    and every acknowledgement fails: `flush` undoes the change and raises StateError.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self._path = path
+        self._problem = problem
+
+    def mark_dirty(self) -> None:
+        """Nothing is persisted."""
+
+    async def flush(self, undo: Callable[[], None] | None = None) -> None:
+        """Undo the change and refuse: no change can be made durable."""
+        if undo is not None:
+            undo()
+        msg = f"persistence is unavailable: {self._path}: {self._problem}"
+        raise StateError(msg)

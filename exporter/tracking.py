@@ -9,9 +9,11 @@ marks the state file dirty. It does no I/O of its own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +28,7 @@ from exporter.models import (
 )
 from exporter.responses import clean_text
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateSnapshot, StateWriter, UploadRecord
+from exporter.state import StateSnapshot, StateWriter, UnavailableState, UploadRecord
 from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
@@ -182,7 +184,7 @@ class IngestionTracker:
         on_added: Callable[[list[str]], None],
         on_removed: Callable[[list[str]], None],
         on_rejected: Callable[[RejectReason], None],
-        state: StateWriter | None = None,
+        state: StateWriter | UnavailableState | None = None,
         shard: Shard = UNSHARDED,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -195,13 +197,16 @@ class IngestionTracker:
         self._on_rejected = on_rejected
         self._state = state
         self._clock = clock
+        # Durable changes to one id take turns: a change rolled back after a failed write
+        # must not take a concurrent, acknowledged change to the same id with it.
+        self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def configure(self, *, max_tracked: int, label_names: tuple[str, ...]) -> None:
         """Apply reloaded limits; ids already tracked stay, even above a lowered cap."""
         self._max_tracked = max_tracked
         self._label_names = label_names
 
-    def attach_state(self, state: StateWriter | None) -> None:
+    def attach_state(self, state: StateWriter | UnavailableState | None) -> None:
         """Persist through `state` from now on (set once the writer is running)."""
         self._state = state
 
@@ -228,33 +233,100 @@ class IngestionTracker:
             return Registration(
                 ingestion_id, accepted=True, message="finished and retired; not polled again"
             )
+        async with self._turn(ingestion_id, durable):
+            return await self._add(ingestion_id, source, labels or {}, durable)
+
+    async def _add(
+        self, ingestion_id: str, source: Source, labels: Mapping[str, object], durable: bool
+    ) -> Registration:
         if ingestion_id not in self._store and len(self._store) >= self._max_tracked:
             message = f"already tracking ingestions.max_tracked={self._max_tracked} ids"
             return self._reject(ingestion_id, RejectReason.CAP_REACHED, message)
+        before = self._store.get(ingestion_id)
+        held = before is not None and source.value in before.sources
+        old_labels = dict(before.labels) if before is not None else {}
         created = self._store.add(
-            ingestion_id, source.value, {k: str(v) for k, v in (labels or {}).items()}
+            ingestion_id, source.value, {k: str(v) for k, v in labels.items()}
         )
         if created:
             self._on_added([ingestion_id])
             log.info("ingestion_registered", ingestion_id=ingestion_id, source=source.value)
-        await self._changed(durable)
+
+        def undo() -> None:
+            self._undo_add(ingestion_id, source, created=created, held=held, labels=old_labels)
+
+        await self._changed(durable, undo)
         return Registration(ingestion_id, accepted=True, created=created)
+
+    def _undo_add(
+        self,
+        ingestion_id: str,
+        source: Source,
+        *,
+        created: bool,
+        held: bool,
+        labels: dict[str, str],
+    ) -> None:
+        """Roll back a registration whose write failed: as if it had never been asked for."""
+        if not held:
+            self._store.drop_source(ingestion_id, source.value)
+        self._store.set_labels(ingestion_id, labels)
+        upload = self._store.get(ingestion_id)
+        if created and upload is not None and upload.released:
+            self._store.remove(ingestion_id)
+            self._on_removed([ingestion_id])
+        log.info("ingestion_registration_undone", ingestion_id=ingestion_id, source=source.value)
 
     async def release(
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id; see `Tracker.release`."""
-        if not self._store.drop_source(ingestion_id, source.value):
-            return False
-        upload = self._store.get(ingestion_id)
-        if upload is not None and upload.released and (immediate or not upload.awaiting_status):
-            self._store.remove(ingestion_id)
-            self._on_removed([ingestion_id])
-            log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
-        elif upload is not None and upload.released:
-            log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
-        await self._changed(durable)
-        return True
+        async with self._turn(ingestion_id, durable):
+            upload = self._store.get(ingestion_id)
+            if upload is None or not self._store.drop_source(ingestion_id, source.value):
+                return False
+            removed = upload.released and (immediate or not upload.awaiting_status)
+            if removed:
+                self._store.remove(ingestion_id)
+                self._on_removed([ingestion_id])
+                log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
+            elif upload.released:
+                log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
+
+            def undo() -> None:
+                self._undo_release(upload, source, removed=removed)
+
+            await self._changed(durable, undo)
+            return True
+
+    def _undo_release(self, upload: TrackedUpload, source: Source, *, removed: bool) -> None:
+        """Roll back a release whose write failed: the source holds the id again."""
+        current = self._store.get(upload.ingestion_id)
+        if current is None and removed:
+            upload.sources.add(source.value)
+            self._store.restore(upload)
+            self._on_added([upload.ingestion_id])
+        elif current is not None:
+            current.sources.add(source.value)
+        log.info("ingestion_release_undone", ingestion_id=upload.ingestion_id, source=source.value)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, ingestion_id: str, durable: bool) -> AsyncIterator[None]:
+        """Hold the id's lock for a durable change (others need none: they cannot fail)."""
+        if not durable or self._state is None:
+            yield
+            return
+        lock, users = self._id_locks.get(ingestion_id, (asyncio.Lock(), 0))
+        self._id_locks[ingestion_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._id_locks[ingestion_id]
+            if users == 1:
+                del self._id_locks[ingestion_id]
+            else:
+                self._id_locks[ingestion_id] = (lock, users - 1)
 
     def replace_config_ids(self, ids: Iterable[str]) -> None:
         """Make the config source hold exactly `ids` (validated by the config loader).
@@ -371,10 +443,12 @@ class IngestionTracker:
         if self._state is not None:
             self._state.mark_dirty()
 
-    async def _changed(self, durable: bool) -> None:
+    async def _changed(self, durable: bool, undo: Callable[[], None]) -> None:
+        """Persist the change; durably: wait for the write, and roll the change back if the
+        write fails (the StateError then propagates)."""
         self._mark_dirty()
         if durable and self._state is not None:
-            await self._state.flush()
+            await self._state.flush(undo)
 
     def _not_owned(self, ingestion_id: str, source: Source) -> Registration:
         owner = shard_of(ingestion_id, self._shard.total)

@@ -172,6 +172,13 @@ class UploadStore:
             self._render(upload, True)
         return created
 
+    def set_labels(self, ingestion_id: str, labels: Mapping[str, str]) -> None:
+        """Put labels back as they were (an unacknowledged registration is rolled back)."""
+        upload = self._uploads.get(ingestion_id)
+        if upload is not None and labels != upload.labels:
+            upload.labels = dict(labels)
+            self._render(upload, True)
+
     def restore(self, upload: TrackedUpload) -> None:
         """Put back an upload read from the state file, as it was."""
         self._forget(upload.ingestion_id)

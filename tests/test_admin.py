@@ -372,6 +372,52 @@ async def test_a_state_write_failure_answers_503_and_is_not_acknowledged(
     assert "missing-dir" not in answer.body["message"]
 
 
+def break_state_writes(admin: Admin) -> None:
+    """Make every state write fail for real: a directory where the file must be renamed to."""
+    admin.state_path.unlink(missing_ok=True)
+    admin.state_path.mkdir()
+
+
+def repair_state_writes(admin: Admin) -> None:
+    """Undo `break_state_writes`."""
+    admin.state_path.rmdir()
+
+
+async def test_a_registration_answered_503_leaves_no_trace(admin: Admin) -> None:
+    """A 503 POST is rolled back: not tracked, no series, and not in any later write."""
+    assert (await admin.post({"ingestionId": "acked"})).status == 201
+    break_state_writes(admin)
+
+    answer = await admin.post({"ingestionId": "refused", "labels": {"team": "x"}})
+    relabel = await admin.post({"ingestionId": "acked", "labels": {"team": "new"}})
+
+    assert (answer.status, relabel.status) == (503, 503)
+    assert (await admin.call("GET", "/api/v1/ingestions/refused")).status == 404
+    assert admin.tracker.view("refused") is None and "refused" not in admin.store
+    assert admin.removed == ["refused"]  # the poller was told to forget it
+    assert dict(admin.store.get("acked").labels) == {}  # type: ignore[union-attr]
+    repair_state_writes(admin)
+    assert (await admin.post({"ingestionId": "later"})).status == 201
+    assert on_disk(admin) == ["acked", "later"]
+
+
+async def test_a_delete_answered_503_leaves_the_id_tracked_and_persisted(admin: Admin) -> None:
+    """A 503 DELETE is rolled back: the id stays tracked for the API and in later writes."""
+    assert (await admin.post({"ingestionId": "kept", "labels": {"team": "a"}})).status == 201
+    break_state_writes(admin)
+
+    answer = await admin.call("DELETE", "/api/v1/ingestions/kept")
+
+    assert answer.status == 503 and answer.body["error"] == "state_unavailable"
+    shown = await admin.call("GET", "/api/v1/ingestions/kept")
+    assert shown.status == 200 and shown.body["sources"] == ["api"]
+    assert shown.body["labels"] == {"team": "a"}
+    repair_state_writes(admin)
+    assert (await admin.post({"ingestionId": "later"})).status == 201
+    assert on_disk(admin) == ["kept", "later"]
+    assert (await admin.call("DELETE", "/api/v1/ingestions/kept")).status == 204
+
+
 async def test_a_retired_id_is_accepted_but_not_tracked_again(admin: Admin) -> None:
     """An id that finished and was retired answers 200 saying so, and is not polled again."""
     assert (await admin.post({"ingestionId": "old"})).status == 201

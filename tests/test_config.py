@@ -1212,12 +1212,13 @@ def test_state_path_whose_parent_is_a_file_is_reported(tmp_path):
     assert problems == (f"state.path: {str(parent)!r} is not a directory",)
 
 
-def test_state_path_that_is_a_directory_is_reported(tmp_path):
-    """An existing directory cannot be the state file, written with or without a slash."""
-    plain = problems_of(minimal(state={"path": str(tmp_path)}))
+def test_state_path_that_is_a_directory_is_left_to_the_start(tmp_path):
+    """A directory at state.path is no config error (the exporter then runs without
+    persistence instead of exiting into a crash loop); a trailing slash still is one."""
+    plain = parse_config(minimal(state={"path": str(tmp_path)}), environ=REGION_ENV)
     slashed = problems_of(minimal(state={"path": f"{tmp_path}/"}))
 
-    assert plain == (f"state.path: {str(tmp_path)!r} is not a regular file",)
+    assert plain.state.path == str(tmp_path)
     assert slashed == (f"state.path: expected a file name after the last '/', got '{tmp_path}/'",)
 
 

@@ -155,23 +155,26 @@ CORRUPT_FILES = {
     "version missing": json.dumps({"written_at": NOW, "uploads": [], "retired": {}}),
     "uploads an object": json.dumps(_with(("uploads",), {})),
     "retired a list": json.dumps(_with(("retired",), [])),
-    "retired time a string": json.dumps(_with(("retired", "old"), "yesterday")),
-    "record a string": json.dumps(_with(("uploads", 0), "a")),
-    "id a number": json.dumps(_with(("uploads", 0, "ingestion_id"), 7)),
-    "status a number": json.dumps(_with(("uploads", 0, "status"), 3)),
-    "status null": json.dumps(_with(("uploads", 0, "status"), None)),
-    "first_seen a string": json.dumps(_with(("uploads", 0, "first_seen"), "now")),
-    "first_seen a bool": json.dumps(_with(("uploads", 0, "first_seen"), True)),
-    "first_seen infinite": json.dumps(_with(("uploads", 0, "first_seen"), float("inf"))),
-    "first_seen NaN": json.dumps(_with(("uploads", 0, "first_seen"), float("nan"))),
-    "first_seen huge int": json.dumps(_with(("uploads", 0, "first_seen"), 10**400)),
-    "last_success a string": json.dumps(_with(("uploads", 0, "last_success"), "x")),
-    "sources a string": json.dumps(_with(("uploads", 0, "sources"), "api")),
-    "sources holding a number": json.dumps(_with(("uploads", 0, "sources"), ["api", 1])),
-    "labels a list": json.dumps(_with(("uploads", 0, "labels"), ["team"])),
-    "label value a number": json.dumps(_with(("uploads", 0, "labels", "team"), 1)),
-    "flag a string": json.dumps(_with(("uploads", 0, "released"), "yes")),
-    "flag a number": json.dumps(_with(("uploads", 0, "report_available"), 1)),
+}
+
+BAD_ENTRIES = {
+    "retired time a string": _with(("retired", "old"), "yesterday"),
+    "record a string": _with(("uploads", 0), "a"),
+    "id a number": _with(("uploads", 0, "ingestion_id"), 7),
+    "status a number": _with(("uploads", 0, "status"), 3),
+    "status null": _with(("uploads", 0, "status"), None),
+    "first_seen a string": _with(("uploads", 0, "first_seen"), "now"),
+    "first_seen a bool": _with(("uploads", 0, "first_seen"), True),
+    "first_seen infinite": _with(("uploads", 0, "first_seen"), float("inf")),
+    "first_seen NaN": _with(("uploads", 0, "first_seen"), float("nan")),
+    "first_seen huge int": _with(("uploads", 0, "first_seen"), 10**400),
+    "last_success a string": _with(("uploads", 0, "last_success"), "x"),
+    "sources a string": _with(("uploads", 0, "sources"), "api"),
+    "sources holding a number": _with(("uploads", 0, "sources"), ["api", 1]),
+    "labels a list": _with(("uploads", 0, "labels"), ["team"]),
+    "label value a number": _with(("uploads", 0, "labels", "team"), 1),
+    "flag a string": _with(("uploads", 0, "released"), "yes"),
+    "flag a number": _with(("uploads", 0, "report_available"), 1),
 }
 
 
@@ -191,6 +194,33 @@ def test_unusable_file_is_moved_aside_and_loads_as_empty(
     assert result.moved_to == tmp_path / "state.json.corrupt-1718000000"
     assert result.moved_to.read_bytes() == data
     assert not path.exists()
+    assert result.available
+
+
+@pytest.mark.parametrize("document", BAD_ENTRIES.values(), ids=BAD_ENTRIES.keys())
+def test_a_bad_entry_is_skipped_and_counted_and_the_good_ones_load(
+    tmp_path: Path, document: dict[str, object]
+) -> None:
+    """One entry that fails its checks is skipped and counted; the file and the rest stay."""
+    uploads = document["uploads"]
+    assert isinstance(uploads, list)
+    good = {**valid_document()["uploads"][0], "ingestion_id": "good"}  # type: ignore[index]
+    document = {
+        **document,
+        "uploads": [*uploads, good],
+        "retired": {**document["retired"], "kept": NOW},
+    }  # type: ignore[dict-item]
+    path = tmp_path / "state.json"
+    data = json.dumps(document).encode()
+    path.write_bytes(data)
+
+    result = load_state(path)
+
+    assert result.skipped == 1
+    assert result.problem is not None and "skipped 1 invalid entries" in result.problem
+    assert "good" in [r.ingestion_id for r in result.snapshot.uploads]
+    assert "kept" in result.snapshot.retired
+    assert result.moved_to is None and path.read_bytes() == data and result.available
 
 
 def test_truncated_file_is_moved_aside(tmp_path: Path) -> None:
@@ -208,15 +238,27 @@ def test_truncated_file_is_moved_aside(tmp_path: Path) -> None:
     assert result.moved_to.read_bytes() == whole[: len(whole) // 2]
 
 
-def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
-    """A path that cannot be read as a file (here, a directory) is moved aside too."""
+def test_a_directory_at_the_state_path_is_unavailable_and_left_alone(tmp_path: Path) -> None:
+    """A directory where the file should be is not moved: persistence is unavailable."""
     path = tmp_path / "state.json"
     path.mkdir()
+    (path / "inside").write_text("kept")
     result = load_state(path, now=lambda: NOW)
-    assert result.snapshot == StateSnapshot()
+    assert result.snapshot == StateSnapshot() and not result.available
     assert result.problem is not None and "could not be read" in result.problem
-    assert result.moved_to == tmp_path / "state.json.corrupt-1718000000"
-    assert result.moved_to.is_dir() and not path.exists()
+    assert "directory" in result.problem
+    assert result.moved_to is None and (path / "inside").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_a_fifo_at_the_state_path_is_unavailable_without_blocking(tmp_path: Path) -> None:
+    """A FIFO (no writer) is neither opened for a blocking read nor moved."""
+    path = tmp_path / "state.json"
+    os.mkfifo(path)
+    result = load_state(path, now=lambda: NOW)
+    assert not result.available and result.moved_to is None
+    assert result.problem is not None and "not a regular file" in result.problem
+    assert path.exists()
 
 
 def test_corrupt_file_that_cannot_be_moved_is_reported_without_moved_to(tmp_path: Path) -> None:
@@ -234,8 +276,8 @@ def test_corrupt_file_that_cannot_be_moved_is_reported_without_moved_to(tmp_path
     assert path.read_text() == "{"
 
 
-def test_records_with_invalid_ids_are_dropped_and_the_rest_loads(tmp_path: Path) -> None:
-    """Bad ids (empty, too long, control characters, duplicates) are dropped and counted only."""
+def test_records_with_invalid_ids_are_skipped_and_the_rest_loads(tmp_path: Path) -> None:
+    """Bad ids (empty, too long, control characters, duplicates) are skipped and counted only."""
     good = minimal_record("good")
     bad = [minimal_record(""), minimal_record("x" * 256), minimal_record("a\nb")]
     path = tmp_path / "state.json"
@@ -245,7 +287,8 @@ def test_records_with_invalid_ids_are_dropped_and_the_rest_loads(tmp_path: Path)
 
     assert result.snapshot.uploads == (good,)
     assert result.snapshot.retired == {}
-    assert result.problem is not None and "dropped 5 entries" in result.problem
+    assert result.problem is not None and "skipped 5 invalid entries" in result.problem
+    assert result.skipped == 5
     assert result.moved_to is None and path.exists()
 
 
@@ -552,3 +595,24 @@ async def test_cancelling_run_writes_the_final_dirty_state(tmp_path: Path) -> No
     await stop(task)
 
     assert load_state(path).snapshot.uploads == (minimal_record("last"),)
+
+
+async def test_a_failed_write_is_undone_before_the_next_write_takes_its_snapshot(
+    tmp_path: Path,
+) -> None:
+    """A flush that fails runs its undo first: a write queued meanwhile never holds the change."""
+    path = tmp_path / "state.json"
+    path.mkdir()  # the first write fails: os.replace cannot put a file over a directory
+    state = Counted()
+    state.records.append(minimal_record("unacknowledged"))
+    writer = StateWriter(path, state, on_error=lambda exc: path.rmdir())
+    first = asyncio.create_task(writer.flush(undo=state.records.clear))
+    await state.called.wait()  # the first write has taken its snapshot
+    second = asyncio.create_task(writer.flush())  # joins the next write
+
+    with pytest.raises(StateError):
+        await first
+    await second
+
+    assert state.calls == 2
+    assert load_state(path).snapshot.uploads == ()
