@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -66,6 +66,7 @@ class Exporter:
         rng: random.Random | None = None,
         log_stream: TextIO | None = None,
         secret_mask: SecretMask | None = None,
+        rebuild_pause: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._log_stream = log_stream
@@ -104,6 +105,7 @@ class Exporter:
         )
         self._auth_factory = auth_factory
         self._rng = rng
+        self._rebuild_pause = rebuild_pause
         self._session: aiohttp.ClientSession | None = None
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
@@ -135,6 +137,9 @@ class Exporter:
             rng=self._rng,
         )
         self._poller.start()
+        pause = self._rebuild_pause
+        rebuilds = self.exposition.run() if pause is None else self.exposition.run(pause)
+        self._spawn("exposition-rebuilder", rebuilds)
         self._start_watcher(self.config)
         log.info(
             "exporter_started",
@@ -151,6 +156,7 @@ class Exporter:
         if self._poller is not None:
             await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
         await self._cancel("state-writer")  # its run() writes the last changes on cancel
+        await self._cancel("exposition-rebuilder")
         if self._session is not None:
             await self._session.close()
         log.info("exporter_stopped")
@@ -171,6 +177,7 @@ class Exporter:
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
         self.tracker.replace_config_ids(new.ingestions.ids)
+        self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
             self._restart_watcher(new)

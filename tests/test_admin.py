@@ -31,13 +31,14 @@ from exporter import admin as admin_module
 from exporter import register
 from exporter.admin import create_admin_app, openapi_document
 from exporter.config import ConfigError, parse_config
+from exporter.auth import TOKEN_RECHECK_SECONDS
 from exporter.logs import configure_logging
 from exporter.models import Status, StatusReport
 from exporter.sharding import Shard, shard_of
 from exporter.state import StateWriter
 from exporter.tracking import UNSHARDED, IngestionTracker, RejectReason, Source
 from exporter.uploads import UploadStore
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 NOW = 1718000000.5  # 2024-06-10T06:13:20.500Z
 HOSTILE_ID = 'shelf/42 "summer" Grüße %2F?#'
@@ -745,7 +746,8 @@ async def test_the_token_is_required_when_configured(
 async def test_a_replaced_token_file_takes_effect_without_a_restart(
     start_admin: AdminFactory, tmp_path: Path
 ) -> None:
-    """Rotating the token file swaps the accepted token at once."""
+    """Rotating the token file swaps the accepted token within TOKEN_RECHECK_SECONDS (the
+    file is not stat()ed on every request; tests/test_auth.py pins that with a fake clock)."""
     token_file = tmp_path / "admin-token"
     write_token(token_file, "first-token")
     admin = await start_admin(token_file=str(token_file))
@@ -753,7 +755,11 @@ async def test_a_replaced_token_file_takes_effect_without_a_restart(
     second = {"Authorization": "Bearer second-token"}
     assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 200
     write_token(token_file, "second-token")
-    assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 401
+
+    async def first_refused() -> bool:
+        return (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 401
+
+    await wait_for(first_refused, timeout=TOKEN_RECHECK_SECONDS + 5)
     assert (await admin.call("GET", "/api/v1/ingestions", headers=second)).status == 200
 
 
