@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 exporter.tracker,
                 token_file=config.admin.token_file,
                 body_timeout=config.server.idle_timeout_seconds,
+                reports=exporter.fetch_report,
             ),
             config.admin.host,
             config.admin.port,

@@ -55,7 +55,8 @@ class _Refusal:
 class ReportRequest:
     """One request for a report and how it was answered.
 
-    `outcome` is served, credential, malformed, bad_signature, expired or no_such_key;
+    `outcome` is served, redirected, credential, malformed, bad_signature, expired or
+    no_such_key;
     `credential_headers` names (lower-case) the headers that carried a credential.
     """
 
@@ -69,8 +70,9 @@ class ReportBucket:
     """Signs and serves report links; `wall_clock` decides expiry (inject one in tests).
 
     `report_bytes` pads each report to at least that size; `chunked` sends it without a
-    Content-Length. `secret_values` gives the credentials the API accepts: a header whose
-    value contains one of them counts as a credential header, whatever its name.
+    Content-Length; `redirect_to`, when set, answers every valid link with a 302 there.
+    `secret_values` gives the credentials the API accepts: a header whose value contains one
+    of them counts as a credential header, whatever its name.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ReportBucket:
         self.link_seconds = link_seconds
         self.report_bytes = report_bytes
         self.chunked = chunked
+        self.redirect_to: str | None = None
         self.requests: list[ReportRequest] = []
         self._wall_clock = wall_clock
         self._secret_values = secret_values
@@ -132,6 +135,9 @@ class ReportBucket:
         ingestion_id = unquote(key[: -len(_SUFFIX)]) if key.endswith(_SUFFIX) else None
         carried = self._credential_headers(request)
         refusal = self._refusal(request, raw_path, carried)
+        if refusal is None and self.redirect_to is not None:
+            self.requests.append(ReportRequest(ingestion_id, 302, "redirected", ()))
+            raise web.HTTPFound(self.redirect_to)
         if refusal is None and ingestion_id is not None and exists(ingestion_id):
             self.requests.append(ReportRequest(ingestion_id, 200, "served", ()))
             return await self._serve(request, self.body(ingestion_id))

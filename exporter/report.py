@@ -17,6 +17,7 @@ from typing import Protocol
 
 import aiohttp
 import yarl
+from aiohttp import web
 
 from exporter.client import CatalogClient
 from exporter.models import PollError
@@ -30,6 +31,8 @@ __all__ = [
     "ReportOutcome",
     "ReportProblem",
     "ReportSink",
+    "ReportSource",
+    "ResponseSink",
     "fetch_report",
 ]
 
@@ -96,6 +99,54 @@ class ReportSink(Protocol):
     async def write(self, chunk: bytes) -> None:
         """The next part of the report."""
         ...
+
+
+class ReportSource(Protocol):
+    """Something that fetches one upload's report into a sink (the running exporter does)."""
+
+    async def __call__(self, ingestion_id: str, sink: ReportSink) -> ReportOutcome:
+        """Fetch the report of `ingestion_id` into `sink`."""
+        ...
+
+
+class ResponseSink:
+    """Streams a report into an HTTP response (the admin API's).
+
+    Headers go out only at `start`, so a failure before it can still be answered with a JSON
+    error. A failure after it cannot: `abort` then closes the connection without the final
+    chunk, so the client sees a broken transfer rather than a short report.
+    """
+
+    def __init__(self, request: web.Request, filename: str) -> None:
+        self._request = request
+        self._filename = filename
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, content_type: str, content_length: int | None) -> None:
+        """Send the status line and headers."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": content_type or "application/octet-stream",
+                "Content-Disposition": f'attachment; filename="{self._filename}"',
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+            }
+        )
+        if content_length is not None:
+            response.content_length = content_length
+        await response.prepare(self._request)
+        self.response = response
+
+    async def write(self, chunk: bytes) -> None:
+        """Send the next chunk."""
+        assert self.response is not None, "start() comes first"
+        await self.response.write(chunk)
+
+    def abort(self) -> None:
+        """Cut the connection mid-transfer."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
 
 
 async def fetch_report(
