@@ -28,6 +28,7 @@ from exporter import __version__
 from exporter.auth import AuthUnavailable, BearerAuth
 from exporter.config import ServerConfig, is_loopback_host
 from exporter.models import MAX_INGESTION_ID_LENGTH
+from exporter.report import ReportFailure, ReportProblem, ReportSource, ResponseSink
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
 
@@ -65,6 +66,7 @@ TRACKER = web.AppKey("admin_tracker", IngestionTracker)
 TOKEN = web.AppKey("admin_token", BearerAuth)
 BODY_TIMEOUT = web.AppKey("admin_body_timeout", float)
 ALLOWED_HOSTS = web.AppKey("admin_allowed_hosts", frozenset[str])
+REPORTS = web.AppKey[ReportSource]("admin_reports")
 
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
@@ -91,11 +93,13 @@ def create_admin_app(
     token_file: str = "",
     body_timeout: float = ServerConfig().idle_timeout_seconds,
     allowed_hosts: Iterable[str] = (),
+    reports: ReportSource | None = None,
 ) -> web.Application:
     """The admin API as an aiohttp app; with `token_file`, requests need its bearer token.
 
     A request body not received within `body_timeout` seconds is answered 408. Only requests
-    whose Host is a loopback name or address, or one of `allowed_hosts`, are served.
+    whose Host is a loopback name or address, or one of `allowed_hosts`, are served. `reports`
+    fetches processing reports (GET .../{id}/report); without it that route answers 503.
     """
     app = web.Application(
         client_max_size=MAX_REQUEST_BYTES,
@@ -104,6 +108,8 @@ def create_admin_app(
     app[TRACKER] = tracker
     app[BODY_TIMEOUT] = body_timeout
     app[ALLOWED_HOSTS] = frozenset(_normal_host(name) for name in allowed_hosts)
+    if reports is not None:
+        app[REPORTS] = reports
     if token_file:
         # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
         # file changes) by the same code that authenticates the exporter's own requests.
@@ -112,6 +118,7 @@ def create_admin_app(
     app.router.add_get(INGESTIONS_PATH, list_ingestions, allow_head=False)
     # `.+` lets an id contain "/" (sent as %2F); aiohttp percent-decodes the match.
     one = f"{INGESTIONS_PATH}/{{ingestion_id:.+}}"
+    app.router.add_get(f"{one}/report", ingestion_report, allow_head=False)  # before `one`
     app.router.add_get(one, show_ingestion, allow_head=False)
     app.router.add_delete(one, delete_ingestion)
     app.router.add_get(OPENAPI_PATH, openapi, allow_head=False)
@@ -498,6 +505,51 @@ async def delete_ingestion(request: web.Request) -> web.Response:
     )
 
 
+#: How each reason for no report is answered: status and error code.
+_REPORT_FAILURES = {
+    ReportProblem.NOT_READY: (409, "report_not_ready"),
+    ReportProblem.API_ERROR: (502, "api_error"),
+    ReportProblem.DOWNLOAD_FAILED: (502, "report_download_failed"),
+    ReportProblem.TOO_LARGE: (502, "report_too_large"),
+}
+
+
+async def ingestion_report(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/ingestions/{id}/report: stream a tracked upload's processing report.
+
+    A fresh link is asked of the API and downloaded as the `report` command does (no
+    credential to the report host, no redirect, api.max_report_bytes); the link is never shown.
+    """
+    ingestion_id = request.match_info["ingestion_id"]
+    if request.app[TRACKER].view(ingestion_id) is None:
+        raise _not_tracked()
+    fetch = request.app.get(REPORTS)
+    if fetch is None:
+        raise _Refused(503, "reports_unavailable", "this listener cannot fetch reports")
+    filename = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in ingestion_id
+    )
+    sink = ResponseSink(request, f"{filename}.csv")
+    outcome = await fetch(ingestion_id, sink)
+    if isinstance(outcome, ReportFailure):
+        log.warning(
+            "admin_report_failed",
+            ingestion_id=ingestion_id,
+            problem=outcome.problem.value,
+            kind=outcome.kind,
+            message=outcome.message,
+        )
+        if sink.response is not None:  # the headers are out: only a cut connection tells
+            sink.abort()
+            return sink.response
+        status, code = _REPORT_FAILURES[outcome.problem]
+        raise _Refused(status, code, outcome.message)
+    log.info("admin_report_sent", ingestion_id=ingestion_id, bytes=outcome.size, host=outcome.host)
+    assert sink.response is not None, "a fetched report went through start()"
+    await sink.response.write_eof()
+    return sink.response
+
+
 async def openapi(request: web.Request) -> web.Response:
     """GET /api/v1/openapi.json: the OpenAPI 3.0.3 description of this API."""
     return web.json_response(openapi_document())
@@ -636,7 +688,8 @@ _SCHEMAS: dict[str, Any] = {
                 "bad_labels, cap_reached, not_owned, not_found, not_registered_by_api, "
                 "unauthorized, method_not_allowed, payload_too_large, unsupported_media_type, "
                 "invalid_parameter, misdirected_request, state_unavailable, auth_unavailable, "
-                "internal_error.",
+                "internal_error, report_not_ready, api_error, report_download_failed, "
+                "report_too_large, reports_unavailable.",
             },
             "message": {"type": "string", "description": "Human-readable detail."},
         },
@@ -681,6 +734,44 @@ def _protected(responses: dict[str, Any], unavailable: str = "") -> dict[str, An
         "500": _INTERNAL,
         "503": _failure(text),
     }
+
+
+_REPORT_PATH: dict[str, Any] = {
+    "parameters": [_ID_PARAMETER],
+    "get": {
+        "operationId": "getIngestionReport",
+        "summary": "Stream a tracked upload's processing report",
+        "description": "Asks getCatalogUploadStatus for a fresh reportDownloadLink and streams "
+        "the file behind it, as `catalog-upload-exporter report` does: the report host gets "
+        "no API credential, redirects are not followed, reports over api.max_report_bytes are "
+        "refused. The link itself is never shown. If the transfer fails after the headers "
+        "were sent, the connection is cut before the end of the body.",
+        "responses": _protected(
+            {
+                "200": {
+                    "description": "The report, as the report host sent it (usually CSV).",
+                    "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/csv": {"schema": {"type": "string", "format": "binary"}},
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        },
+                    },
+                },
+                "404": _failure("not_found: not tracked."),
+                "409": _failure(
+                    "report_not_ready: no reportDownloadLink yet; the message names the status."
+                ),
+                "502": _failure(
+                    "api_error: getCatalogUploadStatus failed; report_download_failed: the "
+                    "report host refused, redirected, timed out or broke off; "
+                    "report_too_large: over api.max_report_bytes. The message names the kind."
+                ),
+            },
+            "reports_unavailable: this listener was started without a report fetcher.",
+        ),
+    },
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -835,6 +926,7 @@ def openapi_document() -> dict[str, Any]:
                     ),
                 },
             },
+            f"{INGESTIONS_PATH}/{{ingestion_id}}/report": _REPORT_PATH,
             OPENAPI_PATH: {
                 "get": {
                     "operationId": "getOpenApi",

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "To register an ingestionId with a running exporter (from the app's side): "
             "catalog-upload-exporter register ID [--url URL] [--label NAME=VALUE] "
-            "[--token-file PATH]; see `catalog-upload-exporter register --help`."
+            "[--token-file PATH]; see `catalog-upload-exporter register --help`. "
+            "To download an upload's processing report: catalog-upload-exporter report "
+            "[--config FILE] ID [-o PATH]; see `catalog-upload-exporter report --help`."
         ),
     )
     mode = parser.add_mutually_exclusive_group()
@@ -70,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.register import main as register  # noqa: PLC0415 - a light client
 
         return register(arguments[1:])
+    if arguments[:1] == ["report"]:
+        from exporter.report_command import main as report  # noqa: PLC0415 - a command of its own
+
+        return report(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -109,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token_file=config.admin.token_file,
             body_timeout=config.server.idle_timeout_seconds,
             allowed_hosts=config.admin.allowed_hosts,
+            reports=exporter.fetch_report,
         )
         admin_auth = admin_app.get(ADMIN_TOKEN)
         if admin_auth is not None:

@@ -75,6 +75,8 @@ __all__ = [
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
 DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
+#: Largest processing report the `report` command and the admin API download (32 MiB).
+DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,7 @@ class ApiConfig:
     max_requests_per_second: float = 5.0
     max_concurrency: int = 4
     max_response_bytes: int = 1048576
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +698,9 @@ def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
         max_concurrency=_integer(section, "max_concurrency", 4, ge=1, le=256),
         max_response_bytes=_integer(
             section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024
+        ),
+        max_report_bytes=_integer(
+            section, "max_report_bytes", DEFAULT_MAX_REPORT_BYTES, ge=1024, le=1024**3
         ),
     )
 

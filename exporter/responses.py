@@ -240,3 +240,17 @@ def _classify_400(message: str, headers: Mapping[str, str]) -> ErrorKind:
     if any(hint in lowered for hint in _INVALID_ID_HINTS):
         return ErrorKind.INVALID_INGESTION_ID
     return ErrorKind.BAD_REQUEST
+
+
+def report_download_link(body: bytes) -> str:
+    """A 200 body's `reportDownloadLink`, trimmed, or "" when there is none.
+
+    The link is a presigned credential: only the report download may use it, and nothing
+    may log, print or keep it.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    link = document.get("reportDownloadLink") if isinstance(document, dict) else None
+    return link.strip() if isinstance(link, str) else ""

@@ -31,6 +31,14 @@ from exporter.metrics import (
     UploadMetrics,
 )
 from exporter.ratelimit import AdaptiveRateLimiter
+from exporter.report import (
+    DownloadLimits,
+    ReportFailure,
+    ReportOutcome,
+    ReportProblem,
+    ReportSink,
+    fetch_report,
+)
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
 from exporter.state import StateWriter, UnavailableState, load_state
@@ -185,6 +193,17 @@ class Exporter:
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))
+
+    async def fetch_report(self, ingestion_id: str, sink: ReportSink) -> ReportOutcome:
+        """One upload's processing report into `sink` (the admin API's report route).
+
+        The API call goes through the poller's client and the rate limiter, like a poll.
+        """
+        if self._poller is None:
+            return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
+        await self.limiter.acquire()
+        limits = DownloadLimits(self.config.api.max_report_bytes)
+        return await fetch_report(self._poller.client, ingestion_id, sink, limits)
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:

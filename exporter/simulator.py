@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Final
-from urllib.parse import quote
 
 import botocore.auth
 import botocore.credentials
 from aiohttp import web
 from botocore.awsrequest import AWSRequest
 
+from exporter.fakes3 import DEFAULT_LINK_SECONDS, REPORTS_PATH, ReportBucket, ReportRequest
 from exporter.models import TERMINAL_STATUSES
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "TEST_SECRET_ACCESS_KEY",
     "Fault",
     "FaultKind",
+    "ReportRequest",
     "RequestRecord",
     "SimulatedUpload",
     "Simulator",
@@ -237,17 +238,9 @@ def _as_list(status: StatusValue) -> list[str]:
     return [*before.get(status, []), status]
 
 
-def _report_link(ingestion_id: str) -> str:
-    """A fake presigned S3 URL: it carries a signature like a real one, so it must not leak."""
-    digest = hashlib.sha256(ingestion_id.encode()).hexdigest()
-    key = quote(ingestion_id, safe="")
-    return (
-        f"https://catalog-reports-example.s3.amazonaws.com/reports/{key}.csv"
-        "?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-        "&X-Amz-Credential=ASIASIMULATOREXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
-        "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
-        f"&X-Amz-Security-Token=FwoGZXIvYXdzE{digest[:24]}&X-Amz-Signature={digest}"
-    )
+def _origin(request: web.Request) -> str:
+    """Where the client reached us: report links point back at this simulator."""
+    return f"{request.scheme}://{request.host}"
 
 
 def _dropped() -> web.Response:
@@ -447,6 +440,9 @@ class Simulator:
         wall_clock: Callable[[], float] = time.time,
         on_request: Callable[[RequestRecord], None] | None = None,
         max_records: int | None = None,
+        report_link_seconds: float = DEFAULT_LINK_SECONDS,
+        report_bytes: int = 0,
+        report_chunked: bool = False,
     ) -> None:
         if auth not in {"none", "bearer", "sigv4"}:
             msg = f"unknown auth mode {auth!r}: expected 'none', 'bearer' or 'sigv4'"
@@ -489,6 +485,14 @@ class Simulator:
         self._uploads: dict[str, _Tracked] = {}
         self._injections: list[_Injection] = []
         self._chaos: list[tuple[Fault, float]] = []
+        #: The reports behind the links; `reports.requests` records who asked, with what.
+        self.reports = ReportBucket(
+            wall_clock=wall_clock,
+            link_seconds=report_link_seconds,
+            report_bytes=report_bytes,
+            chunked=report_chunked,
+            secret_values=lambda: (*self._tokens, *self._credentials, *self._credentials.values()),
+        )
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -518,12 +522,21 @@ class Simulator:
         tracked.forced = list(status) if isinstance(status, list) else status
         tracked.forced_report = report
 
+    def has_upload(self, ingestion_id: str) -> bool:
+        """Whether this id was added (and not removed)."""
+        return ingestion_id in self._uploads
+
     def remove_upload(self, ingestion_id: str) -> None:
         """Forget an upload: its id becomes invalid (400). Unknown ids are ignored."""
         self._uploads.pop(ingestion_id, None)
 
-    def current(self, ingestion_id: str) -> tuple[StatusValue, str]:
-        """The (processingStatus, reportDownloadLink) the API would answer now."""
+    def current(
+        self, ingestion_id: str, origin: str = "http://127.0.0.1"
+    ) -> tuple[StatusValue, str]:
+        """The (processingStatus, reportDownloadLink) the API would answer now.
+
+        The link points at `origin`'s report endpoint and is signed to expire.
+        """
         tracked = self._uploads[ingestion_id]
         if tracked.forced is not None:
             status = tracked.forced
@@ -532,7 +545,7 @@ class Simulator:
         else:
             status = tracked.upload.status_at(self._clock() - tracked.started)
             give = tracked.upload.report and _is_terminal(status)
-        return status, _report_link(ingestion_id) if give else ""
+        return status, self.reports.link(origin, ingestion_id) if give else ""
 
     # -- faults and credentials --------------------------------------------------------------
 
@@ -699,7 +712,7 @@ class Simulator:
                 error_type="InvalidRequestException",
             )
             return self._answered(response, ingestion_id, fault)
-        processing_status, link = self.current(ingestion_id)
+        processing_status, link = self.current(ingestion_id, _origin(request))
         if self._list_status_rate > 0 and self._rng.random() < self._list_status_rate:
             processing_status = _as_list(processing_status)
         payload = {"processingStatus": processing_status, "reportDownloadLink": link}
@@ -762,7 +775,11 @@ class Simulator:
 
         Logged as answered (200) only if the client stayed for the last byte.
         """
-        status, link = self.current(ingestion_id) if ingestion_id in self._uploads else ("", "")
+        status, link = (
+            self.current(ingestion_id, _origin(request))
+            if ingestion_id in self._uploads
+            else ("", "")
+        )
         body = json.dumps({"processingStatus": status, "reportDownloadLink": link}).encode()
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.content_length = len(body)
@@ -934,6 +951,11 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     return await request.app[SIMULATOR_KEY].handle(request)
 
 
+async def _report(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR_KEY]
+    return await sim.reports.handle(request, sim.has_upload)
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return _json(200, {"status": "ok"})
 
@@ -947,6 +969,7 @@ def create_app(sim: Simulator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIMULATOR_KEY] = sim
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get(REPORTS_PATH + "/{key}", _report)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     app[_RELEASE_KEY] = asyncio.Event()
     app.on_shutdown.append(_on_shutdown)
