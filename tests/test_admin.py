@@ -30,8 +30,8 @@ from yarl import URL
 from exporter import admin as admin_module
 from exporter import register
 from exporter.admin import create_admin_app, openapi_document
-from exporter.config import ConfigError, parse_config
 from exporter.auth import TOKEN_RECHECK_SECONDS
+from exporter.config import ConfigError, parse_config
 from exporter.logs import configure_logging
 from exporter.models import Status, StatusReport
 from exporter.sharding import Shard, shard_of
