@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from exporter.auth import silence_botocore_debug
 
@@ -108,6 +109,27 @@ def _masked(value: Any, pattern: re.Pattern[str]) -> Any:
     return pattern.sub(MASKED, text) if pattern.search(text) else value
 
 
+class ClientFaultFilter(logging.Filter):
+    """Turn aiohttp's tracebacks for a client's own fault into one warning line.
+
+    A request line or header over aiohttp's limits, or a scraper that hangs up mid-body, is
+    logged by aiohttp.server at error level with a traceback; it is the peer's doing, not a
+    fault of ours, so it becomes a warning naming the exception's class only (its text may
+    quote the hostile request).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place when its exception is the client's fault."""
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError | ConnectionResetError):
+            record.msg = f"client_request_refused: {type(error).__name__}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "json",
@@ -145,6 +167,7 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
+    handler.addFilter(ClientFaultFilter())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
