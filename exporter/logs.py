@@ -121,7 +121,7 @@ class ClientFaultFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place when its exception is the client's fault."""
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError | ConnectionResetError):
+        if isinstance(error, HttpProcessingError | ConnectionError):
             record.msg = f"client_request_refused: {type(error).__name__}"
             record.args = ()
             record.exc_info = None
