@@ -137,6 +137,10 @@ class Tracker(Protocol):
         """Ids that `source` currently holds (a restarted directory watcher reconciles these)."""
         ...
 
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now; O(1), unlike `ids_from`."""
+        ...
+
 
 def _label_problem(labels: Mapping[str, object], allowed: tuple[str, ...]) -> str | None:
     for name, value in labels.items():
@@ -354,6 +358,11 @@ class IngestionTracker:
     def ids_from(self, source: Source) -> set[str]:
         """Ids that `source` currently holds."""
         return {u.ingestion_id for u in self._store if source.value in u.sources}
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now."""
+        upload = self._store.get(ingestion_id)
+        return upload is not None and source.value in upload.sources
 
     def view(self, ingestion_id: str) -> UploadView | None:
         """One upload as the admin API shows it."""
