@@ -140,7 +140,7 @@ def configure_logging(
     """(Re)configure structlog and the standard library; safe to call again on reload.
 
     With `mask`, every line (structlog's and the standard library's) goes through it last,
-    just before rendering (after structlog's own exceptions were formatted).
+    just before rendering, after exceptions were formatted.
     """
     out = stream if stream is not None else sys.stdout
     masking: list[Any] = [] if mask is None else [mask]
@@ -172,6 +172,9 @@ def configure_logging(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # A real fault's traceback is worth having; the client's own faults were
+                # turned into one warning line by ClientFaultFilter before this.
+                structlog.processors.format_exc_info,
                 *masking,
                 renderer,
             ],
