@@ -11,7 +11,6 @@ from aiohttp import web
 from botocore.credentials import Credentials
 
 from exporter.auth import RequestAuth, SigV4Auth
-from exporter.cli import serve
 from exporter.config import (
     DEFAULT_PORT,
     ApiConfig,
@@ -23,6 +22,7 @@ from exporter.config import (
     ServerConfig,
 )
 from exporter.logs import SecretMask, configure_logging
+from exporter.runtime import serve
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
