@@ -20,9 +20,10 @@ import structlog
 from aiohttp import web
 
 from exporter import __version__
+from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
 from exporter.config import ConfigError, ServerConfig, load_config
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
 from exporter.service import Exporter
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "To register an ingestionId with a running exporter (from the app's side): "
             "catalog-upload-exporter register ID [--url URL] [--label NAME=VALUE] "
-            "[--token-file PATH]; see `catalog-upload-exporter register --help`."
+            "[--token-file PATH]; see `catalog-upload-exporter register --help`. "
+            "To download an upload's processing report: catalog-upload-exporter report "
+            "[--config FILE] ID [-o PATH]; see `catalog-upload-exporter report --help`."
         ),
     )
     mode = parser.add_mutually_exclusive_group()
@@ -69,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.register import main as register  # noqa: PLC0415 - a light client
 
         return register(arguments[1:])
+    if arguments[:1] == ["report"]:
+        from exporter.report_command import main as report  # noqa: PLC0415 - a command of its own
+
+        return report(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -94,25 +101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({len(config.ingestions.ids)} ingestion ids, auth {config.api.auth.type})"
         )
         return EXIT_OK
-    configure_logging(config.logging.level, config.logging.format)
-    exporter = Exporter(config)
+    mask = SecretMask()
+    configure_logging(config.logging.level, config.logging.format, mask=mask)
+    exporter = Exporter(config, secret_mask=mask)
     reloader = ConfigReloader(args.config, exporter)
     host = config.server.host
     port = config.server.port if args.port is None else args.port
     app = create_app(exporter, reloader)
-    admin = (
-        Listener(
-            create_admin_app(
-                exporter.tracker,
-                token_file=config.admin.token_file,
-                body_timeout=config.server.idle_timeout_seconds,
-            ),
-            config.admin.host,
-            config.admin.port,
+    admin = None
+    if config.admin.enabled:
+        admin_app = create_admin_app(
+            exporter.tracker,
+            token_file=config.admin.token_file,
+            body_timeout=config.server.idle_timeout_seconds,
+            allowed_hosts=config.admin.allowed_hosts,
+            reports=exporter.fetch_report,
         )
-        if config.admin.enabled
-        else None
-    )
+        admin_auth = admin_app.get(ADMIN_TOKEN)
+        if admin_auth is not None:
+            mask.watch("admin", admin_auth.held_secrets)
+        admin = Listener(admin_app, config.admin.host, config.admin.port)
     return _serve_until_stopped(
         lambda: serve(
             app,

@@ -22,7 +22,7 @@ from exporter.config import (
     PollingConfig,
     ServerConfig,
 )
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -91,8 +91,9 @@ async def run_demo(port: int | None = None) -> None:
         await sim_site.start()
         sim_port = sim_runner.addresses[0][1]
         config = demo_config(f"http://127.0.0.1:{sim_port}", DEFAULT_PORT if port is None else port)
-        configure_logging(config.logging.level, config.logging.format)
-        exporter = Exporter(config, auth_factory=_simulator_auth)
+        mask = SecretMask()
+        configure_logging(config.logging.level, config.logging.format, mask=mask)
+        exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
         await serve(
             create_app(exporter),
             config.server.host,

@@ -261,10 +261,13 @@ class Poller:
         return seconds * (1.0 - self._rng.uniform(0.0, self._settings.jitter_ratio))
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+        """Exponential backoff with full jitter, never shorter than the server's Retry-After,
+        which is honoured up to `max_backoff_seconds` (a date in 2099 must not park an upload)."""
         ceiling = min(
             self._settings.max_backoff_seconds,
             self._settings.initial_backoff_seconds * 2.0 ** min(failures - 1, 30),
         )
         delay = self._rng.uniform(0.0, ceiling)
-        return max(delay, retry_after) if retry_after is not None else delay
+        if retry_after is None:
+            return delay
+        return max(delay, min(retry_after, self._settings.max_backoff_seconds))

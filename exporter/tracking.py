@@ -1,10 +1,10 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
 The config file, the watched directory and the admin API all register and release ids here.
-The tracker validates each id (the API's 255-character limit, no control characters) and its
-labels (only allow-listed names), enforces the cap on tracked ids, counts every rejection,
-keeps the store and the poller in step, and marks the state file dirty. It does no I/O of
-its own.
+The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
+no control or invisible format characters) and its labels (only allow-listed names), enforces
+the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
+marks the state file dirty. It does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from exporter.models import (
+    KNOWN_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
     ingestion_id_problem,
@@ -34,6 +35,7 @@ from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
     "IngestionTracker",
+    "Page",
     "Registration",
     "RejectReason",
     "Source",
@@ -61,6 +63,8 @@ _REASON_TEXT = {
     RejectReason.EMPTY: "ingestionId must not be empty",
     RejectReason.TOO_LONG: f"ingestionId must be at most {MAX_INGESTION_ID_LENGTH} characters",
     RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
+    RejectReason.FORMAT_CHARACTERS: "ingestionId must not contain invisible format characters "
+    "(Unicode category Cf, such as U+202E or U+200B)",
 }
 
 
@@ -100,6 +104,15 @@ class UploadView:
     report_available: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Part of the tracked uploads in id order; the next part starts after `next_after`
+    (None: nothing follows)."""
+
+    views: tuple[UploadView, ...]
+    next_after: str | None
+
+
 class Tracker(Protocol):
     """What discovery sources need from the tracker."""
 
@@ -119,9 +132,10 @@ class Tracker(Protocol):
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id. When no source wants it any more it is removed:
-        at once if `immediate` (config removal, API DELETE), else once it is terminal and its
-        retention has passed (a deleted file: a FATAL must still be seen). False if `source`
-        did not hold the id."""
+        at once if `immediate` (config removal, API DELETE) or if it awaits no status (never
+        polled successfully, INVALID or UNKNOWN), else once it is terminal and its retention
+        has passed (a deleted file: a FATAL must still be seen). False if `source` did not
+        hold the id."""
         ...
 
     def ids_from(self, source: Source) -> set[str]:
@@ -277,7 +291,7 @@ class IngestionTracker:
             upload = self._store.get(ingestion_id)
             if upload is None or not self._store.drop_source(ingestion_id, source.value):
                 return False
-            removed = upload.released and immediate
+            removed = upload.released and (immediate or not upload.awaiting_status)
             if removed:
                 self._store.remove(ingestion_id)
                 self._on_removed([ingestion_id])
@@ -362,6 +376,33 @@ class IngestionTracker:
     def views(self) -> list[UploadView]:
         """Every tracked upload, in registration order."""
         return [_view(upload) for upload in self._store]
+
+    def page(self, after: str | None, limit: int, statuses: frozenset[str], examine: int) -> Page:
+        """Up to `limit` uploads whose ids sort above `after`, only those in `statuses` if any.
+
+        At most max(`limit`, `examine`) ids are looked at, so a filtered page may be short,
+        even empty, with more to come. The cost is O(log n + what is looked at), whatever
+        the number tracked, and an id removed between pages moves no other id.
+        """
+        views: list[UploadView] = []
+        budget = max(limit, examine)
+        last: str | None = None
+        for ingestion_id in self._store.ids_after(after):
+            if len(views) == limit or budget == 0:
+                return Page(tuple(views), last)
+            budget -= 1
+            last = ingestion_id
+            upload = self._store.get(ingestion_id)
+            if upload is not None and (not statuses or upload.status in statuses):
+                views.append(_view(upload))
+        return Page(tuple(views), None)
+
+    def statuses(self) -> tuple[str, ...]:
+        """Statuses an upload can be listed under: the known ones, then any other value the
+        API sent that a tracked upload has now (sorted)."""
+        present = self._store.status_counts()
+        others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
+        return (*KNOWN_STATUSES, *others)
 
     def record(self, ingestion_id: str) -> UploadRecord | None:
         """What the state must hold for this id now (None: no row)."""
