@@ -240,7 +240,9 @@ def open_store(
     except _Unavailable as exc:
         return None, LoadResult(StateSnapshot(), str(exc), available=False)
     try:
-        store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds)
+        # Just migrated: the rows are the snapshot that was written, checked already.
+        fresh = migrated.snapshot if migrated is not None and migrated.migrated_from else None
+        store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds, fresh)
     except _Unavailable as exc:
         return None, LoadResult(StateSnapshot(), str(exc), available=False)
     except _Corrupt as exc:
@@ -291,9 +293,10 @@ def _read_regular_file(path: Path, *, limit: int = -1) -> bytes:
 
 
 def _open_database(
-    path: Path, busy_timeout_seconds: float
+    path: Path, busy_timeout_seconds: float, known: StateSnapshot | None = None
 ) -> tuple[StateStore, StateSnapshot, int, str]:
-    """Open or create the database and read it all; _Corrupt or _Unavailable if it cannot."""
+    """Open or create the database and read it all (unless its content is `known`);
+    _Corrupt or _Unavailable if it cannot."""
     try:
         db = sqlite3.connect(
             path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=True
@@ -302,7 +305,7 @@ def _open_database(
         raise _Unavailable(f"state database could not be opened: {_short(exc)}") from None
     try:
         _prepare(db)
-        snapshot, skipped, first = _load(db)
+        snapshot, skipped, first = _load(db) if known is None else (known, 0, "")
     except sqlite3.Error as exc:
         db.close()
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
