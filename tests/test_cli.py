@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -402,3 +403,26 @@ def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_p
         assert "too_long" in refused.stderr
     finally:
         assert proc.stop() == 0
+
+
+def test_a_port_in_use_exits_1_logging_cannot_listen_before_the_exporter_stops(
+    simulator: str, tmp_path: Path
+) -> None:
+    """Another process on server.port: exit 1, and the log says why before it says stopped."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+        result = subprocess.run(
+            [*EXPORTER, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines() if line.strip()]
+    assert "cannot_listen" in events, events
+    assert "exporter_stopped" in events, events
+    assert events.index("cannot_listen") < events.index("exporter_stopped"), events
