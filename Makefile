@@ -17,7 +17,14 @@ CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 WHEELS ?=
 PYTHON_IMAGE ?=
 
-.PHONY: demo test lint tools image clean
+# The one place that says where the alerts' runbooks live: every runbook_url is this base, "#",
+# and the alert's anchor (README, "Alerts and runbooks"). Change it here, or pass it, and run
+# `make rules`, which rewrites the rules file and the PrometheusRule generated from it.
+RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-exporter/blob/main/README.md
+RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
+PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
+
+.PHONY: demo test lint tools image rules clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -60,6 +67,17 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict exporter
+
+# The rules file with RUNBOOK_BASE in every runbook_url, then the PrometheusRule: its header
+# (everything up to `spec:`) and the rules file's groups, indented under it.
+rules:
+	@case '$(RUNBOOK_BASE)' in *[\|\&\#\"\ ]*|'') \
+		echo "RUNBOOK_BASE must be a URL without | & # \" or spaces"; exit 1;; esac
+	sed -E 's|^( *runbook_url: )"[^"#]*#|\1"$(RUNBOOK_BASE)#|' $(RULES_FILE) > $(RULES_FILE).tmp
+	mv $(RULES_FILE).tmp $(RULES_FILE)
+	{ sed '/^spec:$$/q' $(PROMETHEUS_RULE); sed -e '/^#/d' -e 's/^./  &/' $(RULES_FILE); } \
+		> $(PROMETHEUS_RULE).tmp
+	mv $(PROMETHEUS_RULE).tmp $(PROMETHEUS_RULE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -844,3 +845,65 @@ def test_deploy_kubernetes_takes_its_sidecar_from_the_component(manifests: list[
     assert EXPORTER_IMAGE not in json.dumps(raw)
     (component_exporter,) = sidecar_patch()["initContainers"]
     assert exporter_container(manifests) == component_exporter
+
+
+# Runbook links: RUNBOOK_BASE in the Makefile, applied by `make rules`.
+
+PROMETHEUS_RULE = DEPLOY / "kubernetes" / "prometheusrule.yaml"
+
+
+def make_rules(tmp_path: Path, *variables: str) -> tuple[Path, Path]:
+    """`make rules` run on copies of the rules file and the PrometheusRule."""
+    rules, prometheus_rule = tmp_path / RULES_FILE.name, tmp_path / PROMETHEUS_RULE.name
+    shutil.copy(RULES_FILE, rules)
+    shutil.copy(PROMETHEUS_RULE, prometheus_rule)
+    run(
+        require_tool("make"),
+        "--silent",
+        f"--directory={ROOT}",
+        "rules",
+        f"RULES_FILE={rules}",
+        f"PROMETHEUS_RULE={prometheus_rule}",
+        *variables,
+    )
+    return rules, prometheus_rule
+
+
+def runbook_urls(path: Path) -> dict[str, set[str]]:
+    """Every alert's runbook_url(s), by alert name, from a rules file or a PrometheusRule."""
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    groups = document["spec"]["groups"] if "spec" in document else document["groups"]
+    urls: dict[str, set[str]] = {}
+    for group in groups:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                urls.setdefault(rule["alert"], set()).add(rule["annotations"]["runbook_url"])
+    return urls
+
+
+def test_make_rules_with_the_default_base_reproduces_the_committed_files(tmp_path: Path) -> None:
+    """The committed rules file and PrometheusRule are what `make rules` writes: the Makefile's
+    RUNBOOK_BASE is the one source of their runbook links."""
+    rules, prometheus_rule = make_rules(tmp_path)
+    assert rules.read_text(encoding="utf-8") == RULES_FILE.read_text(encoding="utf-8")
+    assert prometheus_rule.read_text(encoding="utf-8") == PROMETHEUS_RULE.read_text(
+        encoding="utf-8"
+    )
+
+
+def test_changing_the_runbook_base_changes_every_alerts_runbook_url(tmp_path: Path) -> None:
+    """With RUNBOOK_BASE set to a wiki, every alert's runbook_url in both files is that base
+    and the alert's own anchor, and the rules still pass promtool."""
+    base = "https://wiki.example.com/runbooks/catalog-upload-exporter"
+    rules, prometheus_rule = make_rules(tmp_path, f"RUNBOOK_BASE={base}")
+    before = runbook_urls(RULES_FILE)
+    assert before and all(urls for urls in before.values())
+    for path in (rules, prometheus_rule):
+        after = runbook_urls(path)
+        assert after.keys() == before.keys()
+        for alert, urls in after.items():
+            anchors = {url.partition("#")[2] for url in before[alert]}
+            assert urls == {f"{base}#{anchor}" for anchor in anchors}, alert
+    document = yaml.safe_load(prometheus_rule.read_text(encoding="utf-8"))
+    assert document["spec"] == yaml.safe_load(rules.read_text(encoding="utf-8"))
+    run(require_tool("promtool"), "check", "rules", str(rules))
