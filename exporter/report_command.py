@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO, TextIO
 
@@ -46,6 +46,9 @@ __all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "main"]
 #: `kubectl exec ... -- catalog-upload-exporter report ID` needs no --config.
 DEFAULT_CONFIG_PATH = "/etc/catalog-upload-exporter/config.yaml"
 CONFIG_ENV = "CATALOG_EXPORTER_CONFIG"
+
+#: Polls tried again when throttled or failing, before giving up with exit 3.
+RETRIES = 3
 
 EXIT_OK, EXIT_NOT_READY, EXIT_USAGE, EXIT_FAILED, EXIT_TOO_LARGE = 0, 1, 2, 3, 4
 
@@ -115,6 +118,7 @@ def main(
     stdout: BinaryIO | None = None,
     stderr: TextIO | None = None,
     auth_factory: AuthFactory = auth_from_config,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> int:
     """Run the command; returns its exit code."""
     err = sys.stderr if stderr is None else stderr
@@ -148,6 +152,7 @@ def main(
             stdout=out,
             err=err,
             auth_factory=auth_factory,
+            sleep=sleep,
         )
     )
 
@@ -161,6 +166,7 @@ async def _run(
     stdout: BinaryIO | None,
     err: TextIO,
     auth_factory: AuthFactory,
+    sleep: Callable[[float], Awaitable[None]],
 ) -> int:
     directory = None if output is None else output.parent
     prefix = "report-" if output is None else f".{output.name}."
@@ -181,7 +187,9 @@ async def _run(
                 max_response_bytes=config.api.max_response_bytes,
                 metrics=ApiMetrics(CollectorRegistry(auto_describe=True)),
             )
-            outcome = await fetch_report(client, ingestion_id, _SpoolSink(spool), limits)
+            outcome = await fetch_report(
+                client, ingestion_id, _SpoolSink(spool), limits, retries=RETRIES, sleep=sleep
+            )
         if isinstance(outcome, ReportFailure):
             print(f"{_PROG}: {_describe(outcome, ingestion_id)}", file=err)
             return _EXIT_CODES[outcome.problem]

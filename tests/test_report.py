@@ -8,9 +8,12 @@ import asyncio
 import io
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import aiohttp
@@ -23,6 +26,7 @@ from exporter import report_command
 from exporter.admin import create_admin_app
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import AuthConfig
+from exporter.demo import REPORT_EXAMPLE_ID, report_example, write_report_config
 from exporter.report import DownloadLimits, ReportFailure, ReportFetched, ReportProblem, download
 from exporter.simulator import (
     TEST_ACCESS_KEY_ID,
@@ -31,6 +35,7 @@ from exporter.simulator import (
     Fault,
     FaultKind,
     Simulator,
+    demo_uploads,
 )
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 from tests.test_admin import recorder, undocumented
@@ -75,10 +80,22 @@ class Run:
         self.stderr = stderr
 
 
-async def run_report(*args: str, auth: Callable[[AuthConfig], RequestAuth] | None = None) -> Run:
-    """Run the command in a thread (it has its own event loop) while the simulator serves."""
+async def run_report(
+    *args: str,
+    auth: Callable[[AuthConfig], RequestAuth] | None = None,
+    slept: list[float] | None = None,
+) -> Run:
+    """Run the command in a thread (it has its own event loop) while the simulator serves;
+    its pauses between retries are recorded in `slept` instead of slept."""
     out, err = io.BytesIO(), io.StringIO()
-    extra: dict[str, Any] = {} if auth is None else {"auth_factory": auth}
+    pauses = [] if slept is None else slept
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    extra: dict[str, Any] = {"sleep": sleep}
+    if auth is not None:
+        extra["auth_factory"] = auth
     code = await asyncio.to_thread(report_command.main, list(args), stdout=out, stderr=err, **extra)
     return Run(code, out.getvalue(), err.getvalue())
 
@@ -229,14 +246,32 @@ async def test_a_redirect_from_the_report_host_is_not_followed(
 async def test_an_api_failure_exits_3_naming_the_kind(
     start_simulator: SimulatorFactory, tmp_path: Path, fault: Fault, kind: str
 ) -> None:
-    """getCatalogUploadStatus failing is exit 3 with the API error kind in the message."""
+    """getCatalogUploadStatus failing is exit 3 with the API error kind in the message, after
+    3 retries for a passing fault (a server error) and none for a lasting one (403)."""
     sim, url = await start_simulator()
     sim.add_upload("up-1", [("FATAL", math.inf)])
     sim.inject(fault)
-    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1")
+    slept: list[float] = []
+    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1", slept=slept)
     assert run.code == 3
     assert f"API error ({kind})" in run.stderr
     assert sim.reports.requests == []
+    assert slept == ([1.0, 2.0, 4.0] if kind == "server_error" else [])
+    assert sim.count(ingestion_id="up-1") == len(slept) + 1
+
+
+async def test_a_throttled_poll_is_retried_after_retry_after(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Two 429s (the exporter may be using the API's budget) and the report still comes."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("FATAL", math.inf)])
+    sim.inject(Fault(FaultKind.THROTTLE, retry_after=3), count=2)
+    slept: list[float] = []
+    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1", slept=slept)
+    assert run.code == 0, run.stderr
+    assert slept == [3.0, 3.0]
+    assert run.stdout == sim.reports.body("up-1")
 
 
 async def test_an_unknown_id_exits_3_as_invalid_ingestion_id(
@@ -483,3 +518,30 @@ def test_fetched_and_failure_carry_no_link() -> None:
     """The outcome types have no field that could hold the link."""
     assert set(ReportFetched.__dataclass_fields__) == {"size", "status", "host"}
     assert set(ReportFailure.__dataclass_fields__) == {"problem", "kind", "message", "status"}
+
+
+# -- the demo -------------------------------------------------------------------------------------
+
+
+async def test_the_demo_banner_report_line_downloads_a_fatal_demo_report(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """The exact shell line the `--demo` banner prints, run by a shell against the demo's
+    simulator (SigV4 with its test key), writes demo-fatal's report to stdout."""
+    clock = [1000.0]
+    sim, url = await start_simulator(auth="sigv4", clock=lambda: clock[0])
+    sim.add_uploads(demo_uploads())
+    clock[0] += 60  # every demo upload has reached its last status
+    line = report_example(write_report_config(url, tmp_path))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", line, env=env, stdout=PIPE, stderr=PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(shell.communicate(), timeout=60)
+    assert shell.returncode == 0, stderr.decode()
+    assert stdout == sim.reports.body(REPORT_EXAMPLE_ID)
+    assert sim.current(REPORT_EXAMPLE_ID)[0] == "FATAL"
+    assert sim.count(ingestion_id=REPORT_EXAMPLE_ID, auth_ok=True) == 1
+    assert_no_link(stderr)
