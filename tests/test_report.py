@@ -545,3 +545,64 @@ async def test_the_demo_banner_report_line_downloads_a_fatal_demo_report(
     assert sim.current(REPORT_EXAMPLE_ID)[0] == "FATAL"
     assert sim.count(ingestion_id=REPORT_EXAMPLE_ID, auth_ok=True) == 1
     assert_no_link(stderr)
+
+
+# -- runbooks, alerts and the dashboard -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The command as the runbooks, the alerts and the dashboard give it (container name included).
+IN_CONTAINER = "-c catalog-upload-exporter -- catalog-upload-exporter report"
+
+
+def readme_section(heading: str) -> str:
+    """The README text under `### heading`, up to the next heading of that level or above."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n### {heading}\n")
+    end = re.search(r"\n##+ ", text[start + 1 :])
+    return text[start : start + 1 + end.start()] if end else text[start:]
+
+
+@pytest.mark.parametrize("alert", ["CatalogUploadFatal", "CatalogUploadCancelled"])
+def test_fatal_and_cancelled_runbooks_and_alerts_give_the_report_command(alert: str) -> None:
+    """The runbook gives the kubectl exec line; the alert's description carries the id in the
+    same command (and the kubectl form when the series has pod labels)."""
+    assert f"kubectl exec -n NAMESPACE POD {IN_CONTAINER} '<id>'" in readme_section(alert)
+    rules = yaml.safe_load(
+        (ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml").read_text()
+    )
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    description = " ".join(rule["annotations"]["description"].split())
+    # Rendered (tests/rules) as a kubectl exec line when the pod label is there, else bare.
+    assert (
+        "kubectl exec -n {{ $labels.namespace }} {{ $labels.pod }} -c catalog-upload-exporter -- "
+        "{{ end }}catalog-upload-exporter report '{{ $labels.ingestion_id }}'"
+    ) in description
+
+
+def test_the_container_and_config_path_the_runbook_assumes_are_the_manifests() -> None:
+    """`-c catalog-upload-exporter` names the exporter's container in both workloads, and the
+    command's default --config is the path they pass to the exporter."""
+    for manifest in ("kubernetes/deployment.yaml", "overlays/sharded/statefulset.yaml"):
+        document = yaml.safe_load((ROOT / "deploy" / manifest).read_text())
+        spec = document["spec"]["template"]["spec"]
+        containers = spec.get("initContainers", []) + spec["containers"]
+        (exporter,) = [c for c in containers if c["name"] == "catalog-upload-exporter"]
+        args = exporter["args"]
+        assert args[args.index("--config") + 1] == report_command.DEFAULT_CONFIG_PATH, manifest
+
+
+def test_the_attention_table_shows_the_report_command_for_the_rows_id() -> None:
+    """The dashboard's attention table links each ingestion id to the report command for that
+    id (a data link titled with the command) and to the README's section on it."""
+    dashboard = json.loads(
+        (ROOT / "deploy" / "grafana" / "catalog-upload-exporter.json").read_text()
+    )
+    (table,) = [p for p in dashboard["panels"] if p.get("title") == "Uploads needing attention"]
+    (override,) = [
+        o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Ingestion id"
+    ]
+    (links,) = [p["value"] for p in override["properties"] if p["id"] == "links"]
+    (link,) = links
+    assert f"{IN_CONTAINER} '${{__value.raw}}'" in link["title"]
+    assert link["url"].endswith("README.md#the-report-command")
+    assert "\n## The `report` command\n" in (ROOT / "README.md").read_text()
