@@ -1,7 +1,8 @@
 """The Catalog API client: one ingestionId in, a `StatusReport` or a classified `PollError` out.
 
 It owns the HTTP exchange (signing, timeout, body-size cap) and the per-request metrics.
-It does not retry or pace: that is the scheduler's and the rate limiter's job.
+It does not retry or pace: that is the scheduler's and the rate limiter's job. It sends to
+`api.base_url` only: a redirect is never followed, it is an `unexpected_status` error.
 """
 
 from __future__ import annotations
@@ -74,8 +75,14 @@ class CatalogClient:
         code = "error"
         payload = b""
         try:
+            # Never follow a redirect: the next hop would get our credentials (custom headers
+            # and X-Amz-Security-Token survive a cross-host redirect) and would answer for us.
             async with self._session.post(
-                self._url, data=body, headers=headers, timeout=self._timeout
+                self._url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 code = str(response.status)
                 payload = await self._read_capped(response)

@@ -18,7 +18,6 @@ from aiohttp import web
 from botocore.credentials import Credentials
 
 from exporter.auth import RequestAuth, SigV4Auth
-from exporter.cli import serve
 from exporter.config import (
     DEFAULT_PORT,
     ApiConfig,
@@ -29,7 +28,8 @@ from exporter.config import (
     PollingConfig,
     ServerConfig,
 )
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
+from exporter.runtime import serve
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -127,8 +127,9 @@ async def run_demo(port: int | None = None) -> None:
         sim_url = f"http://127.0.0.1:{sim_port}"
         report_config = write_report_config(sim_url, scratch)
         config = demo_config(sim_url, DEFAULT_PORT if port is None else port)
-        configure_logging(config.logging.level, config.logging.format)
-        exporter = Exporter(config, auth_factory=_simulator_auth)
+        mask = SecretMask()
+        configure_logging(config.logging.level, config.logging.format, mask=mask)
+        exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
         await serve(
             create_app(exporter),
             config.server.host,

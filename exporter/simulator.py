@@ -96,6 +96,7 @@ class FaultKind(enum.StrEnum):
     UNEXPECTED_STATUS = "unexpected_status"  # 418 (or `status`, e.g. 302 with Location)
     BIG_BODY = "big_body"  # 200 valid JSON of `size` bytes
     UNAUTHORIZED = "unauthorized"  # 403 {"message": "User: ... is not authorized ..."}
+    REDIRECT = "redirect"  # 302 (or `status`, e.g. 307) to `location`, e.g. another server
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +106,19 @@ class Fault:
     `status` picks the HTTP status where the kind allows a choice (server errors, unexpected
     status), `body` replaces the default body of kinds that have one. `label` names the fault
     in the request log (the kind by default), e.g. to tell 429s with Retry-After apart.
+    `retry_after` is sent as seconds, or verbatim when a string (an HTTP-date); `location` is
+    where a redirect points.
     """
 
     kind: FaultKind | str
     status: int | None = None
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     seconds: float | None = None
     size: int = 5 * 1024 * 1024
     key: str = "message"
     body: str | None = None
     label: str | None = None
+    location: str = "https://signin.example.invalid/login"
 
     def __post_init__(self) -> None:
         # Accept the plain string too, and refuse an unknown kind here rather than mid-request.
@@ -331,7 +335,12 @@ def _server_error_html(fault: Fault) -> web.Response:
 
 
 def _throttle(fault: Fault) -> web.Response:
-    headers = None if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+    retry_after = fault.retry_after
+    headers = (
+        None
+        if retry_after is None
+        else {"Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
+    )
     payload = {fault.key: "Too Many Requests"}
     return _json(429, payload, error_type="TooManyRequestsException", headers=headers)
 
@@ -340,9 +349,15 @@ def _unexpected_status(fault: Fault) -> web.Response:
     status = fault.status or 418
     if 300 <= status < 400:
         response = _raw(status, fault.body or "", "text/html")
-        response.headers["Location"] = "https://signin.example.invalid/login"
+        response.headers["Location"] = fault.location
         return response
     return _raw(status, fault.body or '{"message": "I\'m a teapot"}', "application/json")
+
+
+def _redirect(fault: Fault) -> web.Response:
+    response = _raw(fault.status or 302, fault.body or "", "text/html")
+    response.headers["Location"] = fault.location
+    return response
 
 
 def _big_body(fault: Fault) -> web.Response:
@@ -388,6 +403,7 @@ _CANNED: Final[dict[FaultKind, Callable[[Fault], web.Response]]] = {
     FaultKind.UNEXPECTED_STATUS: _unexpected_status,
     FaultKind.BIG_BODY: _big_body,
     FaultKind.UNAUTHORIZED: _unauthorized,
+    FaultKind.REDIRECT: _redirect,
 }
 
 
@@ -398,6 +414,8 @@ def _canned(fault: Fault) -> web.Response:
 class Simulator:
     """The state behind the fake API: uploads, accepted credentials, limits, faults, a log.
 
+    `token_header` is where bearer tokens are expected: `Authorization: Bearer <token>`, or
+    the bare token in a header of the gateway's own such as X-Api-Key.
     `clock` drives upload scripts and the rate limiter (inject a fake one in tests);
     `wall_clock` is what X-Amz-Date is compared with. `on_request` is called with each
     `RequestRecord` (the CLI's --log-requests); `max_records` bounds `requests`.
@@ -410,6 +428,7 @@ class Simulator:
         burst: float | None = None,
         auth: str = "none",
         tokens: Iterable[str] = (),
+        token_header: str = "Authorization",  # noqa: S107 - a header's name, not a secret
         credentials: Mapping[str, str] | None = None,
         region: str = TEST_REGION,
         error_rate: float = 0.0,
@@ -421,7 +440,6 @@ class Simulator:
         wall_clock: Callable[[], float] = time.time,
         on_request: Callable[[RequestRecord], None] | None = None,
         max_records: int | None = None,
-        token_header: str = "Authorization",  # noqa: S107 - a header name, not a secret
         report_link_seconds: float = DEFAULT_LINK_SECONDS,
         report_bytes: int = 0,
         report_chunked: bool = False,
@@ -805,10 +823,10 @@ class Simulator:
             self._check_sigv4(request, body)
 
     def _check_bearer(self, request: web.Request) -> None:
-        value = request.headers.get(self._token_header, "")
-        if self._token_header.lower() != "authorization":  # a custom header holds the bare token
-            value = f"Bearer {value}"
-        scheme, _, token = value.partition(" ")
+        if self._token_header.lower() == "authorization":
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        else:  # a gateway's own header (X-Api-Key...) carries the bare token
+            scheme, token = "bearer", request.headers.get(self._token_header, "")
         given = token.strip().encode("utf-8", "surrogateescape")
         # Compare against every accepted token so the time taken says nothing about which.
         matches = [hmac.compare_digest(given, t.encode()) for t in self._tokens]
