@@ -26,9 +26,10 @@ from typing import IO, BinaryIO, TextIO
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from exporter.auth import RequestAuth
 from exporter.client import CatalogClient
 from exporter.config import Config, ConfigError, load_config
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.metrics import ApiMetrics
 from exporter.models import ingestion_id_problem
 from exporter.report import (
@@ -139,8 +140,12 @@ def main(
         for line in exc.problems:
             print(f"  - {line}", file=err)
         return EXIT_USAGE
+    auth = auth_factory(config.api.auth)
+    # Every line on stderr, logs and messages, is masked: an API may echo our token back.
+    mask = SecretMask()
+    mask.watch("api", auth.held_secrets)
     # Logs go to stderr: stdout may be the report itself.
-    configure_logging(config.logging.level, config.logging.format, stream=err)
+    configure_logging(config.logging.level, config.logging.format, stream=err, mask=mask)
     out = (sys.stdout.buffer if stdout is None else stdout) if output is None else None
     limits = DownloadLimits(config.api.max_report_bytes, args.timeout)
     return asyncio.run(
@@ -150,8 +155,8 @@ def main(
             limits=limits,
             output=output,
             stdout=out,
-            err=err,
-            auth_factory=auth_factory,
+            err=_MaskedText(err, mask),
+            auth=auth,
             sleep=sleep,
         )
     )
@@ -164,8 +169,8 @@ async def _run(
     limits: DownloadLimits,
     output: Path | None,
     stdout: BinaryIO | None,
-    err: TextIO,
-    auth_factory: AuthFactory,
+    err: _MaskedText,
+    auth: RequestAuth,
     sleep: Callable[[float], Awaitable[None]],
 ) -> int:
     directory = None if output is None else output.parent
@@ -182,7 +187,7 @@ async def _run(
             client = CatalogClient(
                 session,
                 base_url=config.api.base_url,
-                auth=auth_factory(config.api.auth),
+                auth=auth,
                 timeout_seconds=config.api.timeout_seconds,
                 max_response_bytes=config.api.max_response_bytes,
                 metrics=ApiMetrics(CollectorRegistry(auto_describe=True)),
@@ -218,6 +223,22 @@ async def _run(
         file=err,
     )
     return EXIT_OK
+
+
+class _MaskedText:
+    """A text stream that masks the secrets the process holds in whatever is written."""
+
+    def __init__(self, stream: TextIO, mask: SecretMask) -> None:
+        self._stream = stream
+        self._mask = mask
+
+    def write(self, text: str) -> int:
+        """Write `text`, masked."""
+        return self._stream.write(self._mask.mask(text))
+
+    def flush(self) -> None:
+        """Flush the stream."""
+        self._stream.flush()
 
 
 def _describe(failure: ReportFailure, ingestion_id: str) -> str:

@@ -37,6 +37,7 @@ from exporter.simulator import (
     Simulator,
     demo_uploads,
 )
+from exporter.tracking import Source
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 from tests.test_admin import recorder, undocumented
 
@@ -606,3 +607,38 @@ def test_the_attention_table_shows_the_report_command_for_the_rows_id() -> None:
     assert f"{IN_CONTAINER} '${{__value.raw}}'" in link["title"]
     assert link["url"].endswith("README.md#the-report-command")
     assert "\n## The `report` command\n" in (ROOT / "README.md").read_text()
+
+
+async def test_a_token_echoed_by_the_api_reaches_neither_stderr_nor_the_admin_route(
+    start_simulator: SimulatorFactory,
+    start_exporter: ExporterFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway that echoes our bearer token (bare, in a custom header) in its error message:
+    the command's message and the admin route's JSON error show `<secret>` instead."""
+    sim, url = await start_simulator(auth="bearer", tokens=[TOKEN], token_header="X-Api-Key")
+    sim.add_upload("up-1", [("FATAL", math.inf)])
+    sim.inject(Fault(FaultKind.UNAUTHORIZED, body=f"token {TOKEN} is not allowed here"))
+    monkeypatch.setenv("CATALOG_TOKEN", TOKEN)
+    api_auth = {"type": "bearer", "token_env": "CATALOG_TOKEN", "header": "X-Api-Key", "scheme": ""}
+    run = await run_report("--config", str(write_config(tmp_path, url, auth=api_auth)), "up-1")
+    assert run.code == 3
+    assert "is not allowed here" in run.stderr
+    assert TOKEN not in run.stderr
+    running = await start_exporter(fast_config(url, [], api={"auth": api_auth}))
+    await running.exporter.tracker.register("up-1", Source.API, None)
+    app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/api/v1/ingestions/up-1/report")) as response,
+        ):
+            body = await response.json()
+    finally:
+        await server.close()
+    assert (response.status, body["error"]) == (502, "api_error")
+    assert "is not allowed here" in body["message"]
+    assert TOKEN not in body["message"]
