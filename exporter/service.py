@@ -8,6 +8,7 @@ no HTTP serving (see `server` and `admin`) and no file watching of the config (s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -203,7 +204,10 @@ class Exporter:
             return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
         await self.limiter.acquire()
         limits = DownloadLimits(self.config.api.max_report_bytes)
-        return await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        outcome = await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
+            return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
+        return outcome
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -351,6 +352,12 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
     try:
         wait_http(url)
         assert f"http://127.0.0.1:{port}/metrics" in proc.output
+        # The banner's `report` example names a config file the demo wrote for its simulator.
+        example = re.search(
+            r"catalog-upload-exporter report --config (\S+) demo-fatal", proc.output
+        )
+        assert example is not None, proc.output
+        assert "base_url: http://127.0.0.1:" in Path(example.group(1)).read_text()
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
