@@ -581,12 +581,12 @@ def test_fatal_and_cancelled_runbooks_and_alerts_give_the_report_command(alert: 
 
 
 def test_the_container_and_config_path_the_runbook_assumes_are_the_manifests() -> None:
-    """`-c catalog-upload-exporter` names the exporter's container in both workloads, and the
-    command's default --config is the path they pass to the exporter."""
-    for manifest in ("kubernetes/deployment.yaml", "overlays/sharded/statefulset.yaml"):
+    """`-c catalog-upload-exporter` names the exporter's container in the sidecar component and
+    the sharded StatefulSet, and the command's default --config is the path they give it."""
+    for manifest in ("components/sidecar/sidecar.yaml", "overlays/sharded/statefulset.yaml"):
         document = yaml.safe_load((ROOT / "deploy" / manifest).read_text())
         spec = document["spec"]["template"]["spec"]
-        containers = spec.get("initContainers", []) + spec["containers"]
+        containers = spec.get("initContainers", []) + spec.get("containers", [])
         (exporter,) = [c for c in containers if c["name"] == "catalog-upload-exporter"]
         args = exporter["args"]
         assert args[args.index("--config") + 1] == report_command.DEFAULT_CONFIG_PATH, manifest
