@@ -67,6 +67,10 @@ class RequestAuth(Protocol):
         X-Amz-Security-Token). Raises AuthUnavailable."""
         ...
 
+    def held_secrets(self) -> tuple[str, ...]:
+        """The secrets held right now, for the log mask: cheap, no I/O, never raises."""
+        ...
+
 
 class NoAuth:
     """No authentication: for a local simulator or an API behind an authenticating proxy."""
@@ -76,6 +80,10 @@ class NoAuth:
     ) -> dict[str, str]:
         """Nothing to add."""
         return {}
+
+    def held_secrets(self) -> tuple[str, ...]:
+        """None."""
+        return ()
 
 
 class BearerAuth:
@@ -115,6 +123,7 @@ class BearerAuth:
         self._clock = clock
         self._file_key: tuple[int, int, int, int] | None = None
         self._file_token = ""
+        self._env_token = ""
         self._checked_at = 0.0  # by `clock`, when the file last proved good
 
     async def headers(
@@ -124,6 +133,10 @@ class BearerAuth:
         token = self._from_file() if self._token_file else self._from_env()
         value = f"{self._scheme} {token}" if self._scheme else token
         return {self._header: value}
+
+    def held_secrets(self) -> tuple[str, ...]:
+        """The token last read (from the file or the environment)."""
+        return tuple(t for t in (self._file_token, self._env_token) if t)
 
     def _from_file(self) -> str:
         now = self._clock()
@@ -161,6 +174,7 @@ class BearerAuth:
         name = self._token_env
         token = self._environ.get(name, "").strip()
         _check_token(token, f"environment variable {name}")
+        self._env_token = token
         return token
 
 
@@ -231,6 +245,13 @@ class SigV4Auth:
         if "X-Amz-Content-SHA256" in signed:
             out["X-Amz-Content-Sha256"] = signed["X-Amz-Content-SHA256"]
         return out
+
+    def held_secrets(self) -> tuple[str, ...]:
+        """The secret access key and session token of the credentials in use."""
+        frozen = self._frozen
+        if frozen is None:
+            return ()
+        return tuple(s for s in (frozen.secret_key, frozen.token) if s)
 
     async def _credentials(self) -> botocore.credentials.ReadOnlyCredentials:
         frozen = self._fresh()

@@ -28,6 +28,7 @@ Rules applied to every key:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -44,6 +45,7 @@ import yaml
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
+    format_character,
     ingestion_id_problem,
     refused_character,
 )
@@ -52,6 +54,7 @@ from exporter.sharding import index_from_hostname
 __all__ = [
     "DEFAULT_ADMIN_PORT",
     "DEFAULT_PORT",
+    "MAX_CONFIG_BYTES",
     "AdminConfig",
     "ApiConfig",
     "AuthConfig",
@@ -65,12 +68,15 @@ __all__ = [
     "ServerConfig",
     "ShardingConfig",
     "StateConfig",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
 DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
+#: Largest processing report the `report` command and the admin API download (32 MiB).
+DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,7 @@ class ApiConfig:
     max_requests_per_second: float = 5.0
     max_concurrency: int = 4
     max_response_bytes: int = 1048576
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +196,8 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_ADMIN_PORT
     token_file: str = ""
+    #: Host names (besides loopback ones) a request may name in its Host header.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +274,7 @@ _KINDS: dict[type, str] = {
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
 # into the wrong key.
 _ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -486,6 +496,20 @@ def _host(section: _Section, default: str) -> str:
     return host
 
 
+def is_loopback_host(name: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1), given without port."""
+    host = name.strip().lower().removesuffix(".").removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def _absolute_path_problem(path: str) -> str | None:
     if _control_character(path) is not None:
         return "must not contain control characters"
@@ -559,13 +583,15 @@ def _kind_problem(path: str, *, directory: bool, required: bool) -> str | None:
 
 
 def _state_file_problem(path: str) -> str | None:
-    """Say why `path` cannot hold the state, or None; the file itself may be missing."""
+    """Say why `path` cannot hold the state, or None; the file itself may be missing.
+
+    What is at the path itself is not checked: a directory or an unreadable file there is
+    found at start, where the exporter runs without persistence instead of exiting (a
+    container restarted on exit would crash-loop).
+    """
     if path.endswith("/"):
         return f"expected a file name after the last '/', got {path!r}"
-    parent = os.path.dirname(path)
-    return _kind_problem(parent, directory=True, required=True) or _kind_problem(
-        path, directory=False, required=False
-    )
+    return _kind_problem(os.path.dirname(path), directory=True, required=True)
 
 
 def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:
@@ -673,6 +699,9 @@ def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
         max_response_bytes=_integer(
             section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024
         ),
+        max_report_bytes=_integer(
+            section, "max_report_bytes", DEFAULT_MAX_REPORT_BYTES, ge=1024, le=1024**3
+        ),
     )
 
 
@@ -716,8 +745,30 @@ def _ingestion_id_problem(value: object) -> str | None:
         return "must not be empty"
     if reason is RejectReason.TOO_LONG:
         return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
+    if reason is RejectReason.FORMAT_CHARACTERS:
+        invisible = format_character(value) or "?"
+        return (
+            f"must not contain invisible format characters, found {invisible!r} "
+            f"(U+{ord(invisible):04X}) in {_describe(value)}"
+        )
     char = refused_character(value)
     return f"must not contain control characters, found {char!r} in {_describe(value)}"
+
+
+def _host_name_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {_describe(value)}"
+    if not _HOST_NAME.fullmatch(value.lower().removesuffix(".")) and not _is_ip_address(value):
+        return f"expected a host name or IP address, without port, got {_describe(value)}"
+    return None
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _label_name_problem(value: object) -> str | None:
@@ -813,9 +864,17 @@ def _read_admin(section: _Section, server: ServerConfig) -> AdminConfig:
         host=_host(section, AdminConfig().host),
         port=_integer(section, "port", DEFAULT_ADMIN_PORT, ge=0, le=65535),
         token_file=_string(section, "token_file", ""),
+        allowed_hosts=_unique_strings(section, "allowed_hosts", "host names", _host_name_problem),
     )
     if not admin.enabled or section.has_problem("enabled"):
         return admin  # no listener (or unknown whether one): its port and token do not matter
+    if not (admin.token_file or is_loopback_host(admin.host) or section.has_problem("host")):
+        section.problem(
+            "host",
+            f"{admin.host!r} is not a loopback address (127.0.0.1, ::1, localhost): anyone who "
+            f"can reach it could register and delete ids; set {section.path_of('token_file')} "
+            "too",
+        )
     # Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and telling
     # which names resolve to the same address is not a load-time question. 0 is always free.
     if (
@@ -935,27 +994,112 @@ def parse_config(
     return config
 
 
+#: The largest config file read, in bytes. The file is refused before it is parsed: a 64 MB
+#: document took 16 s and almost 1 GB to parse only to be rejected, on every reload too.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """yaml.safe_load's loader (libyaml's when PyYAML has it) that notes repeated keys.
+
+    PyYAML keeps the last of two equal keys in a mapping without a word, so a second
+    `polling:` section silently replaced the first. Each repeat is noted as (key path, first
+    line, repeated line); the document is still built, and the caller refuses it.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []
+        self._root: yaml.Node | None = None
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue  # `<<: *defaults` overriding is what merge keys are for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node:
+                self.duplicates.append(
+                    (
+                        self._path_of(node, key),
+                        first.start_mark.line + 1,
+                        key_node.start_mark.line + 1,
+                    )
+                )
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+    def _path_of(self, target: yaml.Node, key: object) -> str:
+        """The key path of `key` in mapping `target`, searched from the document's root."""
+        leaf = key if isinstance(key, str) else _describe(key)
+        stack: list[tuple[yaml.Node, str]] = [(self._root, "")] if self._root else []
+        visited: set[int] = set()
+        while stack:
+            node, path = stack.pop()
+            if node is target:
+                return f"{path}.{leaf}" if path else leaf
+            if id(node) in visited:
+                continue  # an alias seen before: each node is searched once
+            visited.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    stack.append((value_node, f"{path}.{name}" if path else str(name)))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        return leaf
+
+
+def _read_text(name: str) -> str:
+    """The file's text, refused before it is read in full when over MAX_CONFIG_BYTES."""
+    too_big = (
+        f"{name}: the file is larger than {MAX_CONFIG_BYTES} bytes (16 MiB), the most a "
+        "config may be; list many ids in ingestions.directory or the admin API instead"
+    )
+    try:
+        with open(name, "rb") as file:
+            if os.fstat(file.fileno()).st_size > MAX_CONFIG_BYTES:
+                raise ConfigError([too_big])
+            # Bounded even when the size was wrong (a FIFO, /proc) or the file grew since.
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError([f"{name}: cannot read the file: {error.strerror}"]) from None
+    except ValueError as error:  # a NUL in the path
+        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([too_big])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
+
+
 def load_config(
     path: str | os.PathLike[str],
     *,
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
 ) -> Config:
-    """Read, parse (yaml.safe_load) and validate; every failure is a ConfigError.
+    """Read (at most MAX_CONFIG_BYTES), parse (safe YAML, no repeated keys) and validate.
 
-    `environ` and `hostname` are as for `parse_config`.
+    Every failure is a ConfigError. `environ` and `hostname` are as for `parse_config`.
     """
     name = os.fspath(path)
+    text = _read_text(name)
+    # libyaml's loader when PyYAML has it: 100,000 ids load in a fraction of the time.
+    loader = _UniqueKeyLoader(text)
     try:
-        with open(name, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as error:
-        raise ConfigError([f"{name}: cannot read the file: {error.strerror}"]) from None
-    except ValueError as error:  # not UTF-8, or a NUL in the path
-        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
-    try:
-        # libyaml's loader when PyYAML has it: 100,000 ids load in a fraction of the time.
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as error:
         # Our own wording: str(error) quotes the offending lines of the document.
         mark = error.problem_mark or error.context_mark
@@ -964,6 +1108,14 @@ def load_config(
         raise ConfigError([f"{name}: YAML syntax error{where}: {what}"]) from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:
         raise ConfigError([f"{name}: not valid YAML: {type(error).__name__}"]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError(
+            f"{key_path}: key repeated in {name} at lines {first} and {again}; "
+            "YAML would keep only the last, so say it once"
+            for key_path, first, again in loader.duplicates
+        )
     if data is None:
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
     return parse_config(data, environ=environ, hostname=hostname)

@@ -200,6 +200,17 @@ class ExporterMetrics:
             "Failed writes of the state file (retried).",
             registry=registry,
         )
+        self.state_skipped_entries = Counter(
+            "catalog_exporter_state_skipped_entries",
+            "Entries of the state file skipped at start as invalid (the rest was loaded).",
+            registry=registry,
+        )
+        self.state_available = Gauge(
+            "catalog_exporter_state_persistence_available",
+            "0 when state.path is set but could not be read at start: nothing is persisted "
+            "and admin writes answer 503 (1 otherwise).",
+            registry=registry,
+        )
         self.loop_lag = Histogram(
             "catalog_exporter_event_loop_lag_seconds",
             "How late a periodic tick of the event loop ran: time the loop was held by other "
@@ -225,6 +236,35 @@ class ExporterMetrics:
         self.reload_successful.set(1 if ok else 0)
         if ok:
             self.reload_success_timestamp.set(time.time())
+
+
+class DirectoryMetrics:
+    """The watched directory's health: files it cannot use, and scans that fail."""
+
+    def __init__(self, registry: CollectorRegistry, file_problems: Iterable[str]) -> None:
+        self.file_errors = Counter(
+            "catalog_exporter_directory_file_errors",
+            "Files in the watched directory that name no id, once per file version, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in file_problems:
+            self.file_errors.labels(reason)
+        self.scan_failing = Gauge(
+            "catalog_exporter_directory_scan_failing",
+            "1 while scans of the watched directory fail (cannot be listed, or crashed), else 0.",
+            registry=registry,
+        )
+        self.last_scan_success = Gauge(
+            "catalog_exporter_directory_last_scan_success_timestamp_seconds",
+            "When a scan of the watched directory last completed (0 until one does).",
+            registry=registry,
+        )
+
+    def scan_succeeded(self) -> None:
+        """Record a complete scan."""
+        self.scan_failing.set(0)
+        self.last_scan_success.set(time.time())
 
 
 class UploadCollector(Collector):

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import structlog
 
-from exporter.config import ConfigError, load_config
+from exporter.config import MAX_CONFIG_BYTES, ConfigError, load_config
 from exporter.service import Exporter
 
 log = structlog.get_logger("exporter.reload")
 
 
 def _digest(path: Path) -> str | None:
+    """The content's hash; an oversize file is hashed no further than the loader reads it."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as file:
+            return hashlib.sha256(file.read(MAX_CONFIG_BYTES + 1)).hexdigest()
     except OSError:
         return None
 

@@ -109,6 +109,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
+    except ConnectionError:
+        log.debug("scrape_client_gone", peer=request.remote)
     except TimeoutError:
         exporter.metrics.scrape_clients_dropped.inc()
         log.warning("scrape_client_too_slow", peer=request.remote)

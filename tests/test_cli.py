@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.config import MAX_CONFIG_BYTES
 from tests.conftest import free_port, parse_exposition, value
 
 EXPORTER = [sys.executable, "-m", "exporter"]
@@ -160,6 +163,56 @@ def test_check_config_names_every_bad_key_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_refuses_a_repeated_section_naming_it_and_both_lines(tmp_path: Path) -> None:
+    """Two `polling:` sections exit 2 naming the key and both lines, not keeping the last."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api:\n  base_url: http://127.0.0.1:1\n  auth: {type: none}\n"
+        "polling:\n  interval_seconds: 10\n"
+        "ingestions:\n  ids: [a]\n"
+        "polling:\n  jitter_ratio: 0.2\n"
+    )
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "  - polling: key repeated in " in result.stderr
+    assert "at lines 4 and 8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reload_of_an_oversize_config_file_keeps_the_running_config(
+    simulator: str, tmp_path: Path
+) -> None:
+    """A valid file over the size cap is refused on SIGHUP: the old ids stay, metric says 0."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+    proc = Process([*EXPORTER, "--config", str(config)])
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_http(metrics_url)
+        write_config(config, simulator, ["demo-fatal-02"], port)
+        padding = "#" + "x" * 1023 + "\n"  # a valid document: the size alone is wrong
+        with config.open("a") as file:
+            file.write(padding * (MAX_CONFIG_BYTES // len(padding) + 1))
+        proc.proc.send_signal(signal.SIGHUP)
+        record = proc.wait_for_event("config_reload_failed")
+        assert "larger than" in str(record["problems"])
+        samples = parse_exposition(http_get(metrics_url)[1])
+        assert value(samples, "catalog_exporter_config_last_reload_successful") == 0.0
+        ids = {
+            dict(labels).get("ingestion_id")
+            for (n, labels) in samples
+            if n == "catalog_upload_status"
+        }
+        assert ids == {"demo-done-01"}
+    finally:
+        assert proc.stop() == 0
+
+
 def test_running_with_a_missing_token_file_exits_2(tmp_path: Path) -> None:
     """A bearer token file that does not exist stops start-up with exit code 2."""
     config = tmp_path / "c.yaml"
@@ -299,6 +352,12 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
     try:
         wait_http(url)
         assert f"http://127.0.0.1:{port}/metrics" in proc.output
+        # The banner's `report` example names a config file the demo wrote for its simulator.
+        example = re.search(
+            r"catalog-upload-exporter report --config (\S+) demo-fatal", proc.output
+        )
+        assert example is not None, proc.output
+        assert "base_url: http://127.0.0.1:" in Path(example.group(1)).read_text()
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -351,3 +410,26 @@ def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_p
         assert "too_long" in refused.stderr
     finally:
         assert proc.stop() == 0
+
+
+def test_a_port_in_use_exits_1_logging_cannot_listen_before_the_exporter_stops(
+    simulator: str, tmp_path: Path
+) -> None:
+    """Another process on server.port: exit 1, and the log says why before it says stopped."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+        result = subprocess.run(
+            [*EXPORTER, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines() if line.strip()]
+    assert "cannot_listen" in events, events
+    assert "exporter_stopped" in events, events
+    assert events.index("cannot_listen") < events.index("exporter_stopped"), events

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from exporter.config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_PORT,
+    MAX_CONFIG_BYTES,
     AdminConfig,
     ApiConfig,
     AuthConfig,
@@ -883,6 +886,106 @@ def test_directory_or_non_utf8_file_is_a_config_error(tmp_path):
         assert caught.value.problems[0].startswith(f"{path}: cannot read the file: ")
 
 
+def test_repeated_keys_at_any_depth_are_each_refused_naming_path_and_lines(tmp_path):
+    """A repeated section and a repeated nested key are two problems, each with both lines."""
+    path = write(
+        tmp_path,
+        f"api:\n  base_url: {BASE_URL}\n"  # lines 1-2
+        "polling:\n  interval_seconds: 10\n"  # lines 3-4
+        "ingestions:\n  ids: [a]\n"  # lines 5-6
+        "polling:\n  jitter_ratio: 0.1\n  jitter_ratio: 0.2\n",  # lines 7-9
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (
+        f"polling: key repeated in {path} at lines 3 and 7; "
+        "YAML would keep only the last, so say it once",
+        f"polling.jitter_ratio: key repeated in {path} at lines 8 and 9; "
+        "YAML would keep only the last, so say it once",
+    )
+
+
+def test_a_repeated_key_inside_a_list_item_is_named_by_its_index(tmp_path):
+    """The key path of a repeat below a list names the item's index."""
+    path = write(tmp_path, f"api:\n  base_url: {BASE_URL}\nx:\n  - {{a: 1}}\n  - {{b: 1, b: 2}}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (
+        f"x[1].b: key repeated in {path} at lines 5 and 5; "
+        "YAML would keep only the last, so say it once",
+    )
+
+
+def test_a_merge_key_overridden_by_the_mapping_is_not_a_repeat(tmp_path):
+    """`<<: *anchor` then the same key is YAML's override, not a repeated key."""
+    path = write(
+        tmp_path,
+        f"api: {{base_url: '{BASE_URL}'}}\n"
+        "base: &base {interval_seconds: 30, jitter_ratio: 0.2}\n"
+        "polling:\n  <<: *base\n  interval_seconds: 15\n",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    # Only the unknown `base` section is refused; the override is YAML's merge at work.
+    assert caught.value.problems == ("base: unknown key",)
+
+
+def test_a_config_file_over_the_size_cap_is_refused_unparsed(tmp_path):
+    """A valid document one byte over MAX_CONFIG_BYTES (16 MiB) is refused, naming the cap."""
+    head = f"api:\n  base_url: {BASE_URL}\n"
+    padding = "#" + "x" * 1023 + "\n"
+    body = head + padding * ((MAX_CONFIG_BYTES - len(head)) // len(padding))
+    body += "#" * (MAX_CONFIG_BYTES - len(body) - 1) + "\n"
+    path = write(tmp_path, body)
+    assert path.stat().st_size == MAX_CONFIG_BYTES
+    assert load_config(path, environ=REGION_ENV).api.base_url == BASE_URL
+
+    with path.open("a") as file:
+        file.write("\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=REGION_ENV)
+
+    assert caught.value.problems == (
+        f"{path}: the file is larger than {MAX_CONFIG_BYTES} bytes (16 MiB), the most a config "
+        "may be; list many ids in ingestions.directory or the admin API instead",
+    )
+    assert MAX_CONFIG_BYTES == 16 * 1024 * 1024
+
+
+def test_a_stream_longer_than_the_cap_is_refused_after_reading_only_the_cap(tmp_path, monkeypatch):
+    """A FIFO (size 0 to stat) is read no further than the cap and then refused."""
+    monkeypatch.setattr("exporter.config.MAX_CONFIG_BYTES", 100)
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    written: list[int] = []
+
+    def feed() -> None:
+        pipe = os.open(fifo, os.O_WRONLY)
+        try:
+            for _ in range(1000):
+                written.append(os.write(pipe, b"#" * 99 + b"\n"))
+        except BrokenPipeError:
+            pass  # the loader stopped reading: what the test wants
+        finally:
+            os.close(pipe)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    with pytest.raises(ConfigError) as caught:
+        load_config(fifo, environ=REGION_ENV)
+    writer.join(timeout=10)
+
+    assert "larger than 100 bytes" in caught.value.problems[0]
+    assert sum(written) < 1000 * 100
+
+
 def test_load_config_accepts_a_str_path(tmp_path):
     """load_config takes a str as well as a PathLike."""
     path = write(tmp_path, f"api:\n  base_url: {BASE_URL}/\n")
@@ -1212,12 +1315,13 @@ def test_state_path_whose_parent_is_a_file_is_reported(tmp_path):
     assert problems == (f"state.path: {str(parent)!r} is not a directory",)
 
 
-def test_state_path_that_is_a_directory_is_reported(tmp_path):
-    """An existing directory cannot be the state file, written with or without a slash."""
-    plain = problems_of(minimal(state={"path": str(tmp_path)}))
+def test_state_path_that_is_a_directory_is_left_to_the_start(tmp_path):
+    """A directory at state.path is no config error (the exporter then runs without
+    persistence instead of exiting into a crash loop); a trailing slash still is one."""
+    plain = parse_config(minimal(state={"path": str(tmp_path)}), environ=REGION_ENV)
     slashed = problems_of(minimal(state={"path": f"{tmp_path}/"}))
 
-    assert plain == (f"state.path: {str(tmp_path)!r} is not a regular file",)
+    assert plain.state.path == str(tmp_path)
     assert slashed == (f"state.path: expected a file name after the last '/', got '{tmp_path}/'",)
 
 
