@@ -238,7 +238,8 @@ def test_no_arguments_is_a_usage_error() -> None:
 
 
 def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_path: Path) -> None:
-    """SIGHUP applies added/removed ids; an invalid file keeps the old config, metric says 0."""
+    """SIGHUP applies added/removed ids and logs the trigger, the counts and each removed id;
+    an invalid file keeps the old config, metric says 0."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
     proc = Process([*EXPORTER, "--config", str(config)])
@@ -247,7 +248,14 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
         wait_http(metrics_url)
         write_config(config, simulator, ["demo-fatal-02"], port)
         proc.proc.send_signal(signal.SIGHUP)
-        proc.wait_for_event("config_reloaded")
+        reloaded = proc.wait_for_event("config_reloaded")
+        assert (reloaded["trigger"], reloaded["ids_added"], reloaded["ids_removed"]) == (
+            "sighup",
+            1,
+            1,
+        )
+        removed = proc.wait_for_event("ingestion_removed")
+        assert (removed["ingestion_id"], removed["source"]) == ("demo-done-01", "config")
         samples = parse_exposition(http_get(metrics_url)[1])
         ids = {
             dict(labels).get("ingestion_id")
@@ -274,7 +282,8 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
 
 
 def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_path: Path) -> None:
-    """With reload.watch_interval_seconds set, editing the file is enough."""
+    """With reload.watch_interval_seconds set, editing the file is enough (logged as a file
+    trigger)."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port, watch="0.2")
     proc = Process([*EXPORTER, "--config", str(config)])
@@ -283,6 +292,12 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
         write_config(config, simulator, ["demo-done-01", "demo-fatal-02"], port, watch="0.2")
         record = proc.wait_for_event("config_applied")
         assert record["tracked_ingestions"] == 2
+        reloaded = proc.wait_for_event("config_reloaded")
+        assert (reloaded["trigger"], reloaded["ids_added"], reloaded["ids_removed"]) == (
+            "file",
+            1,
+            0,
+        )
     finally:
         assert proc.stop() == 0
 
