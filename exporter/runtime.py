@@ -149,4 +149,5 @@ async def serve(
     finally:
         if admin_runner is not None and admin_runner.server is not None:
             await admin_runner.cleanup()  # no registrations while the exporter stops
+            log.info("admin_api_stopped")
         await runner.cleanup()

@@ -441,3 +441,18 @@ def test_a_port_in_use_exits_1_logging_cannot_listen_before_the_exporter_stops(
     assert "cannot_listen" in events, events
     assert "exporter_stopped" in events, events
     assert events.index("cannot_listen") < events.index("exporter_stopped"), events
+
+
+def test_shutdown_logs_shutting_down_then_admin_stopped_then_exporter_stopped(
+    simulator: str, tmp_path: Path
+) -> None:
+    """SIGTERM: the admin API closes (no new registrations) before the exporter stops."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+    proc = Process([*EXPORTER, "--config", str(config)])
+    wait_http(f"http://127.0.0.1:{port}/readyz")
+    proc.wait_for_event("admin_api_listening")
+    assert proc.stop() == 0
+    events = [str(e["event"]) for e in proc.events()]
+    order = ["shutting_down", "admin_api_stopped", "exporter_stopped"]
+    assert [e for e in events if e in order] == order, events
