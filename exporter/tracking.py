@@ -264,12 +264,21 @@ class IngestionTracker:
         before = self._store.get(ingestion_id)
         held = before is not None and source.value in before.sources
         old_labels = dict(before.labels) if before is not None else {}
-        created = self._store.add(
-            ingestion_id, source.value, {k: str(v) for k, v in labels.items()}
-        )
+        new_labels = {k: str(v) for k, v in labels.items()}
+        created = self._store.add(ingestion_id, source.value, new_labels)
         if created:
             self._on_added([ingestion_id])
             log.info("ingestion_registered", ingestion_id=ingestion_id, source=source.value)
+        elif new_labels and new_labels != old_labels:
+            # Kept backwards compatible (the last registration's labels win), but said aloud:
+            # two apps registering one id with different labels is worth noticing.
+            log.info(
+                "labels_replaced",
+                ingestion_id=ingestion_id,
+                source=source.value,
+                old_labels=old_labels,
+                new_labels=new_labels,
+            )
 
         def undo() -> None:
             self._undo_add(ingestion_id, source, created=created, held=held, labels=old_labels)
