@@ -2,14 +2,18 @@
 
 No config and no credentials: the simulator runs in-process on a free loopback port, checks
 SigV4 signatures made with its fixed test key, throttles at 4 requests/s and fails about 5%
-of requests, so the demo shows every status, throttling and errors within a minute.
+of requests, so the demo shows every status, throttling and errors within a minute. The
+admin API listens on loopback at the metrics port + 1, and the banner shows what to try.
 """
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 from botocore.credentials import Credentials
 
+from exporter.admin import create_admin_app
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import (
     DEFAULT_PORT,
@@ -22,7 +26,7 @@ from exporter.config import (
     ServerConfig,
 )
 from exporter.logs import SecretMask, configure_logging
-from exporter.runtime import serve
+from exporter.runtime import Listener, serve
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -30,6 +34,7 @@ from exporter.simulator import (
     TEST_ACCESS_KEY_ID,
     TEST_REGION,
     TEST_SECRET_ACCESS_KEY,
+    SimulatedUpload,
     Simulator,
     demo_uploads,
 )
@@ -38,6 +43,21 @@ from exporter.simulator import create_app as create_simulator_app
 #: The simulator's limit is below the exporter's, so the demo shows throttling and AIMD.
 SIMULATOR_RATE_LIMIT = 4.0
 EXPORTER_RATE_LIMIT = 8.0
+
+#: An upload the simulator knows but the demo does not track: the banner's `register`
+#: example, so registering it shows a new upload being polled through to DONE.
+REGISTER_EXAMPLE = SimulatedUpload(
+    "demo-register-me", [("INQUEUE", 4), ("INPROGRESS", 6), ("DONE", math.inf)]
+)
+
+#: Lines of the one-hot status series whose value is 1: each upload's current status.
+STATUS_IS_ONE = r"^catalog_upload_status\{.*\} 1(\.0)?$"
+
+
+def admin_port_for(port: int) -> int:
+    """The demo's admin API port: the metrics port + 1 (10185 by default); any free one
+    when the metrics port is 0 or the last port."""
+    return port + 1 if 0 < port < 65535 else 0
 
 
 def demo_config(base_url: str, port: int) -> Config:
@@ -69,12 +89,20 @@ def _simulator_auth(_: AuthConfig) -> RequestAuth:
     return SigV4Auth(region=TEST_REGION, credentials=credentials)
 
 
-def _announce(url: str) -> None:
+def _announce(url: str, admin_url: str | None) -> None:
+    admin = admin_url or "http://127.0.0.1:<admin port>"
     print(
         f"\ncatalog-upload-exporter demo is running.\n"
         f"  landing page: {url}/\n"
         f"  metrics:      {url}/metrics\n"
-        f"Try: curl -s {url}/metrics | grep -E '^catalog_(upload_status|uploads|api)' \n"
+        f"  admin API:    {admin}/api/v1/ingestions\n"
+        f"Try:\n"
+        f"  curl -s {url}/metrics | grep -E '{STATUS_IS_ONE}'\n"
+        f"      each upload's current status (the one-hot series that are 1)\n"
+        f"  curl -s {admin}/api/v1/ingestions\n"
+        f"      what is tracked, with sources and last poll\n"
+        f"  catalog-upload-exporter register {REGISTER_EXAMPLE.ingestion_id} --url {admin}\n"
+        f"      track one more upload, as your app would (then grep again)\n"
         f"Stop with Ctrl-C.\n",
         flush=True,
     )
@@ -83,7 +111,7 @@ def _announce(url: str) -> None:
 async def run_demo(port: int | None = None) -> None:
     """Start the simulator, then serve the exporter until SIGTERM/SIGINT."""
     simulator = Simulator(rate_limit=SIMULATOR_RATE_LIMIT, auth="sigv4", error_rate=0.05)
-    simulator.add_uploads(demo_uploads())
+    simulator.add_uploads([*demo_uploads(), REGISTER_EXAMPLE])
     sim_runner = web.AppRunner(create_simulator_app(simulator), access_log=None)
     await sim_runner.setup()
     try:
@@ -94,10 +122,12 @@ async def run_demo(port: int | None = None) -> None:
         mask = SecretMask()
         configure_logging(config.logging.level, config.logging.format, mask=mask)
         exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
+        admin_app = create_admin_app(exporter.tracker, reports=exporter.fetch_report)
         await serve(
             create_app(exporter),
             config.server.host,
             config.server.port,
+            admin=Listener(admin_app, "127.0.0.1", admin_port_for(config.server.port)),
             on_listening=_announce,
             idle_timeout=config.server.idle_timeout_seconds,
         )
