@@ -21,6 +21,8 @@ import botocore.credentials
 import botocore.session
 from botocore.awsrequest import AWSRequest
 
+from exporter.models import AuthProblem
+
 __all__ = [
     "TOKEN_RECHECK_SECONDS",
     "AuthUnavailable",
@@ -54,7 +56,11 @@ _NO_CREDENTIALS = (
 
 class AuthUnavailable(Exception):
     """Credentials could not be obtained (no AWS credentials in the chain, token file
-    unreadable...). The message never contains a secret."""
+    unreadable...). The message never contains a secret; `kind` classifies it for a counter."""
+
+    def __init__(self, message: str, kind: AuthProblem = AuthProblem.CREDENTIALS_ERROR) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class RequestAuth(Protocol):
@@ -147,7 +153,7 @@ class BearerAuth:
             st = os.stat(path)
         except OSError as exc:
             msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
-            raise AuthUnavailable(msg) from None
+            raise AuthUnavailable(msg, AuthProblem.TOKEN_UNREADABLE) from None
         key = (st.st_mtime_ns, st.st_ino, st.st_size, st.st_dev)
         if key == self._file_key:
             self._checked_at = now
@@ -157,12 +163,12 @@ class BearerAuth:
                 raw = f.read()
         except OSError as exc:
             msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
-            raise AuthUnavailable(msg) from None
+            raise AuthUnavailable(msg, AuthProblem.TOKEN_UNREADABLE) from None
         try:
             token = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
             msg = f"token file {path} is not valid UTF-8"
-            raise AuthUnavailable(msg) from None
+            raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID) from None
         _check_token(token, f"token file {path}")
         # Remember the key only once the content proved good, so a bad file is retried.
         self._file_key = key
@@ -181,11 +187,11 @@ class BearerAuth:
 def _check_token(token: str, source: str) -> None:
     if not token:
         msg = f"{source} is empty or unset"
-        raise AuthUnavailable(msg)
+        raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID)
     # A newline or control character would let the token inject headers; say where, not what.
     if any(c.isspace() or not c.isprintable() for c in token):
         msg = f"{source} contains whitespace or control characters inside the token"
-        raise AuthUnavailable(msg)
+        raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID)
 
 
 class SigV4Auth:
@@ -223,7 +229,7 @@ class SigV4Auth:
         self._lock = asyncio.Lock()
         self._frozen: botocore.credentials.ReadOnlyCredentials | None = None
         self._fetched_at = 0.0
-        self._failure: str | None = None
+        self._failure: tuple[str, AuthProblem] | None = None
         self._failed_at = 0.0
 
     async def headers(
@@ -264,12 +270,12 @@ class SigV4Auth:
                 return frozen
             backoff = min(_FAILURE_BACKOFF_SECONDS, self._refresh_interval)
             if self._failure is not None and time.monotonic() - self._failed_at < backoff:
-                raise AuthUnavailable(self._failure)
+                raise AuthUnavailable(*self._failure)
             try:
                 frozen = await asyncio.to_thread(self._fetch)
             except AuthUnavailable as exc:
                 self._frozen = None
-                self._failure = str(exc)
+                self._failure = (str(exc), exc.kind)
                 self._failed_at = time.monotonic()
                 raise
             self._frozen = frozen
@@ -295,7 +301,7 @@ class SigV4Auth:
                 msg = f"could not resolve AWS credentials: {_describe(exc)}"
                 raise AuthUnavailable(msg) from None
             if base is None:
-                raise AuthUnavailable(_NO_CREDENTIALS)
+                raise AuthUnavailable(_NO_CREDENTIALS, AuthProblem.NO_CREDENTIALS)
             if self._role_arn:
                 fetcher = botocore.credentials.AssumeRoleCredentialFetcher(
                     client_creator=functools.partial(
@@ -319,7 +325,7 @@ class SigV4Auth:
             msg = f"could not {what}: {_describe(exc)}"
             raise AuthUnavailable(msg) from None
         if not frozen.access_key or not frozen.secret_key:
-            raise AuthUnavailable(_NO_CREDENTIALS)
+            raise AuthUnavailable(_NO_CREDENTIALS, AuthProblem.NO_CREDENTIALS)
         return frozen
 
 

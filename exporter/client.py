@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import structlog
 
 from exporter.auth import AuthUnavailable, RequestAuth
 from exporter.metrics import ApiMetrics
@@ -19,6 +20,8 @@ from exporter.models import ErrorKind, PollError, PollOutcome, StatusReport
 from exporter.responses import classify_response, clean_text, report_download_link
 
 STATUS_PATH = "/v1/catalog/getCatalogUploadStatus"
+
+log = structlog.get_logger("exporter.client")
 
 
 class BodyTooLarge(Exception):
@@ -46,6 +49,9 @@ class CatalogClient:
         self._max_bytes = max_response_bytes
         self._metrics = metrics
         self._clock = clock
+        # The credentials problem last logged: one line per distinct problem, not one per
+        # upload per interval (100,000 uploads would log 100,000 identical warnings).
+        self._auth_problem: str | None = None
 
     async def fetch_status(self, ingestion_id: str) -> PollOutcome:
         """Poll one upload; never raises for anything the network or the API does."""
@@ -68,9 +74,12 @@ class CatalogClient:
         try:
             headers.update(await self._auth.headers("POST", self._url, body, headers))
         except AuthUnavailable as exc:
-            outcome: PollOutcome = PollError(ErrorKind.UNAUTHORIZED, clean_text(str(exc)))
+            outcome: PollOutcome = self._auth_failed(exc)
             self._metrics.observe_outcome(outcome)
             return outcome, b""
+        if self._auth_problem is not None:
+            self._auth_problem = None
+            log.info("credentials_available")
         started = self._clock()
         code = "error"
         payload = b""
@@ -100,6 +109,21 @@ class CatalogClient:
         self._metrics.observe_request(code, self._clock() - started)
         self._metrics.observe_outcome(outcome)
         return outcome, payload
+
+    def _auth_failed(self, exc: AuthUnavailable) -> PollError:
+        """Count the failure; log it only when the problem is new since the last success."""
+        message = clean_text(str(exc))
+        self._metrics.auth_errors.labels(exc.kind.value).inc()
+        if message != self._auth_problem:
+            self._auth_problem = message
+            log.warning(
+                "credentials_unavailable",
+                kind=exc.kind.value,
+                message=message,
+                consequence="no request is sent until credentials can be obtained; logged "
+                "again only when the problem changes",
+            )
+        return PollError(ErrorKind.UNAUTHORIZED, message, logged=True)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         if response.content_length is not None and response.content_length > self._max_bytes:

@@ -2,11 +2,13 @@
 
 No config and no credentials: the simulator runs in-process on a free loopback port, checks
 SigV4 signatures made with its fixed test key, throttles at 4 requests/s and fails about 5%
-of requests, so the demo shows every status, throttling and errors within a minute.
+of requests, so the demo shows every status, throttling and errors within a minute. The
+admin API listens on loopback at the metrics port + 1, and the banner shows what to try.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ import yaml
 from aiohttp import web
 from botocore.credentials import Credentials
 
+from exporter.admin import create_admin_app
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import (
     DEFAULT_PORT,
@@ -29,7 +32,7 @@ from exporter.config import (
     ServerConfig,
 )
 from exporter.logs import SecretMask, configure_logging
-from exporter.runtime import serve
+from exporter.runtime import Listener, serve
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -37,6 +40,7 @@ from exporter.simulator import (
     TEST_ACCESS_KEY_ID,
     TEST_REGION,
     TEST_SECRET_ACCESS_KEY,
+    SimulatedUpload,
     Simulator,
     demo_uploads,
 )
@@ -47,6 +51,21 @@ SIMULATOR_RATE_LIMIT = 4.0
 EXPORTER_RATE_LIMIT = 8.0
 #: The demo upload whose processing report the banner shows how to fetch (FATAL after ~10 s).
 REPORT_EXAMPLE_ID = "demo-fatal"
+
+#: An upload the simulator knows but the demo does not track: the banner's `register`
+#: example, so registering it shows a new upload being polled through to DONE.
+REGISTER_EXAMPLE = SimulatedUpload(
+    "demo-register-me", [("INQUEUE", 4), ("INPROGRESS", 6), ("DONE", math.inf)]
+)
+
+#: Lines of the one-hot status series whose value is 1: each upload's current status.
+STATUS_IS_ONE = r"^catalog_upload_status\{.*\} 1(\.0)?$"
+
+
+def admin_port_for(port: int) -> int:
+    """The demo's admin API port: the metrics port + 1 (10185 by default); any free one
+    when the metrics port is 0 or the last port."""
+    return port + 1 if 0 < port < 65535 else 0
 
 
 def demo_config(base_url: str, port: int) -> Config:
@@ -100,14 +119,22 @@ def report_example(config_path: Path) -> str:
     )
 
 
-def _announce(url: str, report_config: Path) -> None:
+def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
+    admin = admin_url or "http://127.0.0.1:<admin port>"
     print(
         f"\ncatalog-upload-exporter demo is running.\n"
         f"  landing page: {url}/\n"
         f"  metrics:      {url}/metrics\n"
-        f"Try: curl -s {url}/metrics | grep -E '^catalog_(upload_status|uploads|api)' \n"
-        f"Once {REPORT_EXAMPLE_ID} is FATAL (~10 s), fetch its processing report:\n"
+        f"  admin API:    {admin}/api/v1/ingestions\n"
+        f"Try:\n"
+        f"  curl -s {url}/metrics | grep -E '{STATUS_IS_ONE}'\n"
+        f"      each upload's current status (the one-hot series that are 1)\n"
+        f"  curl -s {admin}/api/v1/ingestions\n"
+        f"      what is tracked, with sources and last poll\n"
+        f"  catalog-upload-exporter register {REGISTER_EXAMPLE.ingestion_id} --url {admin}\n"
+        f"      track one more upload, as your app would (then grep again)\n"
         f"  {report_example(report_config)}\n"
+        f"      {REPORT_EXAMPLE_ID}'s processing report, once it is FATAL (~10 s)\n"
         f"Stop with Ctrl-C.\n",
         flush=True,
     )
@@ -116,7 +143,7 @@ def _announce(url: str, report_config: Path) -> None:
 async def run_demo(port: int | None = None) -> None:
     """Start the simulator, then serve the exporter until SIGTERM/SIGINT."""
     simulator = Simulator(rate_limit=SIMULATOR_RATE_LIMIT, auth="sigv4", error_rate=0.05)
-    simulator.add_uploads(demo_uploads())
+    simulator.add_uploads([*demo_uploads(), REGISTER_EXAMPLE])
     sim_runner = web.AppRunner(create_simulator_app(simulator), access_log=None)
     await sim_runner.setup()
     scratch = Path(tempfile.mkdtemp(prefix="catalog-upload-exporter-demo-"))
@@ -130,10 +157,12 @@ async def run_demo(port: int | None = None) -> None:
         mask = SecretMask()
         configure_logging(config.logging.level, config.logging.format, mask=mask)
         exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
+        admin_app = create_admin_app(exporter.tracker, reports=exporter.fetch_report)
         await serve(
             create_app(exporter),
             config.server.host,
             config.server.port,
+            admin=Listener(admin_app, "127.0.0.1", admin_port_for(config.server.port)),
             on_listening=partial(_announce, report_config=report_config),
             idle_timeout=config.server.idle_timeout_seconds,
         )

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.models import (
     TERMINAL_STATUSES,
+    AuthProblem,
     ErrorKind,
     PollError,
     PollOutcome,
@@ -85,6 +86,15 @@ class ApiMetrics:
         )
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
+        self.auth_errors = Counter(
+            "catalog_exporter_auth_errors",
+            "Requests not sent because credentials could not be obtained, by kind (each is "
+            "also an unauthorized poll error; the log says so once per distinct problem).",
+            ["kind"],
+            registry=registry,
+        )
+        for problem in AuthProblem:
+            self.auth_errors.labels(problem.value)
         self.duration = Histogram(
             "catalog_api_request_duration_seconds",
             "Time from sending a request to having read its whole answer.",

@@ -66,6 +66,16 @@ class ErrorKind(enum.StrEnum):
     UNEXPECTED_STATUS = "unexpected_status"
 
 
+class AuthProblem(enum.StrEnum):
+    """Why a request could not be authenticated before it was sent (the `kind` of
+    `catalog_exporter_auth_errors_total`)."""
+
+    NO_CREDENTIALS = "no_credentials"
+    CREDENTIALS_ERROR = "credentials_error"
+    TOKEN_UNREADABLE = "token_unreadable"  # noqa: S105 - a kind, not a secret
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 - a kind, not a secret
+
+
 #: Kinds worth retrying soon with exponential backoff: the fault is upstream and passing.
 RETRYABLE_ERRORS: frozenset[ErrorKind] = frozenset(
     {ErrorKind.THROTTLED, ErrorKind.SERVER_ERROR, ErrorKind.TIMEOUT, ErrorKind.CONNECTION}
@@ -137,12 +147,15 @@ class PollError:
 
     `message` is the API's `errorMsg`/`message`, shortened and stripped of control
     characters; `retry_after` is the server's Retry-After in seconds when it sent one.
+    `logged` says it was already logged where it arose (a credentials problem, once for
+    every upload it stops), so the poller does not log it again per upload.
     """
 
     kind: ErrorKind
     message: str = ""
     http_status: int | None = None
     retry_after: float | None = None
+    logged: bool = False
 
 
 PollOutcome = StatusReport | PollError

@@ -9,6 +9,7 @@ swapping a symlink, which some filesystems report with an unchanged mtime.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def _digest(path: Path) -> str | None:
             return hashlib.sha256(file.read(MAX_CONFIG_BYTES + 1)).hexdigest()
     except OSError:
         return None
+
+
+class Trigger(enum.StrEnum):
+    """What asked for a reload (the `trigger` of its log line)."""
+
+    SIGHUP = "sighup"
+    FILE = "file"
 
 
 class ConfigReloader:
@@ -53,19 +61,33 @@ class ConfigReloader:
                 if digest is None or digest == self._digest:
                     continue
                 log.info("config_file_changed", path=str(self._path))
+                trigger = Trigger.FILE
+            else:
+                trigger = Trigger.SIGHUP
             self._requested.clear()
-            await self.reload()
+            await self.reload(trigger)
 
-    async def reload(self) -> bool:
+    async def reload(self, trigger: Trigger = Trigger.SIGHUP) -> bool:
         """Load, validate and apply the file; keep the running config if it is invalid."""
         self._digest = await asyncio.to_thread(_digest, self._path)
         try:
             config = await asyncio.to_thread(load_config, self._path)
         except ConfigError as exc:
             self._exporter.metrics.config_loaded(ok=False)
-            log.error("config_reload_failed", path=str(self._path), problems=list(exc.problems))
+            log.error(
+                "config_reload_failed",
+                path=str(self._path),
+                trigger=trigger.value,
+                problems=list(exc.problems),
+            )
             return False
-        self._exporter.apply(config)
+        change = self._exporter.apply(config)
         self._exporter.metrics.config_loaded(ok=True)
-        log.info("config_reloaded", path=str(self._path))
+        log.info(
+            "config_reloaded",
+            path=str(self._path),
+            trigger=trigger.value,
+            ids_added=change.added,
+            ids_removed=change.removed,
+        )
         return True

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import disable_created_metrics
 
 from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
@@ -45,7 +46,13 @@ class Listener:
 
 
 def run_until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Run `run()` on a new event loop; the process exit code (1 when it cannot listen)."""
+    """Run `run()` on a new event loop; the process exit code (1 when it cannot listen).
+
+    No `_created` series are exposed: they double the counter and histogram lines with
+    timestamps no dashboard or rule reads. The switch is process-wide in prometheus_client,
+    so it is thrown here, at the process's entry, not in `serve` (tests serve in-process).
+    """
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
     try:
         asyncio.run(run())
     except CannotListen:
@@ -104,10 +111,12 @@ async def serve(
     *,
     admin: Listener | None = None,
     on_reload: Callable[[], None] | None = None,
-    on_listening: Callable[[str], None] | None = None,
+    on_listening: Callable[[str, str | None], None] | None = None,
     idle_timeout: float = ServerConfig().idle_timeout_seconds,
 ) -> None:
     """Serve `app` (and the admin API) until SIGTERM or SIGINT; SIGHUP calls `on_reload`.
+
+    `on_listening` gets the URL of `app` and that of the admin API (None without one).
 
     `idle_timeout` closes connections that sit idle or stall halfway through a request.
     Raises `CannotListen` (after logging `cannot_listen`) when an address cannot be bound.
@@ -126,6 +135,7 @@ async def serve(
     try:
         url = await _listen(runner, host, port)
         log.info("listening", url=url, metrics=f"{url}/metrics")
+        admin_url = None
         if admin is not None and admin_runner is not None:
             await admin_runner.setup()
             admin_url = await _listen(admin_runner, admin.host, admin.port)
@@ -137,7 +147,7 @@ async def serve(
         gc.collect()
         gc.freeze()
         if on_listening is not None:
-            on_listening(url)
+            on_listening(url, admin_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -149,4 +159,5 @@ async def serve(
     finally:
         if admin_runner is not None and admin_runner.server is not None:
             await admin_runner.cleanup()  # no registrations while the exporter stops
+            log.info("admin_api_stopped")
         await runner.cleanup()

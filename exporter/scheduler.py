@@ -218,6 +218,8 @@ class Poller:
             delay = self._backoff(failures, error.retry_after)
         else:
             delay = self._interval()
+        if error.logged:
+            return delay, Action.POLL
         log.warning(
             "poll_failed",
             kind=error.kind.value,

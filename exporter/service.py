@@ -43,7 +43,7 @@ from exporter.report import (
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
 from exporter.state_writer import StateWriter, UnavailableState, open_state
-from exporter.tracking import IngestionTracker
+from exporter.tracking import ConfigIdsChange, IngestionTracker
 from exporter.uploads import UploadStore
 
 log = structlog.get_logger("exporter.service")
@@ -170,8 +170,11 @@ class Exporter:
             await self._session.close()
         log.info("exporter_stopped")
 
-    def apply(self, new: Config) -> None:
-        """Apply a validated config to the running parts; ids added start polling at once."""
+    def apply(self, new: Config) -> ConfigIdsChange:
+        """Apply a validated config to the running parts; ids added start polling at once.
+
+        Returns how many config ids were added and removed (the reload's log line says so).
+        """
         old, self.config = self.config, new
         configure_logging(
             new.logging.level, new.logging.format, self._log_stream, mask=self.secret_mask
@@ -185,7 +188,7 @@ class Exporter:
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
-        self.tracker.replace_config_ids(new.ingestions.ids)
+        change = self.tracker.replace_config_ids(new.ingestions.ids)
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
@@ -194,6 +197,7 @@ class Exporter:
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))
+        return change
 
     async def fetch_report(self, ingestion_id: str, sink: ReportSink) -> ReportOutcome:
         """One upload's processing report into `sink` (the admin API's report route).

@@ -1051,24 +1051,69 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m exporter.simulator",
         description="A fake HAQM Catalog API (getCatalogUploadStatus) for demos and tests.",
+        epilog=(
+            f"SigV4 test credentials (public, for tests only): access key {TEST_ACCESS_KEY_ID}, "
+            f"secret key {TEST_SECRET_ACCESS_KEY}, region {TEST_REGION}, service execute-api. "
+            "Ids it knows with --uploads demo: "
+            + ", ".join(u.ingestion_id for u in demo_uploads())
+            + "; any other id is answered 400 (INVALID)."
+        ),
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any)")
     parser.add_argument(
-        "--rate-limit", type=float, default=10.0, help="requests/s before 429 (0 disables)"
+        "--rate-limit",
+        type=float,
+        default=10.0,
+        help="requests/s before 429 (default: 10; 0 disables)",
     )
-    parser.add_argument("--burst", type=float, default=None, help="bucket size (default: rate)")
-    parser.add_argument("--auth", choices=["none", "bearer", "sigv4"], default="none")
+    parser.add_argument(
+        "--burst", type=float, default=None, help="token bucket size (default: the rate)"
+    )
+    parser.add_argument(
+        "--auth",
+        choices=["none", "bearer", "sigv4"],
+        default="none",
+        help="what a request must carry: nothing (the default), a bearer token from "
+        "--token-file, or a SigV4 signature made with the test credentials below (401/403 "
+        "otherwise)",
+    )
     parser.add_argument(
         "--token-file", default=None, help="bearer tokens accepted, one per line (read once)"
     )
-    parser.add_argument("--error-rate", type=_rate_arg, default=0.0)
-    parser.add_argument("--malformed-rate", type=_rate_arg, default=0.0)
-    parser.add_argument("--latency", type=float, default=0.0, help="mean delay in seconds")
-    parser.add_argument("--list-status-rate", type=_rate_arg, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
-        "--uploads", type=_uploads_arg, default="demo", help="'demo' or a number of uploads"
+        "--error-rate",
+        type=_rate_arg,
+        default=0.0,
+        help="probability (0 to 1) of a 5xx answer, JSON or HTML (default: 0)",
+    )
+    parser.add_argument(
+        "--malformed-rate",
+        type=_rate_arg,
+        default=0.0,
+        help="probability (0 to 1) that a request gets a broken 200 (bad JSON, not JSON, "
+        "empty, or the wrong shape; default: 0)",
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="mean delay in seconds (default: 0)"
+    )
+    parser.add_argument(
+        "--list-status-rate",
+        type=_rate_arg,
+        default=0.0,
+        help="probability (0 to 1) of processingStatus sent as a list (default: 0)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed, for repeatable faults and uploads"
+    )
+    parser.add_argument(
+        "--uploads",
+        type=_uploads_arg,
+        default="demo",
+        help="'demo' (the default: the demo's scripted uploads, listed below) or a number N "
+        "of random uploads named sim-000001 to sim-N",
     )
     parser.add_argument(
         "--log-requests", action="store_true", help="print one JSON line per request to stderr"

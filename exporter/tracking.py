@@ -34,6 +34,7 @@ from exporter.state_writer import Persistence
 from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
+    "ConfigIdsChange",
     "IngestionTracker",
     "Page",
     "Registration",
@@ -85,6 +86,14 @@ class Registration:
     created: bool = False
     reason: RejectReason | None = None
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIdsChange:
+    """How many ids a new config added to, and dropped from, what the config source holds."""
+
+    added: int
+    removed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +264,21 @@ class IngestionTracker:
         before = self._store.get(ingestion_id)
         held = before is not None and source.value in before.sources
         old_labels = dict(before.labels) if before is not None else {}
-        created = self._store.add(
-            ingestion_id, source.value, {k: str(v) for k, v in labels.items()}
-        )
+        new_labels = {k: str(v) for k, v in labels.items()}
+        created = self._store.add(ingestion_id, source.value, new_labels)
         if created:
             self._on_added([ingestion_id])
             log.info("ingestion_registered", ingestion_id=ingestion_id, source=source.value)
+        elif new_labels and new_labels != old_labels:
+            # Kept backwards compatible (the last registration's labels win), but said aloud:
+            # two apps registering one id with different labels is worth noticing.
+            log.info(
+                "labels_replaced",
+                ingestion_id=ingestion_id,
+                source=source.value,
+                old_labels=old_labels,
+                new_labels=new_labels,
+            )
 
         def undo() -> None:
             self._undo_add(ingestion_id, source, created=created, held=held, labels=old_labels)
@@ -338,20 +356,28 @@ class IngestionTracker:
             else:
                 self._id_locks[ingestion_id] = (lock, users - 1)
 
-    def replace_config_ids(self, ids: Iterable[str]) -> None:
+    def replace_config_ids(self, ids: Iterable[str]) -> ConfigIdsChange:
         """Make the config source hold exactly `ids` (validated by the config loader).
 
         Config ids are not subject to the cap: the config is explicit, and the loader already
-        refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once.
+        refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once
+        (logged one by one, like a DELETE: a vanished id must be traceable).
         """
         wanted = dict.fromkeys(i for i in ids if self._shard.owns(i))
-        dropped = self.ids_from(Source.CONFIG) - wanted.keys()
+        dropped = sorted(self.ids_from(Source.CONFIG) - wanted.keys())
+        source = Source.CONFIG.value
         for ingestion_id in dropped:
-            self._store.drop_source(ingestion_id, Source.CONFIG.value)
+            self._store.drop_source(ingestion_id, source)
             upload = self._store.get(ingestion_id)
             if upload is not None and upload.released:
                 self._store.remove(ingestion_id)
                 self._on_removed([ingestion_id])
+                log.info("ingestion_removed", ingestion_id=ingestion_id, source=source)
+            elif upload is not None:
+                held_by = sorted(upload.sources)  # another source still wants it
+                log.info(
+                    "ingestion_kept", ingestion_id=ingestion_id, source=source, held_by=held_by
+                )
         newly_held = []
         for ingestion_id in wanted:
             upload = self._store.get(ingestion_id)
@@ -367,6 +393,7 @@ class IngestionTracker:
         if added:
             self._on_added(added)
         self._mark([*dropped, *newly_held])
+        return ConfigIdsChange(added=len(newly_held), removed=len(dropped))
 
     def ids_from(self, source: Source) -> set[str]:
         """Ids that `source` currently holds."""

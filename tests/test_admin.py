@@ -253,6 +253,20 @@ async def test_registering_again_answers_200_and_replaces_the_labels(admin: Admi
     assert len(admin.tracker.views()) == 1
 
 
+async def test_registering_again_with_other_labels_logs_labels_replaced(admin: Admin) -> None:
+    """A repeat POST with different labels replaces them and logs so; the same labels do not."""
+    await admin.post({"ingestionId": "relabel", "labels": {"team": "a"}})
+    await admin.post({"ingestionId": "relabel", "labels": {"team": "b"}})
+    await admin.post({"ingestionId": "relabel", "labels": {"team": "b"}})
+    await admin.post({"ingestionId": "relabel"})  # no labels: the ones held stay
+    lines = [json.loads(line) for line in admin.logs.getvalue().splitlines()]
+    replaced = [e for e in lines if e["event"] == "labels_replaced"]
+    assert [(e["old_labels"], e["new_labels"]) for e in replaced] == [
+        ({"team": "a"}, {"team": "b"})
+    ]
+    assert dict(admin.store.get("relabel").labels) == {"team": "b"}  # type: ignore[union-attr]
+
+
 async def test_the_location_header_percent_encodes_the_id(admin: Admin) -> None:
     """The Location of an id with reserved characters is usable as is."""
     answer = await admin.post({"ingestionId": HOSTILE_ID})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from botocore.credentials import Credentials
@@ -115,3 +116,46 @@ async def test_rotated_token_file_is_used_without_a_restart(
         return sim.count(auth_ok=True) > accepted_before
 
     await wait_for(new_token_accepted)
+
+
+def _events(logs: str, event: str) -> list[dict[str, object]]:
+    return [e for e in map(json.loads, logs.splitlines()) if e["event"] == event]
+
+
+async def test_a_credentials_problem_is_logged_once_per_distinct_problem_and_counted(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
+) -> None:
+    """Many uploads failing for want of a token log one line per problem, not one per poll;
+    every failure is counted by kind, and recovery is logged once."""
+    sim, url = await start_simulator(auth="bearer", tokens=[TOKEN])
+    ids = [f"up-{n}" for n in range(5)]
+    for ingestion_id in ids:
+        sim.add_upload(ingestion_id, [("INPROGRESS", 0)])
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    auth = {"type": "bearer", "token_file": str(token_file)}
+    running = await start_exporter(fast_config(url, ids, api={"auth": auth}))
+    await wait_for(running.status_is("up-0", "INPROGRESS"))
+
+    async def counted(kind: str, n: int) -> bool:
+        samples = await running.scrape()
+        return (value(samples, "catalog_exporter_auth_errors_total", kind=kind) or 0) >= n
+
+    token_file.unlink()
+    await wait_for(lambda: counted("token_unreadable", 3 * len(ids)))
+    token_file.write_text("")
+    await wait_for(lambda: counted("token_invalid", 3 * len(ids)))
+    token_file.write_text(TOKEN)
+    await wait_for(lambda: _has_event(running.logs.getvalue(), "credentials_available"))
+
+    logs = running.logs.getvalue()
+    problems = [e["kind"] for e in _events(logs, "credentials_unavailable")]
+    assert problems == ["token_unreadable", "token_invalid"]
+    assert len(_events(logs, "credentials_available")) == 1
+    assert _events(logs, "poll_failed") == []
+    samples = await running.scrape()
+    assert (value(samples, "catalog_api_errors_total", kind="unauthorized") or 0) >= 6 * len(ids)
+
+
+async def _has_event(logs: str, event: str) -> bool:
+    return bool(_events(logs, event))

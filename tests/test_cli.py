@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import MAX_CONFIG_BYTES
+from exporter.demo import demo_config
 from tests.conftest import free_port, parse_exposition, value
 
 EXPORTER = [sys.executable, "-m", "exporter"]
@@ -239,7 +241,8 @@ def test_no_arguments_is_a_usage_error() -> None:
 
 
 def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_path: Path) -> None:
-    """SIGHUP applies added/removed ids; an invalid file keeps the old config, metric says 0."""
+    """SIGHUP applies added/removed ids and logs the trigger, the counts and each removed id;
+    an invalid file keeps the old config, metric says 0."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
     proc = Process([*EXPORTER, "--config", str(config)])
@@ -248,7 +251,14 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
         wait_http(metrics_url)
         write_config(config, simulator, ["demo-fatal-02"], port)
         proc.proc.send_signal(signal.SIGHUP)
-        proc.wait_for_event("config_reloaded")
+        reloaded = proc.wait_for_event("config_reloaded")
+        assert (reloaded["trigger"], reloaded["ids_added"], reloaded["ids_removed"]) == (
+            "sighup",
+            1,
+            1,
+        )
+        removed = proc.wait_for_event("ingestion_removed")
+        assert (removed["ingestion_id"], removed["source"]) == ("demo-done-01", "config")
         samples = parse_exposition(http_get(metrics_url)[1])
         ids = {
             dict(labels).get("ingestion_id")
@@ -275,7 +285,8 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
 
 
 def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_path: Path) -> None:
-    """With reload.watch_interval_seconds set, editing the file is enough."""
+    """With reload.watch_interval_seconds set, editing the file is enough (logged as a file
+    trigger)."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port, watch="0.2")
     proc = Process([*EXPORTER, "--config", str(config)])
@@ -284,6 +295,12 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
         write_config(config, simulator, ["demo-done-01", "demo-fatal-02"], port, watch="0.2")
         record = proc.wait_for_event("config_applied")
         assert record["tracked_ingestions"] == 2
+        reloaded = proc.wait_for_event("config_reloaded")
+        assert (reloaded["trigger"], reloaded["ids_added"], reloaded["ids_removed"]) == (
+            "file",
+            1,
+            0,
+        )
     finally:
         assert proc.stop() == 0
 
@@ -342,15 +359,37 @@ def test_logs_are_one_json_object_per_line_with_timestamp_level_event(
         assert {"timestamp", "level", "event"} <= record.keys(), line
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (the demo's admin API takes port + 1)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no two consecutive free ports")
+
+
+def banner_command(output: str, start: str) -> list[str]:
+    """The command of the demo banner's line that starts with `start`, split as a shell would."""
+    lines = [line.strip() for line in output.splitlines()]
+    return shlex.split(next(line for line in lines if line.startswith(start)))
+
+
 def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> None:
-    """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute."""
-    port = free_port()
+    """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute;
+    its admin API answers at port + 1, and the banner's register and grep commands work."""
+    port = free_port_pair()
     proc = Process(
         [*EXPORTER, "--demo", "--port", str(port)], env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
     url = f"http://127.0.0.1:{port}/metrics"
+    admin = f"http://127.0.0.1:{port + 1}"
     try:
         wait_http(url)
+        wait_for_output(proc, "Stop with Ctrl-C.")  # the banner, printed once both listen
         assert f"http://127.0.0.1:{port}/metrics" in proc.output
         # The banner's `report` example names a config file the demo wrote for its simulator.
         example = re.search(
@@ -358,6 +397,16 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
         )
         assert example is not None, proc.output
         assert "base_url: http://127.0.0.1:" in Path(example.group(1)).read_text()
+        register = banner_command(proc.output, "catalog-upload-exporter register")
+        assert register[register.index("--url") + 1] == admin
+        result = subprocess.run(
+            [*EXPORTER, *register[1:]], capture_output=True, text=True, check=False, timeout=30
+        )
+        assert result.returncode == 0, result.stderr
+        listed = json.loads(http_get(f"{admin}/api/v1/ingestions?limit=1000")[1])["ingestions"]
+        tracked = {v["ingestionId"] for v in listed}
+        assert register[2] in tracked
+        assert len(tracked) == len(demo_config("http://127.0.0.1:1", port).ingestions.ids) + 1
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -374,8 +423,34 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
             time.sleep(1)
         else:
             pytest.fail(f"demo showed {shown}, throttled={throttled}, errors={errors}")
+        exposition = http_get(url)[1]
+        assert "_created" not in exposition
+        status_lines = [
+            line for line in exposition.splitlines() if line.startswith("catalog_upload_status{")
+        ]
+        grep = banner_command(proc.output, "curl -s")[-2:]  # grep -E PATTERN, after the pipe
+        shown_lines = subprocess.run(
+            ["grep", *grep], input=exposition, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        assert shown_lines == [line for line in status_lines if float(line.rsplit(" ", 1)[1]) == 1]
+        assert len(shown_lines) == len(tracked)
     finally:
         assert proc.stop() == 0
+
+
+def test_readme_counts_the_ids_the_demo_tracks() -> None:
+    """The README's quick start states how many ids the demo tracks, as the demo config has it."""
+    tracked = len(demo_config("http://127.0.0.1:1", 0).ingestions.ids)
+    readme = " ".join(Path("README.md").read_text().split())
+    assert f"({tracked} in all)" in readme
+
+
+def wait_for_output(proc: Process, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.output:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} not printed within {timeout} s; output:\n{proc.output}")
+        time.sleep(0.05)
 
 
 def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_path: Path) -> None:
@@ -433,3 +508,18 @@ def test_a_port_in_use_exits_1_logging_cannot_listen_before_the_exporter_stops(
     assert "cannot_listen" in events, events
     assert "exporter_stopped" in events, events
     assert events.index("cannot_listen") < events.index("exporter_stopped"), events
+
+
+def test_shutdown_logs_shutting_down_then_admin_stopped_then_exporter_stopped(
+    simulator: str, tmp_path: Path
+) -> None:
+    """SIGTERM: the admin API closes (no new registrations) before the exporter stops."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+    proc = Process([*EXPORTER, "--config", str(config)])
+    wait_http(f"http://127.0.0.1:{port}/readyz")
+    proc.wait_for_event("admin_api_listening")
+    assert proc.stop() == 0
+    events = [str(e["event"]) for e in proc.events()]
+    order = ["shutting_down", "admin_api_stopped", "exporter_stopped"]
+    assert [e for e in events if e in order] == order, events

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,9 @@ from exporter.models import KNOWN_STATUSES, TERMINAL_STATUSES
 from exporter.simulator import (
     API_PATH,
     DEMO_INVALID_IDS,
+    TEST_ACCESS_KEY_ID,
+    TEST_REGION,
+    TEST_SECRET_ACCESS_KEY,
     Fault,
     FaultKind,
     SimulatedUpload,
@@ -29,6 +34,7 @@ from exporter.simulator import (
     demo_uploads,
     random_uploads,
 )
+from exporter.simulator import _parser as simulator_parser
 from tests.conftest import wait_for
 
 Response = tuple[int, "dict[str, str]", bytes]
@@ -631,3 +637,20 @@ async def test_the_cli_starts_answers_and_exits_cleanly_on_sigterm(tmp_path: Pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_every_simulator_option_has_help_text_and_the_help_names_the_test_key() -> None:
+    """`python -m exporter.simulator --help` explains each option, the test key and the ids."""
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter.simulator", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "1000"},  # no wrapping inside the names checked
+    )
+    options = [a for a in simulator_parser()._actions if a.option_strings]
+    assert [a.dest for a in options if not a.help] == []
+    for action in options:
+        assert action.option_strings[-1] in result.stdout
+    for fact in (TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, TEST_REGION, "demo-done-fast"):
+        assert fact in result.stdout, fact
