@@ -10,12 +10,11 @@ interval, or, once terminal, the end of its retention, when its series are remov
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import heapq
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -49,7 +48,11 @@ class _Entry:
 
 
 class Poller:
-    """Polls every tracked, non-terminal upload within the rate and concurrency limits."""
+    """Polls every tracked, non-terminal upload within the rate and concurrency limits.
+
+    `clock`, `sleep` and `rng` decide when polls happen; tests pass a virtual clock with its
+    sleep and a seeded rng, so schedules are checked exactly instead of with slack.
+    """
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class Poller:
         upload_metrics: UploadMetrics,
         on_change: Callable[[str], None] = lambda ingestion_id: None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
@@ -74,6 +78,7 @@ class Poller:
         self._upload_metrics = upload_metrics
         self._on_change = on_change
         self._clock = clock
+        self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._heap: list[_Entry] = []
         self._pending: dict[str, int] = {}
@@ -171,9 +176,21 @@ class Poller:
                 self._retire(entry.ingestion_id)
                 continue
             self._wakeup.clear()
-            timeout = heap[0].due - now if heap else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            if not heap:
+                await self._wakeup.wait()
+                continue
+            # `clock` and `sleep` go together (tests inject a virtual pair): the timer is a
+            # `sleep`, and an earlier entry or a new upload cuts it short through `_wakeup`.
+            timer = asyncio.ensure_future(self._sleep(heap[0].due - now))
+            timer.add_done_callback(self._timer_done)
+            try:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
+
+    def _timer_done(self, timer: asyncio.Future[None]) -> None:
+        if not timer.cancelled():
+            self._wakeup.set()
 
     async def _poll(self, ingestion_id: str, semaphore: asyncio.Semaphore) -> None:
         with structlog.contextvars.bound_contextvars(ingestion_id=ingestion_id):
