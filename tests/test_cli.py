@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,7 +21,15 @@ import pytest
 
 from exporter.config import MAX_CONFIG_BYTES
 from exporter.demo import demo_config
-from tests.conftest import free_port, parse_exposition, value
+from exporter.simulator import Fault
+from tests.conftest import (
+    SimulatorFactory,
+    free_port,
+    parse_exposition,
+    requests_seen,
+    value,
+    wait_for,
+)
 
 EXPORTER = [sys.executable, "-m", "exporter"]
 
@@ -305,40 +314,28 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
         assert proc.stop() == 0
 
 
-def test_sigterm_with_requests_in_flight_exits_0(tmp_path: Path) -> None:
-    """SIGTERM while polls hang: in-flight requests end within the timeout, exit code 0."""
-    port, sim_port = free_port(), free_port()
-    sim = Process(
-        [
-            sys.executable,
-            "-m",
-            "exporter.simulator",
-            "--port",
-            str(sim_port),
-            "--rate-limit",
-            "0",
-            "--uploads",
-            "demo",
-            "--latency",
-            "30",
-        ]
-    )
+async def test_sigterm_with_requests_in_flight_exits_0(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while a poll hangs: it ends within the grace (api.timeout_seconds), exit 0."""
+    sim, url = await start_simulator()
+    sim.add_upload("hanging", [("INPROGRESS", 0)])
+    sim.inject(Fault("hang"), ingestion_id="hanging")  # logged as it arrives, never answered
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", url, ["hanging"], port)
+    config.write_text(config.read_text().replace("timeout_seconds: 5", "timeout_seconds: 2"))
+    proc = Process([*EXPORTER, "--config", str(config)])
     try:
-        wait_http(f"http://127.0.0.1:{sim_port}/healthz")
-        config = write_config(
-            tmp_path / "c.yaml", f"http://127.0.0.1:{sim_port}", ["demo-done-01"], port
-        )
-        config.write_text(config.read_text().replace("timeout_seconds: 5", "timeout_seconds: 2"))
-        proc = Process([*EXPORTER, "--config", str(config)])
-        wait_http(f"http://127.0.0.1:{port}/readyz")
-        time.sleep(0.5)  # let a poll start and hang on the simulator's latency
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz")
+        await wait_for(requests_seen(sim, "hanging"))  # a poll is in flight, hanging
+        assert [r.status for r in sim.requests] == [None]
         started = time.monotonic()
-        assert proc.stop() == 0
+        assert await asyncio.to_thread(proc.stop) == 0
         assert time.monotonic() - started < 2 + 3  # grace (api.timeout_seconds) + slack
-        events = [e["event"] for e in proc.events()]
-        assert "shutting_down" in events and "exporter_stopped" in events
     finally:
-        sim.stop()
+        await asyncio.to_thread(proc.stop)
+    events = [e["event"] for e in proc.events()]
+    assert "shutting_down" in events and "exporter_stopped" in events
 
 
 def test_logs_are_one_json_object_per_line_with_timestamp_level_event(

@@ -138,3 +138,14 @@ async def test_a_lower_max_pause_from_a_reload_cuts_a_pause_in_force() -> None:
     bucket.set_max_pause(5.0)
     await bucket.acquire()
     assert fake.now - throttled_at == pytest.approx(5.0)
+
+
+async def test_a_partly_refilled_bucket_waits_for_the_rest_of_the_token() -> None:
+    """At 5/s, a caller 0.1 s after the last token waits the other 0.1 s, not nothing."""
+    fake = FakeTime()
+    bucket = limiter(fake, 5.0)
+    await bucket.acquire()  # the burst of one
+    fake.now += 0.1
+    before = fake.now
+    await bucket.acquire()
+    assert fake.now - before == pytest.approx(0.1)

@@ -25,6 +25,9 @@ class VirtualTime:
         self.now = start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        #: Called each time the clock moves, before anything woken runs: a probe of the state
+        #: the sleepers wake up to (the poller's lag, say).
+        self.on_tick: Callable[[], None] = lambda: None
 
     def clock(self) -> float:
         return self.now
@@ -69,6 +72,7 @@ class VirtualTime:
 
     def _wake(self, due: float) -> None:
         self.now = max(self.now, due)
+        self.on_tick()
         while self._sleepers and self._sleepers[0][0] <= self.now:
             _, _, future = heapq.heappop(self._sleepers)
             if not future.done():
