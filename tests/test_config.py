@@ -171,8 +171,14 @@ def test_minimal_config_gets_every_default():
         state=StateConfig(path="", debounce_seconds=0.5),
         sharding=ShardingConfig(total=1, index=0),
     )
-    assert DEFAULT_PORT == 10184
-    assert DEFAULT_ADMIN_PORT == 10185
+
+
+def test_the_readme_states_the_default_ports_the_code_uses():
+    """The README's port heading and config table name the ports the config defaults to."""
+    readme = Path("README.md").read_text(encoding="utf-8")
+    assert f"### Default port: {DEFAULT_PORT}\n" in readme
+    assert f"| `0.0.0.0` / {DEFAULT_PORT} |" in readme
+    assert f"| true / `127.0.0.1` / {DEFAULT_ADMIN_PORT} / `\"\"` |" in readme
 
 
 def test_null_sections_and_null_keys_mean_defaults():
