@@ -537,11 +537,13 @@ def _line(name: str, own: str, extra: str, value: str) -> bytes:
 
 def _status_lines(upload: TrackedUpload, own: str, extra: str, active_only: bool) -> bytes:
     current = upload.status
-    statuses = (current,) if active_only else KNOWN_STATUSES
+    if active_only:
+        # Escaped: a status read back from an edited state file may hold any text.
+        return _bytes(f'{STATUS}{{{own},status="{escape_label_value(current)}"{extra}}} 1.0\n')
     lines = [
         f'{STATUS}{{{own},status="{status}"{extra}}} {"1.0" if status == current else "0.0"}\n'
-        for status in statuses
+        for status in KNOWN_STATUSES
     ]
-    if not active_only and current not in KNOWN_STATUSES:
+    if current not in KNOWN_STATUSES:
         lines.append(f'{STATUS}{{{own},status="{escape_label_value(current)}"{extra}}} 1.0\n')
     return _bytes("".join(lines))
