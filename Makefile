@@ -24,7 +24,7 @@ RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-export
 RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
 PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
 
-.PHONY: demo test lint tools image rules clean
+.PHONY: demo test test-fast lint tools image rules clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -60,8 +60,18 @@ image:
 		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		-t $(IMAGE) .
 
+# Tests run spread over the cores (pytest-xdist); `loadgroup` keeps the container tests, which
+# share one image build, on one worker. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
+PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: $(VENV)/.installed-test tools
-	$(BIN)/pytest
+	$(PYTEST)
+
+# The inner loop: everything but the tests marked slow (real Prometheus, podman, the CLI's
+# demo, promtool's rule tests) or soak; a minute or less on 2 cores.
+test-fast: $(VENV)/.installed-test tools
+	$(PYTEST) -m "not slow and not soak"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

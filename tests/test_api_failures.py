@@ -65,6 +65,7 @@ async def test_each_fault_is_counted_by_kind_and_code(
     assert f'"kind": "{kind}"' in running.logs.getvalue()
 
 
+@pytest.mark.slow
 async def test_timeout_is_counted_and_metrics_do_not_wait_for_the_api(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from botocore.credentials import Credentials
 
 from exporter.auth import RequestAuth, SigV4Auth
@@ -122,6 +123,7 @@ def _events(logs: str, event: str) -> list[dict[str, object]]:
     return [e for e in map(json.loads, logs.splitlines()) if e["event"] == event]
 
 
+@pytest.mark.slow
 async def test_a_credentials_problem_is_logged_once_per_distinct_problem_and_counted(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
 ) -> None:

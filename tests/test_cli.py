@@ -314,6 +314,7 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
         assert proc.stop() == 0
 
 
+@pytest.mark.slow
 async def test_sigterm_with_requests_in_flight_exits_0(
     start_simulator: SimulatorFactory, tmp_path: Path
 ) -> None:
@@ -375,6 +376,7 @@ def banner_command(output: str, start: str) -> list[str]:
     return shlex.split(next(line for line in lines if line.startswith(start)))
 
 
+@pytest.mark.slow
 def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> None:
     """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute;
     its admin API answers at port + 1, and the banner's register and grep commands work."""
@@ -450,6 +452,7 @@ def wait_for_output(proc: Process, text: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_path: Path) -> None:
     """`catalog-upload-exporter register ID --url ...` makes a running exporter track the id."""
     port, admin_port = free_port(), free_port()

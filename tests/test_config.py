@@ -178,7 +178,7 @@ def test_the_readme_states_the_default_ports_the_code_uses():
     readme = Path("README.md").read_text(encoding="utf-8")
     assert f"### Default port: {DEFAULT_PORT}\n" in readme
     assert f"| `0.0.0.0` / {DEFAULT_PORT} |" in readme
-    assert f"| true / `127.0.0.1` / {DEFAULT_ADMIN_PORT} / `\"\"` |" in readme
+    assert f'| true / `127.0.0.1` / {DEFAULT_ADMIN_PORT} / `""` |' in readme
 
 
 def test_null_sections_and_null_keys_mean_defaults():

@@ -33,6 +33,9 @@ from exporter.config import DEFAULT_PORT
 from exporter.models import KNOWN_STATUSES
 from tests.conftest import free_port, parse_exposition, require_tool
 
+#: One image build serves the module: under pytest-xdist all of it runs on one worker.
+pytestmark = pytest.mark.xdist_group("container")
+
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))

@@ -85,6 +85,7 @@ def simulator_url() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_acknowledged_ids_survive_sigkill_and_restart(simulator_url: str, tmp_path: Path) -> None:
     """Register ids over HTTP, SIGKILL at a random moment, restart: every 2xx id is back."""
     rng = random.Random(20261127)

@@ -731,6 +731,7 @@ class TickingTracker(IngestionTracker):
         return await super().register(ingestion_id, source, labels, durable=durable)
 
 
+@pytest.mark.slow
 async def test_ten_thousand_files_dropped_at_once_are_all_tracked_without_holding_the_loop(
     tmp_path: Path,
 ) -> None:

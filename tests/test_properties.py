@@ -92,6 +92,7 @@ def test_any_yaml_text_gives_a_config_or_a_config_error_naming_where(
     assert all(":" in problem for problem in problems)
 
 
+@pytest.mark.slow
 @given(ids=st.lists(st.text(max_size=300), min_size=1, max_size=8, unique=True))
 @settings(max_examples=60, deadline=None)
 def test_any_accepted_ids_give_an_exposition_both_parsers_and_promtool_accept(

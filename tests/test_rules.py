@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import require_tool
@@ -76,6 +77,7 @@ def test_promtool_check_rules_accepts_the_rules_file() -> None:
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass() -> None:
     """`promtool test rules` passes on every unit-test file."""
     assert RULE_TESTS

@@ -166,6 +166,7 @@ def test_a_client_that_stalls_before_finishing_its_request_is_closed(
     assert IDLE_TIMEOUT * 0.8 <= time.monotonic() - started < IDLE_TIMEOUT + 3
 
 
+@pytest.mark.slow
 def test_an_admin_body_that_never_arrives_answers_408(listeners: Listeners) -> None:
     """Headers promise 100 bytes, 10 come: 408 after the idle timeout, not a hung handler."""
     started = time.monotonic()
@@ -181,6 +182,7 @@ def test_an_admin_body_that_never_arrives_answers_408(listeners: Listeners) -> N
     assert time.monotonic() - started < IDLE_TIMEOUT + 4
 
 
+@pytest.mark.slow
 def test_a_scrape_client_that_stops_reading_is_dropped_while_others_are_served(
     listeners: Listeners,
 ) -> None:

@@ -487,6 +487,7 @@ CRASH_LOOP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_database_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
     """A writer killed mid-commit 20 times never leaves a half batch or an unreadable file."""
     path = tmp_path / "state.db"
