@@ -60,9 +60,11 @@ image:
 		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		-t $(IMAGE) .
 
-# Tests run spread over the cores (pytest-xdist); `loadgroup` keeps the container tests, which
-# share one image build, on one worker. PYTEST_WORKERS=0 runs them in this process.
-PYTEST_WORKERS ?= auto
+# Tests run in parallel (pytest-xdist): two workers per core, as most tests spend their time
+# waiting on timers, sockets and child processes (at one per core the cores are half idle).
+# `loadgroup` keeps the container tests, which share one image build, on one worker.
+# PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= $(shell echo $$((2 * $$(nproc 2>/dev/null || echo 1))))
 PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(VENV)/.installed-test tools
