@@ -15,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -925,16 +926,33 @@ async def test_register_command_exits_3_when_the_exporter_cannot_be_reached(
     assert "cannot reach" in capsys.readouterr().err
 
 
+class RetryDelays:
+    """RETRY_DELAYS as register iterates it, from a generator that can signal each retry."""
+
+    def __init__(self, delays: Callable[[], Iterator[float]]) -> None:
+        self._delays = delays
+
+    def __iter__(self) -> Iterator[float]:
+        return self._delays()
+
+
 async def test_register_command_waits_for_an_exporter_that_is_still_starting(
     start_admin: AdminFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Connection refused is retried, so a sidecar that starts late still gets the id."""
-    monkeypatch.setattr(register, "RETRY_DELAYS", (0.2,) * 15)
+    refused = threading.Event()
+
+    def delays() -> Iterator[float]:
+        for _ in range(50):
+            refused.set()  # a retry is being taken: an attempt was refused
+            yield 0.1
+
+    monkeypatch.setattr(register, "RETRY_DELAYS", RetryDelays(delays))
     port = free_port()
     command = asyncio.create_task(
         asyncio.to_thread(register.main, ["late", "--url", f"http://127.0.0.1:{port}"])
     )
-    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(refused.wait, 10)
     admin = await start_admin(port=port)
     assert await command == 0
     assert admin.tracker.view("late") is not None

@@ -672,7 +672,13 @@ async def test_the_running_exporter_keeps_discovering_beside_a_deeply_nested_fil
     running = await start_exporter(config)
     await wait_for(running.status_is("file-gone", "INPROGRESS"))
     put(drop / "deep.json", '{"ingestionId": "x", "a": ' + "[" * 10_000 + "]" * 10_000 + "}")
-    await asyncio.sleep(0.2)  # a few scans with the file in place
+
+    async def counted_deep() -> bool:
+        samples = await running.scrape()
+        errors = "catalog_exporter_directory_file_errors_total"
+        return value(samples, errors, reason="too_deep") == 1
+
+    await wait_for(counted_deep)  # a scan has met the file
     put(drop / "ok", "file-ok")
     (drop / "gone").unlink()
     await wait_for(running.status_is("file-ok", "INPROGRESS"))

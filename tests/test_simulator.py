@@ -35,7 +35,7 @@ from exporter.simulator import (
     random_uploads,
 )
 from exporter.simulator import _parser as simulator_parser
-from tests.conftest import wait_for
+from tests.conftest import requests_seen, wait_for
 
 Response = tuple[int, "dict[str, str]", bytes]
 
@@ -327,7 +327,7 @@ async def test_a_hang_lasts_until_the_client_gives_up_while_other_requests_are_s
     url = await serve(sim)
     sim.inject(Fault(FaultKind.HANG), ingestion_id="stuck")
     hanging = asyncio.create_task(post(session, url, "stuck", client_timeout=0.5))
-    await asyncio.sleep(0.05)
+    await wait_for(requests_seen(sim, "stuck"))  # a hang is logged as it arrives
     status, _, _ = await post(session, url, "fine", client_timeout=0.3)
     assert status == 200
     assert not hanging.done()

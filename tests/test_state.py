@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from exporter.tracking import (
     Source,
 )
 from exporter.uploads import UploadStore
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 V1_FILE = ROOT / "tests" / "data" / "state-v1.json"
@@ -614,7 +616,11 @@ async def test_marked_changes_are_committed_within_the_debounce_and_coalesced(
         if n % 20 == 0:
             await asyncio.sleep(0)
     assert writer.commits == 0
-    await asyncio.sleep(0.4)
+
+    async def committed() -> bool:
+        return writer.commits >= 1
+
+    await wait_for(committed, interval=0.01)
     assert writer.commits == 1 and len(on_disk(writer.path)) == 100
 
 
@@ -699,18 +705,28 @@ async def test_a_failed_commit_is_undone_before_the_next_batch_is_cut(
 
 async def test_run_retries_a_failed_commit_but_not_in_a_hot_loop(start_writer: Start) -> None:
     """Marked changes whose commit failed are retried, at most once per min_retry_seconds."""
-    errors: list[Exception] = []
+    loop = asyncio.get_running_loop()
+    failed_at: list[float] = []
     writer, memory = await start_writer(
-        debounce_seconds=0.01, on_error=errors.append, min_retry_seconds=0.2
+        debounce_seconds=0.01,
+        on_error=lambda _: failed_at.append(loop.time()),
+        min_retry_seconds=0.2,
     )
     lock = locked(writer.path)
     writer.mark(memory.put("retried"))
-    await asyncio.sleep(0.7)
-    assert 2 <= len(errors) <= 5
+
+    async def failed_thrice() -> bool:
+        return len(failed_at) >= 3
+
+    await wait_for(failed_thrice, interval=0.01)
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(failed_at)), failed_at
     lock.execute("ROLLBACK")
     lock.close()
-    await asyncio.sleep(0.5)
-    assert on_disk(writer.path) == ["retried"]
+
+    async def written() -> bool:
+        return on_disk(writer.path) == ["retried"]
+
+    await wait_for(written, interval=0.01)
     commits = writer.commits
     await asyncio.sleep(0.2)
     assert writer.commits == commits  # clean again: no more commits
