@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from exporter import __version__
+from exporter.config import DEFAULT_ADMIN_PORT
 from exporter.models import MAX_INGESTION_ID_LENGTH, MAX_REGISTRATION_BYTES, RejectReason
 from exporter.tracking import MAX_LABEL_VALUE_LENGTH, Source
 
@@ -470,7 +471,7 @@ def openapi_document() -> dict[str, Any]:
             "exporter has admin.token_file, every operation except /healthz and this document "
             "needs 'Authorization: Bearer <token>'; otherwise no authentication is needed.",
         },
-        "servers": [{"url": "http://127.0.0.1:10185"}],
+        "servers": [{"url": f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"}],
         # Bearer or nothing: whether the token is required depends on admin.token_file.
         "security": [{"bearerAuth": []}, {}],
         "paths": _paths(),

@@ -32,6 +32,7 @@ import botocore.credentials
 from aiohttp import web
 from botocore.awsrequest import AWSRequest
 
+from exporter.auth import AUTH_TYPES
 from exporter.fakes3 import DEFAULT_LINK_SECONDS, REPORTS_PATH, ReportBucket, ReportRequest
 from exporter.models import TERMINAL_STATUSES
 
@@ -444,8 +445,8 @@ class Simulator:
         report_bytes: int = 0,
         report_chunked: bool = False,
     ) -> None:
-        if auth not in {"none", "bearer", "sigv4"}:
-            msg = f"unknown auth mode {auth!r}: expected 'none', 'bearer' or 'sigv4'"
+        if auth not in AUTH_TYPES:
+            msg = f"unknown auth mode {auth!r}: expected one of {', '.join(AUTH_TYPES)}"
             raise ValueError(msg)
         for name, rate in (
             ("error_rate", error_rate),
@@ -1058,7 +1059,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rate-limit", type=float, default=10.0, help="requests/s before 429 (0 disables)"
     )
     parser.add_argument("--burst", type=float, default=None, help="bucket size (default: rate)")
-    parser.add_argument("--auth", choices=["none", "bearer", "sigv4"], default="none")
+    parser.add_argument("--auth", choices=AUTH_TYPES, default="none")
     parser.add_argument(
         "--token-file", default=None, help="bearer tokens accepted, one per line (read once)"
     )

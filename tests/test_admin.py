@@ -1025,6 +1025,15 @@ async def test_register_command_sends_the_token_from_its_token_file(
     assert admin.tracker.ids_from(Source.API) == {"with-token"}
 
 
+def test_register_command_uses_the_admin_api_s_default_url_and_path() -> None:
+    """The stdlib-only command's copies of the API's address and path equal the document's."""
+    document = openapi_document()
+    assert [server["url"] for server in document["servers"]] == [register.DEFAULT_URL]
+    assert register.INGESTIONS_PATH in document["paths"]
+    operation = document["paths"][register.INGESTIONS_PATH]["post"]
+    assert operation["operationId"] == "registerIngestion"
+
+
 @pytest.mark.parametrize(
     "argv",
     [

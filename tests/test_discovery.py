@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from exporter.discovery import MAX_FILE_BYTES, MAX_JSON_DEPTH, DirectoryWatcher, FileProblem
+from exporter.discovery import MAX_JSON_DEPTH, DirectoryWatcher, FileProblem
 from exporter.metrics import DirectoryMetrics
+from exporter.models import MAX_REGISTRATION_BYTES
 from exporter.tracking import Registration, RejectReason, Source, Tracker
 from tests.conftest import (
     ExporterFactory,
@@ -229,8 +230,8 @@ async def test_a_file_over_64_kib_is_skipped_with_one_warning(
     tmp_path: Path, logs: list[EventDict]
 ) -> None:
     """A large file is not read, and is warned about once per version, not once per scan."""
-    big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_FILE_BYTES)
-    put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_FILE_BYTES))
+    big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_REGISTRATION_BYTES)
+    put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_REGISTRATION_BYTES))
     tracker = FakeTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):
