@@ -332,6 +332,8 @@ async def _registration_body(request: web.Request) -> _Asked:
             raw = await request.read()  # raises 413 past client_max_size
     except TimeoutError:
         raise _Refused(408, "request_timeout", "request body not received in time") from None
+    # Some Windows tools start UTF-8 with a byte-order mark; JSON parsers may ignore it.
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         body = schema.RegisterRequest.model_validate_json(raw)
     except ValidationError as exc:

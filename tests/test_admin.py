@@ -388,6 +388,16 @@ async def test_a_malformed_request_gets_a_json_error(
     assert admin.tracker.views() == [] and admin.rejected == []
 
 
+async def test_a_body_starting_with_a_byte_order_mark_is_accepted(admin: Admin) -> None:
+    """UTF-8 with a BOM, as some Windows tools send it, registers the id."""
+    data = b"\xef\xbb\xbf" + json.dumps({"ingestionId": "bom-1"}).encode()
+    answer = await admin.call(
+        "POST", "/api/v1/ingestions", data=data, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status == 201
+    assert answer.body["ingestionId"] == "bom-1"
+
+
 async def test_a_json_content_type_with_charset_or_suffix_is_accepted(admin: Admin) -> None:
     """application/json; charset=utf-8 and application/*+json both count as JSON."""
     for n, content_type in enumerate(("application/json; charset=utf-8", "application/x+json")):
