@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from exporter.auth import AUTH_TYPES
+from exporter.logs import LEVELS, LOG_FORMATS
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
@@ -253,9 +255,6 @@ class ConfigError(Exception):
 
 
 _TOP_LEVEL = "(top level)"
-_AUTH_TYPES = ("sigv4", "bearer", "none")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-_LOG_FORMATS = ("json", "console")
 _REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _MAX_LABELS = 10  # each one is copied onto every upload series
 _MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
@@ -641,7 +640,7 @@ def _check_bearer_source(
 def _read_auth(section: _Section, environ: Mapping[str, str]) -> AuthConfig:
     if not section.ok:
         return AuthConfig()
-    auth_type = _choice(section, "type", "sigv4", _AUTH_TYPES)
+    auth_type = _choice(section, "type", "sigv4", AUTH_TYPES)
     region = _string(section, "region", "")
     role_arn = _string(section, "role_arn", "")
     token_file = _string(section, "token_file", "")
@@ -843,8 +842,8 @@ def _read_server(section: _Section) -> ServerConfig:
 
 def _read_logging(section: _Section) -> LoggingConfig:
     return LoggingConfig(
-        level=_choice(section, "level", "info", _LOG_LEVELS),
-        format=_choice(section, "format", "json", _LOG_FORMATS),
+        level=_choice(section, "level", "info", tuple(LEVELS)),
+        format=_choice(section, "format", "json", LOG_FORMATS),
     )
 
 

@@ -39,7 +39,7 @@ from exporter.simulator import (
 )
 from exporter.tracking import Source
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
-from tests.test_admin import recorder, undocumented
+from tests.test_admin import Sent, off_schema, recorder, undocumented
 
 TOKEN = "bearer-token-SECRET-0123456789"
 SESSION_TOKEN = "FQoGZXIvYXdzEXAMPLESESSIONTOKENSECRET"
@@ -404,7 +404,8 @@ async def admin_reports(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Simulator, Call, Any]]:
     """A simulator, an exporter tracking up-1..up-3 against it, and its admin API with the
-    report route; every answer is checked against the OpenAPI document at the end."""
+    report route; every answer (and JSON body) is checked against the OpenAPI document at the
+    end."""
     sim, url = await start_simulator(report_chunked=False)
     sim.add_upload("up-1", [("FATAL", math.inf)])
     sim.add_upload("up-2", [("INPROGRESS", math.inf)])
@@ -413,8 +414,9 @@ async def admin_reports(
     running = await start_exporter(config)
     await wait_for(lambda: _polled(running.exporter))
     observed: set[tuple[str, str | None, int]] = set()
+    sent: Sent = []
     app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
-    app.middlewares.insert(0, recorder(observed))
+    app.middlewares.insert(0, recorder(observed, sent))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
 
@@ -426,6 +428,7 @@ async def admin_reports(
     yield sim, call, running
     await server.close()
     assert undocumented(observed) == []
+    assert off_schema(sent) == []
 
 
 async def _polled(exporter: Any) -> bool:
