@@ -69,6 +69,7 @@ class Source(enum.StrEnum):
     CONFIG = "config"
     DIRECTORY = "directory"
     API = "api"
+    NOTIFICATION = "notification"
 
 
 @dataclass(frozen=True, slots=True)
