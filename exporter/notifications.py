@@ -148,21 +148,21 @@ def _load(text: str) -> Any | Malformed:
 
 
 def _ids_in(document: Any) -> Iterator[str]:
-    """Values of keys spelled like ingestionId, at any depth (iterative: depth is bounded
-    already, but a stack of our own costs nothing)."""
-    stack = [document]
+    """Values of keys spelled like ingestionId, at any depth, in document order."""
+    stack: list[Iterator[tuple[object, Any]]] = [iter([(None, document)])]
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key, item in node.items():
-                if key.lower().replace("_", "").replace("-", "") == _ID_KEY:
-                    values = item if isinstance(item, list) else [item]
-                    yield from (v for v in values if isinstance(v, str))
-                elif isinstance(item, dict | list):
-                    stack.append(item)
+        pair = next(stack[-1], None)
+        if pair is None:
+            stack.pop()
             continue
-        if isinstance(node, list):
-            stack.extend(reversed(node))
+        key, node = pair
+        if isinstance(key, str) and key.lower().replace("_", "").replace("-", "") == _ID_KEY:
+            values = node if isinstance(node, list) else [node]
+            yield from (value for value in values if isinstance(value, str))
+        elif isinstance(node, dict):
+            stack.append(iter(node.items()))
+        elif isinstance(node, list):
+            stack.append((None, item) for item in node)
 
 
 def _text(value: object) -> str:
