@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 
+import botocore.session
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +25,8 @@ from exporter.notifications import (
     subscribe_url_problem,
 )
 from exporter.scheduler import Trigger
-from exporter.sqs import QueueErrorKind
+from exporter.sqs import QueueErrorKind, QueueReceiver
+from tests.conftest import free_port
 
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:catalog-upload-results"
 GOOD_URL = (
@@ -260,3 +264,42 @@ def test_a_queue_url_with_credentials_is_refused_without_echoing_it() -> None:
         sqs(queue_url="https://AKIA:hunter2@sqs.us-east-1.amazonaws.com/1/q")
     assert "credentials" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+async def test_queue_errors_back_off_exponentially_with_jitter_and_are_counted_by_kind() -> None:
+    """Nothing listening at the endpoint: each failure is a `network` error, and the waits
+    double from 1 s up to max_backoff_seconds, each between half and all of its ceiling."""
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 6:
+            raise asyncio.CancelledError
+
+    def session() -> botocore.session.Session:
+        made = botocore.session.Session()
+        made.set_credentials("AKIATEST", "not-a-real-secret")
+        return made
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    settings = SqsConfig(
+        queue_url=f"{endpoint}/123456789012/q",
+        region="us-east-1",
+        endpoint_url=endpoint,
+        max_backoff_seconds=8.0,
+    )
+    notifications, metrics = handler(None)
+    receiver = QueueReceiver(
+        settings,
+        handler=notifications,
+        metrics=metrics,
+        session_factory=session,
+        rng=random.Random(7),
+        sleep=sleep,
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await receiver.run()
+    ceilings = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert all(c / 2 <= s <= c for s, c in zip(sleeps, ceilings, strict=True)), sleeps
+    assert metrics.errors.labels("network")._value.get() == 6
+    assert receiver.held_secrets() == ("not-a-real-secret",)
