@@ -3,7 +3,9 @@
 The application beside the exporter drops one file per upload into `ingestions.directory`
 (typically the pod's shared emptyDir). The directory is polled (a listing every
 `poll_seconds`, off the event loop), not watched with inotify, which misses events on some
-volume types.
+volume types. A scan costs the event loop O(new, changed and deleted files), never O(files)
+or O(tracked ids): listing, reading and comparing with the last scan run in a worker thread,
+and new files are registered in batches of `BATCH_FILES` with the loop free between them.
 
 File format
 -----------
@@ -59,7 +61,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,9 @@ log = structlog.get_logger("exporter.discovery")
 
 #: Files larger than this are not read: no id needs more, and a stray log file is no id.
 MAX_FILE_BYTES = 64 * 1024
+
+#: New or changed files handled between two yields to the event loop.
+BATCH_FILES = 50
 
 #: Deepest nesting of JSON arrays and objects read: an upload file needs 2 (the labels
 #: object); the JSON parser recurses once per level and would exhaust the stack near 1,000.
@@ -141,6 +146,17 @@ class _Seen:
     held: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """What one listing found: new or changed files, and the names no longer listed."""
+
+    changed: dict[str, _Observed]
+    #: Names of `_files` that are gone (deleted, or no longer regular files).
+    gone: list[str]
+    #: Names with a noted read error or crash that are gone.
+    forgotten: list[str]
+
+
 class DirectoryWatcher:
     """Keeps the tracker's `directory` ids in step with the files in one directory."""
 
@@ -160,6 +176,8 @@ class DirectoryWatcher:
         self._poll_seconds = poll_seconds
         self._metrics = metrics or DirectoryMetrics(CollectorRegistry(), FileProblem)
         self._files: dict[str, _Seen] = {}
+        # How many files hold each id, kept in step with `_files`: O(1) per change.
+        self._holders: dict[str, int] = {}
         self._read_errors: dict[str, tuple[_Version, str]] = {}
         # Files whose registration crashed, and the version: logged once, retried every scan.
         self._crashed: dict[str, _Version] = {}
@@ -186,10 +204,15 @@ class DirectoryWatcher:
             await asyncio.sleep(self._poll_seconds)
 
     async def scan(self) -> None:
-        """One pass: register new and changed files, release the ids of vanished ones."""
-        known = {name: seen.version for name, seen in self._files.items()}
+        """One pass: register new and changed files, release the ids of vanished ones.
+
+        Listing, reading and comparing against what is known run in a worker thread (the
+        only code touching `_files` while it runs, since scans never overlap); the loop then
+        pays only for what changed, in batches that yield to it.
+        """
+        noted = (self._read_errors, self._crashed)
         try:
-            observed = await asyncio.to_thread(_observe, self._directory, known)
+            listing = await asyncio.to_thread(_observe, self._directory, self._files, noted)
         except OSError as error:
             self._metrics.scan_failing.set(1)
             self._directory_unavailable(error)
@@ -200,21 +223,23 @@ class DirectoryWatcher:
 
         # Registrations come before releases, so an id that moves from one file to another
         # in the same scan is never released.
-        for name in sorted(observed):
-            found = observed[name]
-            if found is not None:
-                await self._update_confined(name, found)
-        for name in sorted(self._files.keys() - observed.keys()):
+        for done, name in enumerate(sorted(listing.changed), start=1):
+            await self._update_confined(name, listing.changed[name])
+            if done % BATCH_FILES == 0:
+                await asyncio.sleep(0)  # thousands of new files must not stall the loop
+        for name in sorted(listing.gone):
             seen = self._files.pop(name)
+            self._unhold(seen.held)
             log.info("ingestion_file_removed", file=name, ingestion_id=seen.held)
             if seen.held is not None:
                 self._to_release.add(seen.held)
-        for name in self._read_errors.keys() - observed.keys():
-            del self._read_errors[name]
-        for name in self._crashed.keys() - observed.keys():
-            del self._crashed[name]
+        for name in listing.forgotten:
+            self._read_errors.pop(name, None)
+            self._crashed.pop(name, None)
         if not self._reconciled:
-            self._to_release |= self._tracker.ids_from(Source.DIRECTORY) - self._held()
+            # Once per watcher: ids a previous run registered whose files are gone.
+            held = self._tracker.ids_from(Source.DIRECTORY)
+            self._to_release.update(i for i in held if i not in self._holders)
             self._reconciled = True
         await self._release_orphans()
         self._metrics.scan_succeeded()
@@ -259,8 +284,24 @@ class DirectoryWatcher:
             held = await self._register(name, content)
         previous = self._files.get(name)
         self._files[name] = _Seen(found.version, held)
-        if previous is not None and previous.held is not None and previous.held != held:
-            self._to_release.add(previous.held)
+        self._hold(held)
+        if previous is not None:
+            self._unhold(previous.held)
+            if previous.held is not None and previous.held != held:
+                self._to_release.add(previous.held)
+
+    def _hold(self, ingestion_id: str | None) -> None:
+        if ingestion_id is not None:
+            self._holders[ingestion_id] = self._holders.get(ingestion_id, 0) + 1
+
+    def _unhold(self, ingestion_id: str | None) -> None:
+        if ingestion_id is None:
+            return
+        left = self._holders[ingestion_id] - 1
+        if left:
+            self._holders[ingestion_id] = left
+        else:
+            del self._holders[ingestion_id]
 
     async def _register(self, name: str, named: _Named) -> str | None:
         registration = await self._tracker.register(
@@ -283,24 +324,20 @@ class DirectoryWatcher:
         )
         # A refused update (bad labels, say) of an id the directory already holds leaves it
         # tracked; the file still names it, so it must still be released with the file.
-        if isinstance(named.ingestion_id, str) and named.ingestion_id in self._tracker.ids_from(
-            Source.DIRECTORY
+        if isinstance(named.ingestion_id, str) and self._tracker.holds(
+            named.ingestion_id, Source.DIRECTORY
         ):
             return named.ingestion_id
         return None
 
     async def _release_orphans(self) -> None:
-        held = self._held()
         for ingestion_id in sorted(self._to_release):
-            if ingestion_id not in held:
+            if ingestion_id not in self._holders:
                 was_held = await self._tracker.release(
                     ingestion_id, Source.DIRECTORY, immediate=False
                 )
                 log.info("ingestion_released", ingestion_id=ingestion_id, was_held=was_held)
             self._to_release.discard(ingestion_id)
-
-    def _held(self) -> set[str]:
-        return {seen.held for seen in self._files.values() if seen.held is not None}
 
     def _directory_unavailable(self, error: OSError) -> None:
         missing = isinstance(error, FileNotFoundError)
@@ -320,14 +357,19 @@ class DirectoryWatcher:
             )
 
 
-def _observe(directory: Path, known: Mapping[str, _Version]) -> dict[str, _Observed | None]:
-    """Every candidate file in `directory`: None if its version is in `known`, else what it says.
+def _observe(
+    directory: Path, known: Mapping[str, _Seen], noted: Iterable[Mapping[str, object]]
+) -> _Listing:
+    """The candidate files in `directory` that are new or changed since `known`, and what
+    they say; the names of `known` and of each of `noted` that are no longer listed.
 
-    Blocking: runs in a worker thread. An error listing the directory propagates, so a partial
-    listing is never taken for the whole.
+    Blocking: runs in a worker thread, and reads `known` and `noted`, which the caller must
+    not change meanwhile. An error listing the directory propagates, so a partial listing is
+    never taken for the whole.
     """
     root = os.path.realpath(directory)
-    observed: dict[str, _Observed | None] = {}
+    listed: set[str] = set()
+    changed: dict[str, _Observed] = {}
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith("."):
@@ -339,21 +381,25 @@ def _observe(directory: Path, known: Mapping[str, _Version]) -> dict[str, _Obser
             except FileNotFoundError:  # deleted since listed, or a dangling symlink
                 continue
             except OSError as error:
-                observed[entry.name] = _Observed(_NO_VERSION, _Unreadable(str(error)))
+                listed.add(entry.name)
+                changed[entry.name] = _Observed(_NO_VERSION, _Unreadable(str(error)))
                 continue
             if not stat.S_ISREG(status.st_mode):
                 continue
+            listed.add(entry.name)
             version = _version_of(status)
-            if known.get(entry.name) == version:
-                observed[entry.name] = None
+            seen = known.get(entry.name)
+            if seen is not None and seen.version == version:
                 continue
             try:
-                observed[entry.name] = _read(entry, root)
+                changed[entry.name] = _read(entry, root)
             except Exception as error:  # one file must not stop the scan
                 # No message: an exception's text may quote the content.
                 message = f"{type(error).__name__} while reading the file"
-                observed[entry.name] = _Observed(version, _Bad(FileProblem.CRASHED, message))
-    return observed
+                changed[entry.name] = _Observed(version, _Bad(FileProblem.CRASHED, message))
+    gone = [name for name in known if name not in listed]
+    forgotten = [name for names in noted for name in names if name not in listed]
+    return _Listing(changed, gone, forgotten)
 
 
 def _read(entry: os.DirEntry[str], root: str) -> _Observed:

@@ -121,7 +121,7 @@ class ClientFaultFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place when its exception is the client's fault."""
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError | ConnectionResetError):
+        if isinstance(error, HttpProcessingError | ConnectionError):
             record.msg = f"client_request_refused: {type(error).__name__}"
             record.args = ()
             record.exc_info = None
@@ -140,7 +140,7 @@ def configure_logging(
     """(Re)configure structlog and the standard library; safe to call again on reload.
 
     With `mask`, every line (structlog's and the standard library's) goes through it last,
-    after exceptions were formatted, just before rendering.
+    just before rendering, after exceptions were formatted.
     """
     out = stream if stream is not None else sys.stdout
     masking: list[Any] = [] if mask is None else [mask]
@@ -172,6 +172,8 @@ def configure_logging(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # A real fault's traceback is worth having; the client's own faults were
+                # turned into one warning line by ClientFaultFilter before this.
                 structlog.processors.format_exc_info,
                 *masking,
                 renderer,

@@ -10,8 +10,10 @@ at most is. Where the report goes is the caller's: a `ReportSink` (a temporary f
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +22,7 @@ import yarl
 from aiohttp import web
 
 from exporter.client import CatalogClient
-from exporter.models import PollError
+from exporter.models import RETRYABLE_ERRORS, PollError
 from exporter.responses import clean_text
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
 DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 300.0
 
 _CHUNK_BYTES = 64 * 1024
+#: The longest pause before polling again for a link: someone is waiting at a terminal.
+_MAX_RETRY_DELAY_SECONDS = 10.0
 #: How much of an error answer is read to find S3's <Code> and <Message>.
 _ERROR_BODY_BYTES = 4096
 _S3_ERROR_FIELD = re.compile(r"<(Code|Message)>([^<]{1,300})</\1>")
@@ -150,10 +154,26 @@ class ResponseSink:
 
 
 async def fetch_report(
-    client: CatalogClient, ingestion_id: str, sink: ReportSink, limits: DownloadLimits
+    client: CatalogClient,
+    ingestion_id: str,
+    sink: ReportSink,
+    limits: DownloadLimits,
+    *,
+    retries: int = 0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> ReportOutcome:
-    """Poll the API once for a fresh link, then download the report into `sink`."""
+    """Poll the API for a fresh link, then download the report into `sink`.
+
+    A throttled, failed or unanswered poll is tried again up to `retries` times, after the
+    server's Retry-After or 1, 2, 4... seconds: the exporter may be using the API's budget.
+    """
     outcome, link = await client.fetch_report_link(ingestion_id)
+    for attempt in range(retries):
+        if not (isinstance(outcome, PollError) and outcome.kind in RETRYABLE_ERRORS):
+            break
+        delay = outcome.retry_after if outcome.retry_after is not None else 2.0**attempt
+        await sleep(min(delay, _MAX_RETRY_DELAY_SECONDS))
+        outcome, link = await client.fetch_report_link(ingestion_id)
     if isinstance(outcome, PollError):
         detail = f": {outcome.message}" if outcome.message else ""
         code = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""

@@ -19,16 +19,17 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO, TextIO
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from exporter.auth import RequestAuth
 from exporter.client import CatalogClient
 from exporter.config import Config, ConfigError, load_config
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.metrics import ApiMetrics
 from exporter.models import ingestion_id_problem
 from exporter.report import (
@@ -46,6 +47,9 @@ __all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "main"]
 #: `kubectl exec ... -- catalog-upload-exporter report ID` needs no --config.
 DEFAULT_CONFIG_PATH = "/etc/catalog-upload-exporter/config.yaml"
 CONFIG_ENV = "CATALOG_EXPORTER_CONFIG"
+
+#: Polls tried again when throttled or failing, before giving up with exit 3.
+RETRIES = 3
 
 EXIT_OK, EXIT_NOT_READY, EXIT_USAGE, EXIT_FAILED, EXIT_TOO_LARGE = 0, 1, 2, 3, 4
 
@@ -115,6 +119,7 @@ def main(
     stdout: BinaryIO | None = None,
     stderr: TextIO | None = None,
     auth_factory: AuthFactory = auth_from_config,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> int:
     """Run the command; returns its exit code."""
     err = sys.stderr if stderr is None else stderr
@@ -135,8 +140,12 @@ def main(
         for line in exc.problems:
             print(f"  - {line}", file=err)
         return EXIT_USAGE
+    auth = auth_factory(config.api.auth)
+    # Every line on stderr, logs and messages, is masked: an API may echo our token back.
+    mask = SecretMask()
+    mask.watch("api", auth.held_secrets)
     # Logs go to stderr: stdout may be the report itself.
-    configure_logging(config.logging.level, config.logging.format, stream=err)
+    configure_logging(config.logging.level, config.logging.format, stream=err, mask=mask)
     out = (sys.stdout.buffer if stdout is None else stdout) if output is None else None
     limits = DownloadLimits(config.api.max_report_bytes, args.timeout)
     return asyncio.run(
@@ -146,8 +155,9 @@ def main(
             limits=limits,
             output=output,
             stdout=out,
-            err=err,
-            auth_factory=auth_factory,
+            err=_MaskedText(err, mask),
+            auth=auth,
+            sleep=sleep,
         )
     )
 
@@ -159,8 +169,9 @@ async def _run(
     limits: DownloadLimits,
     output: Path | None,
     stdout: BinaryIO | None,
-    err: TextIO,
-    auth_factory: AuthFactory,
+    err: _MaskedText,
+    auth: RequestAuth,
+    sleep: Callable[[float], Awaitable[None]],
 ) -> int:
     directory = None if output is None else output.parent
     prefix = "report-" if output is None else f".{output.name}."
@@ -176,12 +187,14 @@ async def _run(
             client = CatalogClient(
                 session,
                 base_url=config.api.base_url,
-                auth=auth_factory(config.api.auth),
+                auth=auth,
                 timeout_seconds=config.api.timeout_seconds,
                 max_response_bytes=config.api.max_response_bytes,
                 metrics=ApiMetrics(CollectorRegistry(auto_describe=True)),
             )
-            outcome = await fetch_report(client, ingestion_id, _SpoolSink(spool), limits)
+            outcome = await fetch_report(
+                client, ingestion_id, _SpoolSink(spool), limits, retries=RETRIES, sleep=sleep
+            )
         if isinstance(outcome, ReportFailure):
             print(f"{_PROG}: {_describe(outcome, ingestion_id)}", file=err)
             return _EXIT_CODES[outcome.problem]
@@ -210,6 +223,22 @@ async def _run(
         file=err,
     )
     return EXIT_OK
+
+
+class _MaskedText:
+    """A text stream that masks the secrets the process holds in whatever is written."""
+
+    def __init__(self, stream: TextIO, mask: SecretMask) -> None:
+        self._stream = stream
+        self._mask = mask
+
+    def write(self, text: str) -> int:
+        """Write `text`, masked."""
+        return self._stream.write(self._mask.mask(text))
+
+    def flush(self) -> None:
+        """Flush the stream."""
+        self._stream.flush()
 
 
 def _describe(failure: ReportFailure, ingestion_id: str) -> str:

@@ -76,7 +76,7 @@ class Poller:
         max_concurrency: int,
         metrics: ExporterMetrics,
         upload_metrics: UploadMetrics,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[str], None] = lambda ingestion_id: None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -291,13 +291,13 @@ class Poller:
         log.info("status_changed", **{"from": transition.old, "to": transition.new})
         self._upload_metrics.observe(transition)
         # Only status changes are worth a state write; a fresher last-success time is not.
-        self._on_change()
+        self._on_change(transition.ingestion_id)
 
     def _retire(self, ingestion_id: str) -> None:
         self._failures.pop(ingestion_id, None)
         if self._store.retire(ingestion_id):
             log.info("retention_expired", ingestion_id=ingestion_id)
-            self._on_change()
+            self._on_change(ingestion_id)
 
     def _schedule(self, ingestion_id: str, delay: float, action: Action) -> None:
         if ingestion_id not in self._store:

@@ -109,7 +109,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
-    except ConnectionResetError:
+    except ConnectionError:
         log.debug("scrape_client_gone", peer=request.remote)
     except TimeoutError:
         exporter.metrics.scrape_clients_dropped.inc()

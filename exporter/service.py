@@ -9,6 +9,7 @@ no HTTP serving (see `server` and `admin`) and no file watching of the config (s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -47,7 +48,7 @@ from exporter.report import (
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
 from exporter.sqs import QueueErrorKind, QueueReceiver
-from exporter.state import StateWriter, UnavailableState, load_state
+from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
 
@@ -154,7 +155,7 @@ class Exporter:
             max_concurrency=self.config.api.max_concurrency,
             metrics=self.metrics,
             upload_metrics=self.upload_metrics,
-            on_change=self.tracker.mark_dirty,
+            on_change=self.tracker.changed,
             rng=self._rng,
         )
         self._poller.start()
@@ -221,7 +222,10 @@ class Exporter:
             return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
         await self.limiter.acquire()
         limits = DownloadLimits(self.config.api.max_report_bytes)
-        return await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        outcome = await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
+            return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
+        return outcome
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:
@@ -236,10 +240,16 @@ class Exporter:
             self.metrics.state_available.set(1)  # 0 means "set but unusable": alertable
             return
         path = Path(self.config.state.path)
-        result = await asyncio.to_thread(load_state, path)
+        writer, result = await open_state(
+            path,
+            record=self.tracker.record,
+            retired_at=self.tracker.retired_at,
+            debounce_seconds=self.config.state.debounce_seconds,
+            on_error=self._state_write_failed,
+        )
         self.metrics.state_skipped_entries.inc(result.skipped)
-        self.metrics.state_available.set(1 if result.available else 0)
-        if not result.available:
+        self.metrics.state_available.set(1 if writer is not None else 0)
+        if writer is None:
             log.error(
                 "state_persistence_unavailable",
                 path=str(path),
@@ -249,25 +259,28 @@ class Exporter:
             )
             self.tracker.attach_state(UnavailableState(path, result.problem or "unreadable"))
             return
-        if result.problem is not None:
-            if result.skipped == 0:
-                self.metrics.state_load_errors.inc()
+        if result.moved_to is not None:
+            self.metrics.state_load_errors.inc()
             log.error(
-                "state_file_unusable" if result.skipped == 0 else "state_entries_skipped",
+                "state_file_unusable",
                 path=str(path),
                 problem=result.problem,
-                moved_to=str(result.moved_to) if result.moved_to else None,
+                moved_to=str(result.moved_to),
             )
+        elif result.problem is not None:
+            log.error("state_entries_skipped", path=str(path), problem=result.problem)
+        if result.migrated_from is not None:
+            log.warning(
+                "state_migrated",
+                path=str(path),
+                uploads=len(result.snapshot.uploads),
+                json_kept_as=str(result.migrated_from),
+            )
+        self._state = writer
+        self.tracker.attach_state(writer)
         self.tracker.restore(result.snapshot)
         log.info("state_restored", path=str(path), uploads=len(result.snapshot.uploads))
-        self._state = StateWriter(
-            path,
-            self.tracker.snapshot,
-            debounce_seconds=self.config.state.debounce_seconds,
-            on_error=self._state_write_failed,
-        )
-        self.tracker.attach_state(self._state)
-        self._spawn("state-writer", self._state.run())
+        self._spawn("state-writer", writer.run())
 
     def _state_write_failed(self, error: Exception) -> None:
         self.metrics.state_write_errors.inc()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from exporter.models import (
 )
 from exporter.responses import clean_text
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateSnapshot, StateWriter, UnavailableState, UploadRecord
+from exporter.state import StateSnapshot, UploadRecord
+from exporter.state_writer import Persistence
 from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
@@ -52,6 +54,9 @@ MAX_LABEL_VALUE_LENGTH = 128
 #: Retired ids are remembered this long, so a restart or a file still lying in the watched
 #: directory does not re-poll a finished upload; after that the list is pruned.
 RETIRED_MEMORY_SECONDS = 7 * 86400.0
+
+#: How often retired ids past their memory are looked for (each look costs O(ids forgotten)).
+RETIRED_PRUNE_SECONDS = 60.0
 
 _REASON_TEXT = {
     RejectReason.NOT_A_STRING: "ingestionId must be a string",
@@ -138,6 +143,10 @@ class Tracker(Protocol):
         """Ids that `source` currently holds (a restarted directory watcher reconciles these)."""
         ...
 
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now; O(1), unlike `ids_from`."""
+        ...
+
 
 def _label_problem(labels: Mapping[str, object], allowed: tuple[str, ...]) -> str | None:
     for name, value in labels.items():
@@ -185,7 +194,7 @@ class IngestionTracker:
         on_added: Callable[[list[str]], None],
         on_removed: Callable[[list[str]], None],
         on_rejected: Callable[[RejectReason], None],
-        state: StateWriter | UnavailableState | None = None,
+        state: Persistence | None = None,
         shard: Shard = UNSHARDED,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -201,14 +210,15 @@ class IngestionTracker:
         # Durable changes to one id take turns: a change rolled back after a failed write
         # must not take a concurrent, acknowledged change to the same id with it.
         self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._pruned_at = -math.inf
 
     def configure(self, *, max_tracked: int, label_names: tuple[str, ...]) -> None:
         """Apply reloaded limits; ids already tracked stay, even above a lowered cap."""
         self._max_tracked = max_tracked
         self._label_names = label_names
 
-    def attach_state(self, state: StateWriter | UnavailableState | None) -> None:
-        """Persist through `state` from now on (set once the writer is running)."""
+    def attach_state(self, state: Persistence | None) -> None:
+        """Persist through `state` from now on (set before `restore`)."""
         self._state = state
 
     async def register(
@@ -256,7 +266,7 @@ class IngestionTracker:
         def undo() -> None:
             self._undo_add(ingestion_id, source, created=created, held=held, labels=old_labels)
 
-        await self._changed(durable, undo)
+        await self._changed(ingestion_id, durable, undo)
         return Registration(ingestion_id, accepted=True, created=created)
 
     def _undo_add(
@@ -297,7 +307,7 @@ class IngestionTracker:
             def undo() -> None:
                 self._undo_release(upload, source, removed=removed)
 
-            await self._changed(durable, undo)
+            await self._changed(ingestion_id, durable, undo)
             return True
 
     def _undo_release(self, upload: TrackedUpload, source: Source, *, removed: bool) -> None:
@@ -336,25 +346,37 @@ class IngestionTracker:
         refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once.
         """
         wanted = dict.fromkeys(i for i in ids if self._shard.owns(i))
-        for ingestion_id in self.ids_from(Source.CONFIG) - wanted.keys():
+        dropped = self.ids_from(Source.CONFIG) - wanted.keys()
+        for ingestion_id in dropped:
             self._store.drop_source(ingestion_id, Source.CONFIG.value)
             upload = self._store.get(ingestion_id)
             if upload is not None and upload.released:
                 self._store.remove(ingestion_id)
                 self._on_removed([ingestion_id])
+        newly_held = []
+        for ingestion_id in wanted:
+            upload = self._store.get(ingestion_id)
+            if not self._store.is_retired(ingestion_id) and (
+                upload is None or Source.CONFIG.value not in upload.sources
+            ):
+                newly_held.append(ingestion_id)
         added = [
             ingestion_id
-            for ingestion_id in wanted
-            if not self._store.is_retired(ingestion_id)
-            and self._store.add(ingestion_id, Source.CONFIG.value, {})
+            for ingestion_id in newly_held
+            if self._store.add(ingestion_id, Source.CONFIG.value, {})
         ]
         if added:
             self._on_added(added)
-        self._mark_dirty()
+        self._mark([*dropped, *newly_held])
 
     def ids_from(self, source: Source) -> set[str]:
         """Ids that `source` currently holds."""
         return {u.ingestion_id for u in self._store if source.value in u.sources}
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now."""
+        upload = self._store.get(ingestion_id)
+        return upload is not None and source.value in upload.sources
 
     def view(self, ingestion_id: str) -> UploadView | None:
         """One upload as the admin API shows it."""
@@ -392,34 +414,39 @@ class IngestionTracker:
         others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
         return (*KNOWN_STATUSES, *others)
 
-    def snapshot(self) -> StateSnapshot:
-        """What the state file must hold now."""
-        self._store.forget_retired(before=self._clock() - RETIRED_MEMORY_SECONDS)
-        return StateSnapshot(
-            uploads=tuple(
-                UploadRecord(
-                    ingestion_id=u.ingestion_id,
-                    sources=tuple(sorted(u.sources)),
-                    labels=dict(u.labels),
-                    status=u.status,
-                    first_seen=u.first_seen,
-                    status_changed=u.status_changed,
-                    last_success=u.last_success,
-                    terminal_at=u.terminal_at,
-                    report_available=u.report_available,
-                    queue_observed=u.queue_observed,
-                    released=u.released,
-                )
-                for u in self._store
-            ),
-            retired=dict(self._store.retired),
+    def record(self, ingestion_id: str) -> UploadRecord | None:
+        """What the state must hold for this id now (None: no row)."""
+        u = self._store.get(ingestion_id)
+        if u is None:
+            return None
+        return UploadRecord(
+            ingestion_id=u.ingestion_id,
+            sources=tuple(sorted(u.sources)),
+            labels=dict(u.labels),
+            status=u.status,
+            first_seen=u.first_seen,
+            status_changed=u.status_changed,
+            last_success=u.last_success,
+            terminal_at=u.terminal_at,
+            report_available=u.report_available,
+            queue_observed=u.queue_observed,
+            released=u.released,
         )
 
+    def retired_at(self, ingestion_id: str) -> float | None:
+        """When the id was retired, if it is remembered as retired."""
+        return self._store.retired.get(ingestion_id)
+
     def restore(self, snapshot: StateSnapshot) -> None:
-        """Load what a previous run persisted, before polling starts."""
+        """Load what a previous run persisted, before polling starts.
+
+        Rows of ids another replica owns now (sharding.total changed) are deleted.
+        """
+        not_owned = []
         for record in snapshot.uploads:
             if not self._shard.owns(record.ingestion_id):
-                continue  # sharding.total changed since: another replica owns it now
+                not_owned.append(record.ingestion_id)
+                continue
             self._store.restore(
                 TrackedUpload(
                     ingestion_id=record.ingestion_id,
@@ -435,19 +462,34 @@ class IngestionTracker:
                 )
             )
         self._store.restore_retired(snapshot.retired)
+        self._mark(not_owned)
+        self._prune_retired()
 
-    def mark_dirty(self) -> None:
-        """Upload state changed (a poll): persist it within the debounce."""
-        self._mark_dirty()
+    def changed(self, ingestion_id: str) -> None:
+        """A poll changed this upload (status, retirement): persist it within the debounce."""
+        self._mark([ingestion_id])
+        if self._state is not None and self._store.is_retired(ingestion_id):
+            self._state.mark_retired([ingestion_id])
+        self._prune_retired()
 
-    def _mark_dirty(self) -> None:
-        if self._state is not None:
-            self._state.mark_dirty()
+    def _prune_retired(self) -> None:
+        """Forget retired ids past their memory, at most once a minute."""
+        now = self._clock()
+        if now - self._pruned_at < RETIRED_PRUNE_SECONDS:
+            return
+        self._pruned_at = now
+        forgotten = self._store.forget_retired(before=now - RETIRED_MEMORY_SECONDS)
+        if forgotten and self._state is not None:
+            self._state.mark_retired(forgotten)
 
-    async def _changed(self, durable: bool, undo: Callable[[], None]) -> None:
+    def _mark(self, ingestion_ids: list[str]) -> None:
+        if self._state is not None and ingestion_ids:
+            self._state.mark(ingestion_ids)
+
+    async def _changed(self, ingestion_id: str, durable: bool, undo: Callable[[], None]) -> None:
         """Persist the change; durably: wait for the write, and roll the change back if the
         write fails (the StateError then propagates)."""
-        self._mark_dirty()
+        self._mark([ingestion_id])
         if durable and self._state is not None:
             await self._state.flush(undo)
 

@@ -188,8 +188,8 @@ class UploadStore:
         self._render(upload, True)
 
     def restore_retired(self, retired: Mapping[str, float]) -> None:
-        """Put back the retired ids read from the state file."""
-        self._retired.update(retired)
+        """Put back the retired ids read from the state, in the order they retired."""
+        self._retired.update(sorted(retired.items(), key=lambda item: item[1]))
 
     def drop_source(self, ingestion_id: str, source: str) -> bool:
         """`source` no longer wants the id; True if it held it. The upload itself stays."""
@@ -203,10 +203,17 @@ class UploadStore:
         """Stop tracking at once; its series disappear. True if it was tracked."""
         return self._forget(ingestion_id) is not None
 
-    def forget_retired(self, before: float) -> None:
-        """Forget ids retired before `before` (wall clock): the list must not grow forever."""
-        for ingestion_id in [i for i, at in self._retired.items() if at < before]:
+    def forget_retired(self, before: float) -> list[str]:
+        """Forget ids retired before `before` (wall clock) and return them: the list must not
+        grow forever. Ids are kept in the order they retired, so this costs O(forgotten)."""
+        forgotten = []
+        for ingestion_id, at in self._retired.items():
+            if at >= before:
+                break
+            forgotten.append(ingestion_id)
+        for ingestion_id in forgotten:
             del self._retired[ingestion_id]
+        return forgotten
 
     def retire(self, ingestion_id: str) -> bool:
         """Stop tracking an upload whose terminal retention ran out; its series disappear.

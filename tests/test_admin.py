@@ -8,9 +8,11 @@ from what the API really answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -35,7 +37,7 @@ from exporter.config import ConfigError, parse_config
 from exporter.logs import configure_logging
 from exporter.models import Status, StatusReport
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateWriter
+from exporter.state_writer import Persistence, UnavailableState, open_state
 from exporter.tracking import UNSHARDED, IngestionTracker, RejectReason, Source
 from exporter.uploads import UploadStore
 from tests.conftest import free_port, wait_for
@@ -163,11 +165,19 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
             shard=shard,
             clock=lambda: NOW,
         )
-        path = state_path or tmp_path / "state.json"
+        path = state_path or tmp_path / "state.db"
         # An hour's debounce: only a durable flush can have written the file during a test.
-        writer = StateWriter(path, tracker.snapshot, debounce_seconds=3600)
-        tracker.attach_state(writer)
-        writers.append(asyncio.create_task(writer.run()))
+        writer, result = await open_state(
+            path,
+            record=tracker.record,
+            retired_at=tracker.retired_at,
+            debounce_seconds=3600,
+            busy_timeout_seconds=0.05,
+        )
+        state: Persistence = writer or UnavailableState(path, result.problem or "")
+        tracker.attach_state(state)
+        if writer is not None:
+            writers.append(asyncio.create_task(writer.run()))
         app = create_admin_app(tracker, token_file=token_file)
         app.middlewares.insert(0, recorder(observed))
         server = TestServer(app, host="127.0.0.1", port=port)
@@ -196,9 +206,9 @@ async def admin(start_admin: AdminFactory) -> Admin:
 
 
 def on_disk(admin: Admin) -> list[str]:
-    """The ids the state file holds right now."""
-    document = json.loads(admin.state_path.read_text())
-    return [record["ingestion_id"] for record in document["uploads"]]
+    """The ids the state database holds right now (read by a connection of our own)."""
+    with contextlib.closing(sqlite3.connect(admin.state_path)) as db:
+        return [i for (i,) in db.execute("SELECT ingestion_id FROM uploads ORDER BY rowid")]
 
 
 # -- registering --------------------------------------------------------------------------------
@@ -227,7 +237,7 @@ async def test_registering_a_new_id_answers_201_with_its_view_and_location(admin
 
 async def test_the_state_file_holds_the_id_when_the_201_arrives(admin: Admin) -> None:
     """A 2xx is an acknowledgement: the id is already in the state file on disk."""
-    assert not admin.state_path.exists()
+    assert on_disk(admin) == []
     answer = await admin.post({"ingestionId": "durable-1"})
     assert answer.status == 201
     assert on_disk(admin) == ["durable-1"]
@@ -373,21 +383,24 @@ async def test_a_state_write_failure_answers_503_and_is_not_acknowledged(
     assert "missing-dir" not in answer.body["message"]
 
 
-def break_state_writes(admin: Admin) -> None:
-    """Make every state write fail for real: a directory where the file must be renamed to."""
-    admin.state_path.unlink(missing_ok=True)
-    admin.state_path.mkdir()
+def break_state_writes(admin: Admin) -> sqlite3.Connection:
+    """Make every state write fail for real: another connection holds the write lock, so the
+    writer's transactions end in "database is locked" after its busy timeout."""
+    db = sqlite3.connect(admin.state_path, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    return db
 
 
-def repair_state_writes(admin: Admin) -> None:
+def repair_state_writes(lock: sqlite3.Connection) -> None:
     """Undo `break_state_writes`."""
-    admin.state_path.rmdir()
+    lock.execute("ROLLBACK")
+    lock.close()
 
 
 async def test_a_registration_answered_503_leaves_no_trace(admin: Admin) -> None:
     """A 503 POST is rolled back: not tracked, no series, and not in any later write."""
     assert (await admin.post({"ingestionId": "acked"})).status == 201
-    break_state_writes(admin)
+    lock = break_state_writes(admin)
 
     answer = await admin.post({"ingestionId": "refused", "labels": {"team": "x"}})
     relabel = await admin.post({"ingestionId": "acked", "labels": {"team": "new"}})
@@ -397,7 +410,7 @@ async def test_a_registration_answered_503_leaves_no_trace(admin: Admin) -> None
     assert admin.tracker.view("refused") is None and "refused" not in admin.store
     assert admin.removed == ["refused"]  # the poller was told to forget it
     assert dict(admin.store.get("acked").labels) == {}  # type: ignore[union-attr]
-    repair_state_writes(admin)
+    repair_state_writes(lock)
     assert (await admin.post({"ingestionId": "later"})).status == 201
     assert on_disk(admin) == ["acked", "later"]
 
@@ -405,7 +418,7 @@ async def test_a_registration_answered_503_leaves_no_trace(admin: Admin) -> None
 async def test_a_delete_answered_503_leaves_the_id_tracked_and_persisted(admin: Admin) -> None:
     """A 503 DELETE is rolled back: the id stays tracked for the API and in later writes."""
     assert (await admin.post({"ingestionId": "kept", "labels": {"team": "a"}})).status == 201
-    break_state_writes(admin)
+    lock = break_state_writes(admin)
 
     answer = await admin.call("DELETE", "/api/v1/ingestions/kept")
 
@@ -413,7 +426,7 @@ async def test_a_delete_answered_503_leaves_the_id_tracked_and_persisted(admin: 
     shown = await admin.call("GET", "/api/v1/ingestions/kept")
     assert shown.status == 200 and shown.body["sources"] == ["api"]
     assert shown.body["labels"] == {"team": "a"}
-    repair_state_writes(admin)
+    repair_state_writes(lock)
     assert (await admin.post({"ingestionId": "later"})).status == 201
     assert on_disk(admin) == ["kept", "later"]
     assert (await admin.call("DELETE", "/api/v1/ingestions/kept")).status == 204

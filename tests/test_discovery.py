@@ -16,9 +16,16 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from exporter.discovery import MAX_FILE_BYTES, MAX_JSON_DEPTH, DirectoryWatcher, FileProblem
+from exporter.discovery import (
+    BATCH_FILES,
+    MAX_FILE_BYTES,
+    MAX_JSON_DEPTH,
+    DirectoryWatcher,
+    FileProblem,
+)
 from exporter.metrics import DirectoryMetrics
-from exporter.tracking import Registration, RejectReason, Source, Tracker
+from exporter.tracking import IngestionTracker, Registration, RejectReason, Source, Tracker
+from exporter.uploads import UploadStore
 from tests.conftest import (
     ExporterFactory,
     SimulatorFactory,
@@ -39,6 +46,7 @@ class FakeTracker:
         self.registered: list[object] = []
         self.rejected: list[RejectReason] = []
         self.released: list[tuple[str, bool]] = []
+        self.ids_from_calls = 0
 
     async def register(
         self,
@@ -72,7 +80,11 @@ class FakeTracker:
         return True
 
     def ids_from(self, source: Source) -> set[str]:
+        self.ids_from_calls += 1
         return {i for i, holders in self.sources.items() if source in holders}
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        return source in self.sources.get(ingestion_id, set())
 
 
 def _id_problem(ingestion_id: object) -> tuple[RejectReason, str] | None:
@@ -681,3 +693,75 @@ def test_poll_seconds_must_be_positive(tmp_path: Path) -> None:
     """A zero interval would spin the event loop; the constructor refuses it."""
     with pytest.raises(ValueError, match="poll_seconds"):
         DirectoryWatcher(tmp_path, FakeTracker(), poll_seconds=0)
+
+
+class TickingTracker(IngestionTracker):
+    """A real tracker that notes how often the event loop ran before each registration."""
+
+    def __init__(self, store: UploadStore) -> None:
+        super().__init__(
+            store,
+            max_tracked=20_000,
+            label_names=(),
+            on_added=lambda ids: None,
+            on_removed=lambda ids: None,
+            on_rejected=lambda reason: None,
+        )
+        self.ticks = 0
+        self.seen_at: list[int] = []
+        self.first = asyncio.Event()
+
+    async def tick(self) -> None:
+        """Count loop iterations from the first registration on (not while files are read)."""
+        await self.first.wait()
+        while True:
+            await asyncio.sleep(0)
+            self.ticks += 1
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        self.first.set()
+        self.seen_at.append(self.ticks)
+        return await super().register(ingestion_id, source, labels, durable=durable)
+
+
+async def test_ten_thousand_files_dropped_at_once_are_all_tracked_without_holding_the_loop(
+    tmp_path: Path,
+) -> None:
+    """One scan registers 10,000 new files with the real tracker, yielding to the loop."""
+    for n in range(10_000):
+        (tmp_path / f"amzn1.ingestion.{n:05d}").touch()
+    store = UploadStore()
+    tracker = TickingTracker(store)
+    ticker = asyncio.create_task(tracker.tick())
+    try:
+        await watcher(tmp_path, tracker).scan()
+    finally:
+        ticker.cancel()
+    assert len(store) == 10_000
+    assert tracker.ids_from(Source.DIRECTORY) == {f"amzn1.ingestion.{n:05d}" for n in range(10_000)}
+    # Other tasks ran between batches of registrations: no single long stall.
+    assert tracker.seen_at[-1] - tracker.seen_at[0] >= 10_000 // BATCH_FILES // 2
+
+
+async def test_unchanged_and_refused_files_cost_no_pass_over_the_tracked_ids(
+    tmp_path: Path,
+) -> None:
+    """Only the first scan lists the tracker's directory ids; refusals ask about one id."""
+    for n in range(20):
+        put(tmp_path / f"good-{n}", f"amzn1.ingestion.{n}")
+        put(tmp_path / f"bad-{n}", json.dumps({"ingestionId": f"id-{n}", "labels": {"X": "y"}}))
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    put(tmp_path / "late", "amzn1.ingestion.late")
+    await directory.scan()
+    assert tracker.ids_from_calls == 1
+    assert len(tracker.registered) == 41

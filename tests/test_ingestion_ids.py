@@ -9,7 +9,7 @@ import pytest
 
 from exporter.config import ConfigError, parse_config
 from exporter.models import RejectReason, ingestion_id_problem
-from exporter.state import StateSnapshot, UploadRecord, load_state, save_state
+from exporter.state import UploadRecord, open_store
 from exporter.tracking import Source
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, value, wait_for
 
@@ -93,11 +93,18 @@ async def test_a_watched_file_naming_one_is_refused_and_counted(
 
 def test_a_state_file_record_with_one_is_dropped_and_the_rest_loads(tmp_path: Path) -> None:
     """A restart does not bring back an id the tracker would refuse today."""
-    path = tmp_path / "state.json"
+    path = tmp_path / "state.db"
     good = UploadRecord("amzn1.ingestion.abc", ("api",), {}, "INQUEUE", 1.0, 1.0)
     bad = UploadRecord("amzn1.ingestion.\u202ecba", ("api",), {}, "INQUEUE", 1.0, 1.0)
-    save_state(path, StateSnapshot((bad, good), {"amzn1.ingestion.\u200bold": 1.0}))
-    result = load_state(path)
+    store, _ = open_store(path)
+    assert store is not None
+    store.apply(
+        [(bad.ingestion_id, bad), (good.ingestion_id, good)], [("amzn1.ingestion.\u200bold", 1.0)]
+    )
+    store.close()
+    store, result = open_store(path)
+    assert store is not None
+    store.close()
     assert result.snapshot.uploads == (good,)
     assert result.snapshot.retired == {}
     assert result.problem is not None

@@ -8,9 +8,12 @@ import asyncio
 import io
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import aiohttp
@@ -23,6 +26,7 @@ from exporter import report_command
 from exporter.admin import create_admin_app
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import AuthConfig
+from exporter.demo import REPORT_EXAMPLE_ID, report_example, write_report_config
 from exporter.report import DownloadLimits, ReportFailure, ReportFetched, ReportProblem, download
 from exporter.simulator import (
     TEST_ACCESS_KEY_ID,
@@ -31,7 +35,9 @@ from exporter.simulator import (
     Fault,
     FaultKind,
     Simulator,
+    demo_uploads,
 )
+from exporter.tracking import Source
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 from tests.test_admin import recorder, undocumented
 
@@ -75,10 +81,22 @@ class Run:
         self.stderr = stderr
 
 
-async def run_report(*args: str, auth: Callable[[AuthConfig], RequestAuth] | None = None) -> Run:
-    """Run the command in a thread (it has its own event loop) while the simulator serves."""
+async def run_report(
+    *args: str,
+    auth: Callable[[AuthConfig], RequestAuth] | None = None,
+    slept: list[float] | None = None,
+) -> Run:
+    """Run the command in a thread (it has its own event loop) while the simulator serves;
+    its pauses between retries are recorded in `slept` instead of slept."""
     out, err = io.BytesIO(), io.StringIO()
-    extra: dict[str, Any] = {} if auth is None else {"auth_factory": auth}
+    pauses = [] if slept is None else slept
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    extra: dict[str, Any] = {"sleep": sleep}
+    if auth is not None:
+        extra["auth_factory"] = auth
     code = await asyncio.to_thread(report_command.main, list(args), stdout=out, stderr=err, **extra)
     return Run(code, out.getvalue(), err.getvalue())
 
@@ -229,14 +247,32 @@ async def test_a_redirect_from_the_report_host_is_not_followed(
 async def test_an_api_failure_exits_3_naming_the_kind(
     start_simulator: SimulatorFactory, tmp_path: Path, fault: Fault, kind: str
 ) -> None:
-    """getCatalogUploadStatus failing is exit 3 with the API error kind in the message."""
+    """getCatalogUploadStatus failing is exit 3 with the API error kind in the message, after
+    3 retries for a passing fault (a server error) and none for a lasting one (403)."""
     sim, url = await start_simulator()
     sim.add_upload("up-1", [("FATAL", math.inf)])
     sim.inject(fault)
-    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1")
+    slept: list[float] = []
+    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1", slept=slept)
     assert run.code == 3
     assert f"API error ({kind})" in run.stderr
     assert sim.reports.requests == []
+    assert slept == ([1.0, 2.0, 4.0] if kind == "server_error" else [])
+    assert sim.count(ingestion_id="up-1") == len(slept) + 1
+
+
+async def test_a_throttled_poll_is_retried_after_retry_after(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Two 429s (the exporter may be using the API's budget) and the report still comes."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("FATAL", math.inf)])
+    sim.inject(Fault(FaultKind.THROTTLE, retry_after=3), count=2)
+    slept: list[float] = []
+    run = await run_report("--config", str(write_config(tmp_path, url)), "up-1", slept=slept)
+    assert run.code == 0, run.stderr
+    assert slept == [3.0, 3.0]
+    assert run.stdout == sim.reports.body("up-1")
 
 
 async def test_an_unknown_id_exits_3_as_invalid_ingestion_id(
@@ -483,3 +519,126 @@ def test_fetched_and_failure_carry_no_link() -> None:
     """The outcome types have no field that could hold the link."""
     assert set(ReportFetched.__dataclass_fields__) == {"size", "status", "host"}
     assert set(ReportFailure.__dataclass_fields__) == {"problem", "kind", "message", "status"}
+
+
+# -- the demo -------------------------------------------------------------------------------------
+
+
+async def test_the_demo_banner_report_line_downloads_a_fatal_demo_report(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """The exact shell line the `--demo` banner prints, run by a shell against the demo's
+    simulator (SigV4 with its test key), writes demo-fatal's report to stdout."""
+    clock = [1000.0]
+    sim, url = await start_simulator(auth="sigv4", clock=lambda: clock[0])
+    sim.add_uploads(demo_uploads())
+    clock[0] += 60  # every demo upload has reached its last status
+    line = report_example(write_report_config(url, tmp_path))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", line, env=env, stdout=PIPE, stderr=PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(shell.communicate(), timeout=60)
+    assert shell.returncode == 0, stderr.decode()
+    assert stdout == sim.reports.body(REPORT_EXAMPLE_ID)
+    assert sim.current(REPORT_EXAMPLE_ID)[0] == "FATAL"
+    assert sim.count(ingestion_id=REPORT_EXAMPLE_ID, auth_ok=True) == 1
+    assert_no_link(stderr)
+
+
+# -- runbooks, alerts and the dashboard -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The command as the runbooks, the alerts and the dashboard give it (container name included).
+IN_CONTAINER = "-c catalog-upload-exporter -- catalog-upload-exporter report"
+
+
+def readme_section(heading: str) -> str:
+    """The README text under `### heading`, up to the next heading of that level or above."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n### {heading}\n")
+    end = re.search(r"\n##+ ", text[start + 1 :])
+    return text[start : start + 1 + end.start()] if end else text[start:]
+
+
+@pytest.mark.parametrize("alert", ["CatalogUploadFatal", "CatalogUploadCancelled"])
+def test_fatal_and_cancelled_runbooks_and_alerts_give_the_report_command(alert: str) -> None:
+    """The runbook gives the kubectl exec line; the alert's description carries the id in the
+    same command (and the kubectl form when the series has pod labels)."""
+    assert f"kubectl exec -n NAMESPACE POD {IN_CONTAINER} '<id>'" in readme_section(alert)
+    rules = yaml.safe_load(
+        (ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml").read_text()
+    )
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    description = " ".join(rule["annotations"]["description"].split())
+    # Rendered (tests/rules) as a kubectl exec line when the pod label is there, else bare.
+    assert (
+        "kubectl exec -n {{ $labels.namespace }} {{ $labels.pod }} -c catalog-upload-exporter -- "
+        "{{ end }}catalog-upload-exporter report '{{ $labels.ingestion_id }}'"
+    ) in description
+
+
+def test_the_container_and_config_path_the_runbook_assumes_are_the_manifests() -> None:
+    """`-c catalog-upload-exporter` names the exporter's container in the sidecar component and
+    the sharded StatefulSet, and the command's default --config is the path they give it."""
+    for manifest in ("components/sidecar/sidecar.yaml", "overlays/sharded/statefulset.yaml"):
+        document = yaml.safe_load((ROOT / "deploy" / manifest).read_text())
+        spec = document["spec"]["template"]["spec"]
+        containers = spec.get("initContainers", []) + spec.get("containers", [])
+        (exporter,) = [c for c in containers if c["name"] == "catalog-upload-exporter"]
+        args = exporter["args"]
+        assert args[args.index("--config") + 1] == report_command.DEFAULT_CONFIG_PATH, manifest
+
+
+def test_the_attention_table_shows_the_report_command_for_the_rows_id() -> None:
+    """The dashboard's attention table links each ingestion id to the report command for that
+    id (a data link titled with the command) and to the README's section on it."""
+    dashboard = json.loads(
+        (ROOT / "deploy" / "grafana" / "catalog-upload-exporter.json").read_text()
+    )
+    (table,) = [p for p in dashboard["panels"] if p.get("title") == "Uploads needing attention"]
+    (override,) = [
+        o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Ingestion id"
+    ]
+    (links,) = [p["value"] for p in override["properties"] if p["id"] == "links"]
+    (link,) = links
+    assert f"{IN_CONTAINER} '${{__value.raw}}'" in link["title"]
+    assert link["url"].endswith("README.md#the-report-command")
+    assert "\n## The `report` command\n" in (ROOT / "README.md").read_text()
+
+
+async def test_a_token_echoed_by_the_api_reaches_neither_stderr_nor_the_admin_route(
+    start_simulator: SimulatorFactory,
+    start_exporter: ExporterFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway that echoes our bearer token (bare, in a custom header) in its error message:
+    the command's message and the admin route's JSON error show `<secret>` instead."""
+    sim, url = await start_simulator(auth="bearer", tokens=[TOKEN], token_header="X-Api-Key")
+    sim.add_upload("up-1", [("FATAL", math.inf)])
+    sim.inject(Fault(FaultKind.UNAUTHORIZED, body=f"token {TOKEN} is not allowed here"))
+    monkeypatch.setenv("CATALOG_TOKEN", TOKEN)
+    api_auth = {"type": "bearer", "token_env": "CATALOG_TOKEN", "header": "X-Api-Key", "scheme": ""}
+    run = await run_report("--config", str(write_config(tmp_path, url, auth=api_auth)), "up-1")
+    assert run.code == 3
+    assert "is not allowed here" in run.stderr
+    assert TOKEN not in run.stderr
+    running = await start_exporter(fast_config(url, [], api={"auth": api_auth}))
+    await running.exporter.tracker.register("up-1", Source.API, None)
+    app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/api/v1/ingestions/up-1/report")) as response,
+        ):
+            body = await response.json()
+    finally:
+        await server.close()
+    assert (response.status, body["error"]) == (502, "api_error")
+    assert "is not allowed here" in body["message"]
+    assert TOKEN not in body["message"]
