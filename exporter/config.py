@@ -65,10 +65,12 @@ __all__ = [
     "IngestionsConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "NotificationsConfig",
     "PollingConfig",
     "ReloadConfig",
     "ServerConfig",
     "ShardingConfig",
+    "SqsConfig",
     "StateConfig",
     "is_loopback_host",
     "load_config",
@@ -223,6 +225,33 @@ class ShardingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SqsConfig:
+    """An SQS queue of upload-result notifications, used as poll triggers ("" queue_url: off).
+
+    `region` is resolved at load time: the file's, else the queue URL's
+    (sqs.<region>.amazonaws.com), else AWS_REGION / AWS_DEFAULT_REGION. `endpoint_url`
+    replaces the regional endpoint (LocalStack, moto, a VPC endpoint). Credentials come from
+    the AWS default chain, never from here.
+    """
+
+    queue_url: str = ""
+    region: str = ""
+    endpoint_url: str = ""
+    register_unknown: bool = False
+    wait_seconds: int = 20
+    max_messages: int = 10
+    confirm_subscriptions: bool = False
+    max_backoff_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsConfig:
+    """Where upload-result notifications come from (only SQS so far)."""
+
+    sqs: SqsConfig = SqsConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -236,6 +265,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
     sharding: ShardingConfig = ShardingConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
 
 
 class ConfigError(Exception):
@@ -272,6 +302,11 @@ _KINDS: dict[type, str] = {
 
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
+# sqs.<region>.amazonaws.com[.cn] and the legacy <region>.queue.amazonaws.com
+_SQS_HOST_REGION = re.compile(
+    r"(?:sqs\.([a-z]{2}(?:-[a-z0-9]+)+)\.amazonaws\.com(?:\.cn)?"
+    r"|([a-z]{2}(?:-[a-z0-9]+)+)\.queue\.amazonaws\.com)"
+)
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
@@ -944,6 +979,59 @@ def _read_sharding(section: _Section, hostname: Callable[[], str]) -> ShardingCo
     return ShardingConfig(total=total, index=ordinal)
 
 
+def _read_sqs(section: _Section, environ: Mapping[str, str]) -> SqsConfig:
+    sqs = SqsConfig(
+        queue_url=_string(section, "queue_url", ""),
+        region=_string(section, "region", ""),
+        endpoint_url=_string(section, "endpoint_url", ""),
+        register_unknown=_boolean(section, "register_unknown", False),
+        # SQS's own limits: long polls of at most 20 s, batches of at most 10.
+        wait_seconds=_integer(section, "wait_seconds", 20, ge=0, le=20),
+        max_messages=_integer(section, "max_messages", 10, ge=1, le=10),
+        confirm_subscriptions=_boolean(section, "confirm_subscriptions", False),
+        max_backoff_seconds=_number(section, "max_backoff_seconds", 60.0, gt=0, le=3600),
+    )
+    for key in ("queue_url", "endpoint_url"):
+        url = getattr(sqs, key)
+        if url and not section.has_problem(key):
+            problem = _base_url_problem(url)
+            if problem:
+                section.problem(key, problem)
+    if not sqs.queue_url or section.has_problem("queue_url"):
+        return sqs  # off: the region is not needed
+    region = sqs.region
+    if not region:
+        host = urllib.parse.urlsplit(sqs.queue_url).hostname or ""
+        found = _SQS_HOST_REGION.fullmatch(host)
+        region = (found.group(1) or found.group(2)) if found else ""
+    if not region:
+        region = next((environ[name] for name in _REGION_ENV_VARS if environ.get(name)), "")
+    if not region:
+        section.problem(
+            "region",
+            "required when queue_url is not on sqs.<region>.amazonaws.com; set it here or in "
+            "AWS_REGION or AWS_DEFAULT_REGION",
+        )
+    elif not _REGION.fullmatch(region):
+        section.problem(
+            "region", f"expected an AWS region such as us-east-1, got {_describe(region)}"
+        )
+    return SqsConfig(
+        queue_url=sqs.queue_url,
+        region=region,
+        endpoint_url=sqs.endpoint_url.rstrip("/"),
+        register_unknown=sqs.register_unknown,
+        wait_seconds=sqs.wait_seconds,
+        max_messages=sqs.max_messages,
+        confirm_subscriptions=sqs.confirm_subscriptions,
+        max_backoff_seconds=sqs.max_backoff_seconds,
+    )
+
+
+def _read_notifications(section: _Section, environ: Mapping[str, str]) -> NotificationsConfig:
+    return NotificationsConfig(sqs=_read_sqs(section.child("sqs", SqsConfig), environ))
+
+
 def parse_config(
     data: object,
     *,
@@ -988,6 +1076,7 @@ def parse_config(
         admin=_read_admin(root.child("admin", AdminConfig), server),
         state=_read_state(root.child("state", StateConfig), ingestions),
         sharding=_read_sharding(root.child("sharding", ShardingConfig), resolve_hostname),
+        notifications=_read_notifications(root.child("notifications", NotificationsConfig), env),
     )
     problems.raise_if_any()
     return config

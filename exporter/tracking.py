@@ -1,6 +1,6 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
-The config file, the watched directory and the admin API all register and release ids here.
+The config file, the watched directory, the admin API and notifications register ids here.
 The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
 no control or invisible format characters) and its labels (only allow-listed names), enforces
 the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
@@ -75,6 +75,7 @@ class Source(enum.StrEnum):
     CONFIG = "config"
     DIRECTORY = "directory"
     API = "api"
+    NOTIFICATION = "notification"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,12 @@ from exporter.config import (
     ConfigError,
     IngestionsConfig,
     LoggingConfig,
+    NotificationsConfig,
     PollingConfig,
     ReloadConfig,
     ServerConfig,
     ShardingConfig,
+    SqsConfig,
     StateConfig,
     load_config,
     parse_config,
@@ -93,6 +95,7 @@ def test_example_config_loads_with_the_values_it_documents():
     assert config.admin == AdminConfig(enabled=True, host="127.0.0.1", port=10185, token_file="")
     assert config.state == StateConfig(path="", debounce_seconds=0.5)
     assert config.sharding == ShardingConfig(total=1, index=0)
+    assert config.notifications == NotificationsConfig(sqs=SqsConfig())
 
 
 def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):

@@ -26,6 +26,7 @@ REQUIRED_ALERTS = {
     "CatalogExporterConfigReloadFailed",
     "CatalogExporterPollLagging",
     "CatalogExporterEventLoopLagging",
+    "CatalogExporterNotificationQueueFailing",
     "CatalogUploadSuccessBudgetBurn",
 }
 #: Recording rule names follow the Prometheus convention `level:metric:operations`.
