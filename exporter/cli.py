@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.admin import create_admin_app
-from exporter.config import ConfigError, ServerConfig, load_config
+from exporter.config import ConfigError, ServerConfig, json_schema, load_config
 from exporter.logs import configure_logging
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "To register an ingestionId with a running exporter (from the app's side): "
             "catalog-upload-exporter register ID [--url URL] [--label NAME=VALUE] "
-            "[--token-file PATH]; see `catalog-upload-exporter register --help`."
+            "[--token-file PATH]; see `catalog-upload-exporter register --help`. "
+            "`catalog-upload-exporter schema` prints the config file's JSON Schema."
         ),
     )
     mode = parser.add_mutually_exclusive_group()
@@ -69,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.register import main as register  # noqa: PLC0415 - a light client
 
         return register(arguments[1:])
+    if arguments[:1] == ["schema"]:
+        return print_schema(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -123,6 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             idle_timeout=config.server.idle_timeout_seconds,
         )
     )
+
+
+def print_schema(arguments: Sequence[str]) -> int:
+    """`catalog-upload-exporter schema`: the config file's JSON Schema on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="catalog-upload-exporter schema",
+        description="Print the configuration file's JSON Schema (draft 2020-12), the one "
+        "config.schema.json holds, for editors and CI linters.",
+    )
+    parser.parse_args(arguments)
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    return EXIT_OK
 
 
 def _serve_until_stopped(run: Callable[[], object]) -> int:

@@ -1,14 +1,16 @@
-"""The configuration file: its shape as frozen dataclasses, and the loader that validates it.
+"""The configuration file: its shape as frozen pydantic models, and the loader that reads it.
 
-`load_config` reads a YAML file and `parse_config` checks an already-parsed document. Both
-report every problem at once in one `ConfigError`, one line per key path, instead of stopping
-at the first. Beyond reading the config file this module only looks at the filesystem and the
-environment to check that a token file (api.auth, admin) is a readable regular file, that a
-token variable is set, that an existing ingestions.directory is a directory and that the
-directory of state.path exists, and, when sharding.index is null, it reads the hostname
-(HOSTNAME, else the system's). It never reads, keeps or prints a token, and no error message
-echoes a value that might be one. It creates nothing: a missing ingestions.directory or state
-file is left for the app.
+The models are the one source of every key, default, type, range and choice: `load_config`
+and `parse_config` validate through them, and `json_schema()` (the `schema` command,
+config.schema.json) is generated from them. Both loaders report every problem at once in
+one `ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond
+reading the config file this module only looks at the filesystem and the environment to
+check that a token file (api.auth, admin) is a readable regular file, that a token variable
+is set, that an existing ingestions.directory is a directory and that the directory of
+state.path exists, and, when sharding.index is null, it reads the hostname (HOSTNAME, else
+the system's). It never reads, keeps or prints a token, and no error message echoes a value
+that might be one. It creates nothing: a missing ingestions.directory or state file is left
+for the app.
 
 Rules applied to every key:
 
@@ -21,25 +23,40 @@ Rules applied to every key:
   error);
 - a boolean is a YAML boolean (true/false, also yes/no/on/off); never 0/1 or a quoted string;
 - a path (`ingestions.directory`, `state.path`) is absolute, or "" to disable what it names;
-- a choice (`api.auth.type`, `logging.level`, `logging.format`) is case-insensitive and
-  stored lower-case.
+- a choice (`api.auth.type`, `logging.level`, `logging.format`, `metrics.status_series`) is
+  case-insensitive and stored lower-case.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 import socket
 import stat
+import types
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
@@ -66,6 +83,7 @@ __all__ = [
     "ServerConfig",
     "ShardingConfig",
     "StateConfig",
+    "json_schema",
     "load_config",
     "parse_config",
 ]
@@ -73,159 +91,35 @@ __all__ = [
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
 DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
 
+AuthType = Literal["sigv4", "bearer", "none"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "console"]
+StatusSeries = Literal["all", "active"]
 
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
+_TOP_LEVEL = "(top level)"
+_REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_MAX_LABELS = 10  # each one is copied onto every upload series
+_MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
+# Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
+_OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
+_YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
+_MAX_ECHO = 60  # longer values are cut in messages
+_KINDS: dict[type, str] = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "a mapping",
+}
 
-    `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
-    the file leaves it empty). For bearer, exactly one of `token_file` / `token_env` is set;
-    the token itself is read by the auth module, never kept here.
-    """
-
-    type: str = "sigv4"
-    region: str = ""
-    role_arn: str = ""
-    token_file: str = ""
-    token_env: str = ""
-    header: str = "Authorization"
-    scheme: str = "Bearer"
-
-
-@dataclass(frozen=True, slots=True)
-class ApiConfig:
-    """Where the Catalog API is and how hard we may lean on it.
-
-    `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
-    """
-
-    base_url: str
-    auth: AuthConfig
-    timeout_seconds: float = 10.0
-    max_requests_per_second: float = 5.0
-    max_concurrency: int = 4
-    max_response_bytes: int = 1048576
-
-
-@dataclass(frozen=True, slots=True)
-class PollingConfig:
-    """When each ingestion id is polled, retried and forgotten."""
-
-    interval_seconds: float = 60.0
-    jitter_ratio: float = 0.1
-    terminal_retention_seconds: float = 86400.0
-    invalid_retry_seconds: float = 3600.0
-    initial_backoff_seconds: float = 1.0
-    max_backoff_seconds: float = 300.0
-    done_retention_seconds: float | None = None  # None: terminal_retention_seconds for DONE too
-
-    def retention_for(self, status: str) -> float:
-        """How long a terminal upload's series are kept: DONE may have its own, shorter one."""
-        if status == "DONE" and self.done_retention_seconds is not None:
-            return self.done_retention_seconds
-        return self.terminal_retention_seconds
-
-
-@dataclass(frozen=True, slots=True)
-class IngestionsConfig:
-    """Which uploads are tracked, and what is attached to their metrics.
-
-    `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
-    where the app drops one file per upload ("" disables it); it may not exist yet.
-    `max_tracked` caps the ids tracked from every source together.
-    """
-
-    ids: tuple[str, ...] = ()
-    directory: str = ""
-    directory_poll_seconds: float = 2.0
-    max_tracked: int = 100_000
-    labels: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
-    dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
-    read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
-    """
-
-    host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
-    port: int = DEFAULT_PORT
-    idle_timeout_seconds: float = 75.0
-    write_timeout_seconds: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    """Log level (debug, info, warning, error) and format (json, console), lower-case."""
-
-    level: str = "info"
-    format: str = "json"
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
-
-    status_series: str = "all"
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadConfig:
-    """How often the config file is checked for changes; 0 leaves only SIGHUP."""
-
-    watch_interval_seconds: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """The admin HTTP API (register, list and delete ids) on its own listener.
-
-    Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
-    each request needs "Authorization: Bearer <token>"; the token is read by the server, never
-    kept here.
-    """
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_ADMIN_PORT
-    token_file: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StateConfig:
-    """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
-
-    path: str = ""
-    debounce_seconds: float = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class ShardingConfig:
-    """This replica's share of the ids: those `exporter.sharding.shard_of` maps to `index`.
-
-    `index` is resolved at load time: the file's value, else the StatefulSet ordinal at the
-    end of the hostname ("name-3" -> 3) when `total` > 1, else 0.
-    """
-
-    total: int = 1
-    index: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole validated configuration."""
-
-    api: ApiConfig
-    polling: PollingConfig = PollingConfig()
-    ingestions: IngestionsConfig = IngestionsConfig()
-    server: ServerConfig = ServerConfig()
-    logging: LoggingConfig = LoggingConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    reload: ReloadConfig = ReloadConfig()
-    admin: AdminConfig = AdminConfig()
-    state: StateConfig = StateConfig()
-    sharding: ShardingConfig = ShardingConfig()
+_HTTP_WORD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 7230 `token`
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
+# Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
+# into the wrong key.
+_ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+# What JSON Schema can say of an id: no C0/C1 controls and no line or paragraph separators.
+_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"
 
 
 class ConfigError(Exception):
@@ -244,101 +138,56 @@ class ConfigError(Exception):
         return (ConfigError, (self.problems,))
 
 
-_TOP_LEVEL = "(top level)"
-_AUTH_TYPES = ("sigv4", "bearer", "none")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-_LOG_FORMATS = ("json", "console")
-_REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
-_MAX_LABELS = 10  # each one is copied onto every upload series
-_MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
-# Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
-_OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
-_YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
-_MAX_ECHO = 60  # longer values are cut in messages
-_KINDS: dict[type, str] = {
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    list: "a list",
-    dict: "a mapping",
-}
-
-_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
-_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
-# Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
-# into the wrong key.
-_ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+# Problems raised by our own checks, and how the models' keys are worded in messages
 
 
-class _Problems:
-    """Every problem found so far, as (key path, what was expected) pairs, in order found."""
+@dataclass(frozen=True, slots=True)
+class _Wording:
+    """Field metadata for messages: what a value must be, and whether it may be echoed."""
 
-    __slots__ = ("_found",)
-
-    def __init__(self) -> None:
-        self._found: list[tuple[str, str]] = []
-
-    def add(self, path: str, message: str) -> None:
-        self._found.append((path, message))
-
-    def __contains__(self, path: object) -> bool:
-        return any(found == path for found, _ in self._found)
-
-    def raise_if_any(self) -> None:
-        if self._found:
-            raise ConfigError(f"{path}: {message}" for path, message in self._found)
+    expected: str = ""
+    secret: bool = False  # the value may be a token pasted into the wrong key
 
 
-class _Section:
-    """One mapping of the document: its key path, its known keys' values, where problems go.
-
-    A value that is not a mapping, and every unknown key, is reported on construction; `ok`
-    is False when the value was not a mapping, so callers can skip checks that would only
-    repeat that problem.
-    """
-
-    __slots__ = ("ok", "path", "problems", "values")
-
-    def __init__(self, problems: _Problems, path: str, value: object, known: Sequence[str]) -> None:
-        self.problems = problems
-        self.path = path
-        self.values: dict[str, object] = {}
-        self.ok = True
-        if value is None:
-            return
-        if not isinstance(value, dict):
-            problems.add(path or _TOP_LEVEL, f"expected a mapping, got {_describe(value)}")
-            self.ok = False
-            return
-        for key, item in value.items():
-            if isinstance(key, str) and key in known:
-                self.values[key] = item
-            else:
-                name = key if isinstance(key, str) else _describe(key)
-                self.problem(name, "unknown key" + _did_you_mean(name, known))
-
-    def path_of(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str) -> object:
-        return self.values.get(key)
-
-    def child(self, key: str, shape: type[Any]) -> _Section:
-        return _Section(self.problems, self.path_of(key), self.get(key), _keys(shape))
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.add(self.path_of(key), message)
-
-    def has_problem(self, key: str) -> bool:
-        return self.path_of(key) in self.problems
+_SECRET = _Wording(secret=True)
 
 
-def _keys(shape: type[Any]) -> tuple[str, ...]:
-    return tuple(field.name for field in fields(shape))
+@dataclass(frozen=True, slots=True)
+class _Surroundings:
+    """What the checks may look at besides the document (the validation context)."""
+
+    environ: Mapping[str, str]
+    hostname: Callable[[], str]
+    # Sections validated so far, by name, for checks across sections (ports, paths).
+    validated: dict[str, Any] = field(default_factory=dict)
 
 
-def _did_you_mean(word: str, known: Sequence[str]) -> str:
+def _surroundings(info: ValidationInfo) -> _Surroundings:
+    """The context parse_config passed, or the process' own for models built in code."""
+    if isinstance(info.context, _Surroundings):
+        return info.context
+    return _Surroundings(os.environ, lambda: os.environ.get("HOSTNAME") or socket.gethostname())
+
+
+def _validated(info: ValidationInfo, section: str) -> Any:
+    """An earlier section of the document, when it was valid (and the document is parsed)."""
+    return info.context.validated.get(section) if isinstance(info.context, _Surroundings) else None
+
+
+def _problem(message: str) -> PydanticCustomError:
+    """One of our own problems; `{here}` in it is replaced by the key path of its section."""
+    return PydanticCustomError("config", "{message}", {"message": message})
+
+
+def _refuse(title: str, value: object, problems: Sequence[tuple[tuple[str, ...], str]]) -> NoReturn:
+    """Report several problems at once, each at a key below the validator's own."""
+    raise ValidationError.from_exception_data(
+        title,
+        [InitErrorDetails(type=_problem(text), loc=loc, input=value) for loc, text in problems],
+    )
+
+
+def _did_you_mean(word: str, known: Iterable[str]) -> str:
     lowered = {candidate.lower(): candidate for candidate in known}
     matches = difflib.get_close_matches(word.lower(), list(lowered), n=1)
     return f"; did you mean {lowered[matches[0]]!r}?" if matches else ""
@@ -374,6 +223,16 @@ def _fmt(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else repr(bound)
 
 
+def _bounds(field: FieldInfo) -> tuple[float | None, float | None, float | None]:
+    """The (gt, ge, le) constraints a field declares."""
+    found: dict[str, float | None] = {"gt": None, "ge": None, "le": None}
+    for item in field.metadata:
+        for name in found:
+            if getattr(item, name, None) is not None:
+                found[name] = getattr(item, name)
+    return found["gt"], found["ge"], found["le"]
+
+
 def _range_text(gt: float | None, ge: float | None, le: float | None) -> str:
     if ge is not None and le is not None:
         return f" from {_fmt(ge)} to {_fmt(le)}"
@@ -385,106 +244,117 @@ def _range_text(gt: float | None, ge: float | None, le: float | None) -> str:
     return " " + " and ".join(parts) if parts else ""
 
 
-def _in_range(value: float, gt: float | None, ge: float | None, le: float | None) -> bool:
-    return (
-        (gt is None or value > gt) and (ge is None or value >= ge) and (le is None or value <= le)
-    )
+def _wording(field: FieldInfo) -> _Wording:
+    return next((m for m in field.metadata if isinstance(m, _Wording)), _Wording())
 
 
-def _number(
-    section: _Section,
-    key: str,
-    default: float,
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    le: float | None = None,
-) -> float:
-    """Read a finite number within the bounds; an int is accepted, a bool is not."""
-    value = section.get(key)
-    if value is None:
-        return default
-    expected = "a number" + _range_text(gt, ge, le)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if math.isfinite(number) and _in_range(number, gt, ge, le):
-            return number
-    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
-    return default
+def _plain_type(annotation: object) -> object:
+    """The annotation without `| None`."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        others = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return others[0] if len(others) == 1 else annotation
+    return annotation
 
 
-def _integer(section: _Section, key: str, default: int, *, ge: int, le: int) -> int:
-    """Read an integer within [ge, le]; a float with no fractional part is accepted."""
-    value = section.get(key)
-    if value is None:
-        return default
+def _expected(field: FieldInfo, value: object) -> str:
+    """What a key holding `value` should have held, from its declared type and constraints."""
+    shown = _describe(value, secret=_wording(field).secret)
+    kind = _plain_type(field.annotation)
+    if _wording(field).expected:
+        return f"expected {_wording(field).expected}, got {shown}"
+    if kind is float:
+        return f"expected a number{_range_text(*_bounds(field))}, got {shown}{_number_hint(value)}"
+    if kind is int:
+        gt, ge, le = _bounds(field)
+        text = _range_text(gt, ge, le)
+        return f"expected an integer{text}, got {shown}{_number_hint(value)}"
+    if kind is bool:
+        quoted = isinstance(value, str) and value.lower() in _YAML_BOOLEAN_WORDS
+        hint = " (a string to YAML: drop the quotes)" if quoted else ""
+        return f"expected true or false, got {shown}{hint}"
+    if get_origin(kind) is Literal:
+        choices = [str(choice) for choice in get_args(kind)]
+        guess = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        return f"expected one of {', '.join(choices)}, got {shown}{guess}"
+    return f"expected a string, got {shown}"
+
+
+def _model_at(loc: Sequence[str | int]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model a key path leads into (None past a leaf) and the field it names last."""
+    model: type[BaseModel] | None = Config
+    field: FieldInfo | None = None
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list index: still the same field
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None, None
+        kind = _plain_type(field.annotation)
+        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    return model, field
+
+
+def _key_path(loc: Sequence[str | int]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _wording_of(detail: Mapping[str, Any]) -> str:
+    """One pydantic error detail as "key.path: what was expected", in this module's words."""
+    loc, kind, value = tuple(detail["loc"]), detail["type"], detail["input"]
+    if kind == "extra_forbidden":
+        parent, _ = _model_at(loc[:-1])
+        key = loc[-1]
+        name = key if isinstance(key, str) else _describe(key)
+        known = parent.model_fields if parent is not None else ()
+        where = f"{_key_path(loc[:-1])}.{name}" if loc[:-1] else name
+        return f"{where}: unknown key{_did_you_mean(name, known)}"
+    where = _key_path(loc) or _TOP_LEVEL
+    if kind == "config":
+        message = str(detail["ctx"]["message"]).replace("{here}", _key_path(loc[:-1]))
+        return f"{where}: {message}"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where}: expected a mapping, got {_describe(value)}"
+    _, field = _model_at(loc)
+    if field is None:  # not expected: every other error is about a declared key
+        return f"{where}: {detail['msg']}"
+    return f"{where}: {_expected(field, value)}"
+
+
+# Value checks shared by several keys
+
+
+def _integral(value: object) -> object:
+    """`5.0` where an integer is expected is read as 5; `5.5` is left to be refused."""
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and ge <= value <= le:
-        return value
-    expected = "an integer" + _range_text(None, ge, le)
-    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
-    return default
+        return int(value)
+    return value
 
 
-def _boolean(section: _Section, key: str, default: bool) -> bool:
-    """Read a YAML boolean; 0/1 and strings such as "true" are not accepted."""
-    value = section.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    hint = (
-        " (a string to YAML: drop the quotes)"
-        if isinstance(value, str) and value.lower() in _YAML_BOOLEAN_WORDS
-        else ""
-    )
-    section.problem(key, f"expected true or false, got {_describe(value)}{hint}")
-    return default
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
-def _string(
-    section: _Section, key: str, default: str, *, required: bool = False, secret: bool = False
-) -> str:
-    """Read a string; `secret` keeps the value out of the message (it may be a token)."""
-    value = section.get(key)
-    if value is None:
-        if required:
-            section.problem(key, "required")
-        return default
-    if isinstance(value, str):
-        return value
-    section.problem(key, f"expected a string, got {_describe(value, secret=secret)}")
-    return default
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
 
 
-def _choice(section: _Section, key: str, default: str, choices: Sequence[str]) -> str:
-    """Read one of `choices`, case-insensitively, stored lower-case."""
-    value = _string(section, key, default)
-    if value.lower() in choices:
-        return value.lower()
-    listed = ", ".join(choices)
-    section.problem(
-        key, f"expected one of {listed}, got {_describe(value)}{_did_you_mean(value, choices)}"
-    )
-    return default
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Duplicates dropped, in the order first listed (a dict keeps insertion order)."""
+    return tuple(dict.fromkeys(values))
+
+
+_INTEGRAL = BeforeValidator(_integral)
+_CHOICE = BeforeValidator(_lower)
+_LIST = BeforeValidator(_as_tuple)
 
 
 def _control_character(text: str) -> str | None:
     return next((char for char in text if unicodedata.category(char) == "Cc"), None)
-
-
-def _host(section: _Section, default: str) -> str:
-    """Read a listen address: non-empty, without spaces or control characters."""
-    host = _string(section, "host", default)
-    if not host or _control_character(host) is not None or " " in host:
-        section.problem(
-            "host", f"expected a host name or address such as {default}, got {_describe(host)}"
-        )
-    return host
 
 
 def _absolute_path_problem(path: str) -> str | None:
@@ -569,140 +439,16 @@ def _state_file_problem(path: str) -> str | None:
     )
 
 
-def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:
-    """Take the region from the file, else from the environment, and check its shape."""
-    source = ""
-    if not region:
-        for name in _REGION_ENV_VARS:
-            if environ.get(name):
-                region, source = environ[name], f" (from {name})"
-                break
-        else:
-            section.problem(
-                "region",
-                "required with type: sigv4; set it here or in AWS_REGION or AWS_DEFAULT_REGION",
-            )
-            return ""
-    if not _REGION.fullmatch(region):
-        section.problem(
-            "region", f"expected an AWS region such as us-east-1, got {_describe(region)}{source}"
-        )
-    return region
+def _checked(problem_of: Callable[[Any], str | None]) -> AfterValidator:
+    """A validator refusing a value `problem_of` finds fault with, in its words."""
 
-
-def _check_bearer_source(
-    section: _Section, token_file: str, token_env: str, environ: Mapping[str, str]
-) -> None:
-    if bool(token_file) == bool(token_env):
-        if not (section.has_problem("token_file") or section.has_problem("token_env")):
-            which = "both are set" if token_file else "neither is set"
-            section.problems.add(
-                section.path, f"type: bearer needs exactly one of token_file or token_env; {which}"
-            )
-        return
-    if token_file:
-        problem = _token_file_problem(token_file)
+    def check(value: Any) -> Any:
+        problem = problem_of(value)
         if problem:
-            section.problem("token_file", problem)
-    elif not environ.get(token_env, "").strip():
-        name = (
-            repr(token_env)
-            if _ECHOABLE_ENV_NAME.fullmatch(token_env)
-            else "named here (name not shown: is it the token itself?)"
-        )
-        section.problem("token_env", f"environment variable {name} is not set or is empty")
+            raise _problem(problem)
+        return value
 
-
-def _read_auth(section: _Section, environ: Mapping[str, str]) -> AuthConfig:
-    if not section.ok:
-        return AuthConfig()
-    auth_type = _choice(section, "type", "sigv4", _AUTH_TYPES)
-    region = _string(section, "region", "")
-    role_arn = _string(section, "role_arn", "")
-    token_file = _string(section, "token_file", "")
-    token_env = _string(section, "token_env", "", secret=True)
-    header = _string(section, "header", "Authorization", secret=True)
-    scheme = _string(section, "scheme", "Bearer", secret=True)
-
-    if role_arn and not role_arn.startswith("arn:"):
-        section.problem(
-            "role_arn",
-            "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
-            f"got {_describe(role_arn)}",
-        )
-    if not _HTTP_TOKEN.fullmatch(header):
-        section.problem("header", "expected an HTTP header name such as Authorization")
-    if scheme and not _HTTP_TOKEN.fullmatch(scheme):
-        section.problem("scheme", 'expected one word such as Bearer, or "" for the bare token')
-
-    if section.has_problem("type"):
-        pass  # which keys apply is unknown, so checking them would only add noise
-    elif auth_type == "sigv4":
-        if not section.has_problem("region"):
-            region = _resolve_region(section, region, environ)
-        for key, value in (("token_file", token_file), ("token_env", token_env)):
-            if value:
-                section.problem(key, "only used with type: bearer")
-    elif auth_type == "bearer":
-        _check_bearer_source(section, token_file, token_env, environ)
-
-    return AuthConfig(
-        type=auth_type,
-        region=region,
-        role_arn=role_arn,
-        token_file=token_file,
-        token_env=token_env,
-        header=header,
-        scheme=scheme,
-    )
-
-
-def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
-    if not section.ok:
-        return ApiConfig(base_url="", auth=AuthConfig())
-    base_url = _string(section, "base_url", "", required=True)
-    if "base_url" in section.values and not section.has_problem("base_url"):
-        problem = _base_url_problem(base_url)
-        if problem:
-            section.problem("base_url", problem)
-    return ApiConfig(
-        base_url=base_url.rstrip("/"),
-        auth=_read_auth(section.child("auth", AuthConfig), environ),
-        timeout_seconds=_number(section, "timeout_seconds", 10.0, gt=0, le=300),
-        max_requests_per_second=_number(section, "max_requests_per_second", 5.0, gt=0, le=10000),
-        max_concurrency=_integer(section, "max_concurrency", 4, ge=1, le=256),
-        max_response_bytes=_integer(
-            section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024
-        ),
-    )
-
-
-def _read_polling(section: _Section) -> PollingConfig:
-    polling = PollingConfig(
-        interval_seconds=_number(section, "interval_seconds", 60.0, gt=0, le=86400),
-        jitter_ratio=_number(section, "jitter_ratio", 0.1, ge=0, le=0.5),
-        terminal_retention_seconds=_number(section, "terminal_retention_seconds", 86400.0, ge=0),
-        invalid_retry_seconds=_number(section, "invalid_retry_seconds", 3600.0, gt=0),
-        initial_backoff_seconds=_number(section, "initial_backoff_seconds", 1.0, gt=0),
-        max_backoff_seconds=_number(section, "max_backoff_seconds", 300.0, gt=0),
-        done_retention_seconds=(
-            None
-            if section.get("done_retention_seconds") is None
-            else _number(section, "done_retention_seconds", 0.0, ge=0)
-        ),
-    )
-    initial, maximum = polling.initial_backoff_seconds, polling.max_backoff_seconds
-    if (
-        maximum < initial
-        and not section.has_problem("initial_backoff_seconds")
-        and not section.has_problem("max_backoff_seconds")
-    ):
-        section.problem(
-            "max_backoff_seconds",
-            f"expected a number >= {section.path_of('initial_backoff_seconds')} ({_fmt(initial)}), "
-            f"got {_fmt(maximum)}",
-        )
-    return polling
+    return AfterValidator(check)
 
 
 def _ingestion_id_problem(value: object) -> str | None:
@@ -733,158 +479,507 @@ def _label_name_problem(value: object) -> str | None:
     return None
 
 
-def _unique_strings(
-    section: _Section, key: str, what: str, problem_of: Callable[[object], str | None]
-) -> tuple[str, ...]:
-    """Read a list; each bad item is reported by its index, duplicates are dropped."""
-    raw = section.get(key)
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        section.problem(key, f"expected a list of {what}, got {_describe(raw)}")
-        return ()
-    unique: dict[str, None] = {}  # a dict keeps first-seen order
-    for index, value in enumerate(raw):
+def _first_checked(problem_of: Callable[[object], str | None]) -> BeforeValidator:
+    """Check an item before its type is: our message covers a wrong type too."""
+
+    def check(value: object) -> object:
         problem = problem_of(value)
         if problem:
-            section.problems.add(f"{section.path_of(key)}[{index}]", problem)
-        elif isinstance(value, str):
-            unique.setdefault(value)
-    return tuple(unique)
+            raise _problem(problem)
+        return value
+
+    return BeforeValidator(check)
 
 
-def _read_ingestions(section: _Section) -> IngestionsConfig:
-    ingestions = IngestionsConfig(
-        ids=_unique_strings(section, "ids", "ingestion ids", _ingestion_id_problem),
-        directory=_string(section, "directory", ""),
-        directory_poll_seconds=_number(section, "directory_poll_seconds", 2.0, gt=0, le=3600),
-        max_tracked=_integer(section, "max_tracked", 100_000, ge=1, le=10_000_000),
-        labels=_unique_strings(section, "labels", "label names", _label_name_problem),
-    )
-    if ingestions.directory and not section.has_problem("directory"):
-        # Missing is fine: an emptyDir or a mount may only appear once the app starts.
-        problem = _absolute_path_problem(ingestions.directory) or _kind_problem(
-            ingestions.directory, directory=True, required=False
-        )
-        if problem:
-            section.problem("directory", problem)
-    if len(ingestions.labels) > _MAX_LABELS:
-        section.problem(
-            "labels",
-            f"expected at most {_MAX_LABELS} label names, got {len(ingestions.labels)}",
-        )
-    if len(ingestions.ids) > ingestions.max_tracked and not section.has_problem("max_tracked"):
-        section.problem(
-            "ids",
-            f"{len(ingestions.ids)} ids exceed {section.path_of('max_tracked')} "
-            f"{ingestions.max_tracked}",
-        )
-    return ingestions
+def _at_most_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    if len(labels) > _MAX_LABELS:
+        raise _problem(f"expected at most {_MAX_LABELS} label names, got {len(labels)}")
+    return labels
 
 
-def _read_server(section: _Section) -> ServerConfig:
-    return ServerConfig(
-        host=_host(section, ServerConfig().host),
-        port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535),
-        idle_timeout_seconds=_number(section, "idle_timeout_seconds", 75.0, gt=0, le=3600),
-        write_timeout_seconds=_number(section, "write_timeout_seconds", 60.0, gt=0, le=3600),
-    )
-
-
-def _read_logging(section: _Section) -> LoggingConfig:
-    return LoggingConfig(
-        level=_choice(section, "level", "info", _LOG_LEVELS),
-        format=_choice(section, "format", "json", _LOG_FORMATS),
-    )
-
-
-def _read_metrics(section: _Section) -> MetricsConfig:
-    return MetricsConfig(status_series=_choice(section, "status_series", "all", ("all", "active")))
-
-
-def _read_reload(section: _Section) -> ReloadConfig:
-    return ReloadConfig(
-        watch_interval_seconds=_number(section, "watch_interval_seconds", 5.0, ge=0)
-    )
-
-
-def _read_admin(section: _Section, server: ServerConfig) -> AdminConfig:
-    admin = AdminConfig(
-        enabled=_boolean(section, "enabled", True),
-        host=_host(section, AdminConfig().host),
-        port=_integer(section, "port", DEFAULT_ADMIN_PORT, ge=0, le=65535),
-        token_file=_string(section, "token_file", ""),
-    )
-    if not admin.enabled or section.has_problem("enabled"):
-        return admin  # no listener (or unknown whether one): its port and token do not matter
-    # Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and telling
-    # which names resolve to the same address is not a load-time question. 0 is always free.
-    if (
-        admin.port == server.port != 0
-        and not section.has_problem("port")
-        and "server.port" not in section.problems
-    ):
-        section.problem("port", f"must differ from server.port ({server.port})")
-    if admin.token_file and not section.has_problem("token_file"):
-        problem = _token_file_problem(admin.token_file)
-        if problem:
-            section.problem("token_file", problem)
-    return admin
-
-
-def _read_state(section: _Section, ingestions: IngestionsConfig) -> StateConfig:
-    state = StateConfig(
-        path=_string(section, "path", ""),
-        debounce_seconds=_number(section, "debounce_seconds", 0.5, ge=0, le=60),
-    )
-    if not state.path or section.has_problem("path"):
-        return state
-    directory = "" if "ingestions.directory" in section.problems else ingestions.directory
-    problem = _absolute_path_problem(state.path)
-    if problem is None and directory and _is_within(state.path, directory):
-        # The app drops one file per upload there: the state file would be read as one.
-        problem = f"must be outside ingestions.directory ({directory!r})"
-    if problem is None:
-        problem = _state_file_problem(state.path)
+def _base_url(url: str) -> str:
+    problem = _base_url_problem(url)
     if problem:
-        section.problem("path", problem)
-    return state
+        raise _problem(problem)
+    return url.rstrip("/")
 
 
-def _read_sharding(section: _Section, hostname: Callable[[], str]) -> ShardingConfig:
-    """Read total and index; a null index comes from the hostname's StatefulSet ordinal."""
-    total = _integer(section, "total", 1, ge=1, le=_MAX_SHARDS)
-    if section.get("index") is not None:
-        index = _integer(section, "index", 0, ge=0, le=_MAX_SHARDS - 1)
-        if index >= total and not section.has_problem("index"):
-            if not section.has_problem("total"):
-                section.problem(
-                    "index",
-                    f"expected an integer from 0 to {total - 1} "
-                    f"(below {section.path_of('total')} {total}), got {index}",
+def _listen_host(model: type[BaseModel], host: str) -> str:
+    """A listen address: non-empty, without spaces or control characters."""
+    if not host or _control_character(host) is not None or " " in host:
+        default = model.model_fields["host"].default
+        raise _problem(f"expected a host name or address such as {default}, got {_describe(host)}")
+    return host
+
+
+def _directory_problem(directory: str) -> str | None:
+    if not directory:
+        return None
+    # Missing is fine: an emptyDir or a mount may only appear once the app starts.
+    return _absolute_path_problem(directory) or _kind_problem(
+        directory, directory=True, required=False
+    )
+
+
+# A missing section is an empty one, validated like any other: the sections' own checks
+# (the sigv4 region from the environment, say) run for it too.
+_SECTION_DEFAULT: Any = Field(default_factory=dict, validate_default=True)
+
+IngestionId = Annotated[
+    str,
+    _first_checked(_ingestion_id_problem),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_INGESTION_ID_LENGTH,
+            "pattern": _ID_PATTERN,
+        }
+    ),
+]
+LabelName = Annotated[
+    str,
+    _first_checked(_label_name_problem),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^(?!__)[a-zA-Z_][a-zA-Z0-9_]*$",
+            "not": {"enum": list(_OWN_LABELS)},
+        }
+    ),
+]
+ListenPort = Annotated[int, Field(ge=0, le=65535), _INTEGRAL]
+
+
+# The models
+
+
+class _Section(BaseModel):
+    """A mapping of the document: strict types, unknown keys refused, frozen once built."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class AuthConfig(_Section):
+    """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
+
+    `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
+    the file leaves it empty). For bearer, exactly one of `token_file` / `token_env` is set;
+    the token itself is read by the auth module, never kept here.
+    """
+
+    type: Annotated[AuthType, _CHOICE] = "sigv4"
+    region: str = ""
+    role_arn: Annotated[
+        str,
+        _checked(
+            lambda arn: (
+                "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
+                f"got {_describe(arn)}"
+                if arn and not arn.startswith("arn:")
+                else None
+            )
+        ),
+        Field(json_schema_extra={"pattern": "^(arn:.*)?$"}),
+    ] = ""
+    token_file: str = ""
+    token_env: Annotated[str, _SECRET] = ""
+    header: Annotated[
+        str,
+        _SECRET,
+        _checked(
+            lambda name: (
+                None
+                if re.fullmatch(_HTTP_WORD, name)
+                else "expected an HTTP header name such as Authorization"
+            )
+        ),
+        Field(json_schema_extra={"pattern": f"^{_HTTP_WORD}$"}),
+    ] = "Authorization"
+    scheme: Annotated[
+        str,
+        _SECRET,
+        _checked(
+            lambda word: (
+                None
+                if not word or re.fullmatch(_HTTP_WORD, word)
+                else 'expected one word such as Bearer, or "" for the bare token'
+            )
+        ),
+        Field(json_schema_extra={"pattern": f"^({_HTTP_WORD})?$"}),
+    ] = "Bearer"
+
+    @model_validator(mode="after")
+    def _check_for_type(self, info: ValidationInfo) -> AuthConfig:
+        """The keys each type needs: a region for sigv4, one token source for bearer."""
+        environ = _surroundings(info).environ
+        problems: list[tuple[tuple[str, ...], str]] = []
+        region = self.region
+        if self.type == "sigv4":
+            region = self._resolve_region(environ, problems)
+            problems.extend(
+                ((key,), "only used with type: bearer")
+                for key in ("token_file", "token_env")
+                if getattr(self, key)
+            )
+        elif self.type == "bearer":
+            problems.extend(self._bearer_problems(environ))
+        if problems:
+            _refuse(type(self).__name__, self, problems)
+        return self if region == self.region else self.model_copy(update={"region": region})
+
+    def _resolve_region(
+        self, environ: Mapping[str, str], problems: list[tuple[tuple[str, ...], str]]
+    ) -> str:
+        """The region from the file, else from the environment; its shape is checked."""
+        region, source = self.region, ""
+        if not region:
+            name = next((name for name in _REGION_ENV_VARS if environ.get(name)), None)
+            if name is None:
+                problems.append(
+                    (
+                        ("region",),
+                        "required with type: sigv4; "
+                        "set it here or in AWS_REGION or AWS_DEFAULT_REGION",
+                    )
                 )
-            index = 0
-        return ShardingConfig(total=total, index=index)
-    if total == 1 or section.has_problem("total"):
-        return ShardingConfig(total=total)
-    name = hostname()
-    ordinal = index_from_hostname(name)
-    if ordinal is None:
-        section.problem(
-            "index",
-            f"set {section.path_of('index')} or run in a StatefulSet whose pod names end in "
-            f"-<ordinal>; hostname {_describe(name)} has none",
+                return ""
+            region, source = environ[name], f" (from {name})"
+        if not _REGION.fullmatch(region):
+            problems.append(
+                (
+                    ("region",),
+                    f"expected an AWS region such as us-east-1, got {_describe(region)}{source}",
+                )
+            )
+        return region
+
+    def _bearer_problems(self, environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], str]]:
+        token_file, token_env = self.token_file, self.token_env
+        if bool(token_file) == bool(token_env):
+            which = "both are set" if token_file else "neither is set"
+            return [((), f"type: bearer needs exactly one of token_file or token_env; {which}")]
+        if token_file:
+            problem = _token_file_problem(token_file)
+            return [(("token_file",), problem)] if problem else []
+        if environ.get(token_env, "").strip():
+            return []
+        name = (
+            repr(token_env)
+            if _ECHOABLE_ENV_NAME.fullmatch(token_env)
+            else "named here (name not shown: is it the token itself?)"
         )
-        return ShardingConfig(total=total)
-    if ordinal >= total:
-        section.problem(
-            "index",
-            f"hostname {_describe(name)} gives ordinal {ordinal}, but "
-            f"{section.path_of('total')} is {total} (ordinals 0 to {total - 1}): run as many "
-            f"replicas as {section.path_of('total')}, or set {section.path_of('index')}",
+        return [(("token_env",), f"environment variable {name} is not set or is empty")]
+
+
+class ApiConfig(_Section):
+    """Where the Catalog API is and how hard we may lean on it.
+
+    `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
+    """
+
+    base_url: Annotated[
+        str, AfterValidator(_base_url), Field(json_schema_extra={"pattern": "^https?://[^?#@ ]+$"})
+    ]
+    auth: AuthConfig = _SECTION_DEFAULT
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_requests_per_second: Annotated[float, Field(gt=0, le=10000)] = 5.0
+    max_concurrency: Annotated[int, Field(ge=1, le=256), _INTEGRAL] = 4
+    max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024), _INTEGRAL] = 1048576
+
+
+class PollingConfig(_Section):
+    """When each ingestion id is polled, retried and forgotten."""
+
+    interval_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    jitter_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    terminal_retention_seconds: Annotated[float, Field(ge=0)] = 86400.0
+    invalid_retry_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    initial_backoff_seconds: Annotated[float, Field(gt=0)] = 1.0
+    max_backoff_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # None: terminal_retention_seconds for DONE too
+    done_retention_seconds: Annotated[float | None, Field(ge=0)] = None
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> PollingConfig:
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            _refuse(
+                type(self).__name__,
+                self,
+                [
+                    (
+                        ("max_backoff_seconds",),
+                        "expected a number >= {here}.initial_backoff_seconds "
+                        f"({_fmt(self.initial_backoff_seconds)}), "
+                        f"got {_fmt(self.max_backoff_seconds)}",
+                    )
+                ],
+            )
+        return self
+
+    def retention_for(self, status: str) -> float:
+        """How long a terminal upload's series are kept: DONE may have its own, shorter one."""
+        if status == "DONE" and self.done_retention_seconds is not None:
+            return self.done_retention_seconds
+        return self.terminal_retention_seconds
+
+
+class IngestionsConfig(_Section):
+    """Which uploads are tracked, and what is attached to their metrics.
+
+    `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
+    where the app drops one file per upload ("" disables it); it may not exist yet.
+    `max_tracked` caps the ids tracked from every source together.
+    """
+
+    ids: Annotated[
+        tuple[IngestionId, ...],
+        _LIST,
+        AfterValidator(_unique),
+        _Wording("a list of ingestion ids"),
+    ] = ()
+    directory: Annotated[str, _checked(_directory_problem)] = ""
+    directory_poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    max_tracked: Annotated[int, Field(ge=1, le=10_000_000), _INTEGRAL] = 100_000
+    labels: Annotated[
+        tuple[LabelName, ...],
+        _LIST,
+        AfterValidator(_unique),
+        AfterValidator(_at_most_labels),
+        _Wording("a list of label names"),
+    ] = ()
+
+    @model_validator(mode="after")
+    def _ids_fit(self) -> IngestionsConfig:
+        if len(self.ids) > self.max_tracked:
+            _refuse(
+                type(self).__name__,
+                self,
+                [(("ids",), f"{len(self.ids)} ids exceed {{here}}.max_tracked {self.max_tracked}")],
+            )
+        return self
+
+
+class ServerConfig(_Section):
+    """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
+    dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
+    read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
+    """
+
+    host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
+    port: ListenPort = DEFAULT_PORT
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    write_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @field_validator("host")
+    @classmethod
+    def _host_usable(cls, host: str) -> str:
+        return _listen_host(cls, host)
+
+
+class LoggingConfig(_Section):
+    """Log level (debug, info, warning, error) and format (json, console), lower-case."""
+
+    level: Annotated[LogLevel, _CHOICE] = "info"
+    format: Annotated[LogFormat, _CHOICE] = "json"
+
+
+class MetricsConfig(_Section):
+    """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
+
+    status_series: Annotated[StatusSeries, _CHOICE] = "all"
+
+
+class ReloadConfig(_Section):
+    """How often the config file is checked for changes; 0 leaves only SIGHUP."""
+
+    watch_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
+
+
+class AdminConfig(_Section):
+    """The admin HTTP API (register, list and delete ids) on its own listener.
+
+    Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
+    each request needs "Authorization: Bearer <token>"; the token is read by the server, never
+    kept here. Without a listener (`enabled: false`) the port and token file are not checked.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: ListenPort = DEFAULT_ADMIN_PORT
+    token_file: str = ""
+
+    @field_validator("host")
+    @classmethod
+    def _host_usable(cls, host: str) -> str:
+        return _listen_host(cls, host)
+
+    @field_validator("port")
+    @classmethod
+    def _port_free(cls, port: int, info: ValidationInfo) -> int:
+        """Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and
+        telling which names resolve to the same address is not a load-time question."""
+        server = _validated(info, "server")
+        if info.data.get("enabled") is True and server is not None and port == server.port != 0:
+            raise _problem(f"must differ from server.port ({server.port})")
+        return port
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file_usable(cls, token_file: str, info: ValidationInfo) -> str:
+        problem = (
+            info.data.get("enabled") is True and token_file and _token_file_problem(token_file)
         )
-        return ShardingConfig(total=total)
-    return ShardingConfig(total=total, index=ordinal)
+        if problem:
+            raise _problem(problem)
+        return token_file
+
+
+class StateConfig(_Section):
+    """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
+
+    path: str = ""
+    debounce_seconds: Annotated[float, Field(ge=0, le=60)] = 0.5
+
+    @field_validator("path")
+    @classmethod
+    def _path_usable(cls, path: str, info: ValidationInfo) -> str:
+        if not path:
+            return path
+        ingestions = _validated(info, "ingestions")
+        directory = ingestions.directory if ingestions is not None else ""
+        problem = _absolute_path_problem(path)
+        if problem is None and directory and _is_within(path, directory):
+            # The app drops one file per upload there: the state file would be read as one.
+            problem = f"must be outside ingestions.directory ({directory!r})"
+        problem = problem or _state_file_problem(path)
+        if problem:
+            raise _problem(problem)
+        return path
+
+
+class ShardingConfig(_Section):
+    """This replica's share of the ids: those `exporter.sharding.shard_of` maps to `index`.
+
+    `index` is resolved at load time: the file's value, else the StatefulSet ordinal at the
+    end of the hostname ("name-3" -> 3) when `total` > 1, else 0.
+    """
+
+    total: Annotated[int, Field(ge=1, le=_MAX_SHARDS), _INTEGRAL] = 1
+    index: Annotated[
+        int,
+        Field(ge=0, le=_MAX_SHARDS - 1),
+        _INTEGRAL,
+        # null, the documented default, asks for the hostname's ordinal.
+        Field(json_schema_extra={"default": None}),
+    ] = 0
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _index_from_hostname(
+        cls, data: Any, handler: Callable[[Any], ShardingConfig], info: ValidationInfo
+    ) -> ShardingConfig:
+        """An index given must be below total; a null one is the hostname's ordinal."""
+        if not isinstance(data, dict) or data.get("index") is not None:
+            sharding = handler(data)
+            if sharding.index >= sharding.total:
+                _refuse(
+                    cls.__name__,
+                    data,
+                    [
+                        (
+                            ("index",),
+                            f"expected an integer from 0 to {sharding.total - 1} "
+                            f"(below {{here}}.total {sharding.total}), got {sharding.index}",
+                        )
+                    ],
+                )
+            return sharding
+        sharding = handler({key: value for key, value in data.items() if key != "index"})
+        if sharding.total == 1:
+            return sharding
+        name = _surroundings(info).hostname()
+        ordinal = index_from_hostname(name)
+        if ordinal is None:
+            problem = (
+                "set {here}.index or run in a StatefulSet whose pod names end in "
+                f"-<ordinal>; hostname {_describe(name)} has none"
+            )
+        elif ordinal >= sharding.total:
+            problem = (
+                f"hostname {_describe(name)} gives ordinal {ordinal}, but {{here}}.total is "
+                f"{sharding.total} (ordinals 0 to {sharding.total - 1}): run as many replicas "
+                "as {here}.total, or set {here}.index"
+            )
+        else:
+            return sharding.model_copy(update={"index": ordinal})
+        _refuse(cls.__name__, data, [(("index",), problem)])
+
+
+class Config(_Section):
+    """The whole validated configuration."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "catalog-upload-exporter configuration",
+            "description": "Generated by `catalog-upload-exporter schema`; see "
+            "config.example.yaml for what each key means.",
+        }
+    )
+
+    api: ApiConfig
+    polling: PollingConfig = _SECTION_DEFAULT
+    ingestions: IngestionsConfig = _SECTION_DEFAULT
+    server: ServerConfig = _SECTION_DEFAULT
+    logging: LoggingConfig = _SECTION_DEFAULT
+    metrics: MetricsConfig = _SECTION_DEFAULT
+    reload: ReloadConfig = _SECTION_DEFAULT
+    admin: AdminConfig = _SECTION_DEFAULT
+    state: StateConfig = _SECTION_DEFAULT
+    sharding: ShardingConfig = _SECTION_DEFAULT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_is_required(cls, data: Any) -> Any:
+        """A missing api section is reported as its one required key."""
+        if isinstance(data, dict) and data.get("api") is None:
+            return {**data, "api": {}}
+        return data
+
+    @field_validator("ingestions", "server")
+    @classmethod
+    def _remember(cls, section: Any, info: ValidationInfo) -> Any:
+        """Keep a valid section for the checks of later ones (admin.port, state.path)."""
+        if isinstance(info.context, _Surroundings) and info.field_name is not None:
+            info.context.validated[info.field_name] = section
+        return section
+
+
+class _Schema(GenerateJsonSchema):
+    """JSON Schema as the loader reads documents: `null` is allowed wherever a default is."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        value = super().default_schema(schema)
+        default = {"default": value.pop("default")} if "default" in value else {}
+        nullable = value if "anyOf" in value else {"anyOf": [value]}
+        if {"type": "null"} not in nullable["anyOf"]:
+            nullable["anyOf"].append({"type": "null"})
+        return {**nullable, **default}
+
+
+def json_schema() -> dict[str, Any]:
+    """The config file's JSON Schema (draft 2020-12), as `catalog-upload-exporter schema`."""
+    return Config.model_json_schema(schema_generator=_Schema)
 
 
 def parse_config(
@@ -906,34 +1001,18 @@ def parse_config(
             return hostname
         return env.get("HOSTNAME") or socket.gethostname()
 
-    problems = _Problems()
     if data is None:
-        problems.add(_TOP_LEVEL, "the document is empty; at least api.base_url is required")
-    elif not isinstance(data, dict):
-        problems.add(_TOP_LEVEL, f"expected a mapping of sections, got {_describe(data)}")
-    problems.raise_if_any()
-
-    root = _Section(problems, "", data, _keys(Config))
-    # Read in field order, which is the order problems are listed in; admin and state are
-    # checked against sections read before them.
-    api = _read_api(root.child("api", ApiConfig), env)
-    polling = _read_polling(root.child("polling", PollingConfig))
-    ingestions = _read_ingestions(root.child("ingestions", IngestionsConfig))
-    server = _read_server(root.child("server", ServerConfig))
-    config = Config(
-        api=api,
-        polling=polling,
-        ingestions=ingestions,
-        server=server,
-        logging=_read_logging(root.child("logging", LoggingConfig)),
-        metrics=_read_metrics(root.child("metrics", MetricsConfig)),
-        reload=_read_reload(root.child("reload", ReloadConfig)),
-        admin=_read_admin(root.child("admin", AdminConfig), server),
-        state=_read_state(root.child("state", StateConfig), ingestions),
-        sharding=_read_sharding(root.child("sharding", ShardingConfig), resolve_hostname),
-    )
-    problems.raise_if_any()
-    return config
+        raise ConfigError(
+            [f"{_TOP_LEVEL}: the document is empty; at least api.base_url is required"]
+        )
+    if not isinstance(data, dict):
+        raise ConfigError([f"{_TOP_LEVEL}: expected a mapping of sections, got {_describe(data)}"])
+    try:
+        return Config.model_validate(data, context=_Surroundings(env, resolve_hostname))
+    except ValidationError as error:
+        raise ConfigError(
+            _wording_of(detail) for detail in error.errors(include_url=False)
+        ) from None
 
 
 #: The largest config file read, in bytes. The file is refused before it is parsed: a 64 MB

