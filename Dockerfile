@@ -3,7 +3,7 @@
 # The catalog-upload-exporter image: a wheel built in one stage, installed with its dependencies
 # into /opt/venv, and only that venv copied onto a clean Python base.
 #
-#   docker build -t catalog-upload-exporter:0.1.0 .
+#   make image            # or: docker build -t catalog-upload-exporter:0.1.0 .
 #   docker run --rm -p 10184:10184 \
 #     -v "$PWD/config.yaml:/etc/catalog-upload-exporter/config.yaml:ro" \
 #     catalog-upload-exporter:0.1.0
@@ -12,9 +12,20 @@
 # bytes. The digest is the one docker-library/repo-info recorded for python:3.11.16-slim-bookworm
 # (repos/python/remote/3.11.16-slim-bookworm.md). To move to a newer base, read the new digest
 # with `docker buildx imagetools inspect python:3.11.X-slim-bookworm` (the "Digest:" line) or
-# `crane digest python:3.11.X-slim-bookworm`, and change both FROM lines together.
+# `crane digest python:3.11.X-slim-bookworm`, and change PYTHON_IMAGE and the base.name label.
+# Any image with python3, its venv module and pip on PATH works as a base (--build-arg
+# PYTHON_IMAGE=...): tests/test_container.py builds on one made from Debian packages.
+#
+# Offline: `--build-context wheels=DIR`, DIR holding wheels of every dependency and of the build
+# backend (setuptools), installs from DIR alone (`pip download` fills it; see `make image`).
 
-FROM python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f AS builder
+ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f
+
+# Empty unless the build names a context "wheels", which replaces this stage.
+FROM scratch AS wheels
+
+
+FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
@@ -25,13 +36,16 @@ COPY exporter/ exporter/
 
 # The venv has no pip of its own: the base image's pip installs into it (--python), so the venv
 # copied to the final stage holds the exporter and its dependencies and nothing to install with.
-# Every dependency ships manylinux wheels, so no compiler is needed here either.
-RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && python -m venv --without-pip /opt/venv \
-    && pip --python /opt/venv/bin/python install --compile /wheels/*.whl
+# Every dependency ships manylinux wheels, so no compiler is needed here either. With wheels
+# given, pip reads no index at all (PIP_NO_INDEX), the build backend's isolated env included.
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    if [ -n "$(ls -A /wheels)" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    && python3 -m pip wheel --no-deps --wheel-dir /dist . \
+    && python3 -m venv --without-pip /opt/venv \
+    && python3 -m pip --python /opt/venv/bin/python install --compile /dist/*.whl
 
 
-FROM python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f
+FROM ${PYTHON_IMAGE}
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="catalog-upload-exporter" \
@@ -42,10 +56,11 @@ LABEL org.opencontainers.image.title="catalog-upload-exporter" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.16-slim-bookworm"
 
 # The venv does not see the system site-packages, so pip, setuptools and wheel there are only
-# tools for changing the image at run time: remove them, and ensurepip's bundled copies.
-RUN rm -rf /usr/local/lib/python3.11/site-packages/* \
-           /usr/local/lib/python3.11/ensurepip \
-           /usr/local/bin/pip /usr/local/bin/pip3 /usr/local/bin/pip3.11
+# tools for changing the image at run time: remove every site directory, ensurepip, and the pip
+# scripts beside python3 (asked of python3 itself, so any base's layout is covered).
+RUN python3 -c "import glob, os, shutil, site, sys, sysconfig; \
+[shutil.rmtree(d, ignore_errors=True) for d in [*site.getsitepackages(), os.path.join(sysconfig.get_path('stdlib'), 'ensurepip')]]; \
+[os.remove(p) for p in glob.glob(os.path.join(os.path.dirname(sys.executable), 'pip*'))]"
 
 COPY --from=builder /opt/venv /opt/venv
 

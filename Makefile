@@ -1,13 +1,30 @@
 # Quick start: `make demo` (live metrics from the embedded simulator) and `make test`.
 # Each target sets up what it needs: a virtualenv in .venv, and for tests the Debian
-# packages that provide promtool, prometheus and alertmanager.
+# packages that provide promtool, prometheus and alertmanager, and podman (with runc) and
+# mmdebstrap, which build and run the image (tests/test_container.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := prometheus prometheus-alertmanager
+# command:package pairs; `make tools` installs the package of each command that is missing.
+APT_TOOLS := promtool:prometheus prometheus-alertmanager:prometheus-alertmanager \
+	podman:podman runc:runc mmdebstrap:mmdebstrap
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= catalog-upload-exporter:$(VERSION)
+CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
+# With WHEELS=DIR (wheels of every dependency and of setuptools), the build needs no network;
+# PYTHON_IMAGE=... replaces the pinned base (a mirror, or any image with python3, venv and pip).
+WHEELS ?=
+PYTHON_IMAGE ?=
 
-.PHONY: demo test lint tools clean
+# The one place that says where the alerts' runbooks live: every runbook_url is this base, "#",
+# and the alert's anchor (README, "Alerts and runbooks"). Change it here, or pass it, and run
+# `make rules`, which rewrites the rules file and the PrometheusRule generated from it.
+RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-exporter/blob/main/README.md
+RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
+PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
+
+.PHONY: demo test lint tools image rules clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,10 +44,21 @@ demo: $(VENV)/.installed
 	$(BIN)/catalog-upload-exporter --demo
 
 tools:
-	@command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	@missing=$$(for pair in $(APT_TOOLS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; \
+	done); \
+	[ -z "$$missing" ] || { \
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }
+
+# The image (README, "Container image"): needs the base's registry, and PyPI unless WHEELS is set.
+image:
+	@[ -n "$(CONTAINER_ENGINE)" ] || { echo "podman or docker is required"; exit 1; }
+	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) \
+		$(if $(WHEELS),--network none --build-context wheels=$(abspath $(WHEELS))) \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+		-t $(IMAGE) .
 
 test: $(VENV)/.installed-test tools
 	$(BIN)/pytest
@@ -40,5 +68,16 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict exporter
 
+# The rules file with RUNBOOK_BASE in every runbook_url, then the PrometheusRule: its header
+# (everything up to `spec:`) and the rules file's groups, indented under it.
+rules:
+	@case '$(RUNBOOK_BASE)' in *[\|\&\#\"\ ]*|'') \
+		echo "RUNBOOK_BASE must be a URL without | & # \" or spaces"; exit 1;; esac
+	sed -E 's|^( *runbook_url: )"[^"#]*#|\1"$(RUNBOOK_BASE)#|' $(RULES_FILE) > $(RULES_FILE).tmp
+	mv $(RULES_FILE).tmp $(RULES_FILE)
+	{ sed '/^spec:$$/q' $(PROMETHEUS_RULE); sed -e '/^#/d' -e 's/^./  &/' $(RULES_FILE); } \
+		> $(PROMETHEUS_RULE).tmp
+	mv $(PROMETHEUS_RULE).tmp $(PROMETHEUS_RULE)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

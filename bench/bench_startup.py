@@ -1,8 +1,9 @@
 """Startup: from process start until /metrics answers with every id tracked.
 
 The exporter is started (`python -m exporter --config ...`) with N ids from its config, from
-a state file only (ids registered through the admin API in an earlier run), and from both
-(a restart); against bench/sim_server.py, so polling starts for real. Measured from just
+the state database only (ids registered through the admin API in an earlier run), from both
+(a restart), and from a JSON state file of release 1 (the first start after an upgrade, which
+migrates it); against bench/sim_server.py, so polling starts for real. Measured from just
 before the process is spawned: when /healthz first answers, and when a /metrics response
 with `catalog_exporter_tracked_ingestions` = N has been read in full.
 
@@ -19,12 +20,42 @@ from pathlib import Path
 from typing import Any
 
 import common
+from exporter.state import UploadRecord, open_store
 
 TRACKED = "catalog_exporter_tracked_ingestions"
 
 
+def write_database(path: Path, ingestion_ids: list[str], source: str) -> Path:
+    """A state database (exporter.state's schema), every upload INPROGRESS."""
+    for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        stale.unlink(missing_ok=True)
+    now = time.time()
+    store, result = open_store(path)
+    assert store is not None, result.problem
+    store.apply(
+        [
+            (
+                ingestion_id,
+                UploadRecord(
+                    ingestion_id,
+                    (source,),
+                    {},
+                    "INPROGRESS",
+                    now - 600,
+                    now - 300,
+                    last_success=now - 30,
+                    queue_observed=True,
+                ),
+            )
+            for ingestion_id in ingestion_ids
+        ]
+    )
+    store.close()
+    return path
+
+
 def write_state(path: Path, ingestion_ids: list[str], source: str) -> Path:
-    """A state file in the documented version-1 format, every upload INPROGRESS."""
+    """A JSON state file in release 1's format, every upload INPROGRESS."""
     now = time.time()
     document = {
         "version": 1,
@@ -108,11 +139,16 @@ async def run(args: argparse.Namespace) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         scenarios: list[tuple[str, list[str], Path | None]] = [
             ("config", ingestion_ids, None),
-            ("state file", [], write_state(state_dir / "api.json", ingestion_ids, "api")),
+            ("state db", [], write_database(state_dir / "api.db", ingestion_ids, "api")),
             (
-                "config + state file",
+                "config + state db",
                 ingestion_ids,
-                write_state(state_dir / "restart.json", ingestion_ids, "config"),
+                write_database(state_dir / "restart.db", ingestion_ids, "config"),
+            ),
+            (
+                "JSON state file (migrated)",
+                [],
+                write_state(state_dir / "api.json", ingestion_ids, "api"),
             ),
         ]
         for label, config_ids, state in scenarios:
@@ -128,6 +164,7 @@ async def run(args: argparse.Namespace) -> None:
                 log_level=args.log_level,
                 state_path=state.resolve() if state else None,
             )
+            state_mib = state.stat().st_size / 2**20 if state else 0.0
             common.note(f"starting from {label} with {n} ids")
             results[label] = await start_and_wait(
                 procs,
@@ -138,7 +175,7 @@ async def run(args: argparse.Namespace) -> None:
                 args=args,
             )
             results[label]["config_mib"] = config.stat().st_size / 2**20
-            results[label]["state_mib"] = state.stat().st_size / 2**20 if state else 0.0
+            results[label]["state_mib"] = state_mib
     common.print_table(
         f"Startup with {n} ids (seconds from spawning the process; max_requests_per_second "
         f"{args.max_rps:g})",

@@ -13,9 +13,10 @@ acknowledgement: the tracker returns only once the state file holding the change
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -25,13 +26,17 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.auth import AuthUnavailable, BearerAuth
-from exporter.config import ServerConfig
+from exporter.config import ServerConfig, is_loopback_host
 from exporter.models import MAX_INGESTION_ID_LENGTH
+from exporter.report import ReportFailure, ReportProblem, ReportSource, ResponseSink
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
 
 __all__ = [
     "API_PREFIX",
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_EXAMINED",
+    "MAX_PAGE_SIZE",
     "MAX_REQUEST_BYTES",
     "create_admin_app",
     "openapi_document",
@@ -48,14 +53,26 @@ HEALTH_PATH = "/healthz"
 #: Registrations are a few hundred bytes; anything bigger is a mistake or an attack.
 MAX_REQUEST_BYTES = 64 * 1024
 
+#: Uploads per page of GET /api/v1/ingestions without `limit`, and the most `limit` may ask.
+#: Copying a page's uploads holds the event loop about 3 ms per 1,000; encoding them, about
+#: three times that, runs in a thread.
+DEFAULT_PAGE_SIZE = 1_000
+MAX_PAGE_SIZE = 10_000
+#: The most ids a filtered page looks at: a rare status among 100,000 ids is found over a few
+#: short pages instead of in one long stall.
+MAX_PAGE_EXAMINED = 10_000
+
 TRACKER = web.AppKey("admin_tracker", IngestionTracker)
 TOKEN = web.AppKey("admin_token", BearerAuth)
 BODY_TIMEOUT = web.AppKey("admin_body_timeout", float)
+ALLOWED_HOSTS = web.AppKey("admin_allowed_hosts", frozenset[str])
+REPORTS = web.AppKey[ReportSource]("admin_reports")
 
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
 _REQUEST_FIELDS = frozenset({"ingestionId", "labels"})
+_LIST_PARAMETERS = ("status", "limit", "cursor")
 
 _HTTP_ERROR_CODES = {
     400: "bad_request",
@@ -64,6 +81,7 @@ _HTTP_ERROR_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    421: "misdirected_request",
 }
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,16 +92,24 @@ def create_admin_app(
     *,
     token_file: str = "",
     body_timeout: float = ServerConfig().idle_timeout_seconds,
+    allowed_hosts: Iterable[str] = (),
+    reports: ReportSource | None = None,
 ) -> web.Application:
     """The admin API as an aiohttp app; with `token_file`, requests need its bearer token.
 
-    A request body not received within `body_timeout` seconds is answered 408.
+    A request body not received within `body_timeout` seconds is answered 408. Only requests
+    whose Host is a loopback name or address, or one of `allowed_hosts`, are served. `reports`
+    fetches processing reports (GET .../{id}/report); without it that route answers 503.
     """
     app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors, _authenticate]
+        client_max_size=MAX_REQUEST_BYTES,
+        middlewares=[_json_errors, _check_host, _authenticate],
     )
     app[TRACKER] = tracker
     app[BODY_TIMEOUT] = body_timeout
+    app[ALLOWED_HOSTS] = frozenset(_normal_host(name) for name in allowed_hosts)
+    if reports is not None:
+        app[REPORTS] = reports
     if token_file:
         # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
         # file changes) by the same code that authenticates the exporter's own requests.
@@ -92,6 +118,7 @@ def create_admin_app(
     app.router.add_get(INGESTIONS_PATH, list_ingestions, allow_head=False)
     # `.+` lets an id contain "/" (sent as %2F); aiohttp percent-decodes the match.
     one = f"{INGESTIONS_PATH}/{{ingestion_id:.+}}"
+    app.router.add_get(f"{one}/report", ingestion_report, allow_head=False)  # before `one`
     app.router.add_get(one, show_ingestion, allow_head=False)
     app.router.add_delete(one, delete_ingestion)
     app.router.add_get(OPENAPI_PATH, openapi, allow_head=False)
@@ -179,6 +206,52 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.reason
 
 
+def _normal_host(name: str) -> str:
+    """A host name as compared: lower-case, without the root's trailing dot."""
+    return name.strip().lower().removesuffix(".")
+
+
+def _host_of(header: str) -> str | None:
+    """The host part of a Host header ("[::1]:10185" -> "::1"), or None if it is malformed."""
+    value = header.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1 :]
+        if end < 0 or not host:
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        rest = colon + port
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None  # a bare IPv6 address, or a port that is not a number
+    return _normal_host(host) or None
+
+
+@web.middleware
+async def _check_host(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Refuse (421, changing nothing) a request whose Host is neither loopback nor allowed.
+
+    A web page can make a browser reach this listener under the page's own name by pointing
+    that name at 127.0.0.1 (DNS rebinding); the browser then sends that name as Host.
+    """
+    header = request.headers.get("Host", "")
+    host = _host_of(header)
+    if host is not None and (is_loopback_host(host) or host in request.app[ALLOWED_HOSTS]):
+        return await handler(request)
+    log.warning(
+        "admin_request_misdirected",
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        host=header[:255].encode("ascii", "backslashreplace").decode(),
+    )
+    message = (
+        "this API answers only requests for a loopback host (localhost, 127.0.0.1, [::1]) "
+        "or a name listed in admin.allowed_hosts"
+    )
+    return _error(421, "misdirected_request", message)
+
+
 @web.middleware
 async def _authenticate(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """With a token configured, refuse requests without it (probes and the API doc excepted).
@@ -195,10 +268,13 @@ async def _authenticate(request: web.Request, handler: _Handler) -> web.StreamRe
         log.error("admin_token_unavailable", problem=str(exc))
         return _error(503, "auth_unavailable", "the admin token cannot be read; see the log")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Compare bytes: compare_digest refuses non-ASCII str, and a client may send anything.
-    if scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    # Compare bytes: compare_digest refuses non-ASCII str, and a client may send anything,
+    # bytes that are not UTF-8 included (aiohttp hands those over as lone surrogates).
+    try:
+        sent = given.strip().encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        sent = b""  # not bytes off the wire: nothing that could be the token
+    if scheme.lower() == "bearer" and hmac.compare_digest(sent, expected.encode()):
         return await handler(request)
     log.warning(
         "admin_request_unauthorized",
@@ -275,7 +351,7 @@ async def register(request: web.Request) -> web.Response:
         )
     except StateError as exc:
         raise _state_unavailable(
-            exc, "the state file could not be written, so the id is not acknowledged; retry"
+            exc, "the state could not be written, so the id is not tracked; retry"
         ) from None
     if not result.accepted:
         reason = result.reason or RejectReason.NOT_A_STRING
@@ -303,15 +379,75 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def list_ingestions(request: web.Request) -> web.Response:
-    """GET /api/v1/ingestions[?status=S&status=T]: every tracked upload, in registration order."""
-    unknown = sorted(set(request.query) - {"status"})
+    """GET /api/v1/ingestions[?status=S&limit=N&cursor=C]: a page of the uploads, in id order.
+
+    `nextCursor` continues after the page's last id, so ids added or removed meanwhile never
+    make a later page skip or repeat one that stayed tracked all along.
+    """
+    unknown = sorted(set(request.query) - set(_LIST_PARAMETERS))
     if unknown:
-        message = f"unknown query parameter {unknown[0][:64]!r}; allowed: status"
+        message = (
+            f"unknown query parameter {unknown[0][:64]!r}; allowed: {', '.join(_LIST_PARAMETERS)}"
+        )
         raise _Refused(400, "unknown_parameter", message)
+    tracker = request.app[TRACKER]
     wanted = {s.strip().upper() for s in request.query.getall("status", [])}
-    views = request.app[TRACKER].views()
-    shown = [view_json(v) for v in views if not wanted or v.status in wanted]
-    return web.json_response({"ingestions": shown})
+    allowed = tracker.statuses()
+    bogus = sorted(wanted.difference(allowed))
+    if bogus:
+        # A typo must not read as "none in that status".
+        message = f"unknown status {bogus[0][:64]!r}; allowed: {', '.join(allowed)}"
+        raise _Refused(400, "invalid_parameter", message)
+    limit = _page_size(_single_parameter(request, "limit"))
+    cursor = _single_parameter(request, "cursor")
+    after = None if cursor is None else _cursor_id(cursor)
+    page = tracker.page(after, limit, frozenset(wanted), MAX_PAGE_EXAMINED)
+    next_cursor = None if page.next_after is None else _cursor_of(page.next_after)
+    # The views are a frozen copy: turning them into JSON (most of a page's cost) can run in
+    # a thread, which gives the GIL back to the event loop every few milliseconds.
+    body = await asyncio.to_thread(_list_body, page.views, next_cursor)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _list_body(views: tuple[UploadView, ...], next_cursor: str | None) -> bytes:
+    document = {"ingestions": [view_json(v) for v in views], "nextCursor": next_cursor}
+    return json.dumps(document).encode()
+
+
+def _single_parameter(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise _Refused(400, "invalid_parameter", f"give {name} at most once")
+    return values[0] if values else None
+
+
+def _page_size(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE_SIZE
+    if len(text) <= 6 and text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PAGE_SIZE:
+        return int(text)
+    message = f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {text[:32]!r}"
+    raise _Refused(400, "invalid_parameter", message)
+
+
+def _cursor_of(ingestion_id: str) -> str:
+    """An opaque cursor: the last id listed, base64url-encoded without padding."""
+    return base64.urlsafe_b64encode(ingestion_id.encode()).decode().rstrip("=")
+
+
+def _cursor_id(cursor: str) -> str:
+    """The id a cursor from `_cursor_of` holds; anything else is a 400."""
+    try:
+        if len(cursor) > 4 * MAX_INGESTION_ID_LENGTH * 2:
+            raise ValueError  # longer than any cursor this API hands out
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        ingestion_id = raw.decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError included
+        ingestion_id = ""
+    if not 0 < len(ingestion_id) <= MAX_INGESTION_ID_LENGTH:
+        message = "cursor is not one this API handed out; list again without it"
+        raise _Refused(400, "invalid_parameter", message)
+    return ingestion_id
 
 
 async def show_ingestion(request: web.Request) -> web.Response:
@@ -349,7 +485,7 @@ async def delete_ingestion(request: web.Request) -> web.Response:
         await tracker.release(ingestion_id, Source.API, immediate=True, durable=True)
     except StateError as exc:
         raise _state_unavailable(
-            exc, "released, but the state file could not be written: a restart may bring it back"
+            exc, "the state could not be written, so the id is still tracked; retry"
         ) from None
     remaining = tracker.view(ingestion_id)
     log.info(
@@ -367,6 +503,51 @@ async def delete_ingestion(request: web.Request) -> web.Response:
             + ", ".join(remaining.sources),
         }
     )
+
+
+#: How each reason for no report is answered: status and error code.
+_REPORT_FAILURES = {
+    ReportProblem.NOT_READY: (409, "report_not_ready"),
+    ReportProblem.API_ERROR: (502, "api_error"),
+    ReportProblem.DOWNLOAD_FAILED: (502, "report_download_failed"),
+    ReportProblem.TOO_LARGE: (502, "report_too_large"),
+}
+
+
+async def ingestion_report(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/ingestions/{id}/report: stream a tracked upload's processing report.
+
+    A fresh link is asked of the API and downloaded as the `report` command does (no
+    credential to the report host, no redirect, api.max_report_bytes); the link is never shown.
+    """
+    ingestion_id = request.match_info["ingestion_id"]
+    if request.app[TRACKER].view(ingestion_id) is None:
+        raise _not_tracked()
+    fetch = request.app.get(REPORTS)
+    if fetch is None:
+        raise _Refused(503, "reports_unavailable", "this listener cannot fetch reports")
+    filename = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in ingestion_id
+    )
+    sink = ResponseSink(request, f"{filename}.csv")
+    outcome = await fetch(ingestion_id, sink)
+    if isinstance(outcome, ReportFailure):
+        log.warning(
+            "admin_report_failed",
+            ingestion_id=ingestion_id,
+            problem=outcome.problem.value,
+            kind=outcome.kind,
+            message=outcome.message,
+        )
+        if sink.response is not None:  # the headers are out: only a cut connection tells
+            sink.abort()
+            return sink.response
+        status, code = _REPORT_FAILURES[outcome.problem]
+        raise _Refused(status, code, outcome.message)
+    log.info("admin_report_sent", ingestion_id=ingestion_id, bytes=outcome.size, host=outcome.host)
+    assert sink.response is not None, "a fetched report went through start()"
+    await sink.response.write_eof()
+    return sink.response
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -474,8 +655,19 @@ _SCHEMAS: dict[str, Any] = {
     },
     "IngestionList": {
         "type": "object",
-        "required": ["ingestions"],
-        "properties": {"ingestions": {"type": "array", "items": _ref("UploadView")}},
+        "required": ["ingestions", "nextCursor"],
+        "description": "One page of the tracked uploads, in ingestionId order (Unicode code "
+        "points).",
+        "properties": {
+            "ingestions": {"type": "array", "items": _ref("UploadView")},
+            "nextCursor": {
+                "type": "string",
+                "nullable": True,
+                "description": "Pass as cursor for the next page; null on the last page. A "
+                "filtered page may be short, even empty, with more to come: only null means "
+                "the end.",
+            },
+        },
     },
     "Released": {
         "type": "object",
@@ -495,7 +687,9 @@ _SCHEMAS: dict[str, Any] = {
                 "unknown_parameter, not_a_string, empty, too_long, control_characters, "
                 "bad_labels, cap_reached, not_owned, not_found, not_registered_by_api, "
                 "unauthorized, method_not_allowed, payload_too_large, unsupported_media_type, "
-                "state_unavailable, auth_unavailable, internal_error.",
+                "invalid_parameter, misdirected_request, state_unavailable, auth_unavailable, "
+                "internal_error, report_not_ready, api_error, report_download_failed, "
+                "report_too_large, reports_unavailable.",
             },
             "message": {"type": "string", "description": "Human-readable detail."},
         },
@@ -523,10 +717,61 @@ _ID_PARAMETER = {
 }
 
 
+_MISDIRECTED = _failure(
+    "misdirected_request: the Host header names neither a loopback host (localhost, "
+    "127.0.0.0/8, [::1]) nor one in admin.allowed_hosts; nothing was done (DNS rebinding "
+    "protection)."
+)
+
+
 def _protected(responses: dict[str, Any], unavailable: str = "") -> dict[str, Any]:
     """Add the answers every token-protected operation may give."""
     text = f"{unavailable} Or {_AUTH_UNAVAILABLE}" if unavailable else _AUTH_UNAVAILABLE
-    return {**responses, "401": _UNAUTHORIZED, "500": _INTERNAL, "503": _failure(text)}
+    return {
+        **responses,
+        "401": _UNAUTHORIZED,
+        "421": _MISDIRECTED,
+        "500": _INTERNAL,
+        "503": _failure(text),
+    }
+
+
+_REPORT_PATH: dict[str, Any] = {
+    "parameters": [_ID_PARAMETER],
+    "get": {
+        "operationId": "getIngestionReport",
+        "summary": "Stream a tracked upload's processing report",
+        "description": "Asks getCatalogUploadStatus for a fresh reportDownloadLink and streams "
+        "the file behind it, as `catalog-upload-exporter report` does: the report host gets "
+        "no API credential, redirects are not followed, reports over api.max_report_bytes are "
+        "refused. The link itself is never shown. If the transfer fails after the headers "
+        "were sent, the connection is cut before the end of the body.",
+        "responses": _protected(
+            {
+                "200": {
+                    "description": "The report, as the report host sent it (usually CSV).",
+                    "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/csv": {"schema": {"type": "string", "format": "binary"}},
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        },
+                    },
+                },
+                "404": _failure("not_found: not tracked."),
+                "409": _failure(
+                    "report_not_ready: no reportDownloadLink yet; the message names the status."
+                ),
+                "502": _failure(
+                    "api_error: getCatalogUploadStatus failed; report_download_failed: the "
+                    "report host refused, redirected, timed out or broke off; "
+                    "report_too_large: over api.max_report_bytes. The message names the kind."
+                ),
+            },
+            "reports_unavailable: this listener was started without a report fetcher.",
+        ),
+    },
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -588,13 +833,17 @@ def openapi_document() -> dict[str, Any]:
                             "413": _failure("payload_too_large: body over 64 KiB."),
                             "415": _failure("unsupported_media_type: not application/json."),
                         },
-                        "state_unavailable: the state file could not be written; the id is "
-                        "not acknowledged, retry.",
+                        "state_unavailable: the state could not be written (or persistence "
+                        "is unavailable); the id is not tracked, retry.",
                     ),
                 },
                 "get": {
                     "operationId": "listIngestions",
-                    "summary": "Every tracked upload, in registration order",
+                    "summary": "The tracked uploads, a page at a time, in id order",
+                    "description": "Walk every page by passing each answer's nextCursor as "
+                    "cursor until it is null. Each id tracked throughout the walk is listed "
+                    "exactly once; one added or removed meanwhile may or may not be. A page "
+                    "costs O(log n + the ids it looks at), whatever the number tracked.",
                     "parameters": [
                         {
                             "name": "status",
@@ -603,13 +852,43 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {"type": "array", "items": {"type": "string"}},
                             "style": "form",
                             "explode": True,
-                            "description": "Only uploads in these statuses (repeatable).",
-                        }
+                            "description": "Only uploads in these statuses (repeatable, "
+                            "case-insensitive): INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, "
+                            "INVALID, UNKNOWN, or another status the API sent that a tracked "
+                            "upload has now. Anything else is a 400. A filtered page "
+                            f"looks at no more than {MAX_PAGE_EXAMINED:,} ids (or limit, if "
+                            "larger).",
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_PAGE_SIZE,
+                                "default": DEFAULT_PAGE_SIZE,
+                            },
+                            "description": "The most uploads on this page.",
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "The nextCursor of the previous page (opaque); "
+                            "without it the list starts at the beginning.",
+                        },
                     ],
                     "responses": _protected(
                         {
                             "200": _json_body(_ref("IngestionList"), "The uploads."),
-                            "400": _failure("unknown_parameter."),
+                            "400": _failure(
+                                "unknown_parameter, or invalid_parameter: a status that is "
+                                "neither known nor held by a tracked upload (the message "
+                                "lists the allowed ones), a limit out of range, a cursor this "
+                                "API did not hand out, or one of them given twice."
+                            ),
                         }
                     ),
                 },
@@ -642,11 +921,12 @@ def openapi_document() -> dict[str, Any]:
                                 "remove it there."
                             ),
                         },
-                        "state_unavailable: released in memory, but the state file could not "
-                        "be written.",
+                        "state_unavailable: the state could not be written (or persistence "
+                        "is unavailable); the id is still tracked, retry.",
                     ),
                 },
             },
+            f"{INGESTIONS_PATH}/{{ingestion_id}}/report": _REPORT_PATH,
             OPENAPI_PATH: {
                 "get": {
                     "operationId": "getOpenApi",
@@ -655,6 +935,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_body({"type": "object"}, "The OpenAPI document."),
                         "500": _INTERNAL,
+                        "421": _MISDIRECTED,
                     },
                 }
             },
@@ -666,6 +947,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_body(_ref("Health"), "Alive."),
                         "500": _INTERNAL,
+                        "421": _MISDIRECTED,
                     },
                 }
             },

@@ -1,7 +1,8 @@
 """The Catalog API client: one ingestionId in, a `StatusReport` or a classified `PollError` out.
 
 It owns the HTTP exchange (signing, timeout, body-size cap) and the per-request metrics.
-It does not retry or pace: that is the scheduler's and the rate limiter's job.
+It does not retry or pace: that is the scheduler's and the rate limiter's job. It sends to
+`api.base_url` only: a redirect is never followed, it is an `unexpected_status` error.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import aiohttp
 
 from exporter.auth import AuthUnavailable, RequestAuth
 from exporter.metrics import ApiMetrics
-from exporter.models import ErrorKind, PollError, PollOutcome
-from exporter.responses import classify_response, clean_text
+from exporter.models import ErrorKind, PollError, PollOutcome, StatusReport
+from exporter.responses import classify_response, clean_text, report_download_link
 
 STATUS_PATH = "/v1/catalog/getCatalogUploadStatus"
 
@@ -48,6 +49,20 @@ class CatalogClient:
 
     async def fetch_status(self, ingestion_id: str) -> PollOutcome:
         """Poll one upload; never raises for anything the network or the API does."""
+        outcome, _ = await self._poll(ingestion_id)
+        return outcome
+
+    async def fetch_report_link(self, ingestion_id: str) -> tuple[PollOutcome, str]:
+        """Poll one upload and also hand back its `reportDownloadLink` ("" when none).
+
+        The link is a presigned credential: the caller must never log or print it.
+        """
+        outcome, payload = await self._poll(ingestion_id)
+        if isinstance(outcome, StatusReport) and outcome.report_available:
+            return outcome, report_download_link(payload)
+        return outcome, ""
+
+    async def _poll(self, ingestion_id: str) -> tuple[PollOutcome, bytes]:
         body = json.dumps({"ingestionId": ingestion_id}).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         try:
@@ -55,12 +70,19 @@ class CatalogClient:
         except AuthUnavailable as exc:
             outcome: PollOutcome = PollError(ErrorKind.UNAUTHORIZED, clean_text(str(exc)))
             self._metrics.observe_outcome(outcome)
-            return outcome
+            return outcome, b""
         started = self._clock()
         code = "error"
+        payload = b""
         try:
+            # Never follow a redirect: the next hop would get our credentials (custom headers
+            # and X-Amz-Security-Token survive a cross-host redirect) and would answer for us.
             async with self._session.post(
-                self._url, data=body, headers=headers, timeout=self._timeout
+                self._url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 code = str(response.status)
                 payload = await self._read_capped(response)
@@ -77,7 +99,7 @@ class CatalogClient:
             outcome = PollError(ErrorKind.CONNECTION, clean_text(type(exc).__name__))
         self._metrics.observe_request(code, self._clock() - started)
         self._metrics.observe_outcome(outcome)
-        return outcome
+        return outcome, payload
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         if response.content_length is not None and response.content_length > self._max_bytes:

@@ -29,19 +29,17 @@ Rules applied to every key:
 
 from __future__ import annotations
 
-import difflib
+import ipaddress
 import os
 import re
 import socket
 import stat
-import types
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -54,22 +52,32 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
-from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+from pydantic_core import core_schema
 
+from exporter.config_wording import (
+    SECRET,
+    TOP_LEVEL,
+    Wording,
+    describe,
+    fmt,
+    problem_line,
+    refusal,
+)
+from exporter.config_wording import problem as _problem
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
+    format_character,
     ingestion_id_problem,
     refused_character,
 )
 from exporter.sharding import index_from_hostname
+from exporter.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
     "DEFAULT_PORT",
-    "MAX_CONFIG_BYTES",
     "AdminConfig",
     "ApiConfig",
     "AuthConfig",
@@ -83,6 +91,7 @@ __all__ = [
     "ServerConfig",
     "ShardingConfig",
     "StateConfig",
+    "is_loopback_host",
     "json_schema",
     "load_config",
     "parse_config",
@@ -90,31 +99,24 @@ __all__ = [
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
 DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
+#: Largest processing report the `report` command and the admin API download (32 MiB).
+DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
 AuthType = Literal["sigv4", "bearer", "none"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
 StatusSeries = Literal["all", "active"]
 
-_TOP_LEVEL = "(top level)"
 _REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _MAX_LABELS = 10  # each one is copied onto every upload series
 _MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
 # Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
 _OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
-_YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
-_MAX_ECHO = 60  # longer values are cut in messages
-_KINDS: dict[type, str] = {
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    list: "a list",
-    dict: "a mapping",
-}
 
 _HTTP_WORD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 7230 `token`
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
 # into the wrong key.
 _ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -138,18 +140,7 @@ class ConfigError(Exception):
         return (ConfigError, (self.problems,))
 
 
-# Problems raised by our own checks, and how the models' keys are worded in messages
-
-
-@dataclass(frozen=True, slots=True)
-class _Wording:
-    """Field metadata for messages: what a value must be, and whether it may be echoed."""
-
-    expected: str = ""
-    secret: bool = False  # the value may be a token pasted into the wrong key
-
-
-_SECRET = _Wording(secret=True)
+# What the checks may look at
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,157 +163,6 @@ def _surroundings(info: ValidationInfo) -> _Surroundings:
 def _validated(info: ValidationInfo, section: str) -> Any:
     """An earlier section of the document, when it was valid (and the document is parsed)."""
     return info.context.validated.get(section) if isinstance(info.context, _Surroundings) else None
-
-
-def _problem(message: str) -> PydanticCustomError:
-    """One of our own problems; `{here}` in it is replaced by the key path of its section."""
-    return PydanticCustomError("config", "{message}", {"message": message})
-
-
-def _refuse(title: str, value: object, problems: Sequence[tuple[tuple[str, ...], str]]) -> NoReturn:
-    """Report several problems at once, each at a key below the validator's own."""
-    raise ValidationError.from_exception_data(
-        title,
-        [InitErrorDetails(type=_problem(text), loc=loc, input=value) for loc, text in problems],
-    )
-
-
-def _did_you_mean(word: str, known: Iterable[str]) -> str:
-    lowered = {candidate.lower(): candidate for candidate in known}
-    matches = difflib.get_close_matches(word.lower(), list(lowered), n=1)
-    return f"; did you mean {lowered[matches[0]]!r}?" if matches else ""
-
-
-def _describe(value: object, *, secret: bool = False) -> str:
-    """Show a value in a message: YAML spellings, cut short, or only its kind when `secret`."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if secret or not isinstance(value, str | int | float):
-        return _KINDS.get(type(value), f"a value of type {type(value).__name__}")
-    if isinstance(value, int) and value.bit_length() > 64:
-        return "a very large integer"
-    if isinstance(value, str) and len(value) > _MAX_ECHO:
-        return f"{value[:_MAX_ECHO]!r}... ({len(value)} characters)"
-    return repr(value)
-
-
-def _number_hint(value: object) -> str:
-    """Explain the two YAML readings that most often turn a number into something else."""
-    if isinstance(value, bool):
-        return " (YAML reads unquoted yes/no/on/off/true/false as booleans)"
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (a string to YAML: drop any quotes, and write exponents like 1.0e+3)"
-    return ""
-
-
-def _fmt(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else repr(bound)
-
-
-def _bounds(field: FieldInfo) -> tuple[float | None, float | None, float | None]:
-    """The (gt, ge, le) constraints a field declares."""
-    found: dict[str, float | None] = {"gt": None, "ge": None, "le": None}
-    for item in field.metadata:
-        for name in found:
-            if getattr(item, name, None) is not None:
-                found[name] = getattr(item, name)
-    return found["gt"], found["ge"], found["le"]
-
-
-def _range_text(gt: float | None, ge: float | None, le: float | None) -> str:
-    if ge is not None and le is not None:
-        return f" from {_fmt(ge)} to {_fmt(le)}"
-    parts = [
-        f"{op} {_fmt(bound)}"
-        for op, bound in ((">", gt), (">=", ge), ("<=", le))
-        if bound is not None
-    ]
-    return " " + " and ".join(parts) if parts else ""
-
-
-def _wording(field: FieldInfo) -> _Wording:
-    return next((m for m in field.metadata if isinstance(m, _Wording)), _Wording())
-
-
-def _plain_type(annotation: object) -> object:
-    """The annotation without `| None`."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        others = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return others[0] if len(others) == 1 else annotation
-    return annotation
-
-
-def _expected(field: FieldInfo, value: object) -> str:
-    """What a key holding `value` should have held, from its declared type and constraints."""
-    shown = _describe(value, secret=_wording(field).secret)
-    kind = _plain_type(field.annotation)
-    if _wording(field).expected:
-        return f"expected {_wording(field).expected}, got {shown}"
-    if kind is float:
-        return f"expected a number{_range_text(*_bounds(field))}, got {shown}{_number_hint(value)}"
-    if kind is int:
-        gt, ge, le = _bounds(field)
-        text = _range_text(gt, ge, le)
-        return f"expected an integer{text}, got {shown}{_number_hint(value)}"
-    if kind is bool:
-        quoted = isinstance(value, str) and value.lower() in _YAML_BOOLEAN_WORDS
-        hint = " (a string to YAML: drop the quotes)" if quoted else ""
-        return f"expected true or false, got {shown}{hint}"
-    if get_origin(kind) is Literal:
-        choices = [str(choice) for choice in get_args(kind)]
-        guess = _did_you_mean(value, choices) if isinstance(value, str) else ""
-        return f"expected one of {', '.join(choices)}, got {shown}{guess}"
-    return f"expected a string, got {shown}"
-
-
-def _model_at(loc: Sequence[str | int]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The model a key path leads into (None past a leaf) and the field it names last."""
-    model: type[BaseModel] | None = Config
-    field: FieldInfo | None = None
-    for part in loc:
-        if isinstance(part, int):
-            continue  # a list index: still the same field
-        field = model.model_fields.get(part) if model is not None else None
-        if field is None:
-            return None, None
-        kind = _plain_type(field.annotation)
-        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
-    return model, field
-
-
-def _key_path(loc: Sequence[str | int]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-def _wording_of(detail: Mapping[str, Any]) -> str:
-    """One pydantic error detail as "key.path: what was expected", in this module's words."""
-    loc, kind, value = tuple(detail["loc"]), detail["type"], detail["input"]
-    if kind == "extra_forbidden":
-        parent, _ = _model_at(loc[:-1])
-        key = loc[-1]
-        name = key if isinstance(key, str) else _describe(key)
-        known = parent.model_fields if parent is not None else ()
-        where = f"{_key_path(loc[:-1])}.{name}" if loc[:-1] else name
-        return f"{where}: unknown key{_did_you_mean(name, known)}"
-    where = _key_path(loc) or _TOP_LEVEL
-    if kind == "config":
-        message = str(detail["ctx"]["message"]).replace("{here}", _key_path(loc[:-1]))
-        return f"{where}: {message}"
-    if kind == "missing":
-        return f"{where}: required"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{where}: expected a mapping, got {_describe(value)}"
-    _, field = _model_at(loc)
-    if field is None:  # not expected: every other error is about a declared key
-        return f"{where}: {detail['msg']}"
-    return f"{where}: {_expected(field, value)}"
 
 
 # Value checks shared by several keys
@@ -357,11 +197,25 @@ def _control_character(text: str) -> str | None:
     return next((char for char in text if unicodedata.category(char) == "Cc"), None)
 
 
+def is_loopback_host(name: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1), given without port."""
+    host = name.strip().lower().removesuffix(".").removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def _absolute_path_problem(path: str) -> str | None:
     if _control_character(path) is not None:
         return "must not contain control characters"
     if not os.path.isabs(path):
-        return f"expected an absolute path, got {_describe(path)}"
+        return f"expected an absolute path, got {describe(path)}"
     return None
 
 
@@ -387,9 +241,9 @@ def _base_url_problem(url: str) -> str | None:
         ("#" in url, "must not have a fragment"),
         (
             parts.scheme not in ("http", "https"),
-            f"expected an http:// or https:// URL, got {_describe(url)}",
+            f"expected an http:// or https:// URL, got {describe(url)}",
         ),
-        (not parts.hostname, f"expected a URL with a host, got {_describe(url)}"),
+        (not parts.hostname, f"expected a URL with a host, got {describe(url)}"),
     )
     return next((message for failed, message in checks if failed), None)
 
@@ -430,13 +284,15 @@ def _kind_problem(path: str, *, directory: bool, required: bool) -> str | None:
 
 
 def _state_file_problem(path: str) -> str | None:
-    """Say why `path` cannot hold the state, or None; the file itself may be missing."""
+    """Say why `path` cannot hold the state, or None; the file itself may be missing.
+
+    What is at the path itself is not checked: a directory or an unreadable file there is
+    found at start, where the exporter runs without persistence instead of exiting (a
+    container restarted on exit would crash-loop).
+    """
     if path.endswith("/"):
         return f"expected a file name after the last '/', got {path!r}"
-    parent = os.path.dirname(path)
-    return _kind_problem(parent, directory=True, required=True) or _kind_problem(
-        path, directory=False, required=False
-    )
+    return _kind_problem(os.path.dirname(path), directory=True, required=True)
 
 
 def _checked(problem_of: Callable[[Any], str | None]) -> AfterValidator:
@@ -457,23 +313,45 @@ def _ingestion_id_problem(value: object) -> str | None:
     if reason is None:
         return None
     if reason is RejectReason.NOT_A_STRING:
-        return f"expected a string (quote ids in YAML), got {_describe(value)}"
+        return f"expected a string (quote ids in YAML), got {describe(value)}"
     assert isinstance(value, str)
     if reason is RejectReason.EMPTY:
         return "must not be empty"
     if reason is RejectReason.TOO_LONG:
         return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
+    if reason is RejectReason.FORMAT_CHARACTERS:
+        invisible = format_character(value) or "?"
+        return (
+            f"must not contain invisible format characters, found {invisible!r} "
+            f"(U+{ord(invisible):04X}) in {describe(value)}"
+        )
     char = refused_character(value)
-    return f"must not contain control characters, found {char!r} in {_describe(value)}"
+    return f"must not contain control characters, found {char!r} in {describe(value)}"
+
+
+def _host_name_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {describe(value)}"
+    if not _HOST_NAME.fullmatch(value.lower().removesuffix(".")) and not _is_ip_address(value):
+        return f"expected a host name or IP address, without port, got {describe(value)}"
+    return None
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _label_name_problem(value: object) -> str | None:
     if not isinstance(value, str):
-        return f"expected a string, got {_describe(value)}"
+        return f"expected a string, got {describe(value)}"
     if not _LABEL_NAME.fullmatch(value):
-        return f"expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got {_describe(value)}"
+        return f"expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got {describe(value)}"
     if value.startswith("__"):
-        return f"names starting with '__' are reserved by Prometheus, got {_describe(value)}"
+        return f"names starting with '__' are reserved by Prometheus, got {describe(value)}"
     if value in _OWN_LABELS:
         return f"{value!r} is one of the exporter's own labels ({', '.join(_OWN_LABELS)})"
     return None
@@ -508,7 +386,7 @@ def _listen_host(model: type[BaseModel], host: str) -> str:
     """A listen address: non-empty, without spaces or control characters."""
     if not host or _control_character(host) is not None or " " in host:
         default = model.model_fields["host"].default
-        raise _problem(f"expected a host name or address such as {default}, got {_describe(host)}")
+        raise _problem(f"expected a host name or address such as {default}, got {describe(host)}")
     return host
 
 
@@ -548,6 +426,7 @@ LabelName = Annotated[
         }
     ),
 ]
+HostName = Annotated[str, _first_checked(_host_name_problem)]
 ListenPort = Annotated[int, Field(ge=0, le=65535), _INTEGRAL]
 
 
@@ -584,7 +463,7 @@ class AuthConfig(_Section):
         _checked(
             lambda arn: (
                 "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
-                f"got {_describe(arn)}"
+                f"got {describe(arn)}"
                 if arn and not arn.startswith("arn:")
                 else None
             )
@@ -592,10 +471,10 @@ class AuthConfig(_Section):
         Field(json_schema_extra={"pattern": "^(arn:.*)?$"}),
     ] = ""
     token_file: str = ""
-    token_env: Annotated[str, _SECRET] = ""
+    token_env: Annotated[str, SECRET] = ""
     header: Annotated[
         str,
-        _SECRET,
+        SECRET,
         _checked(
             lambda name: (
                 None
@@ -607,7 +486,7 @@ class AuthConfig(_Section):
     ] = "Authorization"
     scheme: Annotated[
         str,
-        _SECRET,
+        SECRET,
         _checked(
             lambda word: (
                 None
@@ -634,7 +513,7 @@ class AuthConfig(_Section):
         elif self.type == "bearer":
             problems.extend(self._bearer_problems(environ))
         if problems:
-            _refuse(type(self).__name__, self, problems)
+            raise refusal(type(self).__name__, self, problems)
         return self if region == self.region else self.model_copy(update={"region": region})
 
     def _resolve_region(
@@ -658,7 +537,7 @@ class AuthConfig(_Section):
             problems.append(
                 (
                     ("region",),
-                    f"expected an AWS region such as us-east-1, got {_describe(region)}{source}",
+                    f"expected an AWS region such as us-east-1, got {describe(region)}{source}",
                 )
             )
         return region
@@ -695,6 +574,9 @@ class ApiConfig(_Section):
     max_requests_per_second: Annotated[float, Field(gt=0, le=10000)] = 5.0
     max_concurrency: Annotated[int, Field(ge=1, le=256), _INTEGRAL] = 4
     max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024), _INTEGRAL] = 1048576
+    max_report_bytes: Annotated[int, Field(ge=1024, le=1024**3), _INTEGRAL] = (
+        DEFAULT_MAX_REPORT_BYTES
+    )
 
 
 class PollingConfig(_Section):
@@ -712,15 +594,15 @@ class PollingConfig(_Section):
     @model_validator(mode="after")
     def _backoff_grows(self) -> PollingConfig:
         if self.max_backoff_seconds < self.initial_backoff_seconds:
-            _refuse(
+            raise refusal(
                 type(self).__name__,
                 self,
                 [
                     (
                         ("max_backoff_seconds",),
                         "expected a number >= {here}.initial_backoff_seconds "
-                        f"({_fmt(self.initial_backoff_seconds)}), "
-                        f"got {_fmt(self.max_backoff_seconds)}",
+                        f"({fmt(self.initial_backoff_seconds)}), "
+                        f"got {fmt(self.max_backoff_seconds)}",
                     )
                 ],
             )
@@ -745,7 +627,7 @@ class IngestionsConfig(_Section):
         tuple[IngestionId, ...],
         _LIST,
         AfterValidator(_unique),
-        _Wording("a list of ingestion ids"),
+        Wording("a list of ingestion ids"),
     ] = ()
     directory: Annotated[str, _checked(_directory_problem)] = ""
     directory_poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
@@ -755,13 +637,13 @@ class IngestionsConfig(_Section):
         _LIST,
         AfterValidator(_unique),
         AfterValidator(_at_most_labels),
-        _Wording("a list of label names"),
+        Wording("a list of label names"),
     ] = ()
 
     @model_validator(mode="after")
     def _ids_fit(self) -> IngestionsConfig:
         if len(self.ids) > self.max_tracked:
-            _refuse(
+            raise refusal(
                 type(self).__name__,
                 self,
                 [(("ids",), f"{len(self.ids)} ids exceed {{here}}.max_tracked {self.max_tracked}")],
@@ -817,6 +699,10 @@ class AdminConfig(_Section):
     host: str = "127.0.0.1"
     port: ListenPort = DEFAULT_ADMIN_PORT
     token_file: str = ""
+    #: Host names (besides loopback ones) a request may name in its Host header.
+    allowed_hosts: Annotated[
+        tuple[HostName, ...], _LIST, AfterValidator(_unique), Wording("a list of host names")
+    ] = ()
 
     @field_validator("host")
     @classmethod
@@ -842,6 +728,24 @@ class AdminConfig(_Section):
         if problem:
             raise _problem(problem)
         return token_file
+
+    @model_validator(mode="after")
+    def _open_only_with_a_token(self) -> AdminConfig:
+        """Off loopback, anyone who can reach the listener could register and delete ids."""
+        if self.enabled and not self.token_file and not is_loopback_host(self.host):
+            raise refusal(
+                type(self).__name__,
+                self,
+                [
+                    (
+                        ("host",),
+                        f"{self.host!r} is not a loopback address (127.0.0.1, ::1, localhost): "
+                        "anyone who can reach it could register and delete ids; set "
+                        "{here}.token_file too",
+                    )
+                ],
+            )
+        return self
 
 
 class StateConfig(_Section):
@@ -892,7 +796,7 @@ class ShardingConfig(_Section):
         if not isinstance(data, dict) or data.get("index") is not None:
             sharding = handler(data)
             if sharding.index >= sharding.total:
-                _refuse(
+                raise refusal(
                     cls.__name__,
                     data,
                     [
@@ -912,17 +816,17 @@ class ShardingConfig(_Section):
         if ordinal is None:
             problem = (
                 "set {here}.index or run in a StatefulSet whose pod names end in "
-                f"-<ordinal>; hostname {_describe(name)} has none"
+                f"-<ordinal>; hostname {describe(name)} has none"
             )
         elif ordinal >= sharding.total:
             problem = (
-                f"hostname {_describe(name)} gives ordinal {ordinal}, but {{here}}.total is "
+                f"hostname {describe(name)} gives ordinal {ordinal}, but {{here}}.total is "
                 f"{sharding.total} (ordinals 0 to {sharding.total - 1}): run as many replicas "
                 "as {here}.total, or set {here}.index"
             )
         else:
             return sharding.model_copy(update={"index": ordinal})
-        _refuse(cls.__name__, data, [(("index",), problem)])
+        raise refusal(cls.__name__, data, [(("index",), problem)])
 
 
 class Config(_Section):
@@ -1003,106 +907,16 @@ def parse_config(
 
     if data is None:
         raise ConfigError(
-            [f"{_TOP_LEVEL}: the document is empty; at least api.base_url is required"]
+            [f"{TOP_LEVEL}: the document is empty; at least api.base_url is required"]
         )
     if not isinstance(data, dict):
-        raise ConfigError([f"{_TOP_LEVEL}: expected a mapping of sections, got {_describe(data)}"])
+        raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {describe(data)}"])
     try:
         return Config.model_validate(data, context=_Surroundings(env, resolve_hostname))
     except ValidationError as error:
         raise ConfigError(
-            _wording_of(detail) for detail in error.errors(include_url=False)
+            problem_line(Config, detail) for detail in error.errors(include_url=False)
         ) from None
-
-
-#: The largest config file read, in bytes. The file is refused before it is parsed: a 64 MB
-#: document took 16 s and almost 1 GB to parse only to be rejected, on every reload too.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """yaml.safe_load's loader (libyaml's when PyYAML has it) that notes repeated keys.
-
-    PyYAML keeps the last of two equal keys in a mapping without a word, so a second
-    `polling:` section silently replaced the first. Each repeat is noted as (key path, first
-    line, repeated line); the document is still built, and the caller refuses it.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[tuple[str, int, int]] = []
-        self._root: yaml.Node | None = None
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._root = node
-        return super().construct_document(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[object, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue  # `<<: *defaults` overriding is what merge keys are for
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node)
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if first is not key_node:
-                self.duplicates.append(
-                    (
-                        self._path_of(node, key),
-                        first.start_mark.line + 1,
-                        key_node.start_mark.line + 1,
-                    )
-                )
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-    def _path_of(self, target: yaml.Node, key: object) -> str:
-        """The key path of `key` in mapping `target`, searched from the document's root."""
-        leaf = key if isinstance(key, str) else _describe(key)
-        stack: list[tuple[yaml.Node, str]] = [(self._root, "")] if self._root else []
-        visited: set[int] = set()
-        while stack:
-            node, path = stack.pop()
-            if node is target:
-                return f"{path}.{leaf}" if path else leaf
-            if id(node) in visited:
-                continue  # an alias seen before: each node is searched once
-            visited.add(id(node))
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                    stack.append((value_node, f"{path}.{name}" if path else str(name)))
-            elif isinstance(node, yaml.SequenceNode):
-                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
-        return leaf
-
-
-def _read_text(name: str) -> str:
-    """The file's text, refused before it is read in full when over MAX_CONFIG_BYTES."""
-    too_big = (
-        f"{name}: the file is larger than {MAX_CONFIG_BYTES} bytes (16 MiB), the most a "
-        "config may be; list many ids in ingestions.directory or the admin API instead"
-    )
-    try:
-        with open(name, "rb") as file:
-            if os.fstat(file.fileno()).st_size > MAX_CONFIG_BYTES:
-                raise ConfigError([too_big])
-            # Bounded even when the size was wrong (a FIFO, /proc) or the file grew since.
-            data = file.read(MAX_CONFIG_BYTES + 1)
-    except OSError as error:
-        raise ConfigError([f"{name}: cannot read the file: {error.strerror}"]) from None
-    except ValueError as error:  # a NUL in the path
-        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([too_big])
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
 
 
 def load_config(
@@ -1111,32 +925,15 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
 ) -> Config:
-    """Read (at most MAX_CONFIG_BYTES), parse (safe YAML, no repeated keys) and validate.
+    """Read (`yamlfile.read_yaml`: bounded, no repeated keys) and validate.
 
     Every failure is a ConfigError. `environ` and `hostname` are as for `parse_config`.
     """
-    name = os.fspath(path)
-    text = _read_text(name)
-    # libyaml's loader when PyYAML has it: 100,000 ids load in a fraction of the time.
-    loader = _UniqueKeyLoader(text)
     try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as error:
-        # Our own wording: str(error) quotes the offending lines of the document.
-        mark = error.problem_mark or error.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = error.problem or error.context or "invalid YAML"
-        raise ConfigError([f"{name}: YAML syntax error{where}: {what}"]) from None
-    except (yaml.YAMLError, ValueError, RecursionError) as error:
-        raise ConfigError([f"{name}: not valid YAML: {type(error).__name__}"]) from None
-    finally:
-        loader.dispose()
-    if loader.duplicates:
-        raise ConfigError(
-            f"{key_path}: key repeated in {name} at lines {first} and {again}; "
-            "YAML would keep only the last, so say it once"
-            for key_path, first, again in loader.duplicates
-        )
+        data = read_yaml(path)
+    except YamlFileError as error:
+        raise ConfigError(error.problems) from None
     if data is None:
+        name = os.fspath(path)
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
     return parse_config(data, environ=environ, hostname=hostname)

@@ -7,11 +7,17 @@ of requests, so the demo shows every status, throttling and errors within a minu
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import yaml
 from aiohttp import web
 from botocore.credentials import Credentials
 
 from exporter.auth import RequestAuth, SigV4Auth
-from exporter.cli import serve
 from exporter.config import (
     DEFAULT_PORT,
     ApiConfig,
@@ -22,7 +28,8 @@ from exporter.config import (
     PollingConfig,
     ServerConfig,
 )
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
+from exporter.runtime import serve
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -38,6 +45,8 @@ from exporter.simulator import create_app as create_simulator_app
 #: The simulator's limit is below the exporter's, so the demo shows throttling and AIMD.
 SIMULATOR_RATE_LIMIT = 4.0
 EXPORTER_RATE_LIMIT = 8.0
+#: The demo upload whose processing report the banner shows how to fetch (FATAL after ~10 s).
+REPORT_EXAMPLE_ID = "demo-fatal"
 
 
 def demo_config(base_url: str, port: int) -> Config:
@@ -69,12 +78,36 @@ def _simulator_auth(_: AuthConfig) -> RequestAuth:
     return SigV4Auth(region=TEST_REGION, credentials=credentials)
 
 
-def _announce(url: str) -> None:
+def write_report_config(base_url: str, directory: Path) -> Path:
+    """A config for `catalog-upload-exporter report` against the demo's simulator."""
+    document = {
+        "api": {"base_url": base_url, "auth": {"type": "sigv4", "region": TEST_REGION}},
+        "ingestions": {"ids": []},
+        "logging": {"level": "warning", "format": "console"},
+    }
+    path = directory / "report-config.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def report_example(config_path: Path) -> str:
+    """The shell line that downloads a FATAL demo upload's report: the simulator checks
+    SigV4 with its published test key, which the AWS variables hand to the credential chain."""
+    return (
+        f"AWS_ACCESS_KEY_ID={TEST_ACCESS_KEY_ID} AWS_SECRET_ACCESS_KEY={TEST_SECRET_ACCESS_KEY} "
+        f"catalog-upload-exporter report --config {shlex.quote(str(config_path))} "
+        f"{REPORT_EXAMPLE_ID}"
+    )
+
+
+def _announce(url: str, report_config: Path) -> None:
     print(
         f"\ncatalog-upload-exporter demo is running.\n"
         f"  landing page: {url}/\n"
         f"  metrics:      {url}/metrics\n"
         f"Try: curl -s {url}/metrics | grep -E '^catalog_(upload_status|uploads|api)' \n"
+        f"Once {REPORT_EXAMPLE_ID} is FATAL (~10 s), fetch its processing report:\n"
+        f"  {report_example(report_config)}\n"
         f"Stop with Ctrl-C.\n",
         flush=True,
     )
@@ -86,19 +119,24 @@ async def run_demo(port: int | None = None) -> None:
     simulator.add_uploads(demo_uploads())
     sim_runner = web.AppRunner(create_simulator_app(simulator), access_log=None)
     await sim_runner.setup()
+    scratch = Path(tempfile.mkdtemp(prefix="catalog-upload-exporter-demo-"))
     try:
         sim_site = web.TCPSite(sim_runner, "127.0.0.1", 0)
         await sim_site.start()
         sim_port = sim_runner.addresses[0][1]
-        config = demo_config(f"http://127.0.0.1:{sim_port}", DEFAULT_PORT if port is None else port)
-        configure_logging(config.logging.level, config.logging.format)
-        exporter = Exporter(config, auth_factory=_simulator_auth)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        report_config = write_report_config(sim_url, scratch)
+        config = demo_config(sim_url, DEFAULT_PORT if port is None else port)
+        mask = SecretMask()
+        configure_logging(config.logging.level, config.logging.format, mask=mask)
+        exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
         await serve(
             create_app(exporter),
             config.server.host,
             config.server.port,
-            on_listening=_announce,
+            on_listening=partial(_announce, report_config=report_config),
             idle_timeout=config.server.idle_timeout_seconds,
         )
     finally:
         await sim_runner.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -3,7 +3,9 @@
 The application beside the exporter drops one file per upload into `ingestions.directory`
 (typically the pod's shared emptyDir). The directory is polled (a listing every
 `poll_seconds`, off the event loop), not watched with inotify, which misses events on some
-volume types.
+volume types. A scan costs the event loop O(new, changed and deleted files), never O(files)
+or O(tracked ids): listing, reading and comparing with the last scan run in a worker thread,
+and new files are registered in batches of `BATCH_FILES` with the loop free between them.
 
 File format
 -----------
@@ -19,7 +21,9 @@ File format
       {"ingestionId": "amzn1.ingestion.abc", "labels": {"team": "pricing"}}
 
   `labels` is optional; other keys are ignored (a missing or non-string `ingestionId` goes
-  to the tracker, which refuses it as not_a_string). Otherwise the first line of the stripped
+  to the tracker, which refuses it as not_a_string). A document nested deeper than
+  `MAX_JSON_DEPTH` is refused as too_deep before it is parsed: the parser recurses, and a
+  60 KB file of brackets would otherwise exhaust the stack. Otherwise the first line of the stripped
   content, stripped, is the id. A file that is empty (or only whitespace) names the id that
   is its own file name, so `touch <directory>/<id>` works.
 * A new or changed file is registered with the tracker (source `directory`). The tracker
@@ -31,14 +35,19 @@ File format
 
 A file version is its (mtime in ns, size, inode): a file is read again only when one of
 these changes. The inode catches a file of the same size renamed into place within the
-file system's timestamp granularity. Problems with a file (too large, not UTF-8, bad JSON)
-are logged once per version; a read error (permissions, say) is logged once and retried on
-every scan, since a chmod does not change the version.
+file system's timestamp granularity. Problems with a file (too large, not UTF-8, bad JSON,
+too deep) are logged once per version and counted in
+`catalog_exporter_directory_file_errors_total{reason}`; a read error (permissions, say) is
+logged and counted once and retried on every scan, since a chmod does not change the version.
+Whatever goes wrong with one file, even a bug of ours, stays with that file: the scan goes
+on with the others (a crash while registering a file is retried on the next scan).
 
 The first scan that lists the directory releases every id the tracker holds for the
 directory (from a previous run) that no file names any more. A missing or unlistable
 directory is logged once per distinct problem and retried; it releases nothing, since an
-unreadable listing says nothing about which files are gone.
+unreadable listing says nothing about which files are gone. While scans fail (no listing, or
+a crash), `catalog_exporter_directory_scan_failing` is 1, and
+`catalog_exporter_directory_last_scan_success_timestamp_seconds` says since when.
 
 This module reads files and talks to the tracker; it must not validate ids or labels (the
 tracker's job, which also counts rejections) and never logs file content beyond the id.
@@ -47,22 +56,52 @@ tracker's job, which also counts rejections) and never logs file content beyond 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
+import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
+from exporter.metrics import DirectoryMetrics
 from exporter.tracking import Source, Tracker
 
 log = structlog.get_logger("exporter.discovery")
 
 #: Files larger than this are not read: no id needs more, and a stray log file is no id.
 MAX_FILE_BYTES = 64 * 1024
+
+#: New or changed files handled between two yields to the event loop.
+BATCH_FILES = 50
+
+#: Deepest nesting of JSON arrays and objects read: an upload file needs 2 (the labels
+#: object); the JSON parser recurses once per level and would exhaust the stack near 1,000.
+MAX_JSON_DEPTH = 32
+
+#: A JSON string (brackets inside do not nest; an unterminated one runs to the end, so that
+#: no position is scanned twice) or a bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\Z)|[\[\]{}]', re.DOTALL)
+
+
+class FileProblem(enum.StrEnum):
+    """Why a file names no id (`reason` of the file-errors counter and of the warning)."""
+
+    TOO_LARGE = "too_large"
+    NOT_UTF8 = "not_utf8"
+    BAD_JSON = "bad_json"
+    TOO_DEEP = "too_deep"
+    SYMLINK_OUTSIDE = "symlink_outside"
+    NOT_A_FILE = "not_a_file"
+    READ_ERROR = "read_error"
+    #: A bug of ours while reading, parsing or registering the file.
+    CRASHED = "crashed"
+
 
 _Version = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 _NO_VERSION: _Version = (-1, -1, -1)
@@ -80,7 +119,7 @@ class _Named:
 class _Bad:
     """A file version whose content names no id; skipped until the file changes."""
 
-    reason: str
+    reason: FileProblem
     message: str
 
 
@@ -107,18 +146,41 @@ class _Seen:
     held: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """What one listing found: new or changed files, and the names no longer listed."""
+
+    changed: dict[str, _Observed]
+    #: Names of `_files` that are gone (deleted, or no longer regular files).
+    gone: list[str]
+    #: Names with a noted read error or crash that are gone.
+    forgotten: list[str]
+
+
 class DirectoryWatcher:
     """Keeps the tracker's `directory` ids in step with the files in one directory."""
 
-    def __init__(self, directory: Path, tracker: Tracker, *, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        tracker: Tracker,
+        *,
+        poll_seconds: float = 2.0,
+        metrics: DirectoryMetrics | None = None,
+    ) -> None:
         if poll_seconds <= 0:
             msg = f"poll_seconds must be positive, got {poll_seconds}"
             raise ValueError(msg)
         self._directory = directory
         self._tracker = tracker
         self._poll_seconds = poll_seconds
+        self._metrics = metrics or DirectoryMetrics(CollectorRegistry(), FileProblem)
         self._files: dict[str, _Seen] = {}
+        # How many files hold each id, kept in step with `_files`: O(1) per change.
+        self._holders: dict[str, int] = {}
         self._read_errors: dict[str, tuple[_Version, str]] = {}
+        # Files whose registration crashed, and the version: logged once, retried every scan.
+        self._crashed: dict[str, _Version] = {}
         # Kept across scans so an exception between a file's removal and its release
         # cannot lose the release.
         self._to_release: set[str] = set()
@@ -137,15 +199,22 @@ class DirectoryWatcher:
                 await self.scan()
             except Exception:
                 # A bug of ours (or the tracker's) must not stop discovery for good.
+                self._metrics.scan_failing.set(1)
                 log.exception("ingestion_directory_scan_crashed", directory=str(self._directory))
             await asyncio.sleep(self._poll_seconds)
 
     async def scan(self) -> None:
-        """One pass: register new and changed files, release the ids of vanished ones."""
-        known = {name: seen.version for name, seen in self._files.items()}
+        """One pass: register new and changed files, release the ids of vanished ones.
+
+        Listing, reading and comparing against what is known run in a worker thread (the
+        only code touching `_files` while it runs, since scans never overlap); the loop then
+        pays only for what changed, in batches that yield to it.
+        """
+        noted = (self._read_errors, self._crashed)
         try:
-            observed = await asyncio.to_thread(_observe, self._directory, known)
+            listing = await asyncio.to_thread(_observe, self._directory, self._files, noted)
         except OSError as error:
+            self._metrics.scan_failing.set(1)
             self._directory_unavailable(error)
             return
         if self._directory_problem is not None:
@@ -154,21 +223,38 @@ class DirectoryWatcher:
 
         # Registrations come before releases, so an id that moves from one file to another
         # in the same scan is never released.
-        for name in sorted(observed):
-            found = observed[name]
-            if found is not None:
-                await self._update(name, found)
-        for name in sorted(self._files.keys() - observed.keys()):
+        for done, name in enumerate(sorted(listing.changed), start=1):
+            await self._update_confined(name, listing.changed[name])
+            if done % BATCH_FILES == 0:
+                await asyncio.sleep(0)  # thousands of new files must not stall the loop
+        for name in sorted(listing.gone):
             seen = self._files.pop(name)
+            self._unhold(seen.held)
             log.info("ingestion_file_removed", file=name, ingestion_id=seen.held)
             if seen.held is not None:
                 self._to_release.add(seen.held)
-        for name in self._read_errors.keys() - observed.keys():
-            del self._read_errors[name]
+        for name in listing.forgotten:
+            self._read_errors.pop(name, None)
+            self._crashed.pop(name, None)
         if not self._reconciled:
-            self._to_release |= self._tracker.ids_from(Source.DIRECTORY) - self._held()
+            # Once per watcher: ids a previous run registered whose files are gone.
+            held = self._tracker.ids_from(Source.DIRECTORY)
+            self._to_release.update(i for i in held if i not in self._holders)
             self._reconciled = True
         await self._release_orphans()
+        self._metrics.scan_succeeded()
+
+    async def _update_confined(self, name: str, found: _Observed) -> None:
+        """`_update`, with a crash confined to this file: logged once per version, retried."""
+        try:
+            await self._update(name, found)
+        except Exception:
+            if self._crashed.get(name) != found.version:
+                self._crashed[name] = found.version
+                self._metrics.file_errors.labels(FileProblem.CRASHED.value).inc()
+                log.exception("ingestion_file_crashed", file=name)
+        else:
+            self._crashed.pop(name, None)
 
     async def _update(self, name: str, found: _Observed) -> None:
         content = found.content
@@ -176,19 +262,21 @@ class DirectoryWatcher:
             # The previous version's id stays held: a passing read error is no deletion.
             if self._read_errors.get(name) != (found.version, content.message):
                 self._read_errors[name] = (found.version, content.message)
+                self._metrics.file_errors.labels(FileProblem.READ_ERROR.value).inc()
                 log.warning(
                     "ingestion_file_unreadable",
                     file=name,
-                    reason="read_error",
+                    reason=FileProblem.READ_ERROR.value,
                     message=content.message,
                 )
             return
         self._read_errors.pop(name, None)
         if isinstance(content, _Bad):
+            self._metrics.file_errors.labels(content.reason.value).inc()
             log.warning(
                 "ingestion_file_unreadable",
                 file=name,
-                reason=content.reason,
+                reason=content.reason.value,
                 message=content.message,
             )
             held = None
@@ -196,8 +284,24 @@ class DirectoryWatcher:
             held = await self._register(name, content)
         previous = self._files.get(name)
         self._files[name] = _Seen(found.version, held)
-        if previous is not None and previous.held is not None and previous.held != held:
-            self._to_release.add(previous.held)
+        self._hold(held)
+        if previous is not None:
+            self._unhold(previous.held)
+            if previous.held is not None and previous.held != held:
+                self._to_release.add(previous.held)
+
+    def _hold(self, ingestion_id: str | None) -> None:
+        if ingestion_id is not None:
+            self._holders[ingestion_id] = self._holders.get(ingestion_id, 0) + 1
+
+    def _unhold(self, ingestion_id: str | None) -> None:
+        if ingestion_id is None:
+            return
+        left = self._holders[ingestion_id] - 1
+        if left:
+            self._holders[ingestion_id] = left
+        else:
+            del self._holders[ingestion_id]
 
     async def _register(self, name: str, named: _Named) -> str | None:
         registration = await self._tracker.register(
@@ -220,24 +324,20 @@ class DirectoryWatcher:
         )
         # A refused update (bad labels, say) of an id the directory already holds leaves it
         # tracked; the file still names it, so it must still be released with the file.
-        if isinstance(named.ingestion_id, str) and named.ingestion_id in self._tracker.ids_from(
-            Source.DIRECTORY
+        if isinstance(named.ingestion_id, str) and self._tracker.holds(
+            named.ingestion_id, Source.DIRECTORY
         ):
             return named.ingestion_id
         return None
 
     async def _release_orphans(self) -> None:
-        held = self._held()
         for ingestion_id in sorted(self._to_release):
-            if ingestion_id not in held:
+            if ingestion_id not in self._holders:
                 was_held = await self._tracker.release(
                     ingestion_id, Source.DIRECTORY, immediate=False
                 )
                 log.info("ingestion_released", ingestion_id=ingestion_id, was_held=was_held)
             self._to_release.discard(ingestion_id)
-
-    def _held(self) -> set[str]:
-        return {seen.held for seen in self._files.values() if seen.held is not None}
 
     def _directory_unavailable(self, error: OSError) -> None:
         missing = isinstance(error, FileNotFoundError)
@@ -257,14 +357,19 @@ class DirectoryWatcher:
             )
 
 
-def _observe(directory: Path, known: Mapping[str, _Version]) -> dict[str, _Observed | None]:
-    """Every candidate file in `directory`: None if its version is in `known`, else what it says.
+def _observe(
+    directory: Path, known: Mapping[str, _Seen], noted: Iterable[Mapping[str, object]]
+) -> _Listing:
+    """The candidate files in `directory` that are new or changed since `known`, and what
+    they say; the names of `known` and of each of `noted` that are no longer listed.
 
-    Blocking: runs in a worker thread. An error listing the directory propagates, so a partial
-    listing is never taken for the whole.
+    Blocking: runs in a worker thread, and reads `known` and `noted`, which the caller must
+    not change meanwhile. An error listing the directory propagates, so a partial listing is
+    never taken for the whole.
     """
     root = os.path.realpath(directory)
-    observed: dict[str, _Observed | None] = {}
+    listed: set[str] = set()
+    changed: dict[str, _Observed] = {}
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith("."):
@@ -276,13 +381,25 @@ def _observe(directory: Path, known: Mapping[str, _Version]) -> dict[str, _Obser
             except FileNotFoundError:  # deleted since listed, or a dangling symlink
                 continue
             except OSError as error:
-                observed[entry.name] = _Observed(_NO_VERSION, _Unreadable(str(error)))
+                listed.add(entry.name)
+                changed[entry.name] = _Observed(_NO_VERSION, _Unreadable(str(error)))
                 continue
             if not stat.S_ISREG(status.st_mode):
                 continue
+            listed.add(entry.name)
             version = _version_of(status)
-            observed[entry.name] = None if known.get(entry.name) == version else _read(entry, root)
-    return observed
+            seen = known.get(entry.name)
+            if seen is not None and seen.version == version:
+                continue
+            try:
+                changed[entry.name] = _read(entry, root)
+            except Exception as error:  # one file must not stop the scan
+                # No message: an exception's text may quote the content.
+                message = f"{type(error).__name__} while reading the file"
+                changed[entry.name] = _Observed(version, _Bad(FileProblem.CRASHED, message))
+    gone = [name for name in known if name not in listed]
+    forgotten = [name for names in noted for name in names if name not in listed]
+    return _Listing(changed, gone, forgotten)
 
 
 def _read(entry: os.DirEntry[str], root: str) -> _Observed:
@@ -293,7 +410,7 @@ def _read(entry: os.DirEntry[str], root: str) -> _Observed:
             if os.path.commonpath([root, path]) != root:
                 return _Observed(
                     _version_of(entry.stat()),
-                    _Bad("symlink_outside", "symlink resolves outside the directory"),
+                    _Bad(FileProblem.SYMLINK_OUTSIDE, "symlink resolves outside the directory"),
                 )
         # O_NOFOLLOW: a file swapped for a symlink since the check is not followed.
         # O_NONBLOCK: one swapped for a FIFO does not block the thread.
@@ -303,7 +420,7 @@ def _read(entry: os.DirEntry[str], root: str) -> _Observed:
             status = os.fstat(file.fileno())
             version = _version_of(status)
             if not stat.S_ISREG(status.st_mode):
-                return _Observed(version, _Bad("not_a_file", "not a regular file"))
+                return _Observed(version, _Bad(FileProblem.NOT_A_FILE, "not a regular file"))
             if status.st_size > MAX_FILE_BYTES:
                 return _Observed(version, _too_large())
             data = file.read(MAX_FILE_BYTES + 1)
@@ -319,13 +436,13 @@ def _parse(name: str, data: bytes) -> _Named | _Bad:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        return _Bad("not_utf8", f"not UTF-8 (byte {error.start})")
+        return _Bad(FileProblem.NOT_UTF8, f"not UTF-8 (byte {error.start})")
     stripped = text.strip()
     if not stripped:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            return _Bad("not_utf8", "empty file whose name is not UTF-8")
+            return _Bad(FileProblem.NOT_UTF8, "empty file whose name is not UTF-8")
         return _Named(name)
     if not stripped.startswith("{"):
         return _Named(stripped.split("\n", 1)[0].strip())
@@ -333,16 +450,38 @@ def _parse(name: str, data: bytes) -> _Named | _Bad:
 
 
 def _parse_json(text: str) -> _Named | _Bad:
+    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
+        return _Bad(FileProblem.TOO_DEEP, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         document: Any = json.loads(text)
     except json.JSONDecodeError as error:
-        return _Bad("bad_json", f"not a JSON object: {error.msg} at line {error.lineno}")
+        return _Bad(FileProblem.BAD_JSON, f"not a JSON object: {error.msg} at line {error.lineno}")
+    except ValueError:
+        # Not a JSONDecodeError: an integer past sys.get_int_max_str_digits(), say.
+        return _Bad(FileProblem.BAD_JSON, "not a JSON object: a value Python cannot read")
     if not isinstance(document, dict):  # pragma: no cover - "{" guarantees an object
-        return _Bad("bad_json", "not a JSON object")
+        return _Bad(FileProblem.BAD_JSON, "not a JSON object")
     labels = document.get("labels")
     if labels is not None and not isinstance(labels, dict):
-        return _Bad("bad_json", '"labels" is not a JSON object')
+        return _Bad(FileProblem.BAD_JSON, '"labels" is not a JSON object')
     return _Named(document.get("ingestionId"), labels)
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """True if arrays and objects nest deeper than `limit` (brackets in strings ignored).
+
+    Cheap and forgiving: malformed JSON is left for the parser to refuse.
+    """
+    depth = 0
+    for token in _JSON_TOKENS.finditer(text):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in ("]", "}"):
+            depth -= 1
+    return False
 
 
 def _version_of(status: os.stat_result) -> _Version:
@@ -350,4 +489,4 @@ def _version_of(status: os.stat_result) -> _Version:
 
 
 def _too_large() -> _Bad:
-    return _Bad("too_large", f"larger than {MAX_FILE_BYTES} bytes")
+    return _Bad(FileProblem.TOO_LARGE, f"larger than {MAX_FILE_BYTES} bytes")

@@ -19,10 +19,12 @@ in the test suite.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -84,7 +86,7 @@ class _Block:
 
     __slots__ = ("built", "chunks", "gzipped", "lengths", "order", "owner", "pending", "removed")
 
-    def __init__(self, owner: UploadExposition) -> None:
+    def __init__(self, owner: _Generation) -> None:
         self.owner = owner
         self.order: list[TrackedUpload] = []
         self.built = 0  # positions in the chunks
@@ -189,17 +191,88 @@ def _splice(
     return b"".join(pieces), new_lengths
 
 
+#: The settings a generation of blocks is rendered with: extra label names, active-only.
+_Settings = tuple[tuple[str, ...], bool]
+
+
+class _Generation:
+    """Blocks of every upload's lines, all rendered with the same settings.
+
+    Each block is in `dirty` (at most once; `marked` holds their id()) from its first change
+    to the next `refresh`.
+    """
+
+    __slots__ = ("blocks", "dirty", "marked", "settings")
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.blocks: list[_Block] = []
+        self.dirty: list[_Block] = []
+        self.marked: set[int] = set()
+
+    def place(self, upload: TrackedUpload) -> _Block:
+        """Give `upload` a position at the end of the last block (a new one if it is full)."""
+        blocks = self.blocks
+        if not blocks or len(blocks[-1].order) >= BLOCK_SIZE:
+            blocks.append(_Block(self))
+        block = blocks[-1]
+        block.add(upload)
+        return block
+
+    def mark(self, block: _Block) -> None:
+        """`block` changed: refresh it before the next scrape."""
+        if id(block) not in self.marked:
+            self.marked.add(id(block))
+            self.dirty.append(block)
+
+    def refresh(self) -> None:
+        """Bring every changed block up to date; drop empty blocks, merge sparse neighbours."""
+        if not self.dirty:
+            return
+        for block in self.dirty:
+            block.refresh()
+        self.dirty = []
+        self.marked = set()
+        compacted: list[_Block] = []
+        for block in self.blocks:
+            if not block.order:
+                continue
+            last = compacted[-1] if compacted else None
+            if last is not None and len(last.order) + len(block.order) <= BLOCK_SIZE // 2:
+                last.absorb(block)
+            else:
+                compacted.append(block)
+        self.blocks = compacted
+
+
+#: Uploads rendered per slice of a rebuild (about 7 us each: a few ms before the loop runs
+#: again); compressing a block costs about as much as rendering BLOCK_SIZE uploads.
+REBUILD_SLICE = 1024
+
+
+async def _next_turn() -> None:
+    await asyncio.sleep(0)
+
+
 class UploadExposition:
     """Keeps every upload's exposition lines rendered and joins them for a scrape.
 
     `label_names` gives the allow-listed extra labels and `active_status_only` whether to emit
-    only the status series whose value is 1 (one series per upload instead of seven). Both
-    may change on reload: the next scrape notices and renders every upload again.
+    only the status series whose value is 1 (one series per upload instead of seven).
 
     The lines live in blocks of consecutive uploads (`_Block`), in the store's order: new
     uploads join the last block. A poll re-renders the lines of its upload that changed (only
     the last-success line, usually); the next scrape rebuilds just the blocks and families
     that changed and hands out the blocks' bytes (`chunks`), joined by `render`.
+
+    When the settings change (a reload), every line must be rendered again: 0.7 s at 100,000
+    uploads, too long for the event loop or a scrape. `check_settings` (called on reload and
+    by every scrape) starts a new generation of blocks; `run` renders it in slices of
+    REBUILD_SLICE uploads, yielding to the loop between slices, and precompresses it; then it
+    replaces the served one at once. Until then scrapes get the previous body as it was when
+    the rebuild started (frozen: its uploads are being moved to the new generation), and no
+    scrape ever renders everything. `render` (tests and tools, not the server) finishes a
+    rebuild first.
     """
 
     def __init__(
@@ -211,19 +284,31 @@ class UploadExposition:
         self._store = store
         self._label_names = label_names
         self._active_only = active_status_only
-        self._settings = (label_names(), active_status_only())
-        self._blocks: list[_Block] = []
-        self._dirty: list[_Block] = []  # each block at most once (`_mark`)
-        self._marked: set[int] = set()  # id() of the blocks in _dirty
+        self._live = _Generation((label_names(), active_status_only()))
+        self._next: _Generation | None = None  # being rebuilt, while the live one is served
+        self._todo: list[TrackedUpload] = []  # the uploads the rebuild is to place, in order
+        self._placed = 0  # how many of _todo the rebuild has gone through
+        self._compressed = 0  # how many of the new generation's blocks are refreshed and gzipped
+        self._wake = asyncio.Event()
+        #: Rebuilds completed (the new generation swapped in); a scrape never adds one.
+        self.rebuilds = 0
         store.set_renderer(self.render_upload, self.forget_upload)
 
     def render_upload(self, upload: TrackedUpload, full: bool) -> None:
         """Render what changed: every line, or only the last-success line."""
         block = upload.r_block
-        if not isinstance(block, _Block) or block.owner is not self:
-            block = self._place(upload)
+        live, new = self._live, self._next
+        owner = block.owner if isinstance(block, _Block) else None
+        if owner is live and new is not None:
+            return  # frozen: the rebuild renders the upload as it is when it gets there
+        if owner is None or (owner is not live and owner is not new):
+            generation = live if new is None else new
+            block = generation.place(upload)
             full = True
-        names, active_only = self._settings
+        else:
+            generation = owner
+        assert isinstance(block, _Block)
+        names, active_only = generation.settings
         own, extra = _labels(upload, names)
         key = upload.r_index
         pending = block.pending
@@ -236,66 +321,91 @@ class UploadExposition:
             pending[_SUCCESS][key] = _line(LAST_SUCCESS, own, extra, _float(upload.last_success))
         if len(pending[_SUCCESS]) >= _EAGER or len(pending[_STATUS]) >= _EAGER:
             block.refresh()  # bounds what waits for a scrape, and spreads the work out
-        self._mark(block)
+        generation.mark(block)
 
     def forget_upload(self, upload: TrackedUpload) -> None:
         """The upload is no longer tracked: its lines leave with the next scrape."""
         block = upload.r_block
-        if not isinstance(block, _Block) or block.owner is not self:
+        if not isinstance(block, _Block):
             return
+        generation = self._live if self._next is None else self._next
+        if block.owner is not generation:
+            return  # not ours, or frozen (the rebuild skips uploads no longer tracked)
         block.remove(upload)
         if len(block.removed) >= _EAGER:
             block.refresh()  # without scrapes, removed uploads must not pile up in the block
-        self._mark(block)
+        generation.mark(block)
 
-    def _place(self, upload: TrackedUpload) -> _Block:
-        blocks = self._blocks
-        if not blocks or len(blocks[-1].order) >= BLOCK_SIZE:
-            blocks.append(_Block(self))
-        block = blocks[-1]
-        block.add(upload)
-        return block
-
-    def _mark(self, block: _Block) -> None:
-        if id(block) not in self._marked:
-            self._marked.add(id(block))
-            self._dirty.append(block)
-
-    def _refresh(self) -> None:
-        """Bring every block up to date; drop empty blocks, merge sparse neighbours."""
+    def check_settings(self) -> bool:
+        """Start a rebuild if the settings differ from those of the body being served (or
+        being rebuilt); True while a rebuild is under way. Costs O(1) plus a list copy."""
         settings = (self._label_names(), self._active_only())
-        if settings != self._settings:
-            self._settings = settings
-            self._blocks = []
-            self._dirty = []
-            self._marked = set()
-            for upload in self._store.uploads():
+        target = self._live if self._next is None else self._next
+        if settings != target.settings:
+            if self._next is None:
+                self._live.refresh()  # the served body gets what changed until now
+            self._next = _Generation(settings)
+            self._todo = list(self._store.uploads())
+            self._placed = self._compressed = 0
+            self._wake.set()
+        return self._next is not None
+
+    def rebuild_step(self, budget: int = REBUILD_SLICE) -> bool:
+        """Do about `budget` uploads' worth of the rebuild under way, if any; True once there
+        is none left (the new generation is the one served)."""
+        new = self._next
+        if new is None:
+            return True
+        todo, store = self._todo, self._store
+        if self._placed < len(todo):
+            end = min(self._placed + budget, len(todo))
+            for index in range(self._placed, end):
+                upload = todo[index]
+                block = upload.r_block
+                if isinstance(block, _Block) and block.owner is new:
+                    continue  # added (or re-added) since the rebuild started
+                if store.get(upload.ingestion_id) is not upload:
+                    continue  # no longer tracked
                 upload.r_block = None
                 self.render_upload(upload, True)
-        if not self._dirty:
-            return
-        for block in self._dirty:
-            block.refresh()
-        self._dirty = []
-        self._marked = set()
-        self._compact()
+            self._placed = end
+            return False
+        blocks = new.blocks
+        if self._compressed < len(blocks):
+            end = min(self._compressed + max(1, budget // BLOCK_SIZE), len(blocks))
+            for block in blocks[self._compressed : end]:
+                block.refresh()
+                for family in range(_FAMILY_COUNT):
+                    block.gzip(family)
+            self._compressed = end
+            return False
+        new.refresh()
+        self._live, self._next, self._todo = new, None, []
+        self.rebuilds += 1
+        return True
 
-    def _compact(self) -> None:
-        compacted: list[_Block] = []
-        for block in self._blocks:
-            if not block.order:
-                continue
-            last = compacted[-1] if compacted else None
-            if last is not None and len(last.order) + len(block.order) <= BLOCK_SIZE // 2:
-                last.absorb(block)
-            else:
-                compacted.append(block)
-        self._blocks = compacted
+    def finish_rebuild(self) -> None:
+        """Start a rebuild if the settings changed and carry it out now, on the caller's time."""
+        self.check_settings()
+        while not self.rebuild_step(len(self._todo) + 1):
+            pass
+
+    async def run(self, pause: Callable[[], Awaitable[None]] = _next_turn) -> None:
+        """Carry out each rebuild as it is started, awaiting `pause()` (by default: let the
+        loop run what is ready) between slices. Runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self.rebuild_step():
+                await pause()
 
     def chunks(self, registry: CollectorRegistry, *, openmetrics: bool) -> list[bytes]:
         """The /metrics body in pieces, to be sent in this order: the registry's metrics,
-        then the per-upload families, each under its HELP and TYPE lines."""
-        self._refresh()
+        then the per-upload families, each under its HELP and TYPE lines. During a rebuild
+        they are those of the previous settings (see the class)."""
+        if not self.check_settings():
+            self._live.refresh()
+        blocks = self._live.blocks
         if openmetrics:
             head = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
             head = head.removesuffix(_EOF)
@@ -304,13 +414,15 @@ class UploadExposition:
         pieces = [head]
         for family, (name, _) in enumerate(FAMILIES):
             pieces.append(_HEADERS[name])
-            pieces.extend(block.chunks[family] for block in self._blocks)
+            pieces.extend(block.chunks[family] for block in blocks)
         if openmetrics:
             pieces.append(_EOF)
         return pieces
 
     def render(self, registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
-        """The whole /metrics body: the registry's metrics, then the per-upload families."""
+        """The whole /metrics body: the registry's metrics, then the per-upload families,
+        with any settings change fully applied first (for tests and tools)."""
+        self.finish_rebuild()
         return b"".join(self.chunks(registry, openmetrics=openmetrics))
 
     def gzip_chunks(self, registry: CollectorRegistry, *, openmetrics: bool) -> list[bytes]:
@@ -320,19 +432,70 @@ class UploadExposition:
         raw deflate ending with a sync flush; those pieces concatenate into one deflate
         stream. Only the CRC of the whole body is computed per scrape (zlib.crc32, C speed).
         """
-        plain = self.chunks(registry, openmetrics=openmetrics)
-        crc = 0
-        for piece in plain:
-            crc = zlib.crc32(piece, crc)
-        size = sum(map(len, plain))
-        pieces = [_GZIP_HEADER, _deflate(plain[0])]
-        for family, (name, _) in enumerate(FAMILIES):
-            pieces.append(_GZIPPED_HEADERS[name])
-            pieces.extend(block.gzip(family) for block in self._blocks)
-        if openmetrics:
-            pieces.append(_GZIPPED_EOF)
-        pieces.append(_DEFLATE_END + struct.pack("<II", crc, size & 0xFFFFFFFF))
+        job = self._gzip_job(openmetrics, self.chunks(registry, openmetrics=openmetrics))
+        pieces, deflated = _compress(job)
+        _keep(job, deflated)
         return pieces
+
+    async def gzip_chunks_off_loop(
+        self, registry: CollectorRegistry, *, openmetrics: bool
+    ) -> list[bytes]:
+        """`gzip_chunks`, with the compressing and the CRC done in a worker thread (zlib lets
+        go of the GIL): after a start or a mass change every block needs compressing, 0.3 s
+        at 100,000 uploads that the event loop must not spend. The body is the one of the
+        moment this is called, whatever changes meanwhile."""
+        job = self._gzip_job(openmetrics, self.chunks(registry, openmetrics=openmetrics))
+        pieces, deflated = await asyncio.to_thread(_compress, job)
+        _keep(job, deflated)
+        return pieces
+
+    def _gzip_job(self, openmetrics: bool, plain: list[bytes]) -> _GzipJob:
+        parts: list[bytes | None] = [_GZIP_HEADER, None]
+        todo: list[tuple[int, _Block | None, int, bytes]] = [(1, None, 0, plain[0])]
+        blocks = self._live.blocks
+        for family, (name, _) in enumerate(FAMILIES):
+            parts.append(_GZIPPED_HEADERS[name])
+            for block in blocks:
+                done = block.gzipped[family]
+                if done is None:
+                    todo.append((len(parts), block, family, block.chunks[family]))
+                parts.append(done)
+        if openmetrics:
+            parts.append(_GZIPPED_EOF)
+        return _GzipJob(plain, parts, todo)
+
+
+@dataclass(frozen=True, slots=True)
+class _GzipJob:
+    """A gzip body to finish: the plain pieces (for its CRC and size), the gzip pieces with
+    None where `todo` (position, block, family, plain bytes) says what to deflate."""
+
+    plain: list[bytes]
+    parts: list[bytes | None]
+    todo: list[tuple[int, _Block | None, int, bytes]]
+
+
+def _compress(job: _GzipJob) -> tuple[list[bytes], list[bytes]]:
+    """The gzip pieces and the newly deflated ones (in `todo` order). Reads only bytes the
+    job holds, so it may run in any thread."""
+    deflated = [_deflate(data) for _, _, _, data in job.todo]
+    parts = list(job.parts)
+    for (position, _, _, _), data in zip(job.todo, deflated, strict=True):
+        parts[position] = data
+    crc = 0
+    for piece in job.plain:
+        crc = zlib.crc32(piece, crc)
+    size = sum(map(len, job.plain))
+    pieces = [part for part in parts if part is not None]
+    pieces.append(_DEFLATE_END + struct.pack("<II", crc, size & 0xFFFFFFFF))
+    return pieces, deflated
+
+
+def _keep(job: _GzipJob, deflated: list[bytes]) -> None:
+    """Cache each block's new deflate, unless the block changed since the job was made."""
+    for (_, block, family, data), done in zip(job.todo, deflated, strict=True):
+        if block is not None and block.chunks[family] is data and block.gzipped[family] is None:
+            block.gzipped[family] = done
 
 
 def _deflate(data: bytes) -> bytes:

@@ -2,16 +2,21 @@
 
 Standard-library loggers (aiohttp, botocore) are routed through the same renderer so stdout
 stays one JSON object per line. botocore is held at WARNING whatever the level: at DEBUG it
-logs canonical requests and SigV4 signatures, which must never reach a log.
+logs canonical requests and SigV4 signatures, which must never reach a log. A `SecretMask`
+masks, in every line, each secret the process holds at that moment.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from exporter.auth import silence_botocore_debug
 
@@ -23,9 +28,122 @@ LEVELS = {
 }
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """(Re)configure structlog and the standard library; safe to call again on reload."""
+#: What a masked secret is replaced with.
+MASKED = "<secret>"
+
+SecretSource = Callable[[], Iterable[str]]
+
+
+class SecretMask:
+    """A structlog processor replacing every secret the process holds by `<secret>`.
+
+    Each part that holds a secret (the API authenticator: bearer token, AWS secret key and
+    session token; the admin API: its token) is watched through a source: a callable that
+    returns what it holds now, so a rotated token file, refreshed credentials or a reloaded
+    config are masked from the first line logged after the change. The sources are read on
+    each line (attribute reads) and the pattern is recompiled only when their answer changed;
+    with no secret held, a line costs one empty tuple.
+
+    Every value is masked, nested ones and the event text included. A secret is matched
+    verbatim, percent-encoded and JSON-escaped. Short secrets are masked too, whatever their
+    length: masking a coincidental "abc" in a line is a lesser harm than printing a weak
+    token (the README says so).
+
+    structlog's configuration is process-wide, so this is one object made at start-up and
+    passed to `configure_logging`, to `Exporter` and for the admin API; no module state.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[str, SecretSource] = {}
+        # One attribute, swapped whole: threads (stdlib loggers) may read it meanwhile.
+        self._compiled: tuple[tuple[str, ...], re.Pattern[str] | None] = ((), None)
+
+    def watch(self, name: str, source: SecretSource) -> None:
+        """Mask what `source` returns from now on (replacing the source of that name)."""
+        self._sources[name] = source
+
+    def mask(self, text: str) -> str:
+        """`text` with every secret held now replaced by `<secret>`."""
+        pattern = self._pattern()
+        return text if pattern is None else pattern.sub(MASKED, text)
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """The processor: every key and value of the event, masked."""
+        pattern = self._pattern()
+        if pattern is None:
+            return event_dict
+        return {_masked(k, pattern): _masked(v, pattern) for k, v in event_dict.items()}
+
+    def _pattern(self) -> re.Pattern[str] | None:
+        held = tuple(sorted({s for source in self._sources.values() for s in source() if s}))
+        compiled = self._compiled
+        if held != compiled[0]:
+            compiled = (held, _compile(held))
+            self._compiled = compiled
+        return compiled[1]
+
+
+def _compile(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One alternation of every form of every secret, longest first (a secret containing
+    another is masked whole)."""
+    forms = {f for s in secrets for f in (s, quote(s, safe=""), s.replace("/", "\\/"))}
+    if not forms:
+        return None
+    return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)))
+
+
+def _masked(value: Any, pattern: re.Pattern[str]) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(MASKED, value)
+    if value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, dict):
+        return {_masked(k, pattern): _masked(v, pattern) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return type(value)(_masked(v, pattern) for v in value)
+    # Anything else is rendered by its repr (JSONRenderer's fallback): replaced by the masked
+    # repr only when that holds a secret, so ordinary objects render as before.
+    text = repr(value)
+    return pattern.sub(MASKED, text) if pattern.search(text) else value
+
+
+class ClientFaultFilter(logging.Filter):
+    """Turn aiohttp's tracebacks for a client's own fault into one warning line.
+
+    A request line or header over aiohttp's limits, or a scraper that hangs up mid-body, is
+    logged by aiohttp.server at error level with a traceback; it is the peer's doing, not a
+    fault of ours, so it becomes a warning naming the exception's class only (its text may
+    quote the hostile request).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place when its exception is the client's fault."""
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError | ConnectionError):
+            record.msg = f"client_request_refused: {type(error).__name__}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    *,
+    mask: SecretMask | None = None,
+) -> None:
+    """(Re)configure structlog and the standard library; safe to call again on reload.
+
+    With `mask`, every line (structlog's and the standard library's) goes through it last,
+    just before rendering, after exceptions were formatted.
+    """
     out = stream if stream is not None else sys.stdout
+    masking: list[Any] = [] if mask is None else [mask]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -41,6 +159,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            *masking,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
@@ -48,10 +167,15 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
+    handler.addFilter(ClientFaultFilter())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # A real fault's traceback is worth having; the client's own faults were
+                # turned into one warning line by ClientFaultFilter before this.
+                structlog.processors.format_exc_info,
+                *masking,
                 renderer,
             ],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

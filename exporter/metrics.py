@@ -11,7 +11,15 @@ import platform
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -45,6 +53,10 @@ UPLOAD_DURATION_BUCKETS = (
     28800.0,
     86400.0,
 )
+
+#: Event loop lag buckets: a healthy loop runs a due tick within a millisecond or two; a
+#: liveness probe gives up after seconds (3 x 2 s in deploy/).
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 #: Kinds counted by catalog_api_errors_total; 429 has its own counter.
 ERROR_KINDS = tuple(k.value for k in ErrorKind if k is not ErrorKind.THROTTLED)
@@ -124,7 +136,9 @@ class UploadMetrics:
 
 
 class ExporterMetrics:
-    """The exporter's own health: reloads, build, rate limit in force, tracked ids."""
+    """The exporter's own health: reloads, build, rate limit in force, tracked ids, event
+    loop lag, and the process, platform and GC collectors of prometheus_client (memory, CPU,
+    file descriptors: `process_resident_memory_bytes` and the rest)."""
 
     def __init__(
         self,
@@ -186,6 +200,27 @@ class ExporterMetrics:
             "Failed writes of the state file (retried).",
             registry=registry,
         )
+        self.state_skipped_entries = Counter(
+            "catalog_exporter_state_skipped_entries",
+            "Entries of the state file skipped at start as invalid (the rest was loaded).",
+            registry=registry,
+        )
+        self.state_available = Gauge(
+            "catalog_exporter_state_persistence_available",
+            "0 when state.path is set but could not be read at start: nothing is persisted "
+            "and admin writes answer 503 (1 otherwise).",
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "catalog_exporter_event_loop_lag_seconds",
+            "How late a periodic tick of the event loop ran: time the loop was held by other "
+            "work, which every request (/healthz included) waits behind.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.scrape_clients_dropped = Counter(
             "catalog_exporter_scrape_clients_dropped",
             "Scrapes whose client did not read the body within server.write_timeout_seconds.",
@@ -201,6 +236,35 @@ class ExporterMetrics:
         self.reload_successful.set(1 if ok else 0)
         if ok:
             self.reload_success_timestamp.set(time.time())
+
+
+class DirectoryMetrics:
+    """The watched directory's health: files it cannot use, and scans that fail."""
+
+    def __init__(self, registry: CollectorRegistry, file_problems: Iterable[str]) -> None:
+        self.file_errors = Counter(
+            "catalog_exporter_directory_file_errors",
+            "Files in the watched directory that name no id, once per file version, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in file_problems:
+            self.file_errors.labels(reason)
+        self.scan_failing = Gauge(
+            "catalog_exporter_directory_scan_failing",
+            "1 while scans of the watched directory fail (cannot be listed, or crashed), else 0.",
+            registry=registry,
+        )
+        self.last_scan_success = Gauge(
+            "catalog_exporter_directory_last_scan_success_timestamp_seconds",
+            "When a scan of the watched directory last completed (0 until one does).",
+            registry=registry,
+        )
+
+    def scan_succeeded(self) -> None:
+        """Record a complete scan."""
+        self.scan_failing.set(0)
+        self.last_scan_success.set(time.time())
 
 
 class UploadCollector(Collector):

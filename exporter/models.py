@@ -79,6 +79,7 @@ class RejectReason(enum.StrEnum):
     EMPTY = "empty"
     TOO_LONG = "too_long"
     CONTROL_CHARACTERS = "control_characters"
+    FORMAT_CHARACTERS = "format_characters"
     BAD_LABELS = "bad_labels"
     CAP_REACHED = "cap_reached"
     NOT_OWNED = "not_owned"
@@ -89,7 +90,9 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
 
     Control characters (Unicode category Cc, and the line/paragraph separators) are refused:
     they would forge log lines and make unreadable label values. So are lone surrogates (Cs),
-    which cannot be encoded as UTF-8 and would break every scrape.
+    which cannot be encoded as UTF-8 and would break every scrape. Format characters (Cf:
+    U+202E right-to-left override, U+200B zero-width space, ...) are invisible, so they let
+    look-alike ids into dashboards and alerts: refused with a reason of their own.
     """
     if not isinstance(value, str):
         return RejectReason.NOT_A_STRING
@@ -99,12 +102,19 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
         return RejectReason.TOO_LONG
     if refused_character(value) is not None:
         return RejectReason.CONTROL_CHARACTERS
+    if format_character(value) is not None:
+        return RejectReason.FORMAT_CHARACTERS
     return None
 
 
 def refused_character(text: str) -> str | None:
     """The first character not allowed in an id or a label value, or None."""
     return next((c for c in text if unicodedata.category(c) in _REFUSED_CATEGORIES), None)
+
+
+def format_character(text: str) -> str | None:
+    """The first invisible format character (category Cf) in an id, or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cf"), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,14 @@
 It owns pacing only; who is polled next is the scheduler's business. The rate is the
 configured maximum until the API throttles us; each 429 cuts it (multiplicative decrease,
 at most once per `decrease_hold_seconds` so one burst of 429s counts once) and honours
-Retry-After by pausing everyone; then it climbs back linearly (additive increase).
+Retry-After by pausing everyone, for at most `max_pause_seconds` (`polling.max_backoff_seconds`:
+a far-future date must not stop all polling); then it climbs back linearly (additive increase).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,6 +27,7 @@ class AdaptiveRateLimiter:
         decrease_factor: float = 0.5,
         recovery_seconds: float = 30.0,
         decrease_hold_seconds: float = 1.0,
+        max_pause_seconds: float = math.inf,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -37,6 +40,7 @@ class AdaptiveRateLimiter:
         self._decrease_factor = decrease_factor
         self._recovery_seconds = recovery_seconds
         self._decrease_hold = decrease_hold_seconds
+        self._max_pause = max_pause_seconds
         now = clock()
         self._rate = max_rate
         self._tokens = self._burst
@@ -69,6 +73,12 @@ class AdaptiveRateLimiter:
         self._rate = min(self._rate, max_rate)
         self._burst = self._burst_for(max_rate)
 
+    def set_max_pause(self, seconds: float) -> None:
+        """Apply a reloaded `polling.max_backoff_seconds`; a pause in force is cut to it."""
+        now = self._clock()
+        self._max_pause = seconds
+        self._paused_until = min(self._paused_until, now + seconds)
+
     async def acquire(self) -> None:
         """Wait for a token; callers are served in arrival order."""
         async with self._lock:
@@ -86,7 +96,8 @@ class AdaptiveRateLimiter:
                 await self._sleep(wait)
 
     def on_throttled(self, retry_after: float | None) -> None:
-        """The API answered 429: slow down, and pause everyone for Retry-After if given."""
+        """The API answered 429: slow down, and pause everyone for Retry-After if given,
+        but no longer than `max_pause_seconds`."""
         now = self._clock()
         self._advance(now)
         if now - self._last_decrease >= self._decrease_hold:
@@ -94,7 +105,8 @@ class AdaptiveRateLimiter:
             self._last_decrease = now
         self._tokens = min(self._tokens, 0.0)
         if retry_after is not None:
-            self._paused_until = max(self._paused_until, now + retry_after)
+            pause = min(retry_after, self._max_pause)
+            self._paused_until = max(self._paused_until, now + pause)
 
     def _burst_for(self, max_rate: float) -> float:
         """Tokens that may be spent at once: 100 ms worth, at least one. At 5 requests/s that

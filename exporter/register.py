@@ -145,11 +145,19 @@ def _read_token(path: str) -> str:
     return token
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hand a 3xx back as the answer instead of following it."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _send(request: urllib.request.Request) -> tuple[int, object]:
     """The answer's status and parsed JSON body (None if not JSON); retries refused connections."""
     # No proxy: the admin API is a local listener, and an HTTP_PROXY meant for the app's
     # outbound traffic must not capture (or see the token of) this request.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # No redirect either: urllib would re-send the Authorization header to the new host.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
     delays = iter(RETRY_DELAYS)
     while True:
         try:

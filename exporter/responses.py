@@ -13,6 +13,7 @@ import math
 import re
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 
 from exporter.models import (
@@ -32,13 +33,39 @@ SANE_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 #: Longest API error message kept for logs; the rest is cut.
 MAX_MESSAGE_CHARS = 200
 
+#: `=` and `&` as they appear plain, percent-encoded, or encoded twice (a link inside a link).
+_EQ = r"(?:=|%(?:25)?3[dD])"
+_AMP = r"%(?:25)?26"
+#: Start of a name: not inside a word, but right after a percent-escape (`%3FX-Amz-...`).
+_NAME_START = r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))"
+#: A value: quoted as a whole, or up to the next separator (plain or percent-encoded `&`).
+_VALUE = rf"""(?:"[^"]*"|'[^']*'|(?:(?!{_AMP})[^\s&"'<>,;])+)"""
+
 #: A URL's query string, where a presigned S3 link carries its credential and signature.
 _URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
-#: Presigned-URL parameters that may appear outside a whole URL (split, or JSON-escaped).
-_SIGNING_PARAMETER = re.compile(r"(?i)\bX-Amz-[A-Za-z-]+=[^\s&\"'<>]*")
-
-#: A Retry-After beyond this is treated as this: a misbehaving gateway must not park us for days.
-MAX_RETRY_AFTER_SECONDS = 3600.0
+#: The same, percent-encoded (a link quoted inside another URL): `https%3A%2F%2F...%3F...`.
+_ENCODED_URL_QUERY = re.compile(
+    r"(?i)\b(https?%(?:25)?3A(?:(?!%(?:25)?3F)[^\s?#\"'<>&])*)%(?:25)?3F[^\s#\"'<>&]*"
+)
+#: `user:password@` in a URL, plain or percent-encoded.
+_USERINFO = re.compile(
+    r"(?i)(//|%(?:25)?2F%(?:25)?2F)((?:(?!%(?:25)?2F)[^/\s@\"'<>?#])+?)(@|%(?:25)?40)"
+)
+#: Parameters and fields whose value is a credential: SigV4 and SigV2 query parameters,
+#: OAuth-style tokens, API keys; as `name=value`, `name: value` or `"name": "value"`.
+_SECRET_FIELD = re.compile(
+    rf"""(?i){_NAME_START}(X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId|Credential|access_token"""
+    rf"""|id_token|refresh_token|client_secret|api[_-]?key|password|passwd|secret|token|sig)"""
+    rf"""("?\s*(?::|{_EQ})\s*){_VALUE}"""
+)
+#: An echoed Authorization header: its scheme is kept, its credential is not.
+_AUTHORIZATION = re.compile(
+    rf"""(?i)\b((?:proxy-)?authorization"?\s*[:=]\s*"?)(?:([A-Za-z][A-Za-z0-9-]*)\s+)?{_VALUE}"""
+)
+#: A bearer or basic credential wherever it stands (long enough not to be a plain word).
+_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(Bearer|Basic)\s+[A-Za-z0-9\-._~+/]{8,}=*")
+#: Cheap test for text that may hold one of the forms above; most texts (statuses) do not.
+_MAYBE_SECRET = re.compile(r"(?i)[=%@:]|bearer|basic")
 
 _INVALID_ID_HINTS = ("invalid parameter", "ingestionid", "ingestion id", "not associated")
 _BAD_REQUEST_HINTS = ("request body", "request model")
@@ -50,7 +77,12 @@ def classify_response(
     """Classify one answer. `headers` must be case-insensitive (aiohttp's CIMultiDict is)."""
     if http_status == 200:
         return parse_status_body(body)
-    message = error_message(body)
+    if 300 <= http_status <= 399:
+        # Not followed (see client): an unexpected_status whose log names the Location's host
+        # only; its body and full Location may carry a signed link.
+        message = redirect_message(headers.get("Location"))
+    else:
+        message = error_message(body)
     if http_status == 429:
         return PollError(
             ErrorKind.THROTTLED,
@@ -111,6 +143,19 @@ def pick_status(values: list[str]) -> tuple[str, bool]:
     return Status.UNKNOWN.value, False
 
 
+def redirect_message(location: str | None) -> str:
+    """What is logged of a redirect: the Location's host only, never its path or query."""
+    if not location:
+        return "redirect without a Location, not followed"
+    try:
+        host = urllib.parse.urlsplit(location.strip()).hostname
+    except ValueError:
+        host = None
+    if not host:
+        return "redirect to a relative or unreadable Location, not followed"
+    return f"redirect to host {clean_text(host)}, not followed"
+
+
 def error_message(body: bytes) -> str:
     """The API's error text: `errorMsg` or `message` from a JSON body, else the body's start."""
     try:
@@ -126,11 +171,12 @@ def error_message(body: bytes) -> str:
 
 
 def clean_text(text: str) -> str:
-    """Shorten and drop control characters so a hostile body cannot forge log lines; drop
-    URLs' query strings, where a presigned report link keeps its credential."""
-    if "://" in text or "=" in text:  # nothing to redact otherwise (most texts: a status)
-        text = _URL_QUERY.sub(r"\1?<redacted>", text)
-        text = _SIGNING_PARAMETER.sub("X-Amz-…=<redacted>", text)
+    """Shorten and drop control characters so a hostile body cannot forge log lines, and
+    redact what may be a credential: URL query strings (a presigned report link), signing
+    parameters, `user:pass@`, echoed Authorization headers and bearer tokens, plain,
+    quoted or percent-encoded."""
+    if _MAYBE_SECRET.search(text):
+        text = redact(text)
     kept = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
     kept = " ".join(kept.split())
     if len(kept) > MAX_MESSAGE_CHARS:
@@ -138,8 +184,26 @@ def clean_text(text: str) -> str:
     return kept
 
 
+def redact(text: str) -> str:
+    """`text` with every credential-shaped part replaced by `<redacted>` (see `clean_text`)."""
+    text = _URL_QUERY.sub(r"\1?<redacted>", text)
+    text = _ENCODED_URL_QUERY.sub(r"\1%3F<redacted>", text)
+    text = _USERINFO.sub(r"\1<redacted>\3", text)
+    text = _AUTHORIZATION.sub(_keep_scheme, text)
+    text = _SECRET_FIELD.sub(r"\1\2<redacted>", text)
+    return _SCHEME_CREDENTIAL.sub(r"\1 <redacted>", text)
+
+
+def _keep_scheme(match: re.Match[str]) -> str:
+    scheme = match.group(2)
+    return f"{match.group(1)}{scheme} <redacted>" if scheme else f"{match.group(1)}<redacted>"
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now (delta-seconds or HTTP-date), clamped to [0, 1h]."""
+    """Retry-After as seconds from now (delta-seconds or HTTP-date), at least 0.
+
+    Not capped here: the scheduler and the rate limiter honour it up to
+    `polling.max_backoff_seconds`, the one place that bound is configured."""
     if value is None:
         return None
     value = value.strip()
@@ -153,9 +217,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         if when.tzinfo is None:
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds):
+    if not math.isfinite(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return max(seconds, 0.0)
 
 
 def _classify_400(message: str, headers: Mapping[str, str]) -> ErrorKind:
@@ -176,3 +240,17 @@ def _classify_400(message: str, headers: Mapping[str, str]) -> ErrorKind:
     if any(hint in lowered for hint in _INVALID_ID_HINTS):
         return ErrorKind.INVALID_INGESTION_ID
     return ErrorKind.BAD_REQUEST
+
+
+def report_download_link(body: bytes) -> str:
+    """A 200 body's `reportDownloadLink`, trimmed, or "" when there is none.
+
+    The link is a presigned credential: only the report download may use it, and nothing
+    may log, print or keep it.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    link = document.get("reportDownloadLink") if isinstance(document, dict) else None
+    return link.strip() if isinstance(link, str) else ""

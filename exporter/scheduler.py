@@ -61,7 +61,7 @@ class Poller:
         max_concurrency: int,
         metrics: ExporterMetrics,
         upload_metrics: UploadMetrics,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[str], None] = lambda ingestion_id: None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -234,13 +234,13 @@ class Poller:
         log.info("status_changed", **{"from": transition.old, "to": transition.new})
         self._upload_metrics.observe(transition)
         # Only status changes are worth a state write; a fresher last-success time is not.
-        self._on_change()
+        self._on_change(transition.ingestion_id)
 
     def _retire(self, ingestion_id: str) -> None:
         self._failures.pop(ingestion_id, None)
         if self._store.retire(ingestion_id):
             log.info("retention_expired", ingestion_id=ingestion_id)
-            self._on_change()
+            self._on_change(ingestion_id)
 
     def _schedule(self, ingestion_id: str, delay: float, action: Action) -> None:
         if ingestion_id not in self._store:
@@ -261,10 +261,13 @@ class Poller:
         return seconds * (1.0 - self._rng.uniform(0.0, self._settings.jitter_ratio))
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+        """Exponential backoff with full jitter, never shorter than the server's Retry-After,
+        which is honoured up to `max_backoff_seconds` (a date in 2099 must not park an upload)."""
         ceiling = min(
             self._settings.max_backoff_seconds,
             self._settings.initial_backoff_seconds * 2.0 ** min(failures - 1, 30),
         )
         delay = self._rng.uniform(0.0, ceiling)
-        return max(delay, retry_after) if retry_after is not None else delay
+        if retry_after is None:
+            return delay
+        return max(delay, min(retry_after, self._settings.max_backoff_seconds))

@@ -1,7 +1,8 @@
 """The exporter's HTTP face: /metrics, /healthz, /readyz and a landing page.
 
 Handlers only read state the poller keeps up to date; none of them waits on the Catalog
-API. The exporter's lifecycle (and the config reloader's) hangs off the app's cleanup_ctx.
+API. The exporter's lifecycle (and the config reloader's, and the event loop lag tick's) hangs
+off the app's cleanup_ctx.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.looplag import measure_loop_lag
 from exporter.reload import ConfigReloader
 from exporter.service import Exporter
 
@@ -50,6 +52,7 @@ def create_app(exporter: Exporter, reloader: ConfigReloader | None = None) -> we
     if reloader is not None:
         app[RELOADER] = reloader
     app.cleanup_ctx.append(_run_exporter)
+    app.cleanup_ctx.append(_measure_loop_lag)
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -69,11 +72,21 @@ async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
     await exporter.stop()
 
 
+async def _measure_loop_lag(app: web.Application) -> AsyncIterator[None]:
+    ticker = asyncio.create_task(
+        measure_loop_lag(app[EXPORTER].metrics.loop_lag.observe), name="loop-lag"
+    )
+    yield
+    ticker.cancel()
+    await asyncio.gather(ticker, return_exceptions=True)
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     """Current state in the text format, or OpenMetrics when the scraper asks for it.
 
     The body goes out in the exposition's pieces, never joined into one copy (tens of MB at
-    100,000 uploads), gzip-encoded from precompressed pieces when the scraper accepts gzip.
+    100,000 uploads), gzip-encoded from precompressed pieces when the scraper accepts gzip
+    (pieces not compressed yet are compressed in a worker thread).
     It is written under `server.write_timeout_seconds`: a client that stops reading is
     disconnected rather than left holding the response.
     """
@@ -81,8 +94,11 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     exporter = request.app[EXPORTER]
     openmetrics = content_type.startswith("application/openmetrics-text")
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-    render = exporter.exposition.gzip_chunks if gzipped else exporter.exposition.chunks
-    chunks = render(exporter.registry, openmetrics=openmetrics)
+    exposition = exporter.exposition
+    if gzipped:
+        chunks = await exposition.gzip_chunks_off_loop(exporter.registry, openmetrics=openmetrics)
+    else:
+        chunks = exposition.chunks(exporter.registry, openmetrics=openmetrics)
     response = web.StreamResponse(headers={"Content-Type": content_type, "Vary": "Accept-Encoding"})
     if gzipped:
         response.headers["Content-Encoding"] = "gzip"
@@ -93,6 +109,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
+    except ConnectionError:
+        log.debug("scrape_client_gone", peer=request.remote)
     except TimeoutError:
         exporter.metrics.scrape_clients_dropped.inc()
         log.warning("scrape_client_too_slow", peer=request.remote)

@@ -8,8 +8,9 @@ no HTTP serving (see `server` and `admin`) and no file watching of the config (s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,14 +21,28 @@ from prometheus_client import CollectorRegistry
 from exporter.auth import RequestAuth, create_auth
 from exporter.client import CatalogClient
 from exporter.config import AuthConfig, Config
-from exporter.discovery import DirectoryWatcher
+from exporter.discovery import DirectoryWatcher, FileProblem
 from exporter.exposition import UploadExposition
-from exporter.logs import configure_logging
-from exporter.metrics import ApiMetrics, ExporterMetrics, UploadCollector, UploadMetrics
+from exporter.logs import SecretMask, configure_logging
+from exporter.metrics import (
+    ApiMetrics,
+    DirectoryMetrics,
+    ExporterMetrics,
+    UploadCollector,
+    UploadMetrics,
+)
 from exporter.ratelimit import AdaptiveRateLimiter
+from exporter.report import (
+    DownloadLimits,
+    ReportFailure,
+    ReportOutcome,
+    ReportProblem,
+    ReportSink,
+    fetch_report,
+)
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
-from exporter.state import StateWriter, load_state
+from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
 
@@ -59,12 +74,21 @@ class Exporter:
         auth_factory: AuthFactory = auth_from_config,
         rng: random.Random | None = None,
         log_stream: TextIO | None = None,
+        secret_mask: SecretMask | None = None,
+        rebuild_pause: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._log_stream = log_stream
+        # The one given to configure_logging at start-up; reloads reconfigure with it.
+        self.secret_mask = SecretMask() if secret_mask is None else secret_mask
+        self._auth: RequestAuth | None = None
+        self.secret_mask.watch("api", self._held_api_secrets)
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
-        self.limiter = AdaptiveRateLimiter(config.api.max_requests_per_second)
+        self.limiter = AdaptiveRateLimiter(
+            config.api.max_requests_per_second,
+            max_pause_seconds=config.polling.max_backoff_seconds,
+        )
         self.api_metrics = ApiMetrics(self.registry)
         self.upload_metrics = UploadMetrics(self.registry)
         self.metrics = ExporterMetrics(
@@ -73,6 +97,7 @@ class Exporter:
             poll_lag=lambda: self._poller.lag() if self._poller is not None else 0.0,
         )
         self.registry.register(UploadCollector(self.store))
+        self.directory_metrics = DirectoryMetrics(self.registry, FileProblem)
         self.exposition = UploadExposition(
             self.store,
             label_names=lambda: self.config.ingestions.labels,
@@ -89,6 +114,7 @@ class Exporter:
         )
         self._auth_factory = auth_factory
         self._rng = rng
+        self._rebuild_pause = rebuild_pause
         self._session: aiohttp.ClientSession | None = None
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
@@ -116,10 +142,13 @@ class Exporter:
             max_concurrency=self.config.api.max_concurrency,
             metrics=self.metrics,
             upload_metrics=self.upload_metrics,
-            on_change=self.tracker.mark_dirty,
+            on_change=self.tracker.changed,
             rng=self._rng,
         )
         self._poller.start()
+        pause = self._rebuild_pause
+        rebuilds = self.exposition.run() if pause is None else self.exposition.run(pause)
+        self._spawn("exposition-rebuilder", rebuilds)
         self._start_watcher(self.config)
         log.info(
             "exporter_started",
@@ -136,6 +165,7 @@ class Exporter:
         if self._poller is not None:
             await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
         await self._cancel("state-writer")  # its run() writes the last changes on cancel
+        await self._cancel("exposition-rebuilder")
         if self._session is not None:
             await self._session.close()
         log.info("exporter_stopped")
@@ -143,16 +173,20 @@ class Exporter:
     def apply(self, new: Config) -> None:
         """Apply a validated config to the running parts; ids added start polling at once."""
         old, self.config = self.config, new
-        configure_logging(new.logging.level, new.logging.format, self._log_stream)
+        configure_logging(
+            new.logging.level, new.logging.format, self._log_stream, mask=self.secret_mask
+        )
         self.tracker.configure(
             max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
         )
         self.limiter.set_max_rate(new.api.max_requests_per_second)
+        self.limiter.set_max_pause(new.polling.max_backoff_seconds)
         if self._poller is not None:
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
         self.tracker.replace_config_ids(new.ingestions.ids)
+        self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
             self._restart_watcher(new)
@@ -160,6 +194,20 @@ class Exporter:
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))
+
+    async def fetch_report(self, ingestion_id: str, sink: ReportSink) -> ReportOutcome:
+        """One upload's processing report into `sink` (the admin API's report route).
+
+        The API call goes through the poller's client and the rate limiter, like a poll.
+        """
+        if self._poller is None:
+            return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
+        await self.limiter.acquire()
+        limits = DownloadLimits(self.config.api.max_report_bytes)
+        outcome = await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
+            return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
+        return outcome
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:
@@ -171,27 +219,50 @@ class Exporter:
 
     async def _restore_state(self) -> None:
         if not self.config.state.path:
+            self.metrics.state_available.set(1)  # 0 means "set but unusable": alertable
             return
         path = Path(self.config.state.path)
-        result = await asyncio.to_thread(load_state, path)
-        if result.problem is not None:
+        writer, result = await open_state(
+            path,
+            record=self.tracker.record,
+            retired_at=self.tracker.retired_at,
+            debounce_seconds=self.config.state.debounce_seconds,
+            on_error=self._state_write_failed,
+        )
+        self.metrics.state_skipped_entries.inc(result.skipped)
+        self.metrics.state_available.set(1 if writer is not None else 0)
+        if writer is None:
+            log.error(
+                "state_persistence_unavailable",
+                path=str(path),
+                problem=result.problem,
+                consequence="nothing is persisted and admin writes answer 503 until a restart "
+                "finds the file readable; the file is left as it is",
+            )
+            self.tracker.attach_state(UnavailableState(path, result.problem or "unreadable"))
+            return
+        if result.moved_to is not None:
             self.metrics.state_load_errors.inc()
             log.error(
                 "state_file_unusable",
                 path=str(path),
                 problem=result.problem,
-                moved_to=str(result.moved_to) if result.moved_to else None,
+                moved_to=str(result.moved_to),
             )
+        elif result.problem is not None:
+            log.error("state_entries_skipped", path=str(path), problem=result.problem)
+        if result.migrated_from is not None:
+            log.warning(
+                "state_migrated",
+                path=str(path),
+                uploads=len(result.snapshot.uploads),
+                json_kept_as=str(result.migrated_from),
+            )
+        self._state = writer
+        self.tracker.attach_state(writer)
         self.tracker.restore(result.snapshot)
         log.info("state_restored", path=str(path), uploads=len(result.snapshot.uploads))
-        self._state = StateWriter(
-            path,
-            self.tracker.snapshot,
-            debounce_seconds=self.config.state.debounce_seconds,
-            on_error=self._state_write_failed,
-        )
-        self.tracker.attach_state(self._state)
-        self._spawn("state-writer", self._state.run())
+        self._spawn("state-writer", writer.run())
 
     def _state_write_failed(self, error: Exception) -> None:
         self.metrics.state_write_errors.inc()
@@ -203,6 +274,7 @@ class Exporter:
                 Path(config.ingestions.directory),
                 self.tracker,
                 poll_seconds=config.ingestions.directory_poll_seconds,
+                metrics=self.directory_metrics,
             )
             self._spawn("directory-watcher", watcher.run())
 
@@ -222,12 +294,16 @@ class Exporter:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _held_api_secrets(self) -> tuple[str, ...]:
+        return () if self._auth is None else self._auth.held_secrets()
+
     def _make_client(self, config: Config) -> CatalogClient:
         assert self._session is not None, "start() opens the session first"
+        self._auth = self._auth_factory(config.api.auth)
         return CatalogClient(
             self._session,
             base_url=config.api.base_url,
-            auth=self._auth_factory(config.api.auth),
+            auth=self._auth,
             timeout_seconds=config.api.timeout_seconds,
             max_response_bytes=config.api.max_response_bytes,
             metrics=self.api_metrics,

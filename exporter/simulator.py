@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Final
-from urllib.parse import quote
 
 import botocore.auth
 import botocore.credentials
 from aiohttp import web
 from botocore.awsrequest import AWSRequest
 
+from exporter.fakes3 import DEFAULT_LINK_SECONDS, REPORTS_PATH, ReportBucket, ReportRequest
 from exporter.models import TERMINAL_STATUSES
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "TEST_SECRET_ACCESS_KEY",
     "Fault",
     "FaultKind",
+    "ReportRequest",
     "RequestRecord",
     "SimulatedUpload",
     "Simulator",
@@ -95,6 +96,7 @@ class FaultKind(enum.StrEnum):
     UNEXPECTED_STATUS = "unexpected_status"  # 418 (or `status`, e.g. 302 with Location)
     BIG_BODY = "big_body"  # 200 valid JSON of `size` bytes
     UNAUTHORIZED = "unauthorized"  # 403 {"message": "User: ... is not authorized ..."}
+    REDIRECT = "redirect"  # 302 (or `status`, e.g. 307) to `location`, e.g. another server
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +106,19 @@ class Fault:
     `status` picks the HTTP status where the kind allows a choice (server errors, unexpected
     status), `body` replaces the default body of kinds that have one. `label` names the fault
     in the request log (the kind by default), e.g. to tell 429s with Retry-After apart.
+    `retry_after` is sent as seconds, or verbatim when a string (an HTTP-date); `location` is
+    where a redirect points.
     """
 
     kind: FaultKind | str
     status: int | None = None
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     seconds: float | None = None
     size: int = 5 * 1024 * 1024
     key: str = "message"
     body: str | None = None
     label: str | None = None
+    location: str = "https://signin.example.invalid/login"
 
     def __post_init__(self) -> None:
         # Accept the plain string too, and refuse an unknown kind here rather than mid-request.
@@ -233,17 +238,9 @@ def _as_list(status: StatusValue) -> list[str]:
     return [*before.get(status, []), status]
 
 
-def _report_link(ingestion_id: str) -> str:
-    """A fake presigned S3 URL: it carries a signature like a real one, so it must not leak."""
-    digest = hashlib.sha256(ingestion_id.encode()).hexdigest()
-    key = quote(ingestion_id, safe="")
-    return (
-        f"https://catalog-reports-example.s3.amazonaws.com/reports/{key}.csv"
-        "?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-        "&X-Amz-Credential=ASIASIMULATOREXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
-        "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
-        f"&X-Amz-Security-Token=FwoGZXIvYXdzE{digest[:24]}&X-Amz-Signature={digest}"
-    )
+def _origin(request: web.Request) -> str:
+    """Where the client reached us: report links point back at this simulator."""
+    return f"{request.scheme}://{request.host}"
 
 
 def _dropped() -> web.Response:
@@ -338,7 +335,12 @@ def _server_error_html(fault: Fault) -> web.Response:
 
 
 def _throttle(fault: Fault) -> web.Response:
-    headers = None if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+    retry_after = fault.retry_after
+    headers = (
+        None
+        if retry_after is None
+        else {"Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
+    )
     payload = {fault.key: "Too Many Requests"}
     return _json(429, payload, error_type="TooManyRequestsException", headers=headers)
 
@@ -347,9 +349,15 @@ def _unexpected_status(fault: Fault) -> web.Response:
     status = fault.status or 418
     if 300 <= status < 400:
         response = _raw(status, fault.body or "", "text/html")
-        response.headers["Location"] = "https://signin.example.invalid/login"
+        response.headers["Location"] = fault.location
         return response
     return _raw(status, fault.body or '{"message": "I\'m a teapot"}', "application/json")
+
+
+def _redirect(fault: Fault) -> web.Response:
+    response = _raw(fault.status or 302, fault.body or "", "text/html")
+    response.headers["Location"] = fault.location
+    return response
 
 
 def _big_body(fault: Fault) -> web.Response:
@@ -395,6 +403,7 @@ _CANNED: Final[dict[FaultKind, Callable[[Fault], web.Response]]] = {
     FaultKind.UNEXPECTED_STATUS: _unexpected_status,
     FaultKind.BIG_BODY: _big_body,
     FaultKind.UNAUTHORIZED: _unauthorized,
+    FaultKind.REDIRECT: _redirect,
 }
 
 
@@ -405,6 +414,8 @@ def _canned(fault: Fault) -> web.Response:
 class Simulator:
     """The state behind the fake API: uploads, accepted credentials, limits, faults, a log.
 
+    `token_header` is where bearer tokens are expected: `Authorization: Bearer <token>`, or
+    the bare token in a header of the gateway's own such as X-Api-Key.
     `clock` drives upload scripts and the rate limiter (inject a fake one in tests);
     `wall_clock` is what X-Amz-Date is compared with. `on_request` is called with each
     `RequestRecord` (the CLI's --log-requests); `max_records` bounds `requests`.
@@ -417,6 +428,7 @@ class Simulator:
         burst: float | None = None,
         auth: str = "none",
         tokens: Iterable[str] = (),
+        token_header: str = "Authorization",  # noqa: S107 - a header's name, not a secret
         credentials: Mapping[str, str] | None = None,
         region: str = TEST_REGION,
         error_rate: float = 0.0,
@@ -428,6 +440,9 @@ class Simulator:
         wall_clock: Callable[[], float] = time.time,
         on_request: Callable[[RequestRecord], None] | None = None,
         max_records: int | None = None,
+        report_link_seconds: float = DEFAULT_LINK_SECONDS,
+        report_bytes: int = 0,
+        report_chunked: bool = False,
     ) -> None:
         if auth not in {"none", "bearer", "sigv4"}:
             msg = f"unknown auth mode {auth!r}: expected 'none', 'bearer' or 'sigv4'"
@@ -447,6 +462,7 @@ class Simulator:
         self.region = region
         self.requests: list[RequestRecord] = []
         self._tokens = frozenset(tokens)
+        self._token_header = token_header
         self._credentials = dict(
             {TEST_ACCESS_KEY_ID: TEST_SECRET_ACCESS_KEY} if credentials is None else credentials
         )
@@ -469,6 +485,14 @@ class Simulator:
         self._uploads: dict[str, _Tracked] = {}
         self._injections: list[_Injection] = []
         self._chaos: list[tuple[Fault, float]] = []
+        #: The reports behind the links; `reports.requests` records who asked, with what.
+        self.reports = ReportBucket(
+            wall_clock=wall_clock,
+            link_seconds=report_link_seconds,
+            report_bytes=report_bytes,
+            chunked=report_chunked,
+            secret_values=lambda: (*self._tokens, *self._credentials, *self._credentials.values()),
+        )
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -498,12 +522,21 @@ class Simulator:
         tracked.forced = list(status) if isinstance(status, list) else status
         tracked.forced_report = report
 
+    def has_upload(self, ingestion_id: str) -> bool:
+        """Whether this id was added (and not removed)."""
+        return ingestion_id in self._uploads
+
     def remove_upload(self, ingestion_id: str) -> None:
         """Forget an upload: its id becomes invalid (400). Unknown ids are ignored."""
         self._uploads.pop(ingestion_id, None)
 
-    def current(self, ingestion_id: str) -> tuple[StatusValue, str]:
-        """The (processingStatus, reportDownloadLink) the API would answer now."""
+    def current(
+        self, ingestion_id: str, origin: str = "http://127.0.0.1"
+    ) -> tuple[StatusValue, str]:
+        """The (processingStatus, reportDownloadLink) the API would answer now.
+
+        The link points at `origin`'s report endpoint and is signed to expire.
+        """
         tracked = self._uploads[ingestion_id]
         if tracked.forced is not None:
             status = tracked.forced
@@ -512,7 +545,7 @@ class Simulator:
         else:
             status = tracked.upload.status_at(self._clock() - tracked.started)
             give = tracked.upload.report and _is_terminal(status)
-        return status, _report_link(ingestion_id) if give else ""
+        return status, self.reports.link(origin, ingestion_id) if give else ""
 
     # -- faults and credentials --------------------------------------------------------------
 
@@ -679,7 +712,7 @@ class Simulator:
                 error_type="InvalidRequestException",
             )
             return self._answered(response, ingestion_id, fault)
-        processing_status, link = self.current(ingestion_id)
+        processing_status, link = self.current(ingestion_id, _origin(request))
         if self._list_status_rate > 0 and self._rng.random() < self._list_status_rate:
             processing_status = _as_list(processing_status)
         payload = {"processingStatus": processing_status, "reportDownloadLink": link}
@@ -742,7 +775,11 @@ class Simulator:
 
         Logged as answered (200) only if the client stayed for the last byte.
         """
-        status, link = self.current(ingestion_id) if ingestion_id in self._uploads else ("", "")
+        status, link = (
+            self.current(ingestion_id, _origin(request))
+            if ingestion_id in self._uploads
+            else ("", "")
+        )
         body = json.dumps({"processingStatus": status, "reportDownloadLink": link}).encode()
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.content_length = len(body)
@@ -786,7 +823,10 @@ class Simulator:
             self._check_sigv4(request, body)
 
     def _check_bearer(self, request: web.Request) -> None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if self._token_header.lower() == "authorization":
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        else:  # a gateway's own header (X-Api-Key...) carries the bare token
+            scheme, token = "bearer", request.headers.get(self._token_header, "")
         given = token.strip().encode("utf-8", "surrogateescape")
         # Compare against every accepted token so the time taken says nothing about which.
         matches = [hmac.compare_digest(given, t.encode()) for t in self._tokens]
@@ -911,6 +951,11 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     return await request.app[SIMULATOR_KEY].handle(request)
 
 
+async def _report(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR_KEY]
+    return await sim.reports.handle(request, sim.has_upload)
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return _json(200, {"status": "ok"})
 
@@ -924,6 +969,7 @@ def create_app(sim: Simulator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIMULATOR_KEY] = sim
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get(REPORTS_PATH + "/{key}", _report)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     app[_RELEASE_KEY] = asyncio.Event()
     app.on_shutdown.append(_on_shutdown)

@@ -1,49 +1,94 @@
-"""The state file that lets tracked ingestionIds survive a restart: its format and its writing.
+"""What survives a restart: the tracked uploads in an SQLite database, and reading them back.
 
-This module owns the on-disk format, loading it without ever trusting it, and durable, atomic,
-debounced writes. It knows nothing of HTTP, polling or metrics: callers hand it snapshots and
-count failures through the `on_error` callback.
+This module owns the on-disk format: one row per tracked upload (and per retired id), written
+per change; loading it without ever trusting it; and the one-time migration of the JSON state
+file of release 1. It is blocking code for one thread, the state writer's; it knows nothing of
+HTTP, polling, metrics or the event loop (`state_writer` decides when to write).
 
-The file is one compact JSON object (no indentation)::
+The database, at `state.path` (with `<path>-wal` beside it while the exporter runs)::
 
-    {"version": 1,
-     "written_at": 1718000000.5,
-     "uploads": [{"ingestion_id": "abc", "sources": ["config", "directory"],
-                  "labels": {"team": "books"}, "status": "INPROGRESS",
-                  "first_seen": 1717990000.0, "status_changed": 1717995000.0,
-                  "last_success": 1717999990.0, "terminal_at": null,
-                  "report_available": false, "queue_observed": true, "released": false}],
-     "retired": {"old-id": 1717900000.0}}
+    PRAGMA application_id = 0x43555845;  -- "CUXE"
+    PRAGMA user_version = 1;
+    CREATE TABLE uploads (ingestion_id TEXT NOT NULL UNIQUE, sources TEXT NOT NULL,
+        labels TEXT NOT NULL, status TEXT NOT NULL, first_seen REAL NOT NULL,
+        status_changed REAL NOT NULL, last_success REAL, terminal_at REAL,
+        report_available INTEGER NOT NULL, queue_observed INTEGER NOT NULL,
+        released INTEGER NOT NULL);
+    CREATE TABLE retired (ingestion_id TEXT PRIMARY KEY, retired_at REAL NOT NULL);
 
-Timestamps are wall-clock seconds. `retired` maps an id whose terminal retention ended to when
-it ended, so it is not polled again while a source still lists it. On load every field is
-checked for its exact type; a record may omit the fields that have defaults, and keys this
-version does not know are ignored. A file that fails the checks is moved aside, never deleted.
+`sources` is a JSON list of strings and `labels` a JSON object of strings; timestamps are
+wall-clock seconds; rowid order is registration order. `retired` holds ids whose terminal
+retention ended, so they are not polled again while a source still lists them. It runs in WAL
+mode with synchronous=FULL: a commit has reached the disk when it returns.
+
+Opening it never destroys anything. A path that exists but cannot be read (a directory, a FIFO,
+no permission, a database of a newer release) gives no store: the caller runs without
+persistence. A file that is neither a database nor JSON, or a damaged database, is renamed to
+`<path>.corrupt-<unix time>` (its `-wal` with it) and a new database is made. A row that fails
+its checks is skipped and counted, the others are kept. A JSON file of release 1 is migrated:
+its content goes into a new database, the JSON is kept as `<path>.v1.json`, and only then does
+the database take the path (a crash before that repeats the migration; nothing is lost).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import os
-import tempfile
+import sqlite3
+import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from exporter.models import ingestion_id_problem
 
-log = structlog.get_logger("exporter.state")
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x43555845
+JSON_VERSION = 1  #: the version field of release 1's JSON state file
 
-STATE_VERSION = 1
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_MIGRATING_SUFFIX = ".migrating"
+_V1_BACKUP_SUFFIX = ".v1.json"
+_V1_TEMP_SUFFIX = ".tmp"  # release 1 saved through `.<name>.<random>.tmp` files
+#: SQLite result codes (the low byte) that mean the file is damaged, not out of reach.
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
-_TEMP_SUFFIX = ".tmp"
+_SCHEMA = """
+CREATE TABLE uploads (
+    ingestion_id TEXT NOT NULL UNIQUE,
+    sources TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    status TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    status_changed REAL NOT NULL,
+    last_success REAL,
+    terminal_at REAL,
+    report_available INTEGER NOT NULL,
+    queue_observed INTEGER NOT NULL,
+    released INTEGER NOT NULL
+);
+CREATE TABLE retired (ingestion_id TEXT PRIMARY KEY, retired_at REAL NOT NULL) WITHOUT ROWID;
+"""
+# Literal SQL only: no statement is ever built from data.
+_UPSERT = """
+INSERT INTO uploads (ingestion_id, sources, labels, status, first_seen, status_changed,
+    last_success, terminal_at, report_available, queue_observed, released)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (ingestion_id) DO UPDATE SET sources = excluded.sources, labels = excluded.labels,
+    status = excluded.status, first_seen = excluded.first_seen,
+    status_changed = excluded.status_changed, last_success = excluded.last_success,
+    terminal_at = excluded.terminal_at, report_available = excluded.report_available,
+    queue_observed = excluded.queue_observed, released = excluded.released
+"""
+_SELECT_UPLOADS = """
+SELECT rowid, ingestion_id, sources, labels, status, first_seen, status_changed, last_success,
+    terminal_at, report_available, queue_observed, released
+FROM uploads ORDER BY rowid
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,85 +110,382 @@ class UploadRecord:
 
 @dataclass(frozen=True, slots=True)
 class StateSnapshot:
-    """Everything the state file holds: tracked uploads and ids whose retention ended."""
+    """Everything the store holds: tracked uploads and ids whose retention ended."""
 
     uploads: tuple[UploadRecord, ...] = ()
     retired: Mapping[str, float] = field(default_factory=dict)
 
 
 class StateError(Exception):
-    """The state file could not be written."""
+    """A change could not be made durable."""
 
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
-    """What `load_state` found: a usable snapshot, and what was wrong with the file if anything."""
+    """What opening the store found: a usable snapshot, and what was wrong if anything.
+
+    `available` is False when the path exists but could not be read: it must then be neither
+    moved nor overwritten. `skipped` counts the entries dropped while the rest was kept;
+    `moved_to` is where a corrupt file went; `migrated_from` the JSON file of release 1 that
+    was read into the new database.
+    """
 
     snapshot: StateSnapshot
     problem: str | None = None
     moved_to: Path | None = None
+    skipped: int = 0
+    available: bool = True
+    migrated_from: Path | None = None
 
 
-# -- writing ------------------------------------------------------------------------------------
+class _Invalid(ValueError):
+    """Content that does not have the expected shape."""
 
 
-def _encode(snapshot: StateSnapshot) -> bytes:
-    document = {
-        "version": STATE_VERSION,
-        "written_at": time.time(),
-        "uploads": [
-            {
-                "ingestion_id": r.ingestion_id,
-                "sources": list(r.sources),
-                "labels": dict(r.labels),
-                "status": r.status,
-                "first_seen": r.first_seen,
-                "status_changed": r.status_changed,
-                "last_success": r.last_success,
-                "terminal_at": r.terminal_at,
-                "report_available": r.report_available,
-                "queue_observed": r.queue_observed,
-                "released": r.released,
-            }
-            for r in snapshot.uploads
-        ],
-        "retired": dict(snapshot.retired),
-    }
-    # allow_nan=False: NaN is not JSON, and load_state would reject the file we wrote.
-    return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+class _Corrupt(Exception):
+    """The file is damaged or not ours: move it aside."""
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
+class _Unavailable(Exception):
+    """The file is out of reach: leave it alone."""
 
 
-def save_state(path: Path, snapshot: StateSnapshot) -> None:
-    """Write `snapshot` to `path` atomically and durably; blocking, so call it off the loop.
+# -- the store ----------------------------------------------------------------------------------
 
-    A reader (or a restart after a crash at any instant) sees either the old file or the new
-    one, never a mix: the JSON goes to a uniquely named temp file in the same directory, is
-    fsynced, renamed over `path`, and then the directory is fsynced so the rename survives a
-    power cut. On failure the temp file is removed and the exception (usually OSError)
-    propagates.
+UploadChange = tuple[str, UploadRecord | None]  #: the id, and its row (None: delete it)
+RetiredChange = tuple[str, float | None]  #: the id, and when it retired (None: forget it)
+
+
+class StateStore:
+    """The open database: apply batches of changes, each as one transaction.
+
+    Use it from one thread only (the connection is bound to the thread that opened it).
     """
-    data = _encode(snapshot)
-    fd, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        #: Transactions committed, for the curious (benchmarks, tests of group commit).
+        self.commits = 0
+
+    def apply(self, uploads: Sequence[UploadChange], retired: Sequence[RetiredChange] = ()) -> None:
+        """Write these changes in one transaction; durable when this returns.
+
+        On any failure the transaction is rolled back and the exception propagates: nothing
+        of the batch is on disk.
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = [_row(record) for _, record in uploads if record is not None]
+            gone = [(ingestion_id,) for ingestion_id, record in uploads if record is None]
+            if rows:
+                db.executemany(_UPSERT, rows)
+            if gone:
+                db.executemany("DELETE FROM uploads WHERE ingestion_id = ?", gone)
+            kept = [(i, at) for i, at in retired if at is not None]
+            forgotten = [(i,) for i, at in retired if at is None]
+            if kept:
+                db.executemany(
+                    "INSERT OR REPLACE INTO retired (ingestion_id, retired_at) VALUES (?, ?)", kept
+                )
+            if forgotten:
+                db.executemany("DELETE FROM retired WHERE ingestion_id = ?", forgotten)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    def close(self) -> None:
+        """Close the database; SQLite folds the WAL back into the main file first."""
+        self._db.close()
+
+
+def _row(record: UploadRecord) -> tuple[object, ...]:
+    return (
+        record.ingestion_id,
+        json.dumps(list(record.sources)),
+        json.dumps(dict(record.labels), sort_keys=True),
+        record.status,
+        record.first_seen,
+        record.status_changed,
+        record.last_success,
+        record.terminal_at,
+        int(record.report_available),
+        int(record.queue_observed),
+        int(record.released),
     )
-    replaced = False
+
+
+def open_store(
+    path: Path, *, now: Callable[[], float] = time.time, busy_timeout_seconds: float = 5.0
+) -> tuple[StateStore | None, LoadResult]:
+    """Open (or create, or migrate into) the database at `path` and read it; never raises.
+
+    Returns no store when the path cannot be read: see the module docstring for what happens
+    to a corrupt file, a bad row and a JSON file of release 1. Call it in the thread that will
+    use the store.
+    """
+    _remove_leftovers(path)
+    migrated: LoadResult | None = None
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-        replaced = True
-        _fsync_directory(path.parent)
+        head = _head(path)
+        if head and not head.startswith(_SQLITE_HEADER):
+            migrated = _migrate_v1(path, now)
+            if migrated.migrated_from is None and migrated.moved_to is None:
+                # Corrupt but still in the way: better no persistence than overwriting it.
+                raise _Unavailable(migrated.problem or "state file could not be moved aside")
+    except _Unavailable as exc:
+        return None, LoadResult(StateSnapshot(), str(exc), available=False)
+    try:
+        # Just migrated: the rows are the snapshot that was written, checked already.
+        fresh = migrated.snapshot if migrated is not None and migrated.migrated_from else None
+        store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds, fresh)
+    except _Unavailable as exc:
+        return None, LoadResult(StateSnapshot(), str(exc), available=False)
+    except _Corrupt as exc:
+        moved = _move_aside(path, str(exc), now)
+        if moved.moved_to is None:  # still in the way: better no persistence than overwriting
+            return None, LoadResult(StateSnapshot(), moved.problem, available=False)
+        try:
+            store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds)
+        except (_Unavailable, _Corrupt) as again:
+            problem = f"{moved.problem}; a new database could not be made: {again}"
+            return None, LoadResult(StateSnapshot(), problem, available=False)
+        return store, LoadResult(snapshot, moved.problem, moved_to=moved.moved_to)
+    problems = [migrated.problem] if migrated is not None and migrated.problem else []
+    skipped += migrated.skipped if migrated is not None else 0
+    if first:
+        problems.append(f"skipped {skipped} invalid rows in the state database (first: {first})")
+    return store, LoadResult(
+        snapshot,
+        "; ".join(problems) or None,
+        moved_to=migrated.moved_to if migrated is not None else None,
+        skipped=skipped,
+        migrated_from=migrated.migrated_from if migrated is not None else None,
+    )
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of the file (b"" when there is none); _Unavailable if it is unreadable."""
+    try:
+        return _read_regular_file(path, limit=len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise _Unavailable(f"state file could not be read: {exc.strerror or _short(exc)}") from None
+
+
+def _read_regular_file(path: Path, *, limit: int = -1) -> bytes:
+    """The file's bytes (up to `limit`); OSError unless it is a regular file we may read.
+
+    O_NONBLOCK: opening a FIFO put where the state file should be must not hang the start.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(0, f"the path is {kind}")
+        return file.read(limit)
+
+
+def _open_database(
+    path: Path, busy_timeout_seconds: float, known: StateSnapshot | None = None
+) -> tuple[StateStore, StateSnapshot, int, str]:
+    """Open or create the database and read it all (unless its content is `known`);
+    _Corrupt or _Unavailable if it cannot."""
+    try:
+        db = sqlite3.connect(
+            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=True
+        )
+    except sqlite3.Error as exc:
+        raise _Unavailable(f"state database could not be opened: {_short(exc)}") from None
+    try:
+        _prepare(db)
+        snapshot, skipped, first = _load(db) if known is None else (known, 0, "")
+    except sqlite3.Error as exc:
+        db.close()
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in _CORRUPT_CODES:
+            raise _Corrupt(f"state database is damaged: {_short(exc)}") from None
+        raise _Unavailable(f"state database could not be read: {_short(exc)}") from None
     except BaseException:
-        if not replaced:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
+        db.close()
         raise
+    return StateStore(db, path), snapshot, skipped, first
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Check that the database is ours and sound, creating the schema in a new one."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    (application_id,) = db.execute("PRAGMA application_id").fetchone()
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version > SCHEMA_VERSION and application_id == APPLICATION_ID:
+        db.close()
+        raise _Unavailable(
+            f"state database has schema version {version}, newer than this release's "
+            f"{SCHEMA_VERSION}: left as it is"
+        )
+    if not tables and version == 0:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(
+            f"BEGIN; {_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; "
+            f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+    elif (application_id, version) != (APPLICATION_ID, SCHEMA_VERSION) or not {
+        "uploads",
+        "retired",
+    } <= tables:
+        db.close()
+        raise _Corrupt("state database is not this exporter's (application_id or schema)")
+    (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+    db.execute("PRAGMA synchronous=FULL")
+    if mode != "wal":
+        db.close()
+        raise _Unavailable(f"state database cannot use WAL mode (got {mode})")
+    (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
+    if check != "ok":
+        db.close()
+        raise _Corrupt(f"state database is damaged: {_short(ValueError(check))}")
+
+
+def _load(db: sqlite3.Connection) -> tuple[StateSnapshot, int, str]:
+    """Every row that passes its checks, how many did not, and why the first did not."""
+    reasons: list[str] = []
+    uploads: list[UploadRecord] = []
+    reader = _RowReader()
+    for row in db.execute(_SELECT_UPLOADS):
+        try:
+            uploads.append(reader.record(row[1:]))
+        except _Invalid as exc:
+            reasons.append(f"uploads row {row[0]}: {exc}")
+    retired: dict[str, float] = {}
+    for ingestion_id, at in db.execute(
+        "SELECT ingestion_id, retired_at FROM retired ORDER BY retired_at"
+    ):
+        if not isinstance(ingestion_id, str) or ingestion_id_problem(ingestion_id) is not None:
+            reasons.append("retired: not a valid ingestionId")
+        elif not _finite(at):
+            reasons.append("retired: an entry's time is not a finite number")
+        else:
+            retired[ingestion_id] = float(at)
+    return StateSnapshot(tuple(uploads), retired), len(reasons), reasons[0] if reasons else ""
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _time(value: object, name: str) -> float:
+    if type(value) is float and math.isfinite(value):  # the common case, checked first
+        return value
+    if _finite(value):
+        return float(value)  # type: ignore[arg-type]
+    raise _Invalid(f"{name}: expected a finite number")
+
+
+class _RowReader:
+    """Checks rows one by one. Most uploads share a few sources and label sets, so each
+    distinct JSON text is decoded and checked once (a start with 100,000 rows is ~2x faster)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, tuple[str, ...]] = {}
+        self._labels: dict[str, Mapping[str, str]] = {}
+
+    def record(self, row: Sequence[object]) -> UploadRecord:
+        """One row as a record; _Invalid naming the first field that fails its check."""
+        (ingestion_id, sources, labels, status, first_seen, changed, success, terminal) = row[:8]
+        if not isinstance(ingestion_id, str) or ingestion_id_problem(ingestion_id) is not None:
+            raise _Invalid("ingestion_id: not a valid ingestionId")
+        if not isinstance(status, str):
+            raise _Invalid("status: expected text")
+        flags = row[8:11]
+        if not all(type(flag) is int and flag in (0, 1) for flag in flags):
+            raise _Invalid("report_available, queue_observed, released: expected 0 or 1")
+        return UploadRecord(
+            ingestion_id=ingestion_id,
+            sources=self._source_tuple(sources),
+            labels=self._label_map(labels),
+            status=status,
+            first_seen=_time(first_seen, "first_seen"),
+            status_changed=_time(changed, "status_changed"),
+            last_success=None if success is None else _time(success, "last_success"),
+            terminal_at=None if terminal is None else _time(terminal, "terminal_at"),
+            report_available=bool(flags[0]),
+            queue_observed=bool(flags[1]),
+            released=bool(flags[2]),
+        )
+
+    def _source_tuple(self, text: object) -> tuple[str, ...]:
+        if isinstance(text, str) and text in self._sources:
+            return self._sources[text]
+        value = _json_column(text, "sources")
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise _Invalid("sources: expected a JSON list of strings")
+        self._sources[text] = found = tuple(value)  # type: ignore[index]
+        return found
+
+    def _label_map(self, text: object) -> Mapping[str, str]:
+        if isinstance(text, str) and text in self._labels:
+            return self._labels[text]
+        value = _json_column(text, "labels")
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise _Invalid("labels: expected a JSON object of strings")
+        self._labels[text] = value  # type: ignore[index]
+        return value
+
+
+def _json_column(value: object, name: str) -> object:
+    if not isinstance(value, str):
+        raise _Invalid(f"{name}: expected JSON text")
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise _Invalid(f"{name}: not valid JSON") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _companions(path: Path) -> list[Path]:
+    """The files SQLite keeps beside the database."""
+    return [Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
+
+
+def _move_aside(path: Path, problem: str, now: Callable[[], float]) -> LoadResult:
+    """Rename a corrupt file (and its WAL: it belongs to it) out of the way; never delete."""
+    try:
+        target = Path(f"{path}.corrupt-{int(now())}")
+        os.replace(path, target)
+    except (OSError, ValueError, OverflowError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
+        return LoadResult(StateSnapshot(), f"{problem}; could not move it aside: {detail}")
+    for companion, suffix in zip(_companions(path), ("-wal", "-shm", "-journal"), strict=True):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(companion, f"{target}{suffix}")
+    return LoadResult(StateSnapshot(), f"{problem}; moved it to {target}", moved_to=target)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Temp files of an interrupted release-1 save or migration: never the state itself."""
+    prefix = f".{path.name}."
+    migrating = Path(f"{path}{_MIGRATING_SUFFIX}")
+    for leftover in (migrating, *_companions(migrating)):
+        with contextlib.suppress(OSError):
+            os.unlink(leftover)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(_V1_TEMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -154,86 +496,82 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-# -- loading ------------------------------------------------------------------------------------
+# -- migrating the JSON file of release 1 -------------------------------------------------------
 
 
-class _Invalid(ValueError):
-    """The file's content does not have the expected shape."""
+def _migrate_v1(path: Path, now: Callable[[], float]) -> LoadResult:
+    """Turn the JSON file at `path` into a database at `path`; keep the JSON beside it.
 
-
-def load_state(path: Path, *, now: Callable[[], float] = time.time) -> LoadResult:
-    """Read the state file; never raises.
-
-    A missing file is an empty snapshot and no problem. A file that cannot be read, is not
-    JSON, has another version or the wrong shape is renamed to `<path>.corrupt-<unix time>`
-    and yields an empty snapshot with `problem` saying why. Records (and retired entries)
-    whose id is not a valid ingestionId are dropped one by one and counted in `problem`,
-    while the rest of the file is used and stays where it is.
-
-    Call it before the writer starts: it also removes temp files left by a save that was
-    interrupted (a crash between creating and renaming them).
+    A file that is not release 1's JSON is moved aside (the caller then makes a new database).
+    _Unavailable when the file or the directory cannot be read or written: nothing changes.
     """
-    _remove_leftover_temp_files(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return LoadResult(StateSnapshot())
+        raw = _read_regular_file(path)
     except OSError as exc:
-        return _move_aside(path, f"state file could not be read: {exc.strerror}", now)
+        raise _Unavailable(f"state file could not be read: {exc.strerror or _short(exc)}") from None
     try:
         # RecursionError: deeply nested arrays in a hostile file exhaust the parser's stack.
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         return _move_aside(path, f"state file is not valid JSON: {_short(exc)}", now)
     try:
-        snapshot, dropped = _parse_document(document)
+        snapshot, skipped, first = _parse_document(document)
     except _Invalid as exc:
         return _move_aside(path, f"state file has the wrong shape: {exc}", now)
-    if dropped:
-        problem = f"dropped {dropped} entries with an invalid ingestion id from the state file"
-        return LoadResult(snapshot, problem=problem)
-    return LoadResult(snapshot)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
-def _move_aside(path: Path, problem: str, now: Callable[[], float]) -> LoadResult:
+    migrating = Path(f"{path}{_MIGRATING_SUFFIX}")
+    backup = Path(f"{path}{_V1_BACKUP_SUFFIX}")
     try:
-        target = Path(f"{path}.corrupt-{int(now())}")
-        os.replace(path, target)
-    except (OSError, ValueError, OverflowError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
-        return LoadResult(StateSnapshot(), f"{problem}; could not move it aside: {detail}")
-    return LoadResult(StateSnapshot(), f"{problem}; moved it to {target}", moved_to=target)
-
-
-def _remove_leftover_temp_files(path: Path) -> None:
-    prefix = _temp_prefix(path)
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(_TEMP_SUFFIX):
+        _write_new_database(migrating, snapshot)
+        # The JSON stays as a backup under a second name (a hard link: no copy of 30 MB),
+        # then the database takes the path in one atomic rename.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backup)
+        try:
+            os.link(path, backup)
+        except OSError:
+            os.replace(path, backup)  # no hard links here: the rename is the backup
+        os.replace(migrating, path)
+        _fsync_directory(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        for leftover in (migrating, *_companions(migrating)):
             with contextlib.suppress(OSError):
-                os.unlink(path.parent / name)
+                os.unlink(leftover)
+        raise _Unavailable(f"state file could not be migrated: {_short(exc)}") from None
+    problem = None
+    if skipped:
+        problem = f"skipped {skipped} invalid entries in the JSON state file (first: {first})"
+    return LoadResult(snapshot, problem, skipped=skipped, migrated_from=backup)
+
+
+def _write_new_database(path: Path, snapshot: StateSnapshot) -> None:
+    """A complete database holding `snapshot`, fsynced, at `path` (which must not exist)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(
+            f"BEGIN; {_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; "
+            f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+        StateStore(db, path).apply(
+            [(record.ingestion_id, record) for record in snapshot.uploads],
+            list(snapshot.retired.items()),
+        )
+    finally:
+        db.close()
 
 
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _parse_document(document: object) -> tuple[StateSnapshot, int]:
-    """The snapshot in `document` and how many entries were dropped for an invalid id."""
+def _parse_document(document: object) -> tuple[StateSnapshot, int, str]:
+    """The snapshot in `document`, how many entries were skipped, and why the first was."""
     if not isinstance(document, dict):
         raise _Invalid(f"expected an object at the top level, got {_type_name(document)}")
     version = document.get("version")
-    if type(version) is not int or version != STATE_VERSION:
+    if type(version) is not int or version != JSON_VERSION:
         shown = version if type(version) is int else _type_name(version)
-        raise _Invalid(f"expected version {STATE_VERSION}, got {shown}")
+        raise _Invalid(f"expected version {JSON_VERSION}, got {shown}")
     _number(document, "written_at", "")
     uploads_raw = document.get("uploads")
     if not isinstance(uploads_raw, list):
@@ -242,23 +580,36 @@ def _parse_document(document: object) -> tuple[StateSnapshot, int]:
     if not isinstance(retired_raw, dict):
         raise _Invalid(f"retired: expected an object, got {_type_name(retired_raw)}")
 
-    dropped = 0
+    reasons: list[str] = []
     uploads: dict[str, UploadRecord] = {}
     for index, item in enumerate(uploads_raw):
-        record = _parse_record(item, f"uploads[{index}].")
-        if ingestion_id_problem(record.ingestion_id) is not None or record.ingestion_id in uploads:
-            dropped += 1
+        where = f"uploads[{index}]."
+        try:
+            record = _parse_record(item, where)
+        except _Invalid as exc:
+            reasons.append(str(exc))
             continue
-        uploads[record.ingestion_id] = record
+        if ingestion_id_problem(record.ingestion_id) is not None:
+            reasons.append(f"{where}ingestion_id: not a valid ingestionId")
+        elif record.ingestion_id in uploads:
+            reasons.append(f"{where}ingestion_id: a duplicate")
+        else:
+            uploads[record.ingestion_id] = record
 
     retired: dict[str, float] = {}
     for key in retired_raw:
-        when = _number(retired_raw, key, "retired.")
+        try:
+            when = _number(retired_raw, key, "retired.")
+        except _Invalid:
+            # Not the message: it would quote the key, which is untrusted text.
+            reasons.append("retired: an entry's time is not a finite number")
+            continue
         if ingestion_id_problem(key) is not None:
-            dropped += 1
+            reasons.append("retired: not a valid ingestionId")
             continue
         retired[key] = when
-    return StateSnapshot(tuple(uploads.values()), retired), dropped
+    first = reasons[0] if reasons else ""
+    return StateSnapshot(tuple(uploads.values()), retired), len(reasons), first
 
 
 def _parse_record(item: object, where: str) -> UploadRecord:
@@ -315,112 +666,3 @@ def _flag(obj: dict[str, Any], key: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"{where}{key}: expected true or false, got {_type_name(value)}")
     return value
-
-
-# -- the debounced writer -----------------------------------------------------------------------
-
-
-class StateWriter:
-    """Debounced background writer: many changes, one write; `flush()` is the acknowledgement.
-
-    `mark_dirty()` after each change; `run()` writes at most `debounce_seconds` later.
-    Writes are serialised; each takes its snapshot on the event loop and does the encoding and
-    file I/O in a thread. A failed write calls `on_error`, keeps the state dirty, and `run()`
-    retries it no sooner than `min_retry_seconds` later. Use it from one event loop only.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        snapshot: Callable[[], StateSnapshot],
-        *,
-        debounce_seconds: float = 0.5,
-        on_error: Callable[[Exception], None] | None = None,
-        min_retry_seconds: float = 1.0,
-    ) -> None:
-        self._path = path
-        self._snapshot = snapshot
-        self._debounce = debounce_seconds
-        self._on_error = on_error
-        self._retry_delay = max(debounce_seconds, min_retry_seconds)
-        self._dirty = asyncio.Event()
-        self._lock = asyncio.Lock()  # one write at a time, in the order they were asked for
-        # The write that has been asked for but has not taken its snapshot yet: every flush()
-        # until then shares it, because it will contain all of their changes.
-        self._pending: asyncio.Task[Exception | None] | None = None
-        self._failed_at: float | None = None
-
-    def mark_dirty(self) -> None:
-        """Note that the in-memory state changed; `run()` writes it within the debounce."""
-        self._dirty.set()
-
-    async def flush(self) -> None:
-        """Return once a write that started after this call has completed.
-
-        It does not wait for the debounce, only for a write already in progress. Raises
-        StateError when that write failed. Cancelling a flush does not cancel the write.
-        """
-        error = await asyncio.shield(self._request_write())
-        if error is not None:
-            msg = f"could not write the state file {self._path}: {_short(error)}"
-            raise StateError(msg) from error
-
-    async def run(self) -> None:
-        """Write dirty state after the debounce until cancelled, then write once more if dirty."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                await self._dirty.wait()
-                delay = self._debounce
-                if self._failed_at is not None:
-                    delay = max(delay, self._failed_at + self._retry_delay - loop.time())
-                await asyncio.sleep(delay)
-                if self._dirty.is_set():  # a flush() may have written it meanwhile
-                    await asyncio.shield(self._request_write())
-        except asyncio.CancelledError:
-            await self._final_write()
-            raise
-
-    async def _final_write(self) -> None:
-        if self._dirty.is_set() or self._pending is not None:
-            await asyncio.shield(self._request_write())
-        else:
-            async with self._lock:  # let a write in progress finish before we stop
-                pass
-
-    def _request_write(self) -> asyncio.Task[Exception | None]:
-        if self._pending is None:
-            self._pending = asyncio.get_running_loop().create_task(
-                self._write(), name="state-write"
-            )
-        return self._pending
-
-    async def _write(self) -> Exception | None:
-        """Write one snapshot; the error is returned, so a task nobody awaits never warns."""
-        async with self._lock:
-            # No await between these lines: whoever joined this write did so before the
-            # snapshot was taken, and every change after it marks the state dirty again.
-            self._pending = None
-            self._dirty.clear()
-            try:
-                snapshot = self._snapshot()
-                await asyncio.to_thread(save_state, self._path, snapshot)
-            except asyncio.CancelledError:
-                self._dirty.set()
-                raise
-            except Exception as exc:  # any failure must leave the loop running
-                self._dirty.set()
-                self._failed_at = asyncio.get_running_loop().time()
-                self._report(exc)
-                return exc
-            self._failed_at = None
-            return None
-
-    def _report(self, exc: Exception) -> None:
-        if self._on_error is None:
-            log.warning("state_write_failed", path=str(self._path), error=_short(exc))
-            return
-        try:
-            self._on_error(exc)
-        except Exception:  # a broken callback must not stop the writer
-            log.exception("state_error_callback_failed", path=str(self._path))

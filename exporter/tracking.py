@@ -1,23 +1,27 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
 The config file, the watched directory and the admin API all register and release ids here.
-The tracker validates each id (the API's 255-character limit, no control characters) and its
-labels (only allow-listed names), enforces the cap on tracked ids, counts every rejection,
-keeps the store and the poller in step, and marks the state file dirty. It does no I/O of
-its own.
+The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
+no control or invisible format characters) and its labels (only allow-listed names), enforces
+the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
+marks the state file dirty. It does no I/O of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
 from exporter.models import (
+    KNOWN_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
     ingestion_id_problem,
@@ -25,11 +29,13 @@ from exporter.models import (
 )
 from exporter.responses import clean_text
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateSnapshot, StateWriter, UploadRecord
+from exporter.state import StateSnapshot, UploadRecord
+from exporter.state_writer import Persistence
 from exporter.uploads import TrackedUpload, UploadStore
 
 __all__ = [
     "IngestionTracker",
+    "Page",
     "Registration",
     "RejectReason",
     "Source",
@@ -49,11 +55,16 @@ MAX_LABEL_VALUE_LENGTH = 128
 #: directory does not re-poll a finished upload; after that the list is pruned.
 RETIRED_MEMORY_SECONDS = 7 * 86400.0
 
+#: How often retired ids past their memory are looked for (each look costs O(ids forgotten)).
+RETIRED_PRUNE_SECONDS = 60.0
+
 _REASON_TEXT = {
     RejectReason.NOT_A_STRING: "ingestionId must be a string",
     RejectReason.EMPTY: "ingestionId must not be empty",
     RejectReason.TOO_LONG: f"ingestionId must be at most {MAX_INGESTION_ID_LENGTH} characters",
     RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
+    RejectReason.FORMAT_CHARACTERS: "ingestionId must not contain invisible format characters "
+    "(Unicode category Cf, such as U+202E or U+200B)",
 }
 
 
@@ -93,6 +104,15 @@ class UploadView:
     report_available: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Part of the tracked uploads in id order; the next part starts after `next_after`
+    (None: nothing follows)."""
+
+    views: tuple[UploadView, ...]
+    next_after: str | None
+
+
 class Tracker(Protocol):
     """What discovery sources need from the tracker."""
 
@@ -112,13 +132,18 @@ class Tracker(Protocol):
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id. When no source wants it any more it is removed:
-        at once if `immediate` (config removal, API DELETE), else once it is terminal and its
-        retention has passed (a deleted file: a FATAL must still be seen). False if `source`
-        did not hold the id."""
+        at once if `immediate` (config removal, API DELETE) or if it awaits no status (never
+        polled successfully, INVALID or UNKNOWN), else once it is terminal and its retention
+        has passed (a deleted file: a FATAL must still be seen). False if `source` did not
+        hold the id."""
         ...
 
     def ids_from(self, source: Source) -> set[str]:
         """Ids that `source` currently holds (a restarted directory watcher reconciles these)."""
+        ...
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now; O(1), unlike `ids_from`."""
         ...
 
 
@@ -168,7 +193,7 @@ class IngestionTracker:
         on_added: Callable[[list[str]], None],
         on_removed: Callable[[list[str]], None],
         on_rejected: Callable[[RejectReason], None],
-        state: StateWriter | None = None,
+        state: Persistence | None = None,
         shard: Shard = UNSHARDED,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -181,14 +206,18 @@ class IngestionTracker:
         self._on_rejected = on_rejected
         self._state = state
         self._clock = clock
+        # Durable changes to one id take turns: a change rolled back after a failed write
+        # must not take a concurrent, acknowledged change to the same id with it.
+        self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._pruned_at = -math.inf
 
     def configure(self, *, max_tracked: int, label_names: tuple[str, ...]) -> None:
         """Apply reloaded limits; ids already tracked stay, even above a lowered cap."""
         self._max_tracked = max_tracked
         self._label_names = label_names
 
-    def attach_state(self, state: StateWriter | None) -> None:
-        """Persist through `state` from now on (set once the writer is running)."""
+    def attach_state(self, state: Persistence | None) -> None:
+        """Persist through `state` from now on (set before `restore`)."""
         self._state = state
 
     async def register(
@@ -214,33 +243,100 @@ class IngestionTracker:
             return Registration(
                 ingestion_id, accepted=True, message="finished and retired; not polled again"
             )
+        async with self._turn(ingestion_id, durable):
+            return await self._add(ingestion_id, source, labels or {}, durable)
+
+    async def _add(
+        self, ingestion_id: str, source: Source, labels: Mapping[str, object], durable: bool
+    ) -> Registration:
         if ingestion_id not in self._store and len(self._store) >= self._max_tracked:
             message = f"already tracking ingestions.max_tracked={self._max_tracked} ids"
             return self._reject(ingestion_id, RejectReason.CAP_REACHED, message)
+        before = self._store.get(ingestion_id)
+        held = before is not None and source.value in before.sources
+        old_labels = dict(before.labels) if before is not None else {}
         created = self._store.add(
-            ingestion_id, source.value, {k: str(v) for k, v in (labels or {}).items()}
+            ingestion_id, source.value, {k: str(v) for k, v in labels.items()}
         )
         if created:
             self._on_added([ingestion_id])
             log.info("ingestion_registered", ingestion_id=ingestion_id, source=source.value)
-        await self._changed(durable)
+
+        def undo() -> None:
+            self._undo_add(ingestion_id, source, created=created, held=held, labels=old_labels)
+
+        await self._changed(ingestion_id, durable, undo)
         return Registration(ingestion_id, accepted=True, created=created)
+
+    def _undo_add(
+        self,
+        ingestion_id: str,
+        source: Source,
+        *,
+        created: bool,
+        held: bool,
+        labels: dict[str, str],
+    ) -> None:
+        """Roll back a registration whose write failed: as if it had never been asked for."""
+        if not held:
+            self._store.drop_source(ingestion_id, source.value)
+        self._store.set_labels(ingestion_id, labels)
+        upload = self._store.get(ingestion_id)
+        if created and upload is not None and upload.released:
+            self._store.remove(ingestion_id)
+            self._on_removed([ingestion_id])
+        log.info("ingestion_registration_undone", ingestion_id=ingestion_id, source=source.value)
 
     async def release(
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id; see `Tracker.release`."""
-        if not self._store.drop_source(ingestion_id, source.value):
-            return False
-        upload = self._store.get(ingestion_id)
-        if upload is not None and upload.released and immediate:
-            self._store.remove(ingestion_id)
-            self._on_removed([ingestion_id])
-            log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
-        elif upload is not None and upload.released:
-            log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
-        await self._changed(durable)
-        return True
+        async with self._turn(ingestion_id, durable):
+            upload = self._store.get(ingestion_id)
+            if upload is None or not self._store.drop_source(ingestion_id, source.value):
+                return False
+            removed = upload.released and (immediate or not upload.awaiting_status)
+            if removed:
+                self._store.remove(ingestion_id)
+                self._on_removed([ingestion_id])
+                log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
+            elif upload.released:
+                log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
+
+            def undo() -> None:
+                self._undo_release(upload, source, removed=removed)
+
+            await self._changed(ingestion_id, durable, undo)
+            return True
+
+    def _undo_release(self, upload: TrackedUpload, source: Source, *, removed: bool) -> None:
+        """Roll back a release whose write failed: the source holds the id again."""
+        current = self._store.get(upload.ingestion_id)
+        if current is None and removed:
+            upload.sources.add(source.value)
+            self._store.restore(upload)
+            self._on_added([upload.ingestion_id])
+        elif current is not None:
+            current.sources.add(source.value)
+        log.info("ingestion_release_undone", ingestion_id=upload.ingestion_id, source=source.value)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, ingestion_id: str, durable: bool) -> AsyncIterator[None]:
+        """Hold the id's lock for a durable change (others need none: they cannot fail)."""
+        if not durable or self._state is None:
+            yield
+            return
+        lock, users = self._id_locks.get(ingestion_id, (asyncio.Lock(), 0))
+        self._id_locks[ingestion_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._id_locks[ingestion_id]
+            if users == 1:
+                del self._id_locks[ingestion_id]
+            else:
+                self._id_locks[ingestion_id] = (lock, users - 1)
 
     def replace_config_ids(self, ids: Iterable[str]) -> None:
         """Make the config source hold exactly `ids` (validated by the config loader).
@@ -249,25 +345,37 @@ class IngestionTracker:
         refuses more ids than `ingestions.max_tracked`. Ids dropped from the config go at once.
         """
         wanted = dict.fromkeys(i for i in ids if self._shard.owns(i))
-        for ingestion_id in self.ids_from(Source.CONFIG) - wanted.keys():
+        dropped = self.ids_from(Source.CONFIG) - wanted.keys()
+        for ingestion_id in dropped:
             self._store.drop_source(ingestion_id, Source.CONFIG.value)
             upload = self._store.get(ingestion_id)
             if upload is not None and upload.released:
                 self._store.remove(ingestion_id)
                 self._on_removed([ingestion_id])
+        newly_held = []
+        for ingestion_id in wanted:
+            upload = self._store.get(ingestion_id)
+            if not self._store.is_retired(ingestion_id) and (
+                upload is None or Source.CONFIG.value not in upload.sources
+            ):
+                newly_held.append(ingestion_id)
         added = [
             ingestion_id
-            for ingestion_id in wanted
-            if not self._store.is_retired(ingestion_id)
-            and self._store.add(ingestion_id, Source.CONFIG.value, {})
+            for ingestion_id in newly_held
+            if self._store.add(ingestion_id, Source.CONFIG.value, {})
         ]
         if added:
             self._on_added(added)
-        self._mark_dirty()
+        self._mark([*dropped, *newly_held])
 
     def ids_from(self, source: Source) -> set[str]:
         """Ids that `source` currently holds."""
         return {u.ingestion_id for u in self._store if source.value in u.sources}
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        """True if `source` holds the id now."""
+        upload = self._store.get(ingestion_id)
+        return upload is not None and source.value in upload.sources
 
     def view(self, ingestion_id: str) -> UploadView | None:
         """One upload as the admin API shows it."""
@@ -278,34 +386,66 @@ class IngestionTracker:
         """Every tracked upload, in registration order."""
         return [_view(upload) for upload in self._store]
 
-    def snapshot(self) -> StateSnapshot:
-        """What the state file must hold now."""
-        self._store.forget_retired(before=self._clock() - RETIRED_MEMORY_SECONDS)
-        return StateSnapshot(
-            uploads=tuple(
-                UploadRecord(
-                    ingestion_id=u.ingestion_id,
-                    sources=tuple(sorted(u.sources)),
-                    labels=dict(u.labels),
-                    status=u.status,
-                    first_seen=u.first_seen,
-                    status_changed=u.status_changed,
-                    last_success=u.last_success,
-                    terminal_at=u.terminal_at,
-                    report_available=u.report_available,
-                    queue_observed=u.queue_observed,
-                    released=u.released,
-                )
-                for u in self._store
-            ),
-            retired=dict(self._store.retired),
+    def page(self, after: str | None, limit: int, statuses: frozenset[str], examine: int) -> Page:
+        """Up to `limit` uploads whose ids sort above `after`, only those in `statuses` if any.
+
+        At most max(`limit`, `examine`) ids are looked at, so a filtered page may be short,
+        even empty, with more to come. The cost is O(log n + what is looked at), whatever
+        the number tracked, and an id removed between pages moves no other id.
+        """
+        views: list[UploadView] = []
+        budget = max(limit, examine)
+        last: str | None = None
+        for ingestion_id in self._store.ids_after(after):
+            if len(views) == limit or budget == 0:
+                return Page(tuple(views), last)
+            budget -= 1
+            last = ingestion_id
+            upload = self._store.get(ingestion_id)
+            if upload is not None and (not statuses or upload.status in statuses):
+                views.append(_view(upload))
+        return Page(tuple(views), None)
+
+    def statuses(self) -> tuple[str, ...]:
+        """Statuses an upload can be listed under: the known ones, then any other value the
+        API sent that a tracked upload has now (sorted)."""
+        present = self._store.status_counts()
+        others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
+        return (*KNOWN_STATUSES, *others)
+
+    def record(self, ingestion_id: str) -> UploadRecord | None:
+        """What the state must hold for this id now (None: no row)."""
+        u = self._store.get(ingestion_id)
+        if u is None:
+            return None
+        return UploadRecord(
+            ingestion_id=u.ingestion_id,
+            sources=tuple(sorted(u.sources)),
+            labels=dict(u.labels),
+            status=u.status,
+            first_seen=u.first_seen,
+            status_changed=u.status_changed,
+            last_success=u.last_success,
+            terminal_at=u.terminal_at,
+            report_available=u.report_available,
+            queue_observed=u.queue_observed,
+            released=u.released,
         )
 
+    def retired_at(self, ingestion_id: str) -> float | None:
+        """When the id was retired, if it is remembered as retired."""
+        return self._store.retired.get(ingestion_id)
+
     def restore(self, snapshot: StateSnapshot) -> None:
-        """Load what a previous run persisted, before polling starts."""
+        """Load what a previous run persisted, before polling starts.
+
+        Rows of ids another replica owns now (sharding.total changed) are deleted.
+        """
+        not_owned = []
         for record in snapshot.uploads:
             if not self._shard.owns(record.ingestion_id):
-                continue  # sharding.total changed since: another replica owns it now
+                not_owned.append(record.ingestion_id)
+                continue
             self._store.restore(
                 TrackedUpload(
                     ingestion_id=record.ingestion_id,
@@ -321,19 +461,36 @@ class IngestionTracker:
                 )
             )
         self._store.restore_retired(snapshot.retired)
+        self._mark(not_owned)
+        self._prune_retired()
 
-    def mark_dirty(self) -> None:
-        """Upload state changed (a poll): persist it within the debounce."""
-        self._mark_dirty()
+    def changed(self, ingestion_id: str) -> None:
+        """A poll changed this upload (status, retirement): persist it within the debounce."""
+        self._mark([ingestion_id])
+        if self._state is not None and self._store.is_retired(ingestion_id):
+            self._state.mark_retired([ingestion_id])
+        self._prune_retired()
 
-    def _mark_dirty(self) -> None:
-        if self._state is not None:
-            self._state.mark_dirty()
+    def _prune_retired(self) -> None:
+        """Forget retired ids past their memory, at most once a minute."""
+        now = self._clock()
+        if now - self._pruned_at < RETIRED_PRUNE_SECONDS:
+            return
+        self._pruned_at = now
+        forgotten = self._store.forget_retired(before=now - RETIRED_MEMORY_SECONDS)
+        if forgotten and self._state is not None:
+            self._state.mark_retired(forgotten)
 
-    async def _changed(self, durable: bool) -> None:
-        self._mark_dirty()
+    def _mark(self, ingestion_ids: list[str]) -> None:
+        if self._state is not None and ingestion_ids:
+            self._state.mark(ingestion_ids)
+
+    async def _changed(self, ingestion_id: str, durable: bool, undo: Callable[[], None]) -> None:
+        """Persist the change; durably: wait for the write, and roll the change back if the
+        write fails (the StateError then propagates)."""
+        self._mark([ingestion_id])
         if durable and self._state is not None:
-            await self._state.flush()
+            await self._state.flush(undo)
 
     def _not_owned(self, ingestion_id: str, source: Source) -> Registration:
         owner = shard_of(ingestion_id, self._shard.total)

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 
+from sortedcontainers import SortedList
+
 from exporter.models import (
     KNOWN_STATUSES,
     TERMINAL_STATUSES,
@@ -33,6 +35,9 @@ def _forget_nothing(upload: TrackedUpload) -> None:
 
 #: Statuses that mean the upload has not left the queue yet (for the queue-time histogram).
 _NOT_YET_STARTED = frozenset({Status.UNKNOWN, Status.INQUEUE, Status.INVALID})
+
+#: Statuses of an upload the API gave no real status for (see `TrackedUpload.awaiting_status`).
+_NOTHING_TO_AWAIT = frozenset({Status.UNKNOWN, Status.INVALID})
 
 
 @dataclass(slots=True)
@@ -66,6 +71,15 @@ class TrackedUpload:
         """No source wants it any more: kept only until it is terminal and retained."""
         return not self.sources
 
+    @property
+    def awaiting_status(self) -> bool:
+        """True if the API gave it a real status, so a terminal one (a FATAL) may still come.
+
+        An upload never polled successfully, or INVALID or UNKNOWN, waits for nothing: once
+        released it is removed at once instead of being kept, and polled, forever.
+        """
+        return self.last_success is not None and self.status not in _NOTHING_TO_AWAIT
+
 
 Renderer = Callable[[TrackedUpload, bool], None]
 Forgetter = Callable[[TrackedUpload], None]
@@ -88,6 +102,9 @@ class UploadStore:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._uploads: dict[str, TrackedUpload] = {}
+        # The ids again, sorted: a page of the admin list starts with a bisection instead of
+        # a sort of every id. O(log n) per add or removal.
+        self._sorted_ids = SortedList()
         self._retired: dict[str, float] = {}
         self._transitions: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()  # kept in step, so a scrape need not count
@@ -103,6 +120,14 @@ class UploadStore:
     def uploads(self) -> ValuesView[TrackedUpload]:
         """A live view of every tracked upload, in registration order."""
         return self._uploads.values()
+
+    def ids_after(self, after: str | None) -> Iterator[str]:
+        """Tracked ids in code point order, from the first above `after` (None: from the start).
+
+        Finding the start costs O(log n); the iterator must be used up before the store changes.
+        """
+        ids: Iterator[str] = self._sorted_ids.irange(after, inclusive=(after is None, True))
+        return ids
 
     def set_renderer(self, render: Renderer, forget: Forgetter = _forget_nothing) -> None:
         """Have `render(upload, full)` called after every change to what an upload shows
@@ -137,6 +162,7 @@ class UploadStore:
             now = self._clock()
             upload = TrackedUpload(ingestion_id, first_seen=now, status_changed=now)
             self._uploads[ingestion_id] = upload
+            self._sorted_ids.add(ingestion_id)
             self._counts[upload.status] += 1
         upload.sources.add(source)
         if labels and labels != upload.labels:
@@ -146,16 +172,24 @@ class UploadStore:
             self._render(upload, True)
         return created
 
+    def set_labels(self, ingestion_id: str, labels: Mapping[str, str]) -> None:
+        """Put labels back as they were (an unacknowledged registration is rolled back)."""
+        upload = self._uploads.get(ingestion_id)
+        if upload is not None and labels != upload.labels:
+            upload.labels = dict(labels)
+            self._render(upload, True)
+
     def restore(self, upload: TrackedUpload) -> None:
         """Put back an upload read from the state file, as it was."""
         self._forget(upload.ingestion_id)
         self._uploads[upload.ingestion_id] = upload
+        self._sorted_ids.add(upload.ingestion_id)
         self._counts[upload.status] += 1
         self._render(upload, True)
 
     def restore_retired(self, retired: Mapping[str, float]) -> None:
-        """Put back the retired ids read from the state file."""
-        self._retired.update(retired)
+        """Put back the retired ids read from the state, in the order they retired."""
+        self._retired.update(sorted(retired.items(), key=lambda item: item[1]))
 
     def drop_source(self, ingestion_id: str, source: str) -> bool:
         """`source` no longer wants the id; True if it held it. The upload itself stays."""
@@ -169,10 +203,17 @@ class UploadStore:
         """Stop tracking at once; its series disappear. True if it was tracked."""
         return self._forget(ingestion_id) is not None
 
-    def forget_retired(self, before: float) -> None:
-        """Forget ids retired before `before` (wall clock): the list must not grow forever."""
-        for ingestion_id in [i for i, at in self._retired.items() if at < before]:
+    def forget_retired(self, before: float) -> list[str]:
+        """Forget ids retired before `before` (wall clock) and return them: the list must not
+        grow forever. Ids are kept in the order they retired, so this costs O(forgotten)."""
+        forgotten = []
+        for ingestion_id, at in self._retired.items():
+            if at >= before:
+                break
+            forgotten.append(ingestion_id)
+        for ingestion_id in forgotten:
             del self._retired[ingestion_id]
+        return forgotten
 
     def retire(self, ingestion_id: str) -> bool:
         """Stop tracking an upload whose terminal retention ran out; its series disappear.
@@ -212,7 +253,10 @@ class UploadStore:
         upload.last_error = error.kind
         if error.kind is ErrorKind.INVALID_INGESTION_ID:
             transition = self._set_status(upload, Status.INVALID.value, now)
-            if transition is not None:
+            if upload.released:
+                # Released while waiting for a terminal status that now cannot come.
+                self._forget(ingestion_id)
+            elif transition is not None:
                 self._render(upload, True)
             return transition
         return None
@@ -232,6 +276,7 @@ class UploadStore:
     def _forget(self, ingestion_id: str) -> TrackedUpload | None:
         upload = self._uploads.pop(ingestion_id, None)
         if upload is not None:
+            self._sorted_ids.remove(ingestion_id)
             self._counts[upload.status] -= 1
             self._unrender(upload)
         return upload

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import AuthConfig, Config, parse_config
-from exporter.logs import configure_logging
+from exporter.logs import SecretMask, configure_logging
 from exporter.server import create_app
 from exporter.service import Exporter, auth_from_config
 from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
@@ -199,7 +199,8 @@ async def start_exporter() -> AsyncIterator[ExporterFactory]:
 
     async def start(config: Config, **kwargs: Any) -> RunningExporter:
         logs = io.StringIO()
-        configure_logging(config.logging.level, config.logging.format, stream=logs)
+        mask = kwargs.setdefault("secret_mask", SecretMask())
+        configure_logging(config.logging.level, config.logging.format, stream=logs, mask=mask)
         kwargs.setdefault("auth_factory", auth_from_config)
         kwargs.setdefault("log_stream", logs)
         exporter = Exporter(config, **kwargs)

@@ -8,10 +8,16 @@ from what the API really answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +29,18 @@ from aiohttp.test_utils import TestServer
 from openapi_spec_validator import validate
 from yarl import URL
 
+from exporter import admin as admin_module
 from exporter import register
 from exporter.admin import create_admin_app, openapi_document
+from exporter.auth import TOKEN_RECHECK_SECONDS
+from exporter.config import ConfigError, parse_config
 from exporter.logs import configure_logging
 from exporter.models import Status, StatusReport
 from exporter.sharding import Shard, shard_of
-from exporter.state import StateWriter
+from exporter.state_writer import Persistence, UnavailableState, open_state
 from exporter.tracking import UNSHARDED, IngestionTracker, RejectReason, Source
 from exporter.uploads import UploadStore
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 NOW = 1718000000.5  # 2024-06-10T06:13:20.500Z
 HOSTILE_ID = 'shelf/42 "summer" Grüße %2F?#'
@@ -156,11 +165,19 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
             shard=shard,
             clock=lambda: NOW,
         )
-        path = state_path or tmp_path / "state.json"
+        path = state_path or tmp_path / "state.db"
         # An hour's debounce: only a durable flush can have written the file during a test.
-        writer = StateWriter(path, tracker.snapshot, debounce_seconds=3600)
-        tracker.attach_state(writer)
-        writers.append(asyncio.create_task(writer.run()))
+        writer, result = await open_state(
+            path,
+            record=tracker.record,
+            retired_at=tracker.retired_at,
+            debounce_seconds=3600,
+            busy_timeout_seconds=0.05,
+        )
+        state: Persistence = writer or UnavailableState(path, result.problem or "")
+        tracker.attach_state(state)
+        if writer is not None:
+            writers.append(asyncio.create_task(writer.run()))
         app = create_admin_app(tracker, token_file=token_file)
         app.middlewares.insert(0, recorder(observed))
         server = TestServer(app, host="127.0.0.1", port=port)
@@ -189,9 +206,9 @@ async def admin(start_admin: AdminFactory) -> Admin:
 
 
 def on_disk(admin: Admin) -> list[str]:
-    """The ids the state file holds right now."""
-    document = json.loads(admin.state_path.read_text())
-    return [record["ingestion_id"] for record in document["uploads"]]
+    """The ids the state database holds right now (read by a connection of our own)."""
+    with contextlib.closing(sqlite3.connect(admin.state_path)) as db:
+        return [i for (i,) in db.execute("SELECT ingestion_id FROM uploads ORDER BY rowid")]
 
 
 # -- registering --------------------------------------------------------------------------------
@@ -220,7 +237,7 @@ async def test_registering_a_new_id_answers_201_with_its_view_and_location(admin
 
 async def test_the_state_file_holds_the_id_when_the_201_arrives(admin: Admin) -> None:
     """A 2xx is an acknowledgement: the id is already in the state file on disk."""
-    assert not admin.state_path.exists()
+    assert on_disk(admin) == []
     answer = await admin.post({"ingestionId": "durable-1"})
     assert answer.status == 201
     assert on_disk(admin) == ["durable-1"]
@@ -250,6 +267,7 @@ async def test_the_location_header_percent_encodes_the_id(admin: Admin) -> None:
     [
         ("x" * 256, RejectReason.TOO_LONG),
         ("line\nbreak", RejectReason.CONTROL_CHARACTERS),
+        ("look\u202ealike", RejectReason.FORMAT_CHARACTERS),
         ("", RejectReason.EMPTY),
         (12345, RejectReason.NOT_A_STRING),
         (None, RejectReason.NOT_A_STRING),
@@ -365,6 +383,55 @@ async def test_a_state_write_failure_answers_503_and_is_not_acknowledged(
     assert "missing-dir" not in answer.body["message"]
 
 
+def break_state_writes(admin: Admin) -> sqlite3.Connection:
+    """Make every state write fail for real: another connection holds the write lock, so the
+    writer's transactions end in "database is locked" after its busy timeout."""
+    db = sqlite3.connect(admin.state_path, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    return db
+
+
+def repair_state_writes(lock: sqlite3.Connection) -> None:
+    """Undo `break_state_writes`."""
+    lock.execute("ROLLBACK")
+    lock.close()
+
+
+async def test_a_registration_answered_503_leaves_no_trace(admin: Admin) -> None:
+    """A 503 POST is rolled back: not tracked, no series, and not in any later write."""
+    assert (await admin.post({"ingestionId": "acked"})).status == 201
+    lock = break_state_writes(admin)
+
+    answer = await admin.post({"ingestionId": "refused", "labels": {"team": "x"}})
+    relabel = await admin.post({"ingestionId": "acked", "labels": {"team": "new"}})
+
+    assert (answer.status, relabel.status) == (503, 503)
+    assert (await admin.call("GET", "/api/v1/ingestions/refused")).status == 404
+    assert admin.tracker.view("refused") is None and "refused" not in admin.store
+    assert admin.removed == ["refused"]  # the poller was told to forget it
+    assert dict(admin.store.get("acked").labels) == {}  # type: ignore[union-attr]
+    repair_state_writes(lock)
+    assert (await admin.post({"ingestionId": "later"})).status == 201
+    assert on_disk(admin) == ["acked", "later"]
+
+
+async def test_a_delete_answered_503_leaves_the_id_tracked_and_persisted(admin: Admin) -> None:
+    """A 503 DELETE is rolled back: the id stays tracked for the API and in later writes."""
+    assert (await admin.post({"ingestionId": "kept", "labels": {"team": "a"}})).status == 201
+    lock = break_state_writes(admin)
+
+    answer = await admin.call("DELETE", "/api/v1/ingestions/kept")
+
+    assert answer.status == 503 and answer.body["error"] == "state_unavailable"
+    shown = await admin.call("GET", "/api/v1/ingestions/kept")
+    assert shown.status == 200 and shown.body["sources"] == ["api"]
+    assert shown.body["labels"] == {"team": "a"}
+    repair_state_writes(lock)
+    assert (await admin.post({"ingestionId": "later"})).status == 201
+    assert on_disk(admin) == ["kept", "later"]
+    assert (await admin.call("DELETE", "/api/v1/ingestions/kept")).status == 204
+
+
 async def test_a_retired_id_is_accepted_but_not_tracked_again(admin: Admin) -> None:
     """An id that finished and was retired answers 200 saying so, and is not polled again."""
     assert (await admin.post({"ingestionId": "old"})).status == 201
@@ -379,13 +446,14 @@ async def test_a_retired_id_is_accepted_but_not_tracked_again(admin: Admin) -> N
 
 
 async def test_listing_returns_every_upload_and_filters_by_status(admin: Admin) -> None:
-    """GET lists uploads in registration order; ?status= keeps only those statuses."""
-    for name in ("a", "b", "c"):
+    """GET lists uploads in id order; ?status= keeps only those statuses."""
+    for name in ("c", "a", "b"):
         await admin.post({"ingestionId": name})
     admin.store.record_report("b", StatusReport(Status.FATAL.value, True, "FATAL"))
     admin.store.record_report("c", StatusReport(Status.DONE.value, False, "DONE"))
     everything = await admin.call("GET", "/api/v1/ingestions")
     assert [v["ingestionId"] for v in everything.body["ingestions"]] == ["a", "b", "c"]
+    assert everything.body["nextCursor"] is None
     fatal = await admin.call("GET", "/api/v1/ingestions?status=FATAL")
     assert [v["ingestionId"] for v in fatal.body["ingestions"]] == ["b"]
     view = fatal.body["ingestions"][0]
@@ -393,6 +461,165 @@ async def test_listing_returns_every_upload_and_filters_by_status(admin: Admin) 
     assert view["reportAvailable"] is True
     two = await admin.call("GET", "/api/v1/ingestions?status=fatal&status=DONE")
     assert [v["ingestionId"] for v in two.body["ingestions"]] == ["b", "c"]
+
+
+async def test_listing_refuses_an_unknown_status_naming_the_allowed_ones(admin: Admin) -> None:
+    """?status=BOGUS is a 400 that lists the statuses, not an empty list that reads "none"."""
+    await admin.post({"ingestionId": "s1"})
+    answer = await admin.call("GET", "/api/v1/ingestions?status=FATAL&status=BOGUS")
+    assert answer.status == 400
+    assert answer.body["error"] == "invalid_parameter"
+    assert "'BOGUS'" in answer.body["message"]
+    assert "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, INVALID, UNKNOWN" in answer.body["message"]
+
+
+async def test_listing_accepts_a_status_the_api_sent_while_an_upload_has_it(
+    admin: Admin,
+) -> None:
+    """A status outside the known set is a valid filter once an upload is in it."""
+    await admin.post({"ingestionId": "novel"})
+    before = await admin.call("GET", "/api/v1/ingestions?status=ON_HOLD")
+    assert before.status == 400
+    admin.store.record_report("novel", StatusReport("ON_HOLD", False, "ON_HOLD", known=False))
+    after = await admin.call("GET", "/api/v1/ingestions?status=on_hold")
+    assert after.status == 200
+    assert [v["ingestionId"] for v in after.body["ingestions"]] == ["novel"]
+    assert "ON_HOLD" in (await admin.call("GET", "/api/v1/ingestions?status=X")).body["message"]
+
+
+async def walk(
+    admin: Admin, query: str = "", between: Callable[[], Awaitable[None]] | None = None
+) -> list[str]:
+    """Every id GET /api/v1/ingestions lists, following nextCursor to the end."""
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(10_000):
+        suffix = "" if cursor is None else f"&cursor={cursor}"
+        page = await admin.call("GET", f"/api/v1/ingestions?{query}{suffix}")
+        assert page.status == 200, page.body
+        seen += [view["ingestionId"] for view in page.body["ingestions"]]
+        cursor = page.body["nextCursor"]
+        if cursor is None:
+            return seen
+        if between is not None:
+            await between()
+    raise AssertionError("the pages never end")
+
+
+def hostile_ids(n: int) -> list[str]:
+    """`n` distinct ids mixing ASCII, reserved URL characters and non-ASCII text."""
+    shapes = ("upload-{:05d}", "é/{:05d}?#%", "{:05d} 😀", "Z{:05d}", "a{:05d}&cursor=x")
+    return [shapes[i % len(shapes)].format(i) for i in range(n)]
+
+
+async def test_walking_every_page_lists_each_id_exactly_once(start_admin: AdminFactory) -> None:
+    """Pages in id order, joined, are every tracked id once; the last page says so."""
+    admin = await start_admin(max_tracked=5_000)
+    ids = hostile_ids(2_345)
+    admin.tracker.replace_config_ids(ids[:-5])
+    for ingestion_id in ids[-5:]:
+        assert (await admin.post({"ingestionId": ingestion_id})).status == 201
+    for query in ("limit=100", "limit=2345", "limit=2344", ""):
+        assert await walk(admin, query) == sorted(ids)
+    assert await walk(admin, "limit=7&status=UNKNOWN") == sorted(ids)
+    first = await admin.call("GET", "/api/v1/ingestions")
+    assert len(first.body["ingestions"]) == 1_000  # the default page
+    assert first.body["nextCursor"] is not None
+    whole = await admin.call("GET", "/api/v1/ingestions?limit=10000")
+    assert len(whole.body["ingestions"]) == 2_345 and whole.body["nextCursor"] is None
+
+
+async def test_ids_removed_or_added_between_pages_do_not_make_a_survivor_skip(
+    start_admin: AdminFactory,
+) -> None:
+    """Deleting listed, unlisted and cursor ids and adding new ones mid-walk skips no survivor."""
+    admin = await start_admin(max_tracked=5_000)
+    ids = sorted(hostile_ids(600))
+    admin.tracker.replace_config_ids(ids)
+    held = list(ids)
+    removed: set[str] = set()
+    added: set[str] = set()
+    state = {"round": 0}
+
+    async def churn() -> None:
+        state["round"] += 1
+        n = state["round"]
+        # Drop every 37th id still held, from a shifting start: some already listed, some
+        # not yet, sometimes the cursor's own; add ids that sort before, among and after.
+        for victim in held[n % 10 :: 37]:
+            removed.add(victim)
+        fresh = [f"{held[(n * 13) % len(held)]}-new-{n}", f"0-new-{n}", f"zzz-new-{n}"]
+        added.update(fresh)
+        keep = [i for i in held if i not in removed]
+        held[:] = keep
+        admin.tracker.replace_config_ids([*held, *sorted(added)])
+
+    seen = await walk(admin, "limit=25", between=churn)
+    survivors = [i for i in ids if i not in removed]
+    assert state["round"] > 10 and removed
+    assert all(admin.tracker.view(i) is None for i in removed)
+    assert len(seen) == len(set(seen)), "an id was listed twice"
+    assert set(survivors) <= set(seen), "a survivor was skipped"
+    assert set(seen) <= set(ids) | added
+    assert seen == sorted(seen)
+
+
+async def test_deleting_the_cursor_id_itself_does_not_lose_the_place(admin: Admin) -> None:
+    """The cursor holds a position, not a reference: its id may be gone by the next page."""
+    for name in ("a", "b", "c", "d"):
+        await admin.post({"ingestionId": name})
+    first = await admin.call("GET", "/api/v1/ingestions?limit=2")
+    assert [v["ingestionId"] for v in first.body["ingestions"]] == ["a", "b"]
+    assert (await admin.call("DELETE", id_path("b"))).status == 204
+    rest = await admin.call("GET", f"/api/v1/ingestions?limit=2&cursor={first.body['nextCursor']}")
+    assert [v["ingestionId"] for v in rest.body["ingestions"]] == ["c", "d"]
+    assert rest.body["nextCursor"] is None
+
+
+async def test_a_filtered_walk_finds_rare_statuses_over_short_pages(
+    start_admin: AdminFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page looks at a bounded number of ids; walking on still finds every match."""
+    monkeypatch.setattr(admin_module, "MAX_PAGE_EXAMINED", 40)
+    admin = await start_admin(max_tracked=1_000)
+    ids = [f"id-{n:04d}" for n in range(500)]
+    admin.tracker.replace_config_ids(ids)
+    fatal = ids[3::97]
+    for ingestion_id in fatal:
+        admin.store.record_report(ingestion_id, StatusReport(Status.FATAL.value, False, "FATAL"))
+    first = await admin.call("GET", "/api/v1/ingestions?status=FATAL&limit=10")
+    assert len(first.body["ingestions"]) < 10 and first.body["nextCursor"] is not None
+    assert await walk(admin, "status=FATAL&limit=10") == fatal
+    assert await walk(admin, "status=FATAL&limit=1") == fatal
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=10001",
+        "limit=1000000",
+        "limit=0001000000",
+        "limit=abc",
+        "limit=1.5",
+        "limit=",
+        "limit=%C2%B2",
+        "limit=5&limit=6",
+        "cursor=!!!",
+        "cursor=",
+        "cursor=_w",
+        "cursor=" + "QQ" * 2000,
+        "cursor=YQ&cursor=Yg",
+    ],
+)
+async def test_a_bad_limit_or_cursor_answers_400(admin: Admin, query: str) -> None:
+    """limit outside 1-10000, a cursor this API did not hand out, or either twice: 400."""
+    await admin.post({"ingestionId": "a"})
+    answer = await admin.call("GET", f"/api/v1/ingestions?{query}")
+    assert answer.status == 400
+    assert answer.body["error"] == "invalid_parameter"
+    assert ("limit" in query) == ("limit" in answer.body["message"])
 
 
 async def test_listing_refuses_unknown_query_parameters(admin: Admin) -> None:
@@ -433,11 +660,11 @@ async def test_an_unexpected_failure_answers_500_without_details(
 ) -> None:
     """A crash in a handler is a JSON 500 that reveals nothing about it."""
 
-    def broken() -> list[Any]:
+    def broken(*args: object) -> list[Any]:
         msg = "internal detail at /secret/path"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(admin.tracker, "views", broken)
+    monkeypatch.setattr(admin.tracker, "page", broken)
     answer = await admin.call("GET", "/api/v1/ingestions")
     assert answer.status == 500
     assert answer.body == {
@@ -532,7 +759,8 @@ async def test_the_token_is_required_when_configured(
 async def test_a_replaced_token_file_takes_effect_without_a_restart(
     start_admin: AdminFactory, tmp_path: Path
 ) -> None:
-    """Rotating the token file swaps the accepted token at once."""
+    """Rotating the token file swaps the accepted token within TOKEN_RECHECK_SECONDS (the
+    file is not stat()ed on every request; tests/test_auth.py pins that with a fake clock)."""
     token_file = tmp_path / "admin-token"
     write_token(token_file, "first-token")
     admin = await start_admin(token_file=str(token_file))
@@ -540,7 +768,11 @@ async def test_a_replaced_token_file_takes_effect_without_a_restart(
     second = {"Authorization": "Bearer second-token"}
     assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 200
     write_token(token_file, "second-token")
-    assert (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 401
+
+    async def first_refused() -> bool:
+        return (await admin.call("GET", "/api/v1/ingestions", headers=first)).status == 401
+
+    await wait_for(first_refused, timeout=TOKEN_RECHECK_SECONDS + 5)
     assert (await admin.call("GET", "/api/v1/ingestions", headers=second)).status == 200
 
 
@@ -719,3 +951,266 @@ async def test_register_command_sends_the_token_from_its_token_file(
 def test_register_command_exits_2_on_a_usage_error(argv: list[str]) -> None:
     """A bad command line or an unreadable token file exits 2 without sending anything."""
     assert register.main(argv) == 2
+
+
+# -- the admin listener of a real exporter process ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Process:
+    """A running `python -m exporter`: its admin port and its log file."""
+
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        """Everything the process has logged so far."""
+        return self.log.read_text()
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """An HTTP answer read off a socket: status, lower-cased headers, JSON body or None."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def run_exporter(directory: Path, admin: dict[str, Any]) -> Iterator[Process]:
+    """Run the exporter with `admin` as its admin section; stop it (exit 0) when done."""
+    port = free_port()
+    config = {
+        "api": {"base_url": f"http://127.0.0.1:{free_port()}", "auth": {"type": "none"}},
+        "server": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": port, **admin},
+        "reload": {"watch_interval_seconds": 0},
+    }
+    config_file = directory / "config.yaml"
+    config_file.write_text(json.dumps(config))  # JSON is YAML
+    log = directory / "exporter.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--config", str(config_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "admin API not up within 30 s"
+                time.sleep(0.1)
+        yield Process(port, log)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def open_exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """An exporter whose admin API has no token and allows the name exporter.internal."""
+    yield from run_exporter(
+        tmp_path_factory.mktemp("open-admin"), {"allowed_hosts": ["Exporter.Internal."]}
+    )
+
+
+@pytest.fixture(scope="module")
+def token_exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """An exporter whose admin API needs the token in its token file."""
+    directory = tmp_path_factory.mktemp("token-admin")
+    write_token(directory / "admin-token", "process-token-1")
+    yield from run_exporter(directory, {"token_file": str(directory / "admin-token")})
+
+
+async def raw_request(
+    port: int, method: str, path: str, *, host: bytes, headers: bytes = b"", body: bytes = b""
+) -> RawAnswer:
+    """Send one request written by hand (any bytes at all), read the answer to the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + b"Host: " + host + b"\r\n" + headers
+        if body:
+            head += b"Content-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        writer.write(head + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    header_block, _, payload = raw.partition(b"\r\n\r\n")
+    status_line, *lines = header_block.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    return RawAnswer(
+        int(status_line.split()[1]),
+        {k.lower(): v for k, v in fields.items()},
+        json.loads(payload) if payload else None,
+    )
+
+
+def listed(process: Process) -> list[str]:
+    """The ids the process's admin API lists, asked with a loopback Host."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{process.port}/api/v1/ingestions") as answer:
+        return [view["ingestionId"] for view in json.load(answer)["ingestions"]]
+
+
+async def test_a_non_utf8_authorization_header_answers_401_without_a_traceback(
+    token_exporter: Process,
+) -> None:
+    """Bytes that are not UTF-8 in the token are a wrong token: 401, a warning, no crash."""
+    host = f"127.0.0.1:{token_exporter.port}".encode()
+    for value in (b"Bearer \xc3\xa9\xff", b"\xff\xfe \x80", b"Bearer process-token-1\xff"):
+        answer = await raw_request(
+            token_exporter.port,
+            "GET",
+            "/api/v1/ingestions",
+            host=host,
+            headers=b"Authorization: " + value + b"\r\n",
+        )
+        assert answer.status == 401
+        assert answer.body["error"] == "unauthorized"
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+    good = await raw_request(
+        token_exporter.port,
+        "GET",
+        "/api/v1/ingestions",
+        host=host,
+        headers=b"Authorization: Bearer process-token-1\r\n",
+    )
+    assert good.status == 200
+    text = token_exporter.log_text()
+    assert text.count("admin_request_unauthorized") >= 3
+    assert "Traceback" not in text and "admin_request_failed" not in text
+    assert '"level": "error"' not in text
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"rebind.evil.example",
+        b"rebind.evil.example:{port}",
+        b"localhost.evil.example:{port}",
+        b"127.0.0.1.evil.example",
+        b"[::2]:{port}",
+        b"10.0.0.1:{port}",
+        b"::1",
+        b"localhost:not-a-port",
+        b"\xff\xfe",
+        b"",
+    ],
+)
+async def test_a_host_that_is_not_loopback_or_allowed_is_refused_and_changes_nothing(
+    open_exporter: Process, host: bytes
+) -> None:
+    """DNS rebinding: GET, POST and DELETE under a foreign Host answer 421 and change nothing."""
+    port = open_exporter.port
+    host = host.replace(b"{port}", str(port).encode())
+    loopback = f"127.0.0.1:{port}".encode()
+    body = json.dumps({"ingestionId": "kept-id"}).encode()
+    assert (
+        await raw_request(port, "POST", "/api/v1/ingestions", host=loopback, body=body)
+    ).status in (200, 201)
+    before = listed(open_exporter)
+    new = json.dumps({"ingestionId": "rebound-id"}).encode()
+    answers = [
+        await raw_request(port, "POST", "/api/v1/ingestions", host=host, body=new),
+        await raw_request(port, "DELETE", "/api/v1/ingestions/kept-id", host=host),
+        await raw_request(port, "GET", "/api/v1/ingestions", host=host),
+        await raw_request(port, "GET", "/api/v1/ingestions/kept-id", host=host),
+    ]
+    for answer in answers:
+        assert answer.status == 421
+        assert answer.body["error"] == "misdirected_request"
+        assert "kept-id" not in json.dumps(answer.body)
+    assert listed(open_exporter) == before
+    assert "kept-id" in before and "rebound-id" not in before
+    assert "admin_request_misdirected" in open_exporter.log_text()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"127.0.0.1:{port}",
+        b"127.0.0.1",
+        b"127.1.2.3:{port}",
+        b"localhost:{port}",
+        b"LocalHost.",
+        b"[::1]:{port}",
+        b"[::1]",
+        b"[::ffff:127.0.0.1]:{port}",
+        b"exporter.internal:{port}",
+        b"EXPORTER.internal",
+    ],
+)
+async def test_a_loopback_or_allowed_host_is_served(open_exporter: Process, host: bytes) -> None:
+    """Loopback names and addresses (IPv6 in brackets) and admin.allowed_hosts are served."""
+    port = open_exporter.port
+    host = host.replace(b"{port}", str(port).encode())
+    name = f"served-{host.decode()}"
+    created = await raw_request(
+        port,
+        "POST",
+        "/api/v1/ingestions",
+        host=host,
+        body=json.dumps({"ingestionId": name}).encode(),
+    )
+    assert created.status == 201
+    deleted = await raw_request(
+        port, "DELETE", "/api/v1/ingestions/" + quote(name, safe=""), host=host
+    )
+    assert deleted.status == 204
+    assert name not in listed(open_exporter)
+
+
+# -- admin settings in the config ---------------------------------------------------------------
+
+
+def admin_config(**admin: Any) -> dict[str, Any]:
+    """A minimal config document with `admin` as its admin section."""
+    return {
+        "api": {"base_url": "http://127.0.0.1:1", "auth": {"type": "none"}},
+        "admin": admin,
+    }
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "exporter.internal"])  # noqa: S104
+def test_a_non_loopback_admin_host_without_a_token_file_is_a_config_error(host: str) -> None:
+    """Exposing the admin API beyond loopback needs admin.token_file."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(admin_config(host=host))
+    assert "admin.host" in str(error.value)
+    assert "admin.token_file" in str(error.value)
+
+
+def test_a_non_loopback_admin_host_with_a_token_file_or_disabled_is_accepted(
+    tmp_path: Path,
+) -> None:
+    """With a token, or with the API off, any listen address is fine; loopback needs no token."""
+    token_file = tmp_path / "admin-token"
+    write_token(token_file, "t")
+    config = parse_config(admin_config(host="0.0.0.0", token_file=str(token_file)))  # noqa: S104
+    assert config.admin.host == "0.0.0.0"  # noqa: S104
+    assert not parse_config(admin_config(host="0.0.0.0", enabled=False)).admin.enabled  # noqa: S104
+    for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
+        assert parse_config(admin_config(host=host)).admin.host == host
+
+
+def test_allowed_hosts_are_read_and_bad_ones_named() -> None:
+    """admin.allowed_hosts is a list of host names or addresses without port; default empty."""
+    assert parse_config(admin_config()).admin.allowed_hosts == ()
+    names = ["exporter.internal", "exporter.internal", "10.0.0.7", "fd00::1"]
+    config = parse_config(admin_config(allowed_hosts=names))
+    assert config.admin.allowed_hosts == ("exporter.internal", "10.0.0.7", "fd00::1")
+    with pytest.raises(ConfigError) as error:
+        parse_config(admin_config(allowed_hosts=["ok.example", "host:8080", "http://x", 7]))
+    text = str(error.value)
+    assert "admin.allowed_hosts[1]" in text and "admin.allowed_hosts[2]" in text
+    assert "admin.allowed_hosts[3]" in text and "allowed_hosts[0]" not in text
+    with pytest.raises(ConfigError, match=r"admin\.allowed_hosts"):
+        parse_config(admin_config(allowed_hosts="exporter.internal"))

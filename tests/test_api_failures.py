@@ -151,7 +151,8 @@ async def test_retry_after_is_honoured(
     sim, url = await start_simulator()
     sim.add_upload("up-1", [("INPROGRESS", 0)])
     sim.inject(Fault("throttle", retry_after=1), ingestion_id="up-1", count=1)
-    running = await start_exporter(fast_config(url, ["up-1"]))
+    # Retry-After is honoured up to max_backoff_seconds, so that must be longer than 1 s.
+    running = await start_exporter(fast_config(url, ["up-1"], polling={"max_backoff_seconds": 5}))
     await wait_for(running.status_is("up-1", "INPROGRESS"))
     first, second = (r for r in sim.requests[:2])
     assert first.status == 429
@@ -194,3 +195,21 @@ async def test_upload_recovers_when_the_api_does(
     await wait_for(lambda: _errors_at_least(running, "server_error", 3))
     sim.clear_faults()
     await wait_for(running.status_is("up-1", "DONE"))
+
+
+async def test_a_far_future_retry_after_is_honoured_only_up_to_max_backoff(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+) -> None:
+    """A 429 with Retry-After in 2099 parks neither everyone nor its upload past max_backoff."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("INPROGRESS", 0)])
+    sim.add_upload("up-2", [("INPROGRESS", 0)])
+    far = "Wed, 01 Jan 2099 00:00:00 GMT"
+    sim.inject(Fault("throttle", retry_after=far), ingestion_id="up-1", count=1)
+    config = fast_config(url, ["up-1", "up-2"], polling={"max_backoff_seconds": 0.5})
+    running = await start_exporter(config)
+    await wait_for(running.status_is("up-1", "INPROGRESS"))
+    await wait_for(running.status_is("up-2", "INPROGRESS"))
+    throttled = [r for r in sim.requests if r.status == 429]
+    assert len(throttled) == 1
+    assert throttled[0].ingestion_id == "up-1"

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from botocore.credentials import Credentials, ReadOnlyCredentials
 
 from exporter.auth import (
+    TOKEN_RECHECK_SECONDS,
     AuthUnavailable,
     BearerAuth,
     NoAuth,
@@ -202,11 +203,13 @@ async def test_bearer_tokens_are_accepted_and_a_wrong_one_gets_401(serve, tmp_pa
 
 
 async def test_bearer_auth_picks_up_a_rotated_token_file(serve, tmp_path):
-    """Replacing the token file atomically makes the next request carry the new token."""
+    """Replacing the token file atomically makes requests carry the new token from the next
+    check on, at most TOKEN_RECHECK_SECONDS later."""
     sim, url = await serve(auth="bearer", tokens=["token-one"])
     path = tmp_path / "token"
     path.write_text("token-one")
-    auth = BearerAuth(token_file=str(path))
+    now = [100.0]
+    auth = BearerAuth(token_file=str(path), clock=lambda: now[0])
     assert await auth.headers("POST", url, BODY, {}) == {"Authorization": "Bearer token-one"}
     assert (await call(auth, url + API_PATH))[0] == 200
 
@@ -214,6 +217,7 @@ async def test_bearer_auth_picks_up_a_rotated_token_file(serve, tmp_path):
     staged.write_text("token-two\n")
     os.replace(staged, path)
     sim.set_tokens(["token-two"])
+    now[0] += TOKEN_RECHECK_SECONDS
     assert await auth.headers("POST", url, BODY, {}) == {"Authorization": "Bearer token-two"}
     assert (await call(auth, url + API_PATH))[0] == 200
 
@@ -225,11 +229,35 @@ async def test_bearer_auth_follows_a_kubernetes_style_symlink_swap(tmp_path):
         (tmp_path / name / "token").write_text(token)
     (tmp_path / "..data").symlink_to("v1")
     (tmp_path / "token").symlink_to("..data/token")
-    auth = BearerAuth(token_file=str(tmp_path / "token"), header="X-Api-Token", scheme="")
+    now = [100.0]
+    auth = BearerAuth(
+        token_file=str(tmp_path / "token"), header="X-Api-Token", scheme="", clock=lambda: now[0]
+    )
     assert await auth.headers("POST", "http://x", b"", {}) == {"X-Api-Token": "first"}
     (tmp_path / "..data.tmp").symlink_to("v2")
     os.replace(tmp_path / "..data.tmp", tmp_path / "..data")
+    now[0] += TOKEN_RECHECK_SECONDS
     assert await auth.headers("POST", "http://x", b"", {}) == {"X-Api-Token": "second"}
+
+
+async def test_the_token_file_is_checked_at_most_once_per_recheck_interval(tmp_path):
+    """Within TOKEN_RECHECK_SECONDS of a good read the file is not looked at (not even
+    stat()ed, so a vanished file goes unnoticed); after it, a change or a loss shows."""
+    path = tmp_path / "token"
+    path.write_text("first")
+    now = [100.0]
+    auth = BearerAuth(token_file=str(path), clock=lambda: now[0])
+    assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer first"}
+    path.write_text("second-and-longer")
+    now[0] = 100.0 + TOKEN_RECHECK_SECONDS * 0.9
+    assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer first"}
+    path.unlink()
+    assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer first"}
+    now[0] = 100.0 + TOKEN_RECHECK_SECONDS
+    with pytest.raises(AuthUnavailable):
+        await auth.headers("POST", "http://x", b"", {})
+    path.write_text("third")
+    assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer third"}
 
 
 @pytest.mark.parametrize("content", [None, "", "  \n", "half\nsecret-half"], ids=repr)

@@ -254,7 +254,7 @@ async def test_exporter_converges_after_a_chaos_soak_with_nothing_lost_or_leaked
         watcher.join(timeout=10)
         samples = await scrape(session, metrics_url)
         metrics_text = await fetch_text(session, metrics_url)
-        async with session.get(api_url) as response:
+        async with session.get(f"{api_url}?limit=10000") as response:  # one page: all of them
             listing = await response.text()
 
     proc.send_signal(signal.SIGTERM)

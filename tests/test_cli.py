@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import MAX_CONFIG_BYTES
+from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import free_port, parse_exposition, value
 
 EXPORTER = [sys.executable, "-m", "exporter"]
@@ -350,6 +352,12 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
     try:
         wait_http(url)
         assert f"http://127.0.0.1:{port}/metrics" in proc.output
+        # The banner's `report` example names a config file the demo wrote for its simulator.
+        example = re.search(
+            r"catalog-upload-exporter report --config (\S+) demo-fatal", proc.output
+        )
+        assert example is not None, proc.output
+        assert "base_url: http://127.0.0.1:" in Path(example.group(1)).read_text()
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -402,3 +410,26 @@ def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_p
         assert "too_long" in refused.stderr
     finally:
         assert proc.stop() == 0
+
+
+def test_a_port_in_use_exits_1_logging_cannot_listen_before_the_exporter_stops(
+    simulator: str, tmp_path: Path
+) -> None:
+    """Another process on server.port: exit 1, and the log says why before it says stopped."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
+        result = subprocess.run(
+            [*EXPORTER, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines() if line.strip()]
+    assert "cannot_listen" in events, events
+    assert "exporter_stopped" in events, events
+    assert events.index("cannot_listen") < events.index("exporter_stopped"), events

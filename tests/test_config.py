@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from exporter.config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_PORT,
-    MAX_CONFIG_BYTES,
     AdminConfig,
     ApiConfig,
     AuthConfig,
@@ -29,6 +28,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
+from exporter.yamlfile import MAX_CONFIG_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 REGION_ENV = {"AWS_REGION": "eu-west-1"}
@@ -963,7 +963,7 @@ def test_a_config_file_over_the_size_cap_is_refused_unparsed(tmp_path):
 
 def test_a_stream_longer_than_the_cap_is_refused_after_reading_only_the_cap(tmp_path, monkeypatch):
     """A FIFO (size 0 to stat) is read no further than the cap and then refused."""
-    monkeypatch.setattr("exporter.config.MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr("exporter.yamlfile.MAX_CONFIG_BYTES", 100)
     fifo = tmp_path / "config.fifo"
     os.mkfifo(fifo)
     written: list[int] = []
@@ -1318,12 +1318,13 @@ def test_state_path_whose_parent_is_a_file_is_reported(tmp_path):
     assert problems == (f"state.path: {str(parent)!r} is not a directory",)
 
 
-def test_state_path_that_is_a_directory_is_reported(tmp_path):
-    """An existing directory cannot be the state file, written with or without a slash."""
-    plain = problems_of(minimal(state={"path": str(tmp_path)}))
+def test_state_path_that_is_a_directory_is_left_to_the_start(tmp_path):
+    """A directory at state.path is no config error (the exporter then runs without
+    persistence instead of exiting into a crash loop); a trailing slash still is one."""
+    plain = parse_config(minimal(state={"path": str(tmp_path)}), environ=REGION_ENV)
     slashed = problems_of(minimal(state={"path": f"{tmp_path}/"}))
 
-    assert plain == (f"state.path: {str(tmp_path)!r} is not a regular file",)
+    assert plain.state.path == str(tmp_path)
     assert slashed == (f"state.path: expected a file name after the last '/', got '{tmp_path}/'",)
 
 

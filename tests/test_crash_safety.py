@@ -56,8 +56,17 @@ def start_exporter(config: Path) -> subprocess.Popen[bytes]:
 
 
 def tracked_ids(api: str) -> set[str]:
-    with urllib.request.urlopen(api, timeout=5) as response:  # noqa: S310 - loopback only
-        return {view["ingestionId"] for view in json.load(response)["ingestions"]}
+    """Every id the admin API lists, page after page."""
+    ids: set[str] = set()
+    cursor = ""
+    while True:
+        url = f"{api}?limit=10000" + (f"&cursor={cursor}" if cursor else "")
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
+            page = json.load(response)
+        ids.update(view["ingestionId"] for view in page["ingestions"])
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return ids
 
 
 @pytest.fixture

@@ -59,6 +59,8 @@ REQUIRED_METRICS = {
     "catalog_upload_duration_seconds_count",
     "catalog_upload_queue_seconds_bucket",
     "catalog_exporter_rejected_ingestions_total",
+    "catalog_exporter_event_loop_lag_seconds_bucket",
+    "process_resident_memory_bytes",
     "up",
 }
 

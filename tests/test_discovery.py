@@ -12,12 +12,27 @@ from pathlib import Path
 
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from exporter.discovery import MAX_FILE_BYTES, DirectoryWatcher
-from exporter.tracking import Registration, RejectReason, Source, Tracker
-from tests.conftest import wait_for
+from exporter.discovery import (
+    BATCH_FILES,
+    MAX_FILE_BYTES,
+    MAX_JSON_DEPTH,
+    DirectoryWatcher,
+    FileProblem,
+)
+from exporter.metrics import DirectoryMetrics
+from exporter.tracking import IngestionTracker, Registration, RejectReason, Source, Tracker
+from exporter.uploads import UploadStore
+from tests.conftest import (
+    ExporterFactory,
+    SimulatorFactory,
+    fast_config,
+    value,
+    wait_for,
+)
 
 _LABEL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
@@ -31,6 +46,7 @@ class FakeTracker:
         self.registered: list[object] = []
         self.rejected: list[RejectReason] = []
         self.released: list[tuple[str, bool]] = []
+        self.ids_from_calls = 0
 
     async def register(
         self,
@@ -64,7 +80,11 @@ class FakeTracker:
         return True
 
     def ids_from(self, source: Source) -> set[str]:
+        self.ids_from_calls += 1
         return {i for i, holders in self.sources.items() if source in holders}
+
+    def holds(self, ingestion_id: str, source: Source) -> bool:
+        return source in self.sources.get(ingestion_id, set())
 
 
 def _id_problem(ingestion_id: object) -> tuple[RejectReason, str] | None:
@@ -396,6 +416,16 @@ async def test_an_unlistable_directory_is_warned_once_per_distinct_error(
         pytest.param(b'{"ingestionId": "amzn1.ingestion.s",', "bad_json", id="truncated-json"),
         pytest.param(b'{"ingestionId": "a", "labels": ["x"]}', "bad_json", id="labels-a-list"),
         pytest.param(b"amzn1.ingestion.\xff\xfe", "not_utf8", id="invalid-utf8"),
+        pytest.param(
+            b'{"ingestionId": "a", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+            "too_deep",
+            id="nested-10000-deep",
+        ),
+        pytest.param(
+            b'{"ingestionId": "a", "n": ' + b"1" * 5_000 + b"}",
+            "bad_json",
+            id="integer-of-5000-digits",
+        ),
     ],
 )
 async def test_a_bad_file_is_warned_once_across_scans_and_read_again_when_fixed(
@@ -493,16 +523,69 @@ async def test_run_picks_up_a_file_within_a_few_polls_and_stops_on_cancel(
     assert task.cancelled()
 
 
+async def test_a_crash_registering_one_file_is_logged_once_and_retried_next_scan(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """A tracker exception stays with its file: the others register, the next scan retries it."""
+    put(tmp_path / "a-upload", "amzn1.ingestion.x1")
+    put(tmp_path / "b-upload", "amzn1.ingestion.x2")
+    tracker = FlakyTracker(failures=2)
+    registry = CollectorRegistry()
+    directory = DirectoryWatcher(tmp_path, tracker, metrics=DirectoryMetrics(registry, FileProblem))
+    await directory.scan()  # a-upload crashes; b-upload too (second failure)
+    await directory.scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.x1", "amzn1.ingestion.x2"}
+    crashes = events(logs, "ingestion_file_crashed")
+    assert [(c["file"], c["log_level"], c["exc_info"]) for c in crashes] == [
+        ("a-upload", "error", True),
+        ("b-upload", "error", True),
+    ]
+    assert events(logs, "ingestion_directory_scan_crashed") == []
+    errors = registry.get_sample_value(
+        "catalog_exporter_directory_file_errors_total", {"reason": "crashed"}
+    )
+    assert errors == 2
+
+
+async def test_a_file_crashing_every_scan_is_logged_once_and_blocks_no_other_file(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """A file whose registration always crashes: one log line, and later files still register."""
+    put(tmp_path / "a-upload", "amzn1.ingestion.y1")
+    tracker = FlakyTracker(failures=3)
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    put(tmp_path / "b-upload", "amzn1.ingestion.y2")
+    await directory.scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.y1", "amzn1.ingestion.y2"}
+    assert len(events(logs, "ingestion_file_crashed")) == 1
+
+
 async def test_run_logs_a_crashed_scan_and_goes_on(tmp_path: Path, logs: list[EventDict]) -> None:
-    """An exception in one scan is logged with its traceback; the next scan retries the file."""
+    """An exception outside any one file (here, in a release) is logged; the loop goes on."""
     put(tmp_path / "upload", "amzn1.ingestion.x")
-    tracker = FlakyTracker(failures=1)
+    tracker = FakeTracker("amzn1.ingestion.gone")
+    calls = 0
+    release = tracker.release
+
+    async def failing_once(
+        ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
+    ) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            msg = "tracker bug"
+            raise RuntimeError(msg)
+        return await release(ingestion_id, source, immediate=immediate, durable=durable)
+
+    tracker.release = failing_once  # type: ignore[method-assign]
     task = asyncio.create_task(watcher(tmp_path, tracker, poll_seconds=0.05).run())
 
-    async def registered() -> bool:
-        return tracker.registered == ["amzn1.ingestion.x"]
+    async def released() -> bool:
+        return tracker.released == [("amzn1.ingestion.gone", False)]
 
-    await wait_for(registered, timeout=0.5, interval=0.01)
+    await wait_for(released, timeout=0.5, interval=0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -511,7 +594,174 @@ async def test_run_logs_a_crashed_scan_and_goes_on(tmp_path: Path, logs: list[Ev
     assert crash["exc_info"] is True
 
 
+async def test_json_nested_to_the_limit_is_read_and_one_deeper_is_refused(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """MAX_JSON_DEPTH levels of nesting are read; brackets inside strings do not count."""
+
+    def nested(depth: int) -> str:  # the document itself is the first level
+        inner = "[" * (depth - 1) + "]" * (depth - 1)
+        return f'{{"ingestionId": "{{[[", "x": {inner}}}'
+
+    put(tmp_path / "at-limit", nested(MAX_JSON_DEPTH))
+    put(tmp_path / "over-limit", nested(MAX_JSON_DEPTH + 1))
+    tracker = FakeTracker()
+    await watcher(tmp_path, tracker).scan()
+    assert tracker.registered == ["{[["]
+    [warning] = events(logs, "ingestion_file_unreadable")
+    assert (warning["file"], warning["reason"]) == ("over-limit", "too_deep")
+
+
+async def test_a_hostile_file_does_not_stop_the_others_from_registering_or_releasing(
+    tmp_path: Path, logs: list[EventDict]
+) -> None:
+    """Deep JSON beside good files: new ids register, deleted ones release, one count each."""
+    gone = put(tmp_path / "gone", "amzn1.ingestion.z0")
+    tracker = FakeTracker()
+    registry = CollectorRegistry()
+    directory = DirectoryWatcher(tmp_path, tracker, metrics=DirectoryMetrics(registry, FileProblem))
+    await directory.scan()
+    put(tmp_path / "deep.json", '{"a": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    put(tmp_path / "digits.json", '{"ingestionId": "a", "n": ' + "9" * 5_000 + "}")
+    put(tmp_path / "new", "amzn1.ingestion.z1")
+    gone.unlink()
+    for _ in range(3):
+        await directory.scan()
+    assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.z1"}
+    assert tracker.released == [("amzn1.ingestion.z0", False)]
+    assert events(logs, "ingestion_directory_scan_crashed") == []
+
+    def count(reason: str) -> float | None:
+        labels = {"reason": reason}
+        return registry.get_sample_value("catalog_exporter_directory_file_errors_total", labels)
+
+    assert (count("too_deep"), count("bad_json"), count("crashed")) == (1, 1, 0)
+    assert registry.get_sample_value("catalog_exporter_directory_scan_failing") == 0
+
+
+async def test_scan_failing_shows_a_directory_that_cannot_be_listed(tmp_path: Path) -> None:
+    """The gauge is 1 while the directory cannot be listed and 0 again after a full scan."""
+    missing = tmp_path / "ingestions"
+    registry = CollectorRegistry()
+    directory = DirectoryWatcher(
+        missing, FakeTracker(), metrics=DirectoryMetrics(registry, FileProblem)
+    )
+    await directory.scan()
+    assert registry.get_sample_value("catalog_exporter_directory_scan_failing") == 1
+    last = "catalog_exporter_directory_last_scan_success_timestamp_seconds"
+    assert registry.get_sample_value(last) == 0
+    missing.mkdir()
+    await directory.scan()
+    assert registry.get_sample_value("catalog_exporter_directory_scan_failing") == 0
+    assert (registry.get_sample_value(last) or 0) > 0
+
+
+async def test_the_running_exporter_keeps_discovering_beside_a_deeply_nested_file(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
+) -> None:
+    """The red-team file (10,000 levels deep) is counted; other files register and release."""
+    sim, url = await start_simulator()
+    sim.add_upload("file-ok", [("INPROGRESS", 0)])
+    sim.add_upload("file-gone", [("INPROGRESS", 0)])
+    drop = tmp_path / "ingestions"
+    drop.mkdir()
+    put(drop / "gone", "file-gone")
+    config = fast_config(
+        url, [], ingestions={"directory": str(drop), "directory_poll_seconds": 0.05}
+    )
+    running = await start_exporter(config)
+    await wait_for(running.status_is("file-gone", "INPROGRESS"))
+    put(drop / "deep.json", '{"ingestionId": "x", "a": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    await asyncio.sleep(0.2)  # a few scans with the file in place
+    put(drop / "ok", "file-ok")
+    (drop / "gone").unlink()
+    await wait_for(running.status_is("file-ok", "INPROGRESS"))
+
+    async def released() -> bool:
+        view = running.exporter.tracker.view("file-gone")
+        return view is not None and view.sources == ()
+
+    await wait_for(released)
+    samples = await running.scrape()
+    errors = "catalog_exporter_directory_file_errors_total"
+    assert value(samples, errors, reason="too_deep") == 1
+    assert value(samples, "catalog_exporter_directory_scan_failing") == 0
+    assert "ingestion_directory_scan_crashed" not in running.logs.getvalue()
+
+
 def test_poll_seconds_must_be_positive(tmp_path: Path) -> None:
     """A zero interval would spin the event loop; the constructor refuses it."""
     with pytest.raises(ValueError, match="poll_seconds"):
         DirectoryWatcher(tmp_path, FakeTracker(), poll_seconds=0)
+
+
+class TickingTracker(IngestionTracker):
+    """A real tracker that notes how often the event loop ran before each registration."""
+
+    def __init__(self, store: UploadStore) -> None:
+        super().__init__(
+            store,
+            max_tracked=20_000,
+            label_names=(),
+            on_added=lambda ids: None,
+            on_removed=lambda ids: None,
+            on_rejected=lambda reason: None,
+        )
+        self.ticks = 0
+        self.seen_at: list[int] = []
+        self.first = asyncio.Event()
+
+    async def tick(self) -> None:
+        """Count loop iterations from the first registration on (not while files are read)."""
+        await self.first.wait()
+        while True:
+            await asyncio.sleep(0)
+            self.ticks += 1
+
+    async def register(
+        self,
+        ingestion_id: object,
+        source: Source,
+        labels: Mapping[str, object] | None = None,
+        *,
+        durable: bool = False,
+    ) -> Registration:
+        self.first.set()
+        self.seen_at.append(self.ticks)
+        return await super().register(ingestion_id, source, labels, durable=durable)
+
+
+async def test_ten_thousand_files_dropped_at_once_are_all_tracked_without_holding_the_loop(
+    tmp_path: Path,
+) -> None:
+    """One scan registers 10,000 new files with the real tracker, yielding to the loop."""
+    for n in range(10_000):
+        (tmp_path / f"amzn1.ingestion.{n:05d}").touch()
+    store = UploadStore()
+    tracker = TickingTracker(store)
+    ticker = asyncio.create_task(tracker.tick())
+    try:
+        await watcher(tmp_path, tracker).scan()
+    finally:
+        ticker.cancel()
+    assert len(store) == 10_000
+    assert tracker.ids_from(Source.DIRECTORY) == {f"amzn1.ingestion.{n:05d}" for n in range(10_000)}
+    # Other tasks ran between batches of registrations: no single long stall.
+    assert tracker.seen_at[-1] - tracker.seen_at[0] >= 10_000 // BATCH_FILES // 2
+
+
+async def test_unchanged_and_refused_files_cost_no_pass_over_the_tracked_ids(
+    tmp_path: Path,
+) -> None:
+    """Only the first scan lists the tracker's directory ids; refusals ask about one id."""
+    for n in range(20):
+        put(tmp_path / f"good-{n}", f"amzn1.ingestion.{n}")
+        put(tmp_path / f"bad-{n}", json.dumps({"ingestionId": f"id-{n}", "labels": {"X": "y"}}))
+    tracker = FakeTracker()
+    directory = watcher(tmp_path, tracker)
+    for _ in range(3):
+        await directory.scan()
+    put(tmp_path / "late", "amzn1.ingestion.late")
+    await directory.scan()
+    assert tracker.ids_from_calls == 1
+    assert len(tracker.registered) == 41

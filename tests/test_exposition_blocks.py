@@ -119,8 +119,8 @@ def test_removed_uploads_are_let_go_even_if_nobody_scrapes(small_blocks: int) ->
     for i in range(16, 400):
         store.add(f"u{i:04d}", "api", {})
         store.remove(f"u{i - 16:04d}")
-    held = sum(len(block.order) for block in exposition._blocks)
-    assert held <= len(store) + 2 * len(exposition._blocks)
+    held = sum(len(block.order) for block in exposition._live.blocks)
+    assert held <= len(store) + 2 * len(exposition._live.blocks)
     assert exposition.render(REGISTRY, openmetrics=False) == from_scratch(store)
 
 

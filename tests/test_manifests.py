@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,7 @@ RULES_FILE = DEPLOY / "prometheus" / "catalog-upload-exporter.rules.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yml"
 DASHBOARD = DEPLOY / "grafana" / "catalog-upload-exporter.json"
 SHARDED = DEPLOY / "overlays" / "sharded"
+SIDECAR = DEPLOY / "components" / "sidecar"
 #: The Catalog API's request budget per account, shared by every replica.
 API_REQUESTS_PER_SECOND = 10
 #: Native sidecars (restartPolicy: Always on an init container) are on by default from 1.29;
@@ -234,20 +236,26 @@ def assert_locked_down(spec: Manifest) -> None:
     containers = spec.get("initContainers", []) + spec["containers"]
     assert containers
     for container in containers:
-        name = container["name"]
-        context = container["securityContext"]
-        assert context["runAsNonRoot"] is True, name
-        assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0, name
-        assert isinstance(context["runAsGroup"], int) and context["runAsGroup"] > 0, name
-        assert context["readOnlyRootFilesystem"] is True, name
-        assert context["allowPrivilegeEscalation"] is False, name
-        assert context["capabilities"] == {"drop": ["ALL"]}, name
-        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert not context.get("privileged", False), name
-        for bound in ("requests", "limits"):
-            assert set(container["resources"][bound]) >= {"cpu", "memory"}, (name, bound)
-        assert not container["image"].endswith(":latest"), name
-        assert ":" in container["image"], name
+        assert_container_locked_down(container)
+
+
+def assert_container_locked_down(container: Manifest) -> None:
+    """The container's own settings meet the Pod Security Standard "restricted", whatever
+    its pod sets, and it has requests, limits and a tagged image."""
+    name = container["name"]
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] is True, name
+    assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0, name
+    assert isinstance(context["runAsGroup"], int) and context["runAsGroup"] > 0, name
+    assert context["readOnlyRootFilesystem"] is True, name
+    assert context["allowPrivilegeEscalation"] is False, name
+    assert context["capabilities"] == {"drop": ["ALL"]}, name
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    assert not context.get("privileged", False), name
+    for bound in ("requests", "limits"):
+        assert set(container["resources"][bound]) >= {"cpu", "memory"}, (name, bound)
+    assert not container["image"].endswith(":latest"), name
+    assert ":" in container["image"], name
 
 
 def test_the_exporter_is_a_native_sidecar_with_health_probes(manifests: list[Manifest]) -> None:
@@ -340,7 +348,7 @@ def test_the_generated_config_is_valid_and_listens_on_the_container_port(
     assert config.api.auth.type == "sigv4"
     assert config.api.auth.region
     assert config.logging.format == "json"
-    assert text == (DEPLOY / "kubernetes" / "exporter-config.yaml").read_text(encoding="utf-8")
+    assert text == (SIDECAR / "exporter-config.yaml").read_text(encoding="utf-8")
 
 
 def test_the_dashboard_configmap_has_a_fixed_name_and_the_grafana_label(
@@ -700,3 +708,202 @@ def test_the_sharded_config_takes_no_ids_from_a_single_replicas_admin_api(
     overlay turns the admin API off; ids come from the config or a shared directory."""
     config = parse_sharded_config(sharded, tmp_path, "catalog-upload-exporter-0")
     assert config.admin.enabled is False
+
+
+# The sidecar component, added to a user's own workloads (tests/fixtures/sidecar-app).
+
+SIDECAR_APP = ROOT / "tests" / "fixtures" / "sidecar-app"
+SIDECAR_LABEL = ("catalog-upload-exporter/sidecar", "enabled")
+
+
+@pytest.fixture(scope="module")
+def sidecar_app() -> list[Manifest]:
+    """The sample user application, with the component and the user's own config, rendered."""
+    return kustomize(SIDECAR_APP)
+
+
+def sidecar_patch() -> Manifest:
+    """The component's patch: the exporter container and the volumes it brings."""
+    patch: Manifest = yaml.safe_load((SIDECAR / "sidecar.yaml").read_text(encoding="utf-8"))
+    spec: Manifest = patch["spec"]["template"]["spec"]
+    return spec
+
+
+def user_workloads() -> list[Manifest]:
+    text = (SIDECAR_APP / "workloads.yaml").read_text(encoding="utf-8")
+    return [document for document in yaml.safe_load_all(text) if document]
+
+
+def is_labelled(workload: Manifest) -> bool:
+    key, value = SIDECAR_LABEL
+    return bool(workload["metadata"].get("labels", {}).get(key) == value)
+
+
+def without_sidecar(workload: Manifest) -> Manifest:
+    """A rendered workload with the component's container and volumes taken out again."""
+    patch = sidecar_patch()
+    added_volumes = {volume["name"] for volume in patch["volumes"]}
+    copy: Manifest = yaml.safe_load(yaml.safe_dump(workload))
+    spec = copy["spec"]["template"]["spec"]
+    spec["initContainers"] = [
+        c for c in spec["initContainers"] if c["name"] != "catalog-upload-exporter"
+    ]
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in added_volumes]
+    for key in ("initContainers", "volumes"):
+        if not spec[key]:
+            del spec[key]
+    return copy
+
+
+def test_the_sidecar_component_adds_the_exporter_to_labelled_workloads_only(
+    sidecar_app: list[Manifest],
+) -> None:
+    """Each labelled Deployment and StatefulSet gets the component's exporter as its first
+    init container (a native sidecar, so it starts before the user's own init containers);
+    the unlabelled Deployment comes out exactly as it went in."""
+    workloads = user_workloads()
+    assert sorted((w["kind"], is_labelled(w)) for w in workloads) == [
+        ("Deployment", False),
+        ("Deployment", True),
+        ("StatefulSet", True),
+    ]
+    (exporter,) = sidecar_patch()["initContainers"]
+    assert exporter["restartPolicy"] == "Always"
+    for workload in workloads:
+        rendered = one(sidecar_app, workload["kind"], workload["metadata"]["name"])
+        spec = rendered["spec"]["template"]["spec"]
+        if is_labelled(workload):
+            assert spec["initContainers"][0] == exporter, workload["metadata"]["name"]
+        else:
+            assert rendered == workload
+
+
+def test_the_users_own_containers_and_volumes_stay_as_they_were(
+    sidecar_app: list[Manifest],
+) -> None:
+    """Taking the component's container and volumes out of a labelled workload gives back the
+    user's manifest unchanged: containers, init containers, volumes, pod securityContext."""
+    for workload in user_workloads():
+        if is_labelled(workload):
+            rendered = one(sidecar_app, workload["kind"], workload["metadata"]["name"])
+            assert without_sidecar(rendered) == workload
+
+
+def test_the_sidecar_brings_its_volumes_and_the_users_config(
+    sidecar_app: list[Manifest], tmp_path: Path
+) -> None:
+    """Every volume the exporter mounts is in the pod; the config volume names the one hashed
+    ConfigMap, which holds the user's config (replacing the component's default), and the
+    exporter's loader accepts it with the state directory on a writable mount."""
+    configmap = exporter_configmap(sidecar_app)
+    user_config = (SIDECAR_APP / "exporter-config" / "exporter-config.yaml").read_text()
+    assert configmap["data"] == {"config.yaml": user_config}
+    for labelled in filter(is_labelled, user_workloads()):
+        workload = one(sidecar_app, labelled["kind"], labelled["metadata"]["name"])
+        spec = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        exporter = spec["initContainers"][0]
+        mounts = {m["mountPath"]: m for m in exporter["volumeMounts"]}
+        assert {m["name"] for m in mounts.values()} <= volumes.keys()
+        assert volumes["exporter-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+        assert "emptyDir" in volumes["exporter-state"] and "emptyDir" in volumes["ingestions"]
+        assert volumes["catalog-api-token"]["secret"]["optional"] is True
+        document = yaml.safe_load(user_config)
+        state_dir = str(Path(document["state"]["path"]).parent)
+        assert state_dir in mounts and not mounts[state_dir].get("readOnly")
+        assert str(Path(document["api"]["auth"]["token_file"]).parent) in mounts
+    # The loader checks that these paths exist: here they are the pod's mounts, checked above.
+    document["state"]["path"] = str(tmp_path / "state.json")
+    token = tmp_path / "token"
+    token.write_text("t0ken\n", encoding="utf-8")
+    document["api"]["auth"]["token_file"] = str(token)
+    config = parse_config(document, environ={})
+    assert config.server.port == 10184 == exporter["ports"][0]["containerPort"]
+
+
+def test_the_sidecar_is_restricted_by_itself_and_validates_strictly(
+    sidecar_app: list[Manifest],
+) -> None:
+    """The exporter container meets Pod Security "restricted" with its own securityContext
+    (the pod's stays the user's), and every rendered object is valid for the checked
+    Kubernetes versions, unknown fields included."""
+    for labelled in filter(is_labelled, user_workloads()):
+        workload = one(sidecar_app, labelled["kind"], labelled["metadata"]["name"])
+        (exporter, *_) = workload["spec"]["template"]["spec"]["initContainers"]
+        assert_container_locked_down(exporter)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert exporter[probe]["httpGet"]["port"] == "metrics", probe
+    problems = schema_problems(sidecar_app)
+    assert not problems, "\n".join(problems)
+
+
+def test_deploy_kubernetes_takes_its_sidecar_from_the_component(manifests: list[Manifest]) -> None:
+    """The example application's manifest holds no exporter container of its own: the one in
+    `kubectl apply -k deploy` is the component's, added through the label."""
+    raw = yaml.safe_load((DEPLOY / "kubernetes" / "deployment.yaml").read_text(encoding="utf-8"))
+    assert is_labelled(raw)
+    assert EXPORTER_IMAGE not in json.dumps(raw)
+    (component_exporter,) = sidecar_patch()["initContainers"]
+    assert exporter_container(manifests) == component_exporter
+
+
+# Runbook links: RUNBOOK_BASE in the Makefile, applied by `make rules`.
+
+PROMETHEUS_RULE = DEPLOY / "kubernetes" / "prometheusrule.yaml"
+
+
+def make_rules(tmp_path: Path, *variables: str) -> tuple[Path, Path]:
+    """`make rules` run on copies of the rules file and the PrometheusRule."""
+    rules, prometheus_rule = tmp_path / RULES_FILE.name, tmp_path / PROMETHEUS_RULE.name
+    shutil.copy(RULES_FILE, rules)
+    shutil.copy(PROMETHEUS_RULE, prometheus_rule)
+    run(
+        require_tool("make"),
+        "--silent",
+        f"--directory={ROOT}",
+        "rules",
+        f"RULES_FILE={rules}",
+        f"PROMETHEUS_RULE={prometheus_rule}",
+        *variables,
+    )
+    return rules, prometheus_rule
+
+
+def runbook_urls(path: Path) -> dict[str, set[str]]:
+    """Every alert's runbook_url(s), by alert name, from a rules file or a PrometheusRule."""
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    groups = document["spec"]["groups"] if "spec" in document else document["groups"]
+    urls: dict[str, set[str]] = {}
+    for group in groups:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                urls.setdefault(rule["alert"], set()).add(rule["annotations"]["runbook_url"])
+    return urls
+
+
+def test_make_rules_with_the_default_base_reproduces_the_committed_files(tmp_path: Path) -> None:
+    """The committed rules file and PrometheusRule are what `make rules` writes: the Makefile's
+    RUNBOOK_BASE is the one source of their runbook links."""
+    rules, prometheus_rule = make_rules(tmp_path)
+    assert rules.read_text(encoding="utf-8") == RULES_FILE.read_text(encoding="utf-8")
+    assert prometheus_rule.read_text(encoding="utf-8") == PROMETHEUS_RULE.read_text(
+        encoding="utf-8"
+    )
+
+
+def test_changing_the_runbook_base_changes_every_alerts_runbook_url(tmp_path: Path) -> None:
+    """With RUNBOOK_BASE set to a wiki, every alert's runbook_url in both files is that base
+    and the alert's own anchor, and the rules still pass promtool."""
+    base = "https://wiki.example.com/runbooks/catalog-upload-exporter"
+    rules, prometheus_rule = make_rules(tmp_path, f"RUNBOOK_BASE={base}")
+    before = runbook_urls(RULES_FILE)
+    assert before and all(urls for urls in before.values())
+    for path in (rules, prometheus_rule):
+        after = runbook_urls(path)
+        assert after.keys() == before.keys()
+        for alert, urls in after.items():
+            anchors = {url.partition("#")[2] for url in before[alert]}
+            assert urls == {f"{base}#{anchor}" for anchor in anchors}, alert
+    document = yaml.safe_load(prometheus_rule.read_text(encoding="utf-8"))
+    assert document["spec"] == yaml.safe_load(rules.read_text(encoding="utf-8"))
+    run(require_tool("promtool"), "check", "rules", str(rules))

@@ -116,3 +116,25 @@ async def test_a_raised_limit_right_after_a_429_is_still_climbed_to() -> None:
     bucket.on_throttled(None)
     bucket.set_max_rate(50.0)
     assert bucket.rate == pytest.approx(5.0)
+
+
+async def test_a_far_future_retry_after_pauses_no_longer_than_max_pause() -> None:
+    """Retry-After of a year pauses everyone only for max_pause_seconds (max_backoff)."""
+    fake = FakeTime()
+    bucket = limiter(fake, 100.0, max_pause_seconds=30.0)
+    await bucket.acquire()
+    throttled_at = fake.now
+    bucket.on_throttled(365 * 86400.0)
+    await bucket.acquire()
+    assert fake.now - throttled_at == pytest.approx(30.0)
+
+
+async def test_a_lower_max_pause_from_a_reload_cuts_a_pause_in_force() -> None:
+    """set_max_pause shortens a pause already running, so a reload can un-park polling."""
+    fake = FakeTime()
+    bucket = limiter(fake, 100.0, max_pause_seconds=600.0)
+    bucket.on_throttled(600.0)
+    throttled_at = fake.now
+    bucket.set_max_pause(5.0)
+    await bucket.acquire()
+    assert fake.now - throttled_at == pytest.approx(5.0)

@@ -213,10 +213,39 @@ def test_retry_after_http_date_is_converted_to_seconds() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("-5", 0.0), ("1e9", 3600.0), ("soon", None), ("nan", None), (None, None)],
+    [("-5", 0.0), ("1e9", 1e9), ("soon", None), ("nan", None), ("inf", None), (None, None)],
 )
 def test_retry_after_is_clamped_or_ignored_when_odd(
     value: str | None, expected: float | None
 ) -> None:
-    """Negative → 0, huge → 1 h, nonsense → ignored."""
+    """Negative → 0, huge is kept (polling.max_backoff_seconds bounds it), nonsense → ignored."""
     assert parse_retry_after(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("gateway echoed Authorization: Bearer tok-6f1c2d0e-SECRET", "tok-6f1c2d0e-SECRET"),
+        ('{"authorization": "Bearer abc123def456"}', "abc123def456"),
+        ("see https%3A%2F%2Fb.s3.example%2Fr.csv%3FX-Amz-Signature%3Ddeadbeef", "deadbeef"),
+        ("split %3FX-Amz-Signature%3Ddeadbeef%26X-Amz-Date%3D1", "deadbeef"),
+        ("Signature=c0ffee%2B&AWSAccessKeyId=AKIAOLDKEY&Expires=1", "c0ffee"),
+        ("Signature=c0ffee%2B&AWSAccessKeyId=AKIAOLDKEY&Expires=1", "AKIAOLDKEY"),
+        ("via https://admin:hunter2@internal.example/x", "hunter2"),
+        ("via https%3A%2F%2Fadmin%3Ahunter2%40internal.example", "hunter2"),
+        ('X-Amz-Signature="5ec7e7 with space"', "5ec7e7"),
+        ("X-Amz-Security-Token='FwoGZXIvSECRET'", "FwoGZXIvSECRET"),
+        ("Authorization: AWS4-HMAC-SHA256 Credential=AKID/x, Signature=abcdef012345", "abcdef"),
+    ],
+)
+def test_credentials_echoed_in_an_error_message_are_redacted(text: str, secret: str) -> None:
+    """Each form a gateway may echo a credential in loses the credential before any log."""
+    message = error(502, json.dumps({"message": text}).encode()).message
+    assert secret not in message
+    assert "<redacted>" in message
+
+
+def test_ordinary_error_messages_are_left_readable() -> None:
+    """Redaction does not eat the API's own messages."""
+    for text in ("Missing Authentication Token", "API invoked with Invalid parameter"):
+        assert error(403, json.dumps({"message": text}).encode()).message == text

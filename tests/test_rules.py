@@ -25,6 +25,7 @@ REQUIRED_ALERTS = {
     "CatalogExporterStale",
     "CatalogExporterConfigReloadFailed",
     "CatalogExporterPollLagging",
+    "CatalogExporterEventLoopLagging",
     "CatalogUploadSuccessBudgetBurn",
 }
 #: Recording rule names follow the Prometheus convention `level:metric:operations`.

@@ -171,7 +171,7 @@ def test_an_admin_body_that_never_arrives_answers_408(listeners: Listeners) -> N
     started = time.monotonic()
     answer = raw_exchange(
         listeners.admin,
-        b"POST /api/v1/ingestions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/ingestions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n" + b'{"ingesti',
         timeout=IDLE_TIMEOUT + 2,
     )

@@ -96,7 +96,8 @@ async def test_an_upload_progresses_through_its_script(serve, session):
 
 
 async def test_a_terminal_status_carries_a_presigned_report_link(serve, session):
-    """DONE answers a fake presigned S3 URL; a running upload answers an empty link."""
+    """DONE answers a presigned link to the simulator's own report endpoint; a running upload
+    answers an empty link."""
     clock = FakeClock()
     sim = Simulator(rate_limit=None, clock=clock)
     sim.add_upload("up-1", [("INPROGRESS", 5), ("DONE", 0)])
@@ -107,7 +108,7 @@ async def test_a_terminal_status_carries_a_presigned_report_link(serve, session)
     clock.now += 5
     done = json.loads((await post(session, url, "up-1"))[2])
     assert done["processingStatus"] == "DONE"
-    assert done["reportDownloadLink"].startswith("https://")
+    assert done["reportDownloadLink"].startswith(f"{url}/reports/up-1.csv?")
     assert "X-Amz-Signature=" in done["reportDownloadLink"]
     assert json.loads((await post(session, url, "no-report"))[2])["reportDownloadLink"] == ""
 

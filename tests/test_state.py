@@ -1,31 +1,45 @@
-"""The state file: its format, loading untrusted content, atomic saves and the debounced writer."""
+"""The state store: schema, untrusted content, migration, and the group-committing writer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exporter.state import (
-    STATE_VERSION,
+    APPLICATION_ID,
+    SCHEMA_VERSION,
     StateError,
     StateSnapshot,
-    StateWriter,
+    StateStore,
     UploadRecord,
-    load_state,
-    save_state,
+    open_store,
 )
+from exporter.state_writer import StateWriter, UnavailableState, open_state
+from exporter.tracking import (
+    RETIRED_MEMORY_SECONDS,
+    RETIRED_PRUNE_SECONDS,
+    IngestionTracker,
+    Source,
+)
+from exporter.uploads import UploadStore
 
 ROOT = Path(__file__).resolve().parent.parent
+V1_FILE = ROOT / "tests" / "data" / "state-v1.json"
 NOW = 1_718_000_000.0
 
 
@@ -51,10 +65,32 @@ def minimal_record(ingestion_id: str = "amzn1.ingestion.2") -> UploadRecord:
     return UploadRecord(ingestion_id, ("api",), {}, "INQUEUE", NOW, NOW)
 
 
+def opened(path: Path) -> tuple[StateStore, StateSnapshot]:
+    """Open the store, asserting it is available and was found without a problem."""
+    store, result = open_store(path, now=lambda: NOW)
+    assert store is not None, result.problem
+    assert result.problem is None, result.problem
+    return store, result.snapshot
+
+
+def reopened(path: Path) -> StateSnapshot:
+    """What a fresh start reads from `path`."""
+    store, snapshot = opened(path)
+    store.close()
+    return snapshot
+
+
+def saved(path: Path, *records: UploadRecord, retired: dict[str, float] | None = None) -> None:
+    """A database at `path` holding exactly these records and retired ids."""
+    store, _ = opened(path)
+    store.apply([(r.ingestion_id, r) for r in records], list((retired or {}).items()))
+    store.close()
+
+
 def valid_document() -> dict[str, object]:
-    """A valid state document, as JSON types, to break in one place."""
+    """A valid release-1 JSON document, as JSON types, to break in one place."""
     return {
-        "version": STATE_VERSION,
+        "version": 1,
         "written_at": NOW,
         "uploads": [
             {
@@ -75,265 +111,395 @@ def valid_document() -> dict[str, object]:
     }
 
 
-def temp_files(directory: Path) -> list[str]:
-    """Names of leftover temp files from saves in `directory`."""
-    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+# -- the database -------------------------------------------------------------------------------
 
 
-# -- save and load ------------------------------------------------------------------------------
+def test_a_new_store_has_the_documented_schema_in_wal_mode(tmp_path: Path) -> None:
+    """application_id, user_version, WAL journal and both tables, as the docstring says."""
+    path = tmp_path / "state.db"
+    store, snapshot = opened(path)
+    assert snapshot == StateSnapshot()
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"uploads", "retired"}
 
 
-def test_save_then_load_round_trips_every_field(tmp_path: Path) -> None:
-    """Every field of every record, and the retired ids, come back exactly as saved."""
-    path = tmp_path / "state.json"
-    snapshot = StateSnapshot((full_record(), minimal_record()), {"gone": NOW - 5.0})
-    save_state(path, snapshot)
-    result = load_state(path)
-    assert result.problem is None and result.moved_to is None
-    assert result.snapshot == snapshot
-    assert isinstance(result.snapshot.uploads[0].sources, tuple)
+def test_an_empty_file_is_taken_as_a_new_database(tmp_path: Path) -> None:
+    """Zero bytes is what SQLite itself takes as an empty database: nothing is moved aside."""
+    path = tmp_path / "state.db"
+    path.touch()
+    assert reopened(path) == StateSnapshot()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.db"]
 
 
-def test_saved_file_is_compact_json_in_the_documented_format(tmp_path: Path) -> None:
-    """The file is one unindented JSON object with version, written_at, uploads and retired."""
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((minimal_record("x"),), {"y": NOW}))
-    text = path.read_text()
-    assert "\n" not in text and ": " not in text
-    document = json.loads(text)
-    assert set(document) == {"version", "written_at", "uploads", "retired"}
-    assert document["version"] == 1 and document["retired"] == {"y": NOW}
-    assert document["uploads"][0]["ingestion_id"] == "x"
+def test_apply_then_reopen_round_trips_every_field_in_registration_order(tmp_path: Path) -> None:
+    """Every field of every record and the retired ids come back; rows keep their first order."""
+    path = tmp_path / "state.db"
+    later = minimal_record("b-registered-first")
+    saved(path, later, full_record(), retired={"gone": NOW - 5.0})
+    saved(path, UploadRecord("b-registered-first", ("api",), {}, "DONE", NOW, NOW + 1))
 
+    snapshot = reopened(path)
 
-def test_missing_file_loads_as_an_empty_snapshot_without_a_problem(tmp_path: Path) -> None:
-    """No state file yet is the normal first start, not a problem."""
-    result = load_state(tmp_path / "state.json")
-    assert result.snapshot == StateSnapshot()
-    assert result.problem is None and result.moved_to is None
-
-
-def test_record_without_defaulted_fields_loads_with_defaults(tmp_path: Path) -> None:
-    """Fields that have defaults may be absent from a record."""
-    document = valid_document()
-    document["uploads"] = [
-        {
-            "ingestion_id": "a",
-            "sources": [],
-            "labels": {},
-            "status": "INQUEUE",
-            "first_seen": 1,
-            "status_changed": 2,
-        }
+    assert [r.ingestion_id for r in snapshot.uploads] == [
+        "b-registered-first",
+        full_record().ingestion_id,
     ]
-    path = tmp_path / "state.json"
-    path.write_text(json.dumps(document))
-    result = load_state(path)
-    assert result.problem is None
-    assert result.snapshot.uploads == (UploadRecord("a", (), {}, "INQUEUE", 1.0, 2.0),)
-    assert type(result.snapshot.uploads[0].first_seen) is float
+    assert snapshot.uploads[0].status == "DONE"  # an upsert, not a second row
+    assert snapshot.uploads[1] == full_record()
+    assert isinstance(snapshot.uploads[1].sources, tuple)
+    assert snapshot.retired == {"gone": NOW - 5.0}
 
 
-def _with(path: tuple[str | int, ...], value: object) -> dict[str, object]:
-    document: dict[str, object] = valid_document()
-    target: object = document
-    for key in path[:-1]:
-        target = target[key]  # type: ignore[index]
-    target[path[-1]] = value  # type: ignore[index]
-    return document
+def test_apply_deletes_rows_and_retired_ids_given_as_none(tmp_path: Path) -> None:
+    """A change to None deletes the row (or forgets the retired id)."""
+    path = tmp_path / "state.db"
+    saved(path, minimal_record("a"), minimal_record("b"), retired={"r1": NOW, "r2": NOW})
+    store, _ = opened(path)
+    store.apply([("a", None), ("never-there", None)], [("r1", None)])
+    store.close()
+    snapshot = reopened(path)
+    assert [r.ingestion_id for r in snapshot.uploads] == ["b"]
+    assert snapshot.retired == {"r2": NOW}
 
 
-CORRUPT_FILES = {
-    "not JSON": "{not json",
-    "empty file": "",
-    "invalid UTF-8": b"\xff\xfe{}",
-    "top-level list": "[]",
-    "top-level string": '"state"',
-    "deeply nested": "[" * 100_000,
-    "wrong version": json.dumps(_with(("version",), 2)),
-    "version as bool": json.dumps(_with(("version",), True)),
-    "version missing": json.dumps({"written_at": NOW, "uploads": [], "retired": {}}),
-    "uploads an object": json.dumps(_with(("uploads",), {})),
-    "retired a list": json.dumps(_with(("retired",), [])),
-    "retired time a string": json.dumps(_with(("retired", "old"), "yesterday")),
-    "record a string": json.dumps(_with(("uploads", 0), "a")),
-    "id a number": json.dumps(_with(("uploads", 0, "ingestion_id"), 7)),
-    "status a number": json.dumps(_with(("uploads", 0, "status"), 3)),
-    "status null": json.dumps(_with(("uploads", 0, "status"), None)),
-    "first_seen a string": json.dumps(_with(("uploads", 0, "first_seen"), "now")),
-    "first_seen a bool": json.dumps(_with(("uploads", 0, "first_seen"), True)),
-    "first_seen infinite": json.dumps(_with(("uploads", 0, "first_seen"), float("inf"))),
-    "first_seen NaN": json.dumps(_with(("uploads", 0, "first_seen"), float("nan"))),
-    "first_seen huge int": json.dumps(_with(("uploads", 0, "first_seen"), 10**400)),
-    "last_success a string": json.dumps(_with(("uploads", 0, "last_success"), "x")),
-    "sources a string": json.dumps(_with(("uploads", 0, "sources"), "api")),
-    "sources holding a number": json.dumps(_with(("uploads", 0, "sources"), ["api", 1])),
-    "labels a list": json.dumps(_with(("uploads", 0, "labels"), ["team"])),
-    "label value a number": json.dumps(_with(("uploads", 0, "labels", "team"), 1)),
-    "flag a string": json.dumps(_with(("uploads", 0, "released"), "yes")),
-    "flag a number": json.dumps(_with(("uploads", 0, "report_available"), 1)),
+def test_a_batch_that_fails_leaves_nothing_of_itself_on_disk(tmp_path: Path) -> None:
+    """A transaction refused (the database locked by another process) is rolled back whole."""
+    path = tmp_path / "state.db"
+    saved(path, minimal_record("before"))
+    store, _ = open_store(path, busy_timeout_seconds=0.05)
+    assert store is not None
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.apply([("new", minimal_record("new")), ("before", None)])
+    lock.execute("ROLLBACK")
+    lock.close()
+    store.apply([("after", minimal_record("after"))])  # the store is usable again
+    store.close()
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["before", "after"]
+
+
+def test_an_id_of_255_characters_and_a_hostile_one_are_kept(tmp_path: Path) -> None:
+    """The API's limit is inclusive, and ids are data, never SQL."""
+    records = (minimal_record("x" * 255), minimal_record("'); DROP TABLE uploads; --"))
+    path = tmp_path / "state.db"
+    saved(path, *records)
+    assert reopened(path).uploads == records
+
+
+BAD_ROWS = {
+    "id empty": ("ingestion_id", ""),
+    "id with a control character": ("ingestion_id", "a\nb"),
+    "id a blob": ("ingestion_id", b"id"),
+    "sources not JSON": ("sources", "[api"),
+    "sources an object": ("sources", "{}"),
+    "sources holding a number": ("sources", '["api", 1]'),
+    "labels a list": ("labels", '["team"]'),
+    "label value a number": ("labels", '{"team": 1}'),
+    "status a blob": ("status", b"DONE"),
+    "first_seen text": ("first_seen", "now"),
+    "first_seen infinite": ("first_seen", float("inf")),
+    "last_success text": ("last_success", "x"),
+    "flag 2": ("released", 2),
+    "flag text": ("report_available", "yes"),
 }
 
 
-@pytest.mark.parametrize("content", CORRUPT_FILES.values(), ids=CORRUPT_FILES.keys())
-def test_unusable_file_is_moved_aside_and_loads_as_empty(
-    tmp_path: Path, content: str | bytes
+@pytest.mark.parametrize(("column", "bad"), BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_a_bad_row_is_skipped_and_counted_and_the_others_load(
+    tmp_path: Path, column: str, bad: object
 ) -> None:
-    """A file that is not valid state is renamed with a timestamp suffix, never half-used."""
-    path = tmp_path / "state.json"
-    data = content.encode() if isinstance(content, str) else content
+    """One row that fails its checks costs that row only; the file stays where it is."""
+    path = tmp_path / "state.db"
+    saved(path, minimal_record("good-1"), minimal_record("bad"), minimal_record("good-2"))
+    with sqlite3.connect(path) as db:
+        # The column name comes from the table above, never from data.
+        db.execute(f"UPDATE uploads SET {column} = ? WHERE ingestion_id = 'bad'", (bad,))  # noqa: S608
+
+    store, result = open_store(path)
+
+    assert store is not None and result.available and result.moved_to is None
+    assert [r.ingestion_id for r in result.snapshot.uploads] == ["good-1", "good-2"]
+    assert result.skipped == 1
+    assert result.problem is not None and "skipped 1 invalid rows" in result.problem
+    store.close()
+
+
+def test_a_bad_retired_row_is_skipped_and_counted(tmp_path: Path) -> None:
+    """A retired id that is not a valid id, or whose time is not a number, is skipped."""
+    path = tmp_path / "state.db"
+    saved(path, retired={"kept": NOW, "x": NOW, "\x1b[31m": NOW})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE retired SET retired_at = 'yesterday' WHERE ingestion_id = 'x'")
+    store, result = open_store(path)
+    assert store is not None
+    assert result.snapshot.retired == {"kept": NOW} and result.skipped == 2
+    store.close()
+
+
+# -- what is at the path ------------------------------------------------------------------------
+
+
+def _damaged_database(path: Path) -> bytes:
+    saved(path, *(minimal_record(f"id-{i}") for i in range(300)))
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xa5" * (4096 - 100)  # the header page's b-tree, trampled
+    data[4096 * 2 : 4096 * 3] = b"\x5a" * 4096
+    return bytes(data)
+
+
+CORRUPT_FILES: dict[str, Callable[[Path], bytes]] = {
+    "not JSON": lambda _: b"{not json",
+    "invalid UTF-8": lambda _: b"\xff\xfe{}",
+    "top-level list": lambda _: b"[]",
+    "deeply nested": lambda _: b"[" * 100_000,
+    "JSON of another version": lambda _: json.dumps({**valid_document(), "version": 2}).encode(),
+    "JSON uploads an object": lambda _: json.dumps({**valid_document(), "uploads": {}}).encode(),
+    "JSON retired a list": lambda _: json.dumps({**valid_document(), "retired": []}).encode(),
+    "SQLite header then garbage": lambda _: b"SQLite format 3\x00" + b"\x01" * 5000,
+    "damaged database": _damaged_database,
+}
+
+
+@pytest.mark.parametrize("make", CORRUPT_FILES.values(), ids=CORRUPT_FILES.keys())
+def test_a_corrupt_file_is_moved_aside_and_a_new_database_made(
+    tmp_path: Path, make: Callable[[Path], bytes]
+) -> None:
+    """A file that is neither sound state nor release-1 JSON is renamed, never half-used."""
+    path = tmp_path / "state.db"
+    data = make(path)
     path.write_bytes(data)
+    for stale in tmp_path.glob("state.db-*"):
+        stale.unlink()
 
-    result = load_state(path, now=lambda: NOW + 0.9)
+    store, result = open_store(path, now=lambda: NOW + 0.9)
 
+    assert store is not None and result.available
     assert result.snapshot == StateSnapshot()
-    assert result.problem is not None and result.problem.startswith("state file ")
-    assert result.moved_to == tmp_path / "state.json.corrupt-1718000000"
+    assert result.moved_to == tmp_path / "state.db.corrupt-1718000000"
     assert result.moved_to.read_bytes() == data
-    assert not path.exists()
+    assert result.problem is not None and "moved it to" in result.problem
+    store.apply([("new", minimal_record("new"))])
+    store.close()
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["new"]
 
 
-def test_truncated_file_is_moved_aside(tmp_path: Path) -> None:
-    """The first half of a valid file (a non-atomic write cut short) is not half-loaded."""
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((full_record(), minimal_record())))
-    whole = path.read_bytes()
-    path.write_bytes(whole[: len(whole) // 2])
-
-    result = load_state(path, now=lambda: NOW)
-
-    assert result.snapshot == StateSnapshot()
-    assert result.problem is not None and "not valid JSON" in result.problem
-    assert result.moved_to == tmp_path / "state.json.corrupt-1718000000"
-    assert result.moved_to.read_bytes() == whole[: len(whole) // 2]
+def test_a_database_of_another_application_is_moved_aside(tmp_path: Path) -> None:
+    """A sound SQLite file that is not ours is not written into: it is set aside whole."""
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.execute("INSERT INTO notes VALUES ('mine')")
+    store, result = open_store(path, now=lambda: NOW)
+    assert store is not None and result.moved_to is not None
+    with sqlite3.connect(result.moved_to) as db:
+        assert db.execute("SELECT text FROM notes").fetchall() == [("mine",)]
+    store.close()
 
 
-def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
-    """A path that cannot be read as a file (here, a directory) is moved aside too."""
-    path = tmp_path / "state.json"
-    path.mkdir()
-    result = load_state(path, now=lambda: NOW)
-    assert result.snapshot == StateSnapshot()
-    assert result.problem is not None and "could not be read" in result.problem
-    assert result.moved_to == tmp_path / "state.json.corrupt-1718000000"
-    assert result.moved_to.is_dir() and not path.exists()
+def test_a_database_of_a_newer_schema_is_left_alone(tmp_path: Path) -> None:
+    """A later release's database is neither moved nor written: persistence is unavailable."""
+    path = tmp_path / "state.db"
+    saved(path, minimal_record("from-the-future"))
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = path.read_bytes()
+
+    store, result = open_store(path)
+
+    assert store is None and not result.available and result.moved_to is None
+    assert result.problem is not None and "newer" in result.problem
+    assert path.read_bytes() == before
 
 
-def test_corrupt_file_that_cannot_be_moved_is_reported_without_moved_to(tmp_path: Path) -> None:
-    """When even the rename fails, the problem says so and moved_to stays None."""
-    path = tmp_path / "state.json"
+def test_a_corrupt_file_that_cannot_be_moved_leaves_persistence_unavailable(
+    tmp_path: Path,
+) -> None:
+    """When even the rename fails, nothing is overwritten: no store, and the problem says so."""
+    path = tmp_path / "state.db"
     path.write_text("{")
-    blocker = tmp_path / "state.json.corrupt-1718000000"
+    blocker = tmp_path / "state.db.corrupt-1718000000"
     blocker.mkdir()
     (blocker / "keep").write_text("")  # a non-empty directory cannot be replaced by a file
 
-    result = load_state(path, now=lambda: NOW)
+    store, result = open_store(path, now=lambda: NOW)
 
-    assert result.snapshot == StateSnapshot() and result.moved_to is None
+    assert store is None and not result.available and result.moved_to is None
     assert result.problem is not None and "could not move it aside" in result.problem
     assert path.read_text() == "{"
 
 
-def test_records_with_invalid_ids_are_dropped_and_the_rest_loads(tmp_path: Path) -> None:
-    """Bad ids (empty, too long, control characters, duplicates) are dropped and counted only."""
-    good = minimal_record("good")
-    bad = [minimal_record(""), minimal_record("x" * 256), minimal_record("a\nb")]
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((*bad, good, minimal_record("good")), {"\x1b[31m": NOW}))
-
-    result = load_state(path)
-
-    assert result.snapshot.uploads == (good,)
-    assert result.snapshot.retired == {}
-    assert result.problem is not None and "dropped 5 entries" in result.problem
-    assert result.moved_to is None and path.exists()
-
-
-def test_an_id_of_255_characters_is_kept(tmp_path: Path) -> None:
-    """The API's limit is inclusive."""
-    record = minimal_record("x" * 255)
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((record,)))
-    assert load_state(path).snapshot.uploads == (record,)
-
-
-def test_save_leaves_no_temp_files_behind(tmp_path: Path) -> None:
-    """After saves, the directory holds only the state file."""
-    path = tmp_path / "state.json"
-    for i in range(3):
-        save_state(path, StateSnapshot((minimal_record(f"id-{i}"),)))
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
-
-
-def test_save_replaces_the_file_instead_of_rewriting_it(tmp_path: Path) -> None:
-    """A save swaps in a new inode, so a reader of the old file never sees a partial write."""
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((minimal_record("old"),)))
-    old_content = path.read_bytes()
-    os.link(path, tmp_path / "old-inode")
-
-    save_state(path, StateSnapshot((minimal_record("new"),)))
-
-    assert (tmp_path / "old-inode").read_bytes() == old_content
-    assert load_state(path).snapshot.uploads == (minimal_record("new"),)
-
-
-def test_failed_save_removes_its_temp_file_and_raises(tmp_path: Path) -> None:
-    """When the rename fails, the OSError propagates and no temp file is left."""
-    path = tmp_path / "state.json"
+def test_a_directory_at_the_state_path_is_unavailable_and_left_alone(tmp_path: Path) -> None:
+    """A directory where the file should be is not moved: persistence is unavailable."""
+    path = tmp_path / "state.db"
     path.mkdir()
-    with pytest.raises(OSError, match="directory"):
-        save_state(path, StateSnapshot((minimal_record(),)))
-    assert temp_files(tmp_path) == []
+    (path / "inside").write_text("kept")
+    store, result = open_store(path, now=lambda: NOW)
+    assert store is None and not result.available
+    assert result.problem is not None and "could not be read" in result.problem
+    assert "directory" in result.problem
+    assert result.moved_to is None and (path / "inside").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]
 
 
-def test_load_removes_temp_files_left_by_an_interrupted_save(tmp_path: Path) -> None:
-    """Temp files from a save killed before its rename are cleaned at the next start."""
-    path = tmp_path / "state.json"
-    save_state(path, StateSnapshot((minimal_record(),)))
-    (tmp_path / ".state.json.abc123.tmp").write_text('{"half')
+def test_a_fifo_at_the_state_path_is_unavailable_without_blocking(tmp_path: Path) -> None:
+    """A FIFO (no writer) is neither opened for a blocking read nor moved."""
+    path = tmp_path / "state.db"
+    os.mkfifo(path)
+    store, result = open_store(path, now=lambda: NOW)
+    assert store is None and not result.available and result.moved_to is None
+    assert result.problem is not None and "not a regular file" in result.problem
+    assert path.is_fifo()
+
+
+def test_open_removes_temp_files_of_an_interrupted_release_1_save(tmp_path: Path) -> None:
+    """Release 1's `.state.db.<random>.tmp` files are cleaned at start; others are not."""
+    path = tmp_path / "state.db"
+    (tmp_path / ".state.db.abc123.tmp").write_text('{"half')
     (tmp_path / "unrelated.tmp").write_text("")
-    assert load_state(path).problem is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "unrelated.tmp"]
+    reopened(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "wal" not in p.name) == [
+        "state.db",
+        "unrelated.tmp",
+    ]
 
+
+# -- migration from release 1's JSON file -------------------------------------------------------
+
+
+def test_a_release_1_json_file_is_migrated_with_nothing_lost(tmp_path: Path) -> None:
+    """A file written by release 1's save_state (tests/data) loads whole, field for field."""
+    path = tmp_path / "state.json"
+    shutil.copyfile(V1_FILE, path)
+    document = json.loads(V1_FILE.read_text())
+
+    store, result = open_store(path, now=lambda: NOW)
+
+    assert store is not None and result.problem is None and result.skipped == 0
+    assert result.migrated_from == tmp_path / "state.json.v1.json"
+    assert result.migrated_from.read_bytes() == V1_FILE.read_bytes()
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    expected = [
+        UploadRecord(
+            ingestion_id=u["ingestion_id"],
+            sources=tuple(u["sources"]),
+            labels=u["labels"],
+            status=u["status"],
+            first_seen=u["first_seen"],
+            status_changed=u["status_changed"],
+            last_success=u["last_success"],
+            terminal_at=u["terminal_at"],
+            report_available=u["report_available"],
+            queue_observed=u["queue_observed"],
+            released=u["released"],
+        )
+        for u in document["uploads"]
+    ]
+    assert list(result.snapshot.uploads) == expected
+    assert dict(result.snapshot.retired) == document["retired"]
+    store.close()
+    again, second = open_store(path)  # the next start reads the database: no second migration
+    assert again is not None and second.migrated_from is None
+    assert second.snapshot == result.snapshot
+    again.close()
+
+
+def test_a_migration_interrupted_before_its_rename_is_done_again(tmp_path: Path) -> None:
+    """A half-built database left by a crash is discarded; the JSON at the path is migrated."""
+    path = tmp_path / "state.json"
+    shutil.copyfile(V1_FILE, path)
+    (tmp_path / "state.json.migrating").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)
+    (tmp_path / "state.json.v1.json").write_text("an older backup")
+
+    store, result = open_store(path)
+
+    assert store is not None and result.migrated_from is not None
+    assert len(result.snapshot.uploads) == len(json.loads(V1_FILE.read_text())["uploads"])
+    assert not (tmp_path / "state.json.migrating").exists()
+    assert result.migrated_from.read_bytes() == V1_FILE.read_bytes()
+    store.close()
+
+
+BAD_ENTRIES = {
+    "retired time a string": ("retired", "old", "yesterday"),
+    "id a number": ("uploads", "ingestion_id", 7),
+    "status null": ("uploads", "status", None),
+    "first_seen a bool": ("uploads", "first_seen", True),
+    "first_seen huge int": ("uploads", "first_seen", 10**400),
+    "sources a string": ("uploads", "sources", "api"),
+    "label value a number": ("uploads", "labels", {"team": 1}),
+    "flag a number": ("uploads", "report_available", 1),
+}
+
+
+@pytest.mark.parametrize(("where", "key", "bad"), BAD_ENTRIES.values(), ids=BAD_ENTRIES.keys())
+def test_a_bad_json_entry_is_skipped_and_counted_and_the_rest_migrated(
+    tmp_path: Path, where: str, key: str, bad: object
+) -> None:
+    """One entry of the JSON file that fails its checks is skipped; the rest is migrated."""
+    document = valid_document()
+    good = {**document["uploads"][0], "ingestion_id": "good"}  # type: ignore[index]
+    if where == "retired":
+        document["retired"] = {key: bad, "kept": NOW}
+    else:
+        document["uploads"][0][key] = bad  # type: ignore[index]
+    document["uploads"].append(good)  # type: ignore[attr-defined]
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(document))
+
+    store, result = open_store(path)
+
+    assert store is not None and result.skipped == 1 and result.moved_to is None
+    assert result.problem is not None and "skipped 1 invalid entries" in result.problem
+    assert "good" in [r.ingestion_id for r in result.snapshot.uploads]
+    store.close()
+
+
+# -- crashes ------------------------------------------------------------------------------------
 
 CRASH_LOOP = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from exporter.state import StateSnapshot, UploadRecord, save_state
+    from exporter.state import UploadRecord, open_store
 
-    path = Path(sys.argv[1])
+    store, result = open_store(Path(sys.argv[1]))
+    assert store is not None, result.problem
     generation = 0
     while True:
         generation += 1
-        uploads = tuple(
-            UploadRecord(f"id-{generation}-{k}", ("api",), {"pad": "x" * k}, "INQUEUE", 1.0, 2.0)
-            for k in range(generation % 60 + 1)
-        )
-        save_state(path, StateSnapshot(uploads, {f"gen-{generation}": 3.0}))
+        size = generation % 60 + 1
+        labels = {"gen": str(generation)}
+        batch = [
+            (f"id-{k}", UploadRecord(f"id-{k}", ("api",), labels, "INQUEUE", 1.0, 2.0))
+            for k in range(size)
+        ]
+        batch += [(f"id-{k}", None) for k in range(size, 61)]
+        store.apply(batch, [("gen", float(generation))])
         if generation == 1:
-            print("saved", flush=True)
+            print("committed", flush=True)
     """
 )
 
 
-def test_state_file_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
-    """A writer killed mid-save 20 times never leaves a file that fails to load."""
-    path = tmp_path / "state.json"
+def test_the_database_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
+    """A writer killed mid-commit 20 times never leaves a half batch or an unreadable file."""
+    path = tmp_path / "state.db"
     rng = random.Random(20240611)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(20):
         child = subprocess.Popen(
-            [sys.executable, "-c", CRASH_LOOP, str(path)],
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=ROOT,
+            [sys.executable, "-c", CRASH_LOOP, str(path)], stdout=subprocess.PIPE, env=env, cwd=ROOT
         )
         try:
             assert child.stdout is not None
-            assert child.stdout.readline() == b"saved\n"
-            time.sleep(rng.uniform(0.0, 0.03))
+            assert child.stdout.readline() == b"committed\n"
+            time.sleep(rng.uniform(0.0, 0.05))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
@@ -341,214 +507,309 @@ def test_state_file_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
                 child.stdout.close()
         assert child.returncode == -signal.SIGKILL
 
-        result = load_state(path)
+        snapshot = reopened(path)
 
-        assert result.problem is None and result.moved_to is None
-        uploads = result.snapshot.uploads
-        (generation,) = {u.ingestion_id.split("-")[1] for u in uploads}
-        assert len(uploads) == int(generation) % 60 + 1
-        assert result.snapshot.retired == {f"gen-{generation}": 3.0}
-    assert temp_files(tmp_path) == []
+        generation = int(snapshot.retired["gen"])
+        assert len(snapshot.uploads) == generation % 60 + 1
+        assert {r.labels["gen"] for r in snapshot.uploads} == {str(generation)}
+    assert not list(tmp_path.glob("*.corrupt-*"))
 
 
 # -- the writer ---------------------------------------------------------------------------------
 
 
-class Counted:
-    """A snapshot callable over a mutable list of records that counts its calls."""
+class Memory:
+    """The in-memory side the writer reads rows from, counting what it is asked for."""
 
     def __init__(self) -> None:
-        self.records: list[UploadRecord] = []
-        self.calls = 0
-        self.called = asyncio.Event()
+        self.records: dict[str, UploadRecord] = {}
+        self.retired: dict[str, float] = {}
+        self.asked: list[str] = []
 
-    def __call__(self) -> StateSnapshot:
-        self.calls += 1
-        self.called.set()
-        return StateSnapshot(tuple(self.records))
+    def record(self, ingestion_id: str) -> UploadRecord | None:
+        self.asked.append(ingestion_id)
+        return self.records.get(ingestion_id)
 
-
-async def stop(task: asyncio.Task[None]) -> None:
-    """Cancel the writer's run() and wait for its final write."""
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    def put(self, *ingestion_ids: str) -> list[str]:
+        for ingestion_id in ingestion_ids:
+            self.records[ingestion_id] = minimal_record(ingestion_id)
+        return list(ingestion_ids)
 
 
-async def test_writer_coalesces_many_changes_into_few_writes(tmp_path: Path) -> None:
-    """A burst of mark_dirty calls within the debounce becomes one write."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    writer = StateWriter(path, state, debounce_seconds=0.1)
-    task = asyncio.create_task(writer.run())
-    for i in range(100):
-        state.records.append(minimal_record(f"id-{i}"))
-        writer.mark_dirty()
-        if i % 20 == 0:
-            await asyncio.sleep(0)
-    await asyncio.sleep(0.3)
-    assert state.calls == 1
-    assert len(load_state(path).snapshot.uploads) == 100
-    await stop(task)
-    assert state.calls == 1  # nothing changed since, so no final write
+Start = Callable[..., Awaitable[tuple[StateWriter, Memory]]]
 
 
-async def test_writer_writes_within_the_debounce_when_changes_keep_coming(tmp_path: Path) -> None:
-    """A steady stream of changes does not postpone writing forever."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    writer = StateWriter(path, state, debounce_seconds=0.05)
-    task = asyncio.create_task(writer.run())
-    for i in range(30):
-        state.records = [minimal_record(f"id-{i}")]
-        writer.mark_dirty()
-        await asyncio.sleep(0.01)
-    assert 2 <= state.calls < 30
-    await stop(task)
-    assert load_state(path).snapshot.uploads == (minimal_record("id-29"),)
+@pytest.fixture
+async def start_writer(tmp_path: Path) -> AsyncIterator[Start]:
+    """A writer over a fresh database in tmp_path with run() going; stopped after the test."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(**options: Any) -> tuple[StateWriter, Memory]:
+        memory = Memory()
+        writer, result = await open_state(
+            tmp_path / "state.db",
+            record=memory.record,
+            retired_at=memory.retired.get,
+            busy_timeout_seconds=0.05,
+            **options,
+        )
+        assert writer is not None, result.problem
+        tasks.append(asyncio.get_running_loop().create_task(writer.run()))
+        return writer, memory
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_flush_returns_after_the_file_holds_a_change_made_before_it(tmp_path: Path) -> None:
-    """flush() does not wait the debounce, and the file has the change when it returns."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    writer = StateWriter(path, state, debounce_seconds=60.0)
-    task = asyncio.create_task(writer.run())
-    await asyncio.sleep(0)
-    state.records.append(minimal_record("first"))
-    writer.mark_dirty()
-
-    await asyncio.wait_for(writer.flush(), timeout=2.0)
-
-    assert load_state(path).snapshot.uploads == (minimal_record("first"),)
-    await stop(task)
-    assert state.calls == 1
+def locked(path: Path) -> sqlite3.Connection:
+    """Another connection holding the write lock: the writer's commits fail, for real."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    return db
 
 
-async def test_flush_works_without_the_background_loop(tmp_path: Path) -> None:
-    """flush() writes by itself, so it is usable before run() starts or after it stopped."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    state.records.append(minimal_record())
-    await StateWriter(path, state).flush()
-    assert load_state(path).snapshot.uploads == (minimal_record(),)
+def on_disk(path: Path) -> list[str]:
+    """The ids the database holds now, read through a connection of our own."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [i for (i,) in db.execute("SELECT ingestion_id FROM uploads ORDER BY rowid")]
 
 
-async def test_concurrent_flushes_share_one_write(tmp_path: Path) -> None:
-    """Flushes asked for before a write takes its snapshot are answered by that one write."""
-    state = Counted()
-    writer = StateWriter(tmp_path / "state.json", state)
-    await asyncio.gather(*(writer.flush() for _ in range(5)))
-    assert state.calls == 1
+async def test_concurrent_flushes_are_committed_together(start_writer: Start) -> None:
+    """50 acknowledgements asked for at once cost at most two commits (group commit)."""
+    writer, memory = await start_writer(debounce_seconds=60.0)
 
-
-async def test_flush_during_a_write_waits_for_the_next_one(tmp_path: Path) -> None:
-    """A change made while a write is in progress is not acknowledged by that write."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    writer = StateWriter(path, state)
-    first = asyncio.create_task(writer.flush())
-    await state.called.wait()
-    state.records.append(minimal_record("late"))
-    writer.mark_dirty()
-    await asyncio.gather(*(writer.flush() for _ in range(3)), first)
-    assert state.calls == 2
-    assert load_state(path).snapshot.uploads == (minimal_record("late"),)
-
-
-async def test_failed_write_reports_and_a_later_flush_succeeds(tmp_path: Path) -> None:
-    """A failing write calls on_error and fails its flush; once fixed, the next flush writes."""
-    path = tmp_path / "state.json"
-    path.mkdir()  # os.replace cannot put a file over a directory
-    errors: list[Exception] = []
-    state = Counted()
-    state.records.append(minimal_record())
-    writer = StateWriter(path, state, on_error=errors.append)
-
-    with pytest.raises(StateError, match="could not write the state file") as raised:
+    async def register(n: int) -> None:
+        writer.mark(memory.put(f"id-{n}"))
         await writer.flush()
 
-    assert len(errors) == 1 and isinstance(errors[0], OSError)
-    assert raised.value.__cause__ is errors[0]
-    assert temp_files(tmp_path) == []
-    path.rmdir()
+    await asyncio.gather(*(register(n) for n in range(50)))
+
+    assert writer.commits <= 2
+    assert sorted(on_disk(writer.path)) == sorted(f"id-{n}" for n in range(50))
+
+
+async def test_a_commit_costs_only_the_ids_marked(start_writer: Start) -> None:
+    """With 10,000 rows tracked, a change to three of them asks for three rows, not all."""
+    writer, memory = await start_writer(debounce_seconds=60.0)
+    writer.mark(memory.put(*(f"id-{n}" for n in range(10_000))))
     await writer.flush()
-    assert load_state(path).snapshot.uploads == (minimal_record(),)
+    memory.asked.clear()
+
+    writer.mark(["id-1", "id-5000", "id-9999"])
+    await writer.flush()
+
+    assert sorted(memory.asked) == ["id-1", "id-5000", "id-9999"]
 
 
-async def test_background_loop_retries_a_failed_write(tmp_path: Path) -> None:
-    """run() keeps failed state dirty and writes it once the fault is gone, not in a hot loop."""
-    path = tmp_path / "state.json"
-    path.mkdir()
-    errors: list[Exception] = []
-    state = Counted()
-    state.records.append(minimal_record())
-    writer = StateWriter(
-        path, state, debounce_seconds=0.01, on_error=errors.append, min_retry_seconds=0.1
-    )
-    task = asyncio.create_task(writer.run())
-    writer.mark_dirty()
-    await asyncio.sleep(0.35)
-    assert 2 <= len(errors) <= 4  # retried, at most once per 0.1 s
-    path.rmdir()
-    await asyncio.sleep(0.2)
-    assert load_state(path).snapshot.uploads == (minimal_record(),)
-    calls = state.calls
-    await asyncio.sleep(0.15)
-    assert state.calls == calls  # clean again: no more writes
-    await stop(task)
-
-
-async def test_failing_snapshot_and_failing_callback_do_not_stop_the_writer(
-    tmp_path: Path,
+async def test_marked_changes_are_committed_within_the_debounce_and_coalesced(
+    start_writer: Start,
 ) -> None:
-    """An exception from the snapshot callable or from on_error is reported, not raised."""
-    path = tmp_path / "state.json"
-    fail = True
+    """A burst of marks without a flush becomes one commit after the debounce."""
+    writer, memory = await start_writer(debounce_seconds=0.1)
+    for n in range(100):
+        writer.mark(memory.put(f"id-{n}"))
+        if n % 20 == 0:
+            await asyncio.sleep(0)
+    assert writer.commits == 0
+    await asyncio.sleep(0.4)
+    assert writer.commits == 1 and len(on_disk(writer.path)) == 100
 
-    def snapshot() -> StateSnapshot:
-        if fail:
-            raise RuntimeError("store is broken")
-        return StateSnapshot((minimal_record(),))
 
-    def on_error(exc: Exception) -> None:
-        raise ValueError("callback is broken too")
+async def test_flush_does_not_wait_for_the_debounce(start_writer: Start) -> None:
+    """flush() commits at once, and the file has the change when it returns."""
+    writer, memory = await start_writer(debounce_seconds=60.0)
+    writer.mark(memory.put("first"))
+    await asyncio.wait_for(writer.flush(), timeout=5.0)
+    assert on_disk(writer.path) == ["first"]
 
-    writer = StateWriter(path, snapshot, on_error=on_error)
-    with pytest.raises(StateError, match="store is broken"):
-        await writer.flush()
-    fail = False
+
+async def test_a_row_gone_from_memory_is_deleted(start_writer: Start) -> None:
+    """An id marked after it left memory has its row deleted."""
+    writer, memory = await start_writer(debounce_seconds=60.0)
+    writer.mark(memory.put("a", "b"))
     await writer.flush()
-    assert load_state(path).snapshot.uploads == (minimal_record(),)
+    del memory.records["a"]
+    writer.mark(["a"])
+    await writer.flush()
+    assert on_disk(writer.path) == ["b"]
 
 
-async def test_cancelled_flush_does_not_cancel_the_write(tmp_path: Path) -> None:
-    """A caller that gives up waiting leaves the shared write to finish for everyone else."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    state.records.append(minimal_record())
-    writer = StateWriter(path, state)
+async def test_a_failed_commit_undoes_raises_and_reports(start_writer: Start) -> None:
+    """A refused commit: every joined flush runs its undo and raises; on_error hears of it."""
+    errors: list[Exception] = []
+    writer, memory = await start_writer(debounce_seconds=60.0, on_error=errors.append)
+    lock = locked(writer.path)
+    undone: list[str] = []
+
+    async def register(ingestion_id: str) -> None:
+        writer.mark(memory.put(ingestion_id))
+        await writer.flush(
+            undo=lambda: undone.append(memory.records.pop(ingestion_id).ingestion_id)
+        )
+
+    results = await asyncio.gather(register("x"), register("y"), return_exceptions=True)
+
+    assert all(isinstance(r, StateError) for r in results)
+    assert sorted(undone) == ["x", "y"] and len(errors) >= 1
+    assert isinstance(errors[0], sqlite3.OperationalError)
+    lock.execute("ROLLBACK")
+    lock.close()
+    writer.mark(memory.put("z"))
+    await writer.flush()
+    assert on_disk(writer.path) == ["z"]
+
+
+async def test_a_failed_commit_is_undone_before_the_next_batch_is_cut(
+    start_writer: Start,
+) -> None:
+    """A flush queued while a failing commit runs never carries the undone change to disk."""
+    lock: sqlite3.Connection | None = None
+
+    def release(_: Exception) -> None:
+        nonlocal lock
+        if lock is not None:
+            lock.execute("ROLLBACK")
+            lock.close()
+            lock = None
+
+    writer, memory = await start_writer(debounce_seconds=60.0, on_error=release)
+    lock = locked(writer.path)
+    writer.mark(memory.put("unacknowledged"))
+    asked_at_undo: list[str] = []
+
+    def undo() -> None:
+        asked_at_undo.extend(memory.asked)
+        del memory.records["unacknowledged"]
+
+    first = asyncio.create_task(writer.flush(undo=undo))
+    await asyncio.sleep(0.01)  # the first commit is in its thread, waiting on the lock
+    writer.mark(memory.put("other"))
+    second = asyncio.create_task(writer.flush())
+
+    with pytest.raises(StateError):
+        await first
+    await second  # the lock went as the first commit failed: this one succeeds
+
+    assert asked_at_undo == ["unacknowledged"]  # undone before the next batch was built
+    assert on_disk(writer.path) == ["other"]
+
+
+async def test_run_retries_a_failed_commit_but_not_in_a_hot_loop(start_writer: Start) -> None:
+    """Marked changes whose commit failed are retried, at most once per min_retry_seconds."""
+    errors: list[Exception] = []
+    writer, memory = await start_writer(
+        debounce_seconds=0.01, on_error=errors.append, min_retry_seconds=0.2
+    )
+    lock = locked(writer.path)
+    writer.mark(memory.put("retried"))
+    await asyncio.sleep(0.7)
+    assert 2 <= len(errors) <= 5
+    lock.execute("ROLLBACK")
+    lock.close()
+    await asyncio.sleep(0.5)
+    assert on_disk(writer.path) == ["retried"]
+    commits = writer.commits
+    await asyncio.sleep(0.2)
+    assert writer.commits == commits  # clean again: no more commits
+
+
+async def test_a_cancelled_flush_does_not_cancel_the_commit(start_writer: Start) -> None:
+    """A caller that gives up waiting leaves the shared commit to finish for everyone else."""
+    writer, memory = await start_writer(debounce_seconds=60.0)
+    writer.mark(memory.put("a"))
     impatient = asyncio.create_task(writer.flush())
     patient = asyncio.create_task(writer.flush())
     await asyncio.sleep(0)
     impatient.cancel()
     await patient
-    assert impatient.cancelled()
-    assert load_state(path).snapshot.uploads == (minimal_record(),)
+    assert impatient.cancelled() and on_disk(writer.path) == ["a"]
 
 
-async def test_cancelling_run_writes_the_final_dirty_state(tmp_path: Path) -> None:
-    """Stopping the writer before the debounce ends still saves the last change."""
-    path = tmp_path / "state.json"
-    state = Counted()
-    writer = StateWriter(path, state, debounce_seconds=60.0)
+async def test_stopping_commits_what_is_marked_and_refuses_later_flushes(
+    tmp_path: Path,
+) -> None:
+    """Cancelling run() commits the last marks; a flush after that undoes and raises."""
+    memory = Memory()
+    writer, _ = await open_state(
+        tmp_path / "state.db",
+        record=memory.record,
+        retired_at=memory.retired.get,
+        debounce_seconds=60.0,
+    )
+    assert writer is not None
     task = asyncio.create_task(writer.run())
     await asyncio.sleep(0)
-    state.records.append(minimal_record("last"))
-    writer.mark_dirty()
-    await asyncio.sleep(0.01)
-    assert not path.exists()
+    writer.mark(memory.put("last"))
+    memory.retired["old"] = NOW
+    writer.mark_retired(["old"])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert on_disk(tmp_path / "state.db") == ["last"]
+    assert reopened(tmp_path / "state.db").retired == {"old": NOW}
+    undone: list[bool] = []
+    with pytest.raises(StateError, match="stopped"):
+        await writer.flush(undo=lambda: undone.append(True))
+    assert undone == [True]
 
-    await stop(task)
 
-    assert load_state(path).snapshot.uploads == (minimal_record("last"),)
+async def test_without_persistence_every_flush_undoes_and_raises(tmp_path: Path) -> None:
+    """The stand-in used when the path cannot be read refuses every acknowledgement."""
+    state = UnavailableState(tmp_path / "state.db", "the path is a directory")
+    undone: list[bool] = []
+    state.mark(["ignored"])
+    with pytest.raises(StateError, match="unavailable"):
+        await state.flush(undo=lambda: undone.append(True))
+    assert undone == [True]
+
+
+# -- the tracker's side -------------------------------------------------------------------------
+
+
+class Recorder:
+    """A Persistence that records what the tracker marks (changes nothing, fails nothing)."""
+
+    def __init__(self) -> None:
+        self.marked: list[str] = []
+        self.retired: list[str] = []
+
+    def mark(self, ingestion_ids: Iterable[str]) -> None:
+        self.marked.extend(ingestion_ids)
+
+    def mark_retired(self, ingestion_ids: Iterable[str]) -> None:
+        self.retired.extend(ingestion_ids)
+
+    async def flush(self, undo: Callable[[], None] | None = None) -> None:
+        return None
+
+
+async def test_the_tracker_marks_only_what_changed_and_forgets_old_retired_ids() -> None:
+    """A status change marks that id; a retirement its retired id; after 7 days it is forgotten."""
+    now = [NOW]
+    store = UploadStore(clock=lambda: now[0])
+    tracker = IngestionTracker(
+        store,
+        max_tracked=100,
+        label_names=(),
+        on_added=lambda ids: None,
+        on_removed=lambda ids: None,
+        on_rejected=lambda reason: None,
+        clock=lambda: now[0],
+    )
+    state = Recorder()
+    tracker.attach_state(state)
+    for n in range(50):
+        await tracker.register(f"id-{n}", Source.DIRECTORY)
+    state.marked.clear()
+
+    tracker.changed("id-7")
+    store.retire("id-8")
+    tracker.changed("id-8")
+
+    assert state.marked == ["id-7", "id-8"] and state.retired == ["id-8"]
+    assert tracker.record("id-8") is None and tracker.retired_at("id-8") == NOW
+    now[0] += RETIRED_MEMORY_SECONDS + RETIRED_PRUNE_SECONDS + 1
+    tracker.changed("id-9")
+    assert state.retired == ["id-8", "id-8"] and tracker.retired_at("id-8") is None
