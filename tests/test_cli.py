@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import MAX_CONFIG_BYTES
 from exporter.demo import demo_config
+from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import free_port, parse_exposition, value
 
 EXPORTER = [sys.executable, "-m", "exporter"]
