@@ -204,7 +204,7 @@ class Exporter:
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
-        change = self.tracker.replace_config_ids(new.ingestions.ids)
+        change = self.tracker.replace_config_ids(new.ingestions.ids, previous=old.ingestions.ids)
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
