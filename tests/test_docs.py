@@ -108,9 +108,7 @@ def test_every_config_key_has_a_row_in_docs_configuration() -> None:
         names = re.findall(r"`([\w.]+)`", cell)
         section = names[0].rpartition(".")[0]
         documented.add(names[0])
-        documented.update(
-            name if "." in name else f"{section}.{name}" for name in names[1:]
-        )
+        documented.update(name if "." in name else f"{section}.{name}" for name in names[1:])
     keys = config_keys(Config)
     assert len(keys) > 40
     assert set(keys) - documented == set()
