@@ -50,7 +50,7 @@ class SecretMask:
     Every value is masked, nested ones and the event text included. A secret is matched
     verbatim, percent-encoded and JSON-escaped. Short secrets are masked too, whatever their
     length: masking a coincidental "abc" in a line is a lesser harm than printing a weak
-    token (the README says so).
+    token (docs/security.md says so).
 
     structlog's configuration is process-wide, so this is one object made at start-up and
     passed to `configure_logging`, to `Exporter` and for the admin API; no module state.

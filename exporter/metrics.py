@@ -1,7 +1,7 @@
 """Every metric the exporter exposes, on a registry the caller injects.
 
-Metric names and labels are public API (dashboards and alerts depend on them); the README's
-metric table lists them. The per-upload families are not here: `exposition` keeps them
+Metric names and labels are public API (dashboards and alerts depend on them); docs/metrics.md
+lists them. The per-upload families are not here: `exposition` keeps them
 pre-rendered, updated when an upload changes, so a removed upload simply disappears and
 `/metrics` never waits on the Catalog API. The aggregates (`UploadCollector`) are counted
 from `UploadStore` at scrape time.
