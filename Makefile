@@ -18,9 +18,9 @@ WHEELS ?=
 PYTHON_IMAGE ?=
 
 # The one place that says where the alerts' runbooks live: every runbook_url is this base, "#",
-# and the alert's anchor (README, "Alerts and runbooks"). Change it here, or pass it, and run
+# and the alert's anchor (docs/alerts.md, "Runbook links"). Change it here, or pass it, and run
 # `make rules`, which rewrites the rules file and the PrometheusRule generated from it.
-RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-exporter/blob/main/README.md
+RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-exporter/blob/main/docs/alerts.md
 RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
 PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
 
@@ -52,7 +52,7 @@ tools:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }
 
-# The image (README, "Container image"): needs the base's registry, and PyPI unless WHEELS is set.
+# The image (docs/deploying.md): needs the base's registry, and PyPI unless WHEELS is set.
 image:
 	@[ -n "$(CONTAINER_ENGINE)" ] || { echo "podman or docker is required"; exit 1; }
 	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) \

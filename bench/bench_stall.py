@@ -80,6 +80,8 @@ class Samples:
     scrapes_failed: int = 0
     admin: list[float] = field(default_factory=list)
     admin_codes: dict[str, int] = field(default_factory=dict)
+    # The first answer of each refused kind, so that a table with 4xx/5xx says why.
+    admin_refusals: dict[str, str] = field(default_factory=dict)
     files: int = 0
     reload_at: float | None = None
 
@@ -154,8 +156,10 @@ async def measure(
             body = {"ingestionId": f"admin-{tag}-{k:06d}", "labels": {"team": "bench"}}
             try:
                 async with admin.post(f"{admin_url}/api/v1/ingestions", json=body) as r:
-                    await r.read()
+                    answer = await r.read()
                     code = str(r.status)
+                    if r.status >= 300:
+                        got.admin_refusals.setdefault(code, answer[:300].decode(errors="replace"))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 code = type(exc).__name__
             got.admin.append(time.perf_counter() - started)
@@ -331,6 +335,7 @@ async def one_run(
         "metrics_failed": got.scrapes_failed,
         "admin": common.stats(got.admin),
         "admin_codes": got.admin_codes,
+        "admin_refusals": got.admin_refusals,
         "files": got.files,
         "tracked_after": after.get(TRACKED),
         "state_write_errors": after.get("catalog_exporter_state_write_errors_total"),

@@ -1,9 +1,11 @@
 """The admin HTTP API: register, list, show and delete tracked ingestionIds, over JSON.
 
 It runs on a listener of its own (loopback by default: in a sidecar the app reaches it on
-localhost) and owns only the HTTP side: request validation, status codes, the optional bearer
-token, the OpenAPI document. Every decision about ids (validation, labels, cap, persistence)
-belongs to the `IngestionTracker`; this module never touches the store or the state file.
+localhost) and owns only the HTTP side: routes, status codes, the optional bearer token.
+What goes over the wire (the bodies, the paths, the page limits, the OpenAPI document) is
+described once, in `admin_schema`. Every decision about ids (validation, labels, cap,
+persistence) belongs to the `IngestionTracker`; this module never touches the store or the
+state file.
 
 Every answer is JSON, errors included: `{"error": "<code>", "message": "<text>"}` with a 4xx
 or 5xx status, never an HTML page or a traceback. A 2xx to a POST or DELETE is an
@@ -15,52 +17,43 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from exporter import __version__
+from exporter import admin_schema as schema
+from exporter.admin_schema import (
+    DEFAULT_PAGE_SIZE,
+    HEALTH_PATH,
+    INGESTIONS_PATH,
+    MAX_PAGE_EXAMINED,
+    MAX_PAGE_SIZE,
+    OPENAPI_PATH,
+    openapi_document,
+)
 from exporter.auth import AuthUnavailable, BearerAuth
 from exporter.config import ServerConfig, is_loopback_host
-from exporter.models import MAX_INGESTION_ID_LENGTH
+from exporter.models import MAX_INGESTION_ID_LENGTH, MAX_REGISTRATION_BYTES
 from exporter.report import ReportFailure, ReportProblem, ReportSource, ResponseSink
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
 
 __all__ = [
-    "API_PREFIX",
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_EXAMINED",
     "MAX_PAGE_SIZE",
-    "MAX_REQUEST_BYTES",
     "create_admin_app",
     "openapi_document",
-    "view_json",
+    "view_body",
 ]
 
 log = structlog.get_logger("exporter.admin")
-
-API_PREFIX = "/api/v1"
-INGESTIONS_PATH = f"{API_PREFIX}/ingestions"
-OPENAPI_PATH = f"{API_PREFIX}/openapi.json"
-HEALTH_PATH = "/healthz"
-
-#: Registrations are a few hundred bytes; anything bigger is a mistake or an attack.
-MAX_REQUEST_BYTES = 64 * 1024
-
-#: Uploads per page of GET /api/v1/ingestions without `limit`, and the most `limit` may ask.
-#: Copying a page's uploads holds the event loop about 3 ms per 1,000; encoding them, about
-#: three times that, runs in a thread.
-DEFAULT_PAGE_SIZE = 1_000
-MAX_PAGE_SIZE = 10_000
-#: The most ids a filtered page looks at: a rare status among 100,000 ids is found over a few
-#: short pages instead of in one long stall.
-MAX_PAGE_EXAMINED = 10_000
 
 TRACKER = web.AppKey("admin_tracker", IngestionTracker)
 TOKEN = web.AppKey("admin_token", BearerAuth)
@@ -71,7 +64,6 @@ REPORTS = web.AppKey[ReportSource]("admin_reports")
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
 
-_REQUEST_FIELDS = frozenset({"ingestionId", "labels"})
 _LIST_PARAMETERS = ("status", "limit", "cursor")
 
 _HTTP_ERROR_CODES = {
@@ -102,7 +94,7 @@ def create_admin_app(
     fetches processing reports (GET .../{id}/report); without it that route answers 503.
     """
     app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES,
+        client_max_size=MAX_REGISTRATION_BYTES,
         middlewares=[_json_errors, _check_host, _authenticate],
     )
     app[TRACKER] = tracker
@@ -139,34 +131,48 @@ class _Refused(Exception):
         self.message = message
 
 
+def _answer(
+    body: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON answer whose body is one of `admin_schema`'s models, as the document shows it."""
+    return web.Response(
+        body=body.model_dump_json().encode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
 def _error(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+    return _answer(schema.Error(error=code, message=message), status, headers)
 
 
-def _timestamp(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
+def _moment(seconds: float) -> str:
     moment = datetime.fromtimestamp(seconds, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def view_json(view: UploadView) -> dict[str, Any]:
+def _timestamp(seconds: float | None) -> str | None:
+    return None if seconds is None else _moment(seconds)
+
+
+def view_body(view: UploadView) -> schema.UploadView:
     """One upload as the API shows it; timestamps are RFC 3339 UTC strings or null."""
-    return {
-        "ingestionId": view.ingestion_id,
-        "status": view.status,
-        "sources": list(view.sources),
-        "labels": dict(view.labels),
-        "firstSeen": _timestamp(view.first_seen),
-        "statusChanged": _timestamp(view.status_changed),
-        "lastPoll": _timestamp(view.last_poll),
-        "lastSuccess": _timestamp(view.last_success),
-        "lastErrorKind": view.last_error,
-        "terminalAt": _timestamp(view.terminal_at),
-        "reportAvailable": view.report_available,
-    }
+    return schema.UploadView(
+        ingestionId=view.ingestion_id,
+        status=view.status,
+        sources=[Source(source) for source in view.sources],
+        labels=dict(view.labels),
+        firstSeen=_moment(view.first_seen),
+        statusChanged=_moment(view.status_changed),
+        lastPoll=_timestamp(view.last_poll),
+        lastSuccess=_timestamp(view.last_success),
+        lastErrorKind=view.last_error,
+        terminalAt=_timestamp(view.terminal_at),
+        reportAvailable=view.report_available,
+    )
 
 
 def _location(ingestion_id: str) -> str:
@@ -202,7 +208,7 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
         allowed = exc.headers.get("Allow", "")
         return f"method {request.method} not allowed here; allowed: {allowed}"
     if exc.status == 413:
-        return f"request body larger than {MAX_REQUEST_BYTES} bytes"
+        return f"request body larger than {MAX_REGISTRATION_BYTES} bytes"
     return exc.reason
 
 
@@ -299,8 +305,23 @@ def _is_json(content_type: str) -> bool:
     return main == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-async def _registration_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, its shape checked; the values are the tracker's to judge."""
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What a registration asks for; `named` is False when the body has no ingestionId."""
+
+    ingestion_id: object
+    labels: Mapping[str, object] | None
+    named: bool = True
+
+
+async def _registration_body(request: web.Request) -> _Asked:
+    """The id and labels a registration asks for, the body checked against `RegisterRequest`.
+
+    A body that is no JSON object, has unknown fields or labels that are no object is refused
+    here. When the model refuses only the values (the id, a label value), the raw values go on
+    to the tracker: it refuses them with the reason and message it gives every source (the
+    model's limits are its limits), and counts the rejection.
+    """
     # A JSON content type also makes a browser preflight a cross-site POST, which this API
     # never answers: a web page cannot register ids through a developer's loopback listener.
     if not _is_json(request.content_type):
@@ -311,29 +332,41 @@ async def _registration_body(request: web.Request) -> dict[str, Any]:
             raw = await request.read()  # raises 413 past client_max_size
     except TimeoutError:
         raise _Refused(408, "request_timeout", "request body not received in time") from None
+    # Some Windows tools start UTF-8 with a byte-order mark; JSON parsers may ignore it.
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        text = str(exc) if isinstance(exc, json.JSONDecodeError) else "not UTF-8 JSON"
-        raise _Refused(400, "invalid_json", f"request body is not valid JSON: {text}") from None
-    if not isinstance(body, dict):
+        body = schema.RegisterRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        return _refused_values(exc, raw)
+    return _Asked(body.ingestionId, body.labels)
+
+
+def _refused_values(exc: ValidationError, raw: bytes) -> _Asked:
+    """Raise the error a body refused for its shape gets; else hand back its raw values."""
+    errors = exc.errors(include_url=False, include_context=False)
+    kinds = {error["type"] for error in errors}
+    if "json_invalid" in kinds:
+        # Lone surrogates ("\ud800") are refused here too: valid JSON but no text, such an id
+        # would break /metrics at every scrape. So is nesting too deep to parse.
+        detail = errors[0]["msg"].removeprefix("Invalid JSON: ")
+        raise _Refused(400, "invalid_json", f"request body is not valid JSON: {detail}")
+    if "model_type" in kinds:
         raise _Refused(400, "invalid_json", "request body must be a JSON object")
-    try:
-        json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        # "\ud800" is valid JSON but no text: such an id would break /metrics at every scrape.
-        message = "request body contains an unpaired surrogate escape (\\uD800-\\uDFFF)"
-        raise _Refused(400, "invalid_json", message) from None
-    unknown = sorted(set(body) - _REQUEST_FIELDS)
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
         shown = ", ".join(repr(name[:64]) for name in unknown[:5])
-        message = f"unknown field(s) {shown}; allowed: ingestionId, labels"
-        raise _Refused(400, "unknown_field", message)
-    labels = body.get("labels")
-    if labels is not None and not isinstance(labels, dict):
+        allowed = ", ".join(schema.RegisterRequest.model_fields)
+        raise _Refused(400, "unknown_field", f"unknown field(s) {shown}; allowed: {allowed}")
+    if any(error["loc"] == ("labels",) for error in errors):
         message = "labels must be an object of label names to strings"
         raise _Refused(400, "invalid_field", message)
-    return body
+    values = _JSON_OBJECT.validate_json(raw)  # parsed as the model parsed it
+    labels = values.get("labels")
+    return _Asked(values.get("ingestionId"), labels, named="ingestionId" in values)
+
+
+#: Any JSON object, to read the values of a body the model refused for its values alone.
+_JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
 def _state_unavailable(exc: StateError, message: str) -> _Refused:
@@ -343,28 +376,27 @@ def _state_unavailable(exc: StateError, message: str) -> _Refused:
 
 async def register(request: web.Request) -> web.Response:
     """POST /api/v1/ingestions: track an id for the API source (201 new, 200 already)."""
-    body = await _registration_body(request)
+    asked = await _registration_body(request)
     tracker = request.app[TRACKER]
     try:
-        result = await tracker.register(
-            body.get("ingestionId"), Source.API, body.get("labels"), durable=True
-        )
+        result = await tracker.register(asked.ingestion_id, Source.API, asked.labels, durable=True)
     except StateError as exc:
         raise _state_unavailable(
             exc, "the state could not be written, so the id is not tracked; retry"
         ) from None
     if not result.accepted:
         reason = result.reason or RejectReason.NOT_A_STRING
-        message = result.message if "ingestionId" in body else "ingestionId is required"
+        message = result.message if asked.named else "ingestionId is required"
         conflict = reason in (RejectReason.CAP_REACHED, RejectReason.NOT_OWNED)
         raise _Refused(409 if conflict else 400, reason.value, message)
 
     view = tracker.view(result.ingestion_id)
     if view is None:  # finished and retired earlier: accepted, but never polled again
         log.info("admin_ingestion_registered", ingestion_id=result.ingestion_id, retired=True)
-        return web.json_response(
-            {"ingestionId": result.ingestion_id, "retired": True, "message": result.message}
+        retired = schema.Retired(
+            ingestionId=result.ingestion_id, retired=True, message=result.message
         )
+        return _answer(retired)
     log.info(
         "admin_ingestion_registered",
         ingestion_id=view.ingestion_id,
@@ -372,10 +404,9 @@ async def register(request: web.Request) -> web.Response:
         labels=dict(view.labels),
     )
     if result.created:
-        return web.json_response(
-            view_json(view), status=201, headers={"Location": _location(view.ingestion_id)}
-        )
-    return web.json_response(view_json(view))
+        location = {"Location": _location(view.ingestion_id)}
+        return _answer(view_body(view), 201, location)
+    return _answer(view_body(view))
 
 
 async def list_ingestions(request: web.Request) -> web.Response:
@@ -410,8 +441,8 @@ async def list_ingestions(request: web.Request) -> web.Response:
 
 
 def _list_body(views: tuple[UploadView, ...], next_cursor: str | None) -> bytes:
-    document = {"ingestions": [view_json(v) for v in views], "nextCursor": next_cursor}
-    return json.dumps(document).encode()
+    page = schema.IngestionList(ingestions=[view_body(v) for v in views], nextCursor=next_cursor)
+    return page.model_dump_json().encode()
 
 
 def _single_parameter(request: web.Request, name: str) -> str | None:
@@ -456,7 +487,7 @@ async def show_ingestion(request: web.Request) -> web.Response:
     view = request.app[TRACKER].view(ingestion_id)
     if view is None:
         raise _not_tracked()
-    return web.json_response(view_json(view))
+    return _answer(view_body(view))
 
 
 def _not_tracked() -> _Refused:
@@ -496,13 +527,8 @@ async def delete_ingestion(request: web.Request) -> web.Response:
     )
     if remaining is None:
         return web.Response(status=204)
-    return web.json_response(
-        {
-            "ingestion": view_json(remaining),
-            "message": "released by the API but still tracked: held by "
-            + ", ".join(remaining.sources),
-        }
-    )
+    message = "released by the API but still tracked: held by " + ", ".join(remaining.sources)
+    return _answer(schema.Released(ingestion=view_body(remaining), message=message))
 
 
 #: How each reason for no report is answered: status and error code.
@@ -551,415 +577,10 @@ async def ingestion_report(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """GET /api/v1/openapi.json: the OpenAPI 3.0.3 description of this API."""
+    """GET /api/v1/openapi.json: the OpenAPI 3.1 description of this API."""
     return web.json_response(openapi_document())
 
 
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the admin listener answers."""
-    return web.json_response({"status": "ok"})
-
-
-# -- the OpenAPI document -----------------------------------------------------------------------
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json_body(schema: Mapping[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _failure(description: str) -> dict[str, Any]:
-    return _json_body(_ref("Error"), description)
-
-
-_TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
-
-_STATUS_TEXT = (
-    "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL (the API's), INVALID (the API rejected the "
-    "id), UNKNOWN (no successful poll yet), or another upper-case identifier the API sent."
-)
-
-_SCHEMAS: dict[str, Any] = {
-    "RegisterRequest": {
-        "type": "object",
-        "required": ["ingestionId"],
-        "additionalProperties": False,
-        "properties": {
-            "ingestionId": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_INGESTION_ID_LENGTH,
-                "description": "Any characters except control characters (Unicode Cc) and "
-                "line/paragraph separators.",
-            },
-            "labels": {
-                "type": "object",
-                "additionalProperties": {"type": "string", "maxLength": 128},
-                "description": "Per-ingestion metric labels; only the names listed in the "
-                "exporter's ingestions.labels are accepted. Replaces earlier labels.",
-            },
-        },
-    },
-    "UploadView": {
-        "type": "object",
-        "required": [
-            "ingestionId",
-            "status",
-            "sources",
-            "labels",
-            "firstSeen",
-            "statusChanged",
-            "lastPoll",
-            "lastSuccess",
-            "lastErrorKind",
-            "terminalAt",
-            "reportAvailable",
-        ],
-        "description": "One tracked upload. Timestamps are RFC 3339 date-times in UTC "
-        "(e.g. 2024-06-10T12:00:00.000Z) or null.",
-        "properties": {
-            "ingestionId": {"type": "string"},
-            "status": {"type": "string", "description": _STATUS_TEXT},
-            "sources": {
-                "type": "array",
-                "items": {"type": "string", "enum": [s.value for s in Source]},
-                "description": "Who holds the id; empty once released but kept for retention.",
-            },
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "firstSeen": {**_TIMESTAMP, "nullable": False},
-            "statusChanged": {**_TIMESTAMP, "nullable": False},
-            "lastPoll": _TIMESTAMP,
-            "lastSuccess": _TIMESTAMP,
-            "lastErrorKind": {
-                "type": "string",
-                "nullable": True,
-                "description": "Kind of the last failed poll (catalog_api_errors_total's kind "
-                "label), null after a successful one.",
-            },
-            "terminalAt": _TIMESTAMP,
-            "reportAvailable": {"type": "boolean"},
-        },
-    },
-    "Retired": {
-        "type": "object",
-        "required": ["ingestionId", "retired", "message"],
-        "description": "The id finished earlier and its retention ran out: it is not polled again.",
-        "properties": {
-            "ingestionId": {"type": "string"},
-            "retired": {"type": "boolean", "enum": [True]},
-            "message": {"type": "string"},
-        },
-    },
-    "IngestionList": {
-        "type": "object",
-        "required": ["ingestions", "nextCursor"],
-        "description": "One page of the tracked uploads, in ingestionId order (Unicode code "
-        "points).",
-        "properties": {
-            "ingestions": {"type": "array", "items": _ref("UploadView")},
-            "nextCursor": {
-                "type": "string",
-                "nullable": True,
-                "description": "Pass as cursor for the next page; null on the last page. A "
-                "filtered page may be short, even empty, with more to come: only null means "
-                "the end.",
-            },
-        },
-    },
-    "Released": {
-        "type": "object",
-        "required": ["ingestion", "message"],
-        "properties": {
-            "ingestion": _ref("UploadView"),
-            "message": {"type": "string", "description": "Which sources still hold the id."},
-        },
-    },
-    "Error": {
-        "type": "object",
-        "required": ["error", "message"],
-        "properties": {
-            "error": {
-                "type": "string",
-                "description": "A stable code: invalid_json, unknown_field, invalid_field, "
-                "unknown_parameter, not_a_string, empty, too_long, control_characters, "
-                "bad_labels, cap_reached, not_owned, not_found, not_registered_by_api, "
-                "unauthorized, method_not_allowed, payload_too_large, unsupported_media_type, "
-                "invalid_parameter, misdirected_request, state_unavailable, auth_unavailable, "
-                "internal_error, report_not_ready, api_error, report_download_failed, "
-                "report_too_large, reports_unavailable.",
-            },
-            "message": {"type": "string", "description": "Human-readable detail."},
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok"]}},
-    },
-}
-
-_UNAUTHORIZED = {
-    "description": "No or wrong bearer token (only when the exporter has admin.token_file).",
-    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-    "content": {"application/json": {"schema": _ref("Error")}},
-}
-_INTERNAL = _failure("Unexpected failure (internal_error); details are in the exporter's log.")
-_AUTH_UNAVAILABLE = "auth_unavailable: the admin token file cannot be read (fails closed)."
-_ID_PARAMETER = {
-    "name": "ingestion_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_INGESTION_ID_LENGTH},
-    "description": "The ingestionId, percent-encoded (a '/' in it as %2F).",
-}
-
-
-_MISDIRECTED = _failure(
-    "misdirected_request: the Host header names neither a loopback host (localhost, "
-    "127.0.0.0/8, [::1]) nor one in admin.allowed_hosts; nothing was done (DNS rebinding "
-    "protection)."
-)
-
-
-def _protected(responses: dict[str, Any], unavailable: str = "") -> dict[str, Any]:
-    """Add the answers every token-protected operation may give."""
-    text = f"{unavailable} Or {_AUTH_UNAVAILABLE}" if unavailable else _AUTH_UNAVAILABLE
-    return {
-        **responses,
-        "401": _UNAUTHORIZED,
-        "421": _MISDIRECTED,
-        "500": _INTERNAL,
-        "503": _failure(text),
-    }
-
-
-_REPORT_PATH: dict[str, Any] = {
-    "parameters": [_ID_PARAMETER],
-    "get": {
-        "operationId": "getIngestionReport",
-        "summary": "Stream a tracked upload's processing report",
-        "description": "Asks getCatalogUploadStatus for a fresh reportDownloadLink and streams "
-        "the file behind it, as `catalog-upload-exporter report` does: the report host gets "
-        "no API credential, redirects are not followed, reports over api.max_report_bytes are "
-        "refused. The link itself is never shown. If the transfer fails after the headers "
-        "were sent, the connection is cut before the end of the body.",
-        "responses": _protected(
-            {
-                "200": {
-                    "description": "The report, as the report host sent it (usually CSV).",
-                    "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
-                    "content": {
-                        "text/csv": {"schema": {"type": "string", "format": "binary"}},
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        },
-                    },
-                },
-                "404": _failure("not_found: not tracked."),
-                "409": _failure(
-                    "report_not_ready: no reportDownloadLink yet; the message names the status."
-                ),
-                "502": _failure(
-                    "api_error: getCatalogUploadStatus failed; report_download_failed: the "
-                    "report host refused, redirected, timed out or broke off; "
-                    "report_too_large: over api.max_report_bytes. The message names the kind."
-                ),
-            },
-            "reports_unavailable: this listener was started without a report fetcher.",
-        ),
-    },
-}
-
-
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.0.3 document served at /api/v1/openapi.json."""
-    view = _ref("UploadView")
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "catalog-upload-exporter admin API",
-            "version": __version__,
-            "description": "Register, list and delete the ingestionIds the exporter polls. "
-            "A 2xx to POST or DELETE is sent only once the change is in the exporter's state "
-            "file (when one is configured). Every error is a JSON Error object. When the "
-            "exporter has admin.token_file, every operation except /healthz and this document "
-            "needs 'Authorization: Bearer <token>'; otherwise no authentication is needed.",
-        },
-        "servers": [{"url": "http://127.0.0.1:10185"}],
-        # Bearer or nothing: whether the token is required depends on admin.token_file.
-        "security": [{"bearerAuth": []}, {}],
-        "paths": {
-            INGESTIONS_PATH: {
-                "post": {
-                    "operationId": "registerIngestion",
-                    "summary": "Track an ingestionId (idempotent)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("RegisterRequest")}},
-                    },
-                    "responses": _protected(
-                        {
-                            "201": {
-                                **_json_body(view, "Newly tracked, and durable."),
-                                "headers": {
-                                    "Location": {
-                                        "schema": {"type": "string"},
-                                        "description": "/api/v1/ingestions/<percent-encoded id>",
-                                    }
-                                },
-                            },
-                            "200": _json_body(
-                                {"oneOf": [view, _ref("Retired")]},
-                                "Already tracked (labels replaced if given), or finished and "
-                                "retired earlier.",
-                            ),
-                            "400": _failure(
-                                "invalid_json, unknown_field, invalid_field, or a rejected id "
-                                "or labels: not_a_string, empty, too_long, control_characters, "
-                                "bad_labels."
-                            ),
-                            "409": _failure(
-                                "cap_reached: ingestions.max_tracked ids tracked; not_owned: "
-                                "with sharding, another replica owns this id (the message "
-                                "names it)."
-                            ),
-                            "408": _failure(
-                                "request_timeout: the body did not arrive within "
-                                "server.idle_timeout_seconds."
-                            ),
-                            "413": _failure("payload_too_large: body over 64 KiB."),
-                            "415": _failure("unsupported_media_type: not application/json."),
-                        },
-                        "state_unavailable: the state could not be written (or persistence "
-                        "is unavailable); the id is not tracked, retry.",
-                    ),
-                },
-                "get": {
-                    "operationId": "listIngestions",
-                    "summary": "The tracked uploads, a page at a time, in id order",
-                    "description": "Walk every page by passing each answer's nextCursor as "
-                    "cursor until it is null. Each id tracked throughout the walk is listed "
-                    "exactly once; one added or removed meanwhile may or may not be. A page "
-                    "costs O(log n + the ids it looks at), whatever the number tracked.",
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "array", "items": {"type": "string"}},
-                            "style": "form",
-                            "explode": True,
-                            "description": "Only uploads in these statuses (repeatable, "
-                            "case-insensitive): INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, "
-                            "INVALID, UNKNOWN, or another status the API sent that a tracked "
-                            "upload has now. Anything else is a 400. A filtered page "
-                            f"looks at no more than {MAX_PAGE_EXAMINED:,} ids (or limit, if "
-                            "larger).",
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "required": False,
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_PAGE_SIZE,
-                                "default": DEFAULT_PAGE_SIZE,
-                            },
-                            "description": "The most uploads on this page.",
-                        },
-                        {
-                            "name": "cursor",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string"},
-                            "description": "The nextCursor of the previous page (opaque); "
-                            "without it the list starts at the beginning.",
-                        },
-                    ],
-                    "responses": _protected(
-                        {
-                            "200": _json_body(_ref("IngestionList"), "The uploads."),
-                            "400": _failure(
-                                "unknown_parameter, or invalid_parameter: a status that is "
-                                "neither known nor held by a tracked upload (the message "
-                                "lists the allowed ones), a limit out of range, a cursor this "
-                                "API did not hand out, or one of them given twice."
-                            ),
-                        }
-                    ),
-                },
-            },
-            f"{INGESTIONS_PATH}/{{ingestion_id}}": {
-                "parameters": [_ID_PARAMETER],
-                "get": {
-                    "operationId": "getIngestion",
-                    "summary": "One tracked upload",
-                    "responses": _protected(
-                        {
-                            "200": _json_body(view, "The upload."),
-                            "404": _failure("not_found: not tracked."),
-                        }
-                    ),
-                },
-                "delete": {
-                    "operationId": "deleteIngestion",
-                    "summary": "Stop tracking an id registered through the API",
-                    "responses": _protected(
-                        {
-                            "204": {"description": "Released and removed; its series are gone."},
-                            "200": _json_body(
-                                _ref("Released"),
-                                "Released by the API, but another source still holds it.",
-                            ),
-                            "404": _failure("not_found: not tracked."),
-                            "409": _failure(
-                                "not_registered_by_api: held only by config or directory; "
-                                "remove it there."
-                            ),
-                        },
-                        "state_unavailable: the state could not be written (or persistence "
-                        "is unavailable); the id is still tracked, retry.",
-                    ),
-                },
-            },
-            f"{INGESTIONS_PATH}/{{ingestion_id}}/report": _REPORT_PATH,
-            OPENAPI_PATH: {
-                "get": {
-                    "operationId": "getOpenApi",
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {
-                        "200": _json_body({"type": "object"}, "The OpenAPI document."),
-                        "500": _INTERNAL,
-                        "421": _MISDIRECTED,
-                    },
-                }
-            },
-            HEALTH_PATH: {
-                "get": {
-                    "operationId": "health",
-                    "summary": "The admin listener is alive",
-                    "security": [],
-                    "responses": {
-                        "200": _json_body(_ref("Health"), "Alive."),
-                        "500": _INTERNAL,
-                        "421": _MISDIRECTED,
-                    },
-                }
-            },
-        },
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {
-                "bearerAuth": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "The content of the file named by admin.token_file.",
-                }
-            },
-        },
-    }
+    return _answer(schema.Health(status="ok"))

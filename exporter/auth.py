@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import botocore.auth
 import botocore.credentials
@@ -24,7 +24,9 @@ from botocore.awsrequest import AWSRequest
 from exporter.models import AuthProblem
 
 __all__ = [
+    "AUTH_TYPES",
     "TOKEN_RECHECK_SECONDS",
+    "AuthType",
     "AuthUnavailable",
     "BearerAuth",
     "NoAuth",
@@ -33,6 +35,11 @@ __all__ = [
     "create_auth",
     "silence_botocore_debug",
 ]
+
+#: How requests to the API are authenticated (`api.auth.type`): the one list of the choices,
+#: which config, the simulator and `create_auth` take from here.
+AuthType = Literal["sigv4", "bearer", "none"]
+AUTH_TYPES: tuple[str, ...] = get_args(AuthType)
 
 #: The session name CloudTrail shows for the role this exporter assumes.
 ROLE_SESSION_NAME = "catalog-upload-exporter"
@@ -355,7 +362,7 @@ def create_auth(
         return BearerAuth(token_file=token_file, token_env=token_env, header=header, scheme=scheme)
     if type == "none":
         return NoAuth()
-    msg = f"unknown auth type {type!r}: expected 'sigv4', 'bearer' or 'none'"
+    msg = f"unknown auth type {type!r}: expected one of {', '.join(AUTH_TYPES)}"
     raise ValueError(msg)
 
 

@@ -8,12 +8,13 @@ be opened.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from exporter import __version__
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError, json_schema, load_config
 from exporter.runtime import run_config, run_until_stopped
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
             "catalog-upload-exporter register ID [--url URL] [--label NAME=VALUE] "
             "[--token-file PATH]; see `catalog-upload-exporter register --help`. "
             "To download an upload's processing report: catalog-upload-exporter report "
-            "[--config FILE] ID [-o PATH]; see `catalog-upload-exporter report --help`."
+            "[--config FILE] ID [-o PATH]; see `catalog-upload-exporter report --help`. "
+            "`catalog-upload-exporter schema` prints the config file's JSON Schema."
         ),
     )
     mode = parser.add_mutually_exclusive_group()
@@ -54,14 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `catalog-upload-exporter` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["register"]:
-        from exporter.register import main as register  # noqa: PLC0415 - a light client
-
-        return register(arguments[1:])
-    if arguments[:1] == ["report"]:
-        from exporter.report_command import main as report  # noqa: PLC0415 - a command of its own
-
-        return report(arguments[1:])
+    command = _run_command(arguments)
+    if command is not None:
+        return command
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -88,3 +85,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_OK
     return run_config(config, args.config, port=args.port)
+
+
+def _run_command(arguments: Sequence[str]) -> int | None:
+    """Run `register`, `report` or `schema` when named first; None when none is."""
+    name, rest = arguments[:1], arguments[1:]
+    if name == ["register"]:
+        from exporter.register import main as register  # noqa: PLC0415 - a light client
+
+        return register(rest)
+    if name == ["report"]:
+        from exporter.report_command import main as report  # noqa: PLC0415 - a command of its own
+
+        return report(rest)
+    if name == ["schema"]:
+        return print_schema(rest)
+    return None
+
+
+def print_schema(arguments: Sequence[str]) -> int:
+    """`catalog-upload-exporter schema`: the config file's JSON Schema on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="catalog-upload-exporter schema",
+        description="Print the configuration file's JSON Schema (draft 2020-12), the one "
+        "config.schema.json holds, for editors and CI linters.",
+    )
+    parser.parse_args(arguments)
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    return EXIT_OK

@@ -23,6 +23,10 @@ STATUS_PATH = "/v1/catalog/getCatalogUploadStatus"
 
 log = structlog.get_logger("exporter.client")
 
+#: How much of an answer's body is read at a time, here and for reports: the size caps are
+#: checked between reads.
+READ_CHUNK_BYTES = 64 * 1024
+
 
 class BodyTooLarge(Exception):
     """The answer's body exceeded `api.max_response_bytes`."""
@@ -130,7 +134,7 @@ class CatalogClient:
             raise BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_chunked(65536):
+        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
             size += len(chunk)
             if size > self._max_bytes:
                 raise BodyTooLarge

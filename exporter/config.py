@@ -1,14 +1,16 @@
-"""The configuration file: its shape as frozen dataclasses, and the loader that validates it.
+"""The configuration file: its shape as frozen pydantic models, and the loader that reads it.
 
-`load_config` reads a YAML file and `parse_config` checks an already-parsed document. Both
-report every problem at once in one `ConfigError`, one line per key path, instead of stopping
-at the first. Beyond reading the config file this module only looks at the filesystem and the
-environment to check that a token file (api.auth, admin) is a readable regular file, that a
-token variable is set, that an existing ingestions.directory is a directory and that the
-directory of state.path exists, and, when sharding.index is null, it reads the hostname
-(HOSTNAME, else the system's). It never reads, keeps or prints a token, and no error message
-echoes a value that might be one. It creates nothing: a missing ingestions.directory or state
-file is left for the app.
+The models are the one source of every key, default, type, range and choice: `load_config`
+and `parse_config` validate through them, and `json_schema()` (the `schema` command,
+config.schema.json) is generated from them. Both loaders report every problem at once in
+one `ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond
+reading the config file this module only looks at the filesystem and the environment to
+check that a token file (api.auth, admin) is a readable regular file, that a token variable
+is set, that an existing ingestions.directory is a directory and that the directory of
+state.path exists, and, when sharding.index is null, it reads the hostname (HOSTNAME, else
+the system's). It never reads, keeps or prints a token, and no error message echoes a value
+that might be one. It creates nothing: a missing ingestions.directory or state file is left
+for the app.
 
 Rules applied to every key:
 
@@ -21,27 +23,50 @@ Rules applied to every key:
   error);
 - a boolean is a YAML boolean (true/false, also yes/no/on/off); never 0/1 or a quoted string;
 - a path (`ingestions.directory`, `state.path`) is absolute, or "" to disable what it names;
-- a choice (`api.auth.type`, `logging.level`, `logging.format`) is case-insensitive and
-  stored lower-case.
+- a choice (`api.auth.type`, `logging.level`, `logging.format`, `metrics.status_series`) is
+  case-insensitive and stored lower-case.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import os
 import re
 import socket
 import stat
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
+from exporter.auth import AuthType
+from exporter.config_wording import (
+    SECRET,
+    TOP_LEVEL,
+    Wording,
+    describe,
+    fmt,
+    problem_line,
+    refusal,
+)
+from exporter.config_wording import problem as _problem
+from exporter.logs import LogFormat, LogLevel
 from exporter.models import (
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
@@ -50,11 +75,11 @@ from exporter.models import (
     refused_character,
 )
 from exporter.sharding import index_from_hostname
+from exporter.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
     "DEFAULT_PORT",
-    "MAX_CONFIG_BYTES",
     "AdminConfig",
     "ApiConfig",
     "AuthConfig",
@@ -63,12 +88,15 @@ __all__ = [
     "IngestionsConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "NotificationsConfig",
     "PollingConfig",
     "ReloadConfig",
     "ServerConfig",
     "ShardingConfig",
+    "SqsConfig",
     "StateConfig",
     "is_loopback_host",
+    "json_schema",
     "load_config",
     "parse_config",
 ]
@@ -78,162 +106,28 @@ DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit sid
 #: Largest processing report the `report` command and the admin API download (32 MiB).
 DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
+StatusSeries = Literal["all", "active"]
 
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
+_REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_MAX_LABELS = 10  # each one is copied onto every upload series
+_MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
+# Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
+_OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
 
-    `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
-    the file leaves it empty). For bearer, exactly one of `token_file` / `token_env` is set;
-    the token itself is read by the auth module, never kept here.
-    """
-
-    type: str = "sigv4"
-    region: str = ""
-    role_arn: str = ""
-    token_file: str = ""
-    token_env: str = ""
-    header: str = "Authorization"
-    scheme: str = "Bearer"
-
-
-@dataclass(frozen=True, slots=True)
-class ApiConfig:
-    """Where the Catalog API is and how hard we may lean on it.
-
-    `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
-    """
-
-    base_url: str
-    auth: AuthConfig
-    timeout_seconds: float = 10.0
-    max_requests_per_second: float = 5.0
-    max_concurrency: int = 4
-    max_response_bytes: int = 1048576
-    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class PollingConfig:
-    """When each ingestion id is polled, retried and forgotten."""
-
-    interval_seconds: float = 60.0
-    jitter_ratio: float = 0.1
-    terminal_retention_seconds: float = 86400.0
-    invalid_retry_seconds: float = 3600.0
-    initial_backoff_seconds: float = 1.0
-    max_backoff_seconds: float = 300.0
-    done_retention_seconds: float | None = None  # None: terminal_retention_seconds for DONE too
-
-    def retention_for(self, status: str) -> float:
-        """How long a terminal upload's series are kept: DONE may have its own, shorter one."""
-        if status == "DONE" and self.done_retention_seconds is not None:
-            return self.done_retention_seconds
-        return self.terminal_retention_seconds
-
-
-@dataclass(frozen=True, slots=True)
-class IngestionsConfig:
-    """Which uploads are tracked, and what is attached to their metrics.
-
-    `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
-    where the app drops one file per upload ("" disables it); it may not exist yet.
-    `max_tracked` caps the ids tracked from every source together.
-    """
-
-    ids: tuple[str, ...] = ()
-    directory: str = ""
-    directory_poll_seconds: float = 2.0
-    max_tracked: int = 100_000
-    labels: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
-    dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
-    read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
-    """
-
-    host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
-    port: int = DEFAULT_PORT
-    idle_timeout_seconds: float = 75.0
-    write_timeout_seconds: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    """Log level (debug, info, warning, error) and format (json, console), lower-case."""
-
-    level: str = "info"
-    format: str = "json"
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
-
-    status_series: str = "all"
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadConfig:
-    """How often the config file is checked for changes; 0 leaves only SIGHUP."""
-
-    watch_interval_seconds: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """The admin HTTP API (register, list and delete ids) on its own listener.
-
-    Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
-    each request needs "Authorization: Bearer <token>"; the token is read by the server, never
-    kept here.
-    """
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_ADMIN_PORT
-    token_file: str = ""
-    #: Host names (besides loopback ones) a request may name in its Host header.
-    allowed_hosts: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StateConfig:
-    """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
-
-    path: str = ""
-    debounce_seconds: float = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class ShardingConfig:
-    """This replica's share of the ids: those `exporter.sharding.shard_of` maps to `index`.
-
-    `index` is resolved at load time: the file's value, else the StatefulSet ordinal at the
-    end of the hostname ("name-3" -> 3) when `total` > 1, else 0.
-    """
-
-    total: int = 1
-    index: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole validated configuration."""
-
-    api: ApiConfig
-    polling: PollingConfig = PollingConfig()
-    ingestions: IngestionsConfig = IngestionsConfig()
-    server: ServerConfig = ServerConfig()
-    logging: LoggingConfig = LoggingConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    reload: ReloadConfig = ReloadConfig()
-    admin: AdminConfig = AdminConfig()
-    state: StateConfig = StateConfig()
-    sharding: ShardingConfig = ShardingConfig()
+_HTTP_WORD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 7230 `token`
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
+# sqs.<region>.amazonaws.com[.cn] and the legacy <region>.queue.amazonaws.com
+_SQS_HOST_REGION = re.compile(
+    r"(?:sqs\.([a-z]{2}(?:-[a-z0-9]+)+)\.amazonaws\.com(?:\.cn)?"
+    r"|([a-z]{2}(?:-[a-z0-9]+)+)\.queue\.amazonaws\.com)"
+)
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
+# Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
+# into the wrong key.
+_ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+# What JSON Schema can say of an id: no C0/C1 controls and no line or paragraph separators.
+_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"
 
 
 class ConfigError(Exception):
@@ -252,248 +146,61 @@ class ConfigError(Exception):
         return (ConfigError, (self.problems,))
 
 
-_TOP_LEVEL = "(top level)"
-_AUTH_TYPES = ("sigv4", "bearer", "none")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-_LOG_FORMATS = ("json", "console")
-_REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
-_MAX_LABELS = 10  # each one is copied onto every upload series
-_MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
-# Label names the exporter itself puts on upload series, or Prometheus adds at scrape time.
-_OWN_LABELS = ("ingestion_id", "status", "final_status", "le", "job", "instance")
-_YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
-_MAX_ECHO = 60  # longer values are cut in messages
-_KINDS: dict[type, str] = {
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    list: "a list",
-    dict: "a mapping",
-}
-
-_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 `token`
-_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
-_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
-# Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
-# into the wrong key.
-_ECHOABLE_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+# What the checks may look at
 
 
-class _Problems:
-    """Every problem found so far, as (key path, what was expected) pairs, in order found."""
+@dataclass(frozen=True, slots=True)
+class _Surroundings:
+    """What the checks may look at besides the document (the validation context)."""
 
-    __slots__ = ("_found",)
-
-    def __init__(self) -> None:
-        self._found: list[tuple[str, str]] = []
-
-    def add(self, path: str, message: str) -> None:
-        self._found.append((path, message))
-
-    def __contains__(self, path: object) -> bool:
-        return any(found == path for found, _ in self._found)
-
-    def raise_if_any(self) -> None:
-        if self._found:
-            raise ConfigError(f"{path}: {message}" for path, message in self._found)
+    environ: Mapping[str, str]
+    hostname: Callable[[], str]
+    # Sections validated so far, by name, for checks across sections (ports, paths).
+    validated: dict[str, Any] = field(default_factory=dict)
 
 
-class _Section:
-    """One mapping of the document: its key path, its known keys' values, where problems go.
-
-    A value that is not a mapping, and every unknown key, is reported on construction; `ok`
-    is False when the value was not a mapping, so callers can skip checks that would only
-    repeat that problem.
-    """
-
-    __slots__ = ("ok", "path", "problems", "values")
-
-    def __init__(self, problems: _Problems, path: str, value: object, known: Sequence[str]) -> None:
-        self.problems = problems
-        self.path = path
-        self.values: dict[str, object] = {}
-        self.ok = True
-        if value is None:
-            return
-        if not isinstance(value, dict):
-            problems.add(path or _TOP_LEVEL, f"expected a mapping, got {_describe(value)}")
-            self.ok = False
-            return
-        for key, item in value.items():
-            if isinstance(key, str) and key in known:
-                self.values[key] = item
-            else:
-                name = key if isinstance(key, str) else _describe(key)
-                self.problem(name, "unknown key" + _did_you_mean(name, known))
-
-    def path_of(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str) -> object:
-        return self.values.get(key)
-
-    def child(self, key: str, shape: type[Any]) -> _Section:
-        return _Section(self.problems, self.path_of(key), self.get(key), _keys(shape))
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.add(self.path_of(key), message)
-
-    def has_problem(self, key: str) -> bool:
-        return self.path_of(key) in self.problems
+def _surroundings(info: ValidationInfo) -> _Surroundings:
+    """The context parse_config passed, or the process' own for models built in code."""
+    if isinstance(info.context, _Surroundings):
+        return info.context
+    return _Surroundings(os.environ, lambda: os.environ.get("HOSTNAME") or socket.gethostname())
 
 
-def _keys(shape: type[Any]) -> tuple[str, ...]:
-    return tuple(field.name for field in fields(shape))
+def _validated(info: ValidationInfo, section: str) -> Any:
+    """An earlier section of the document, when it was valid (and the document is parsed)."""
+    return info.context.validated.get(section) if isinstance(info.context, _Surroundings) else None
 
 
-def _did_you_mean(word: str, known: Sequence[str]) -> str:
-    lowered = {candidate.lower(): candidate for candidate in known}
-    matches = difflib.get_close_matches(word.lower(), list(lowered), n=1)
-    return f"; did you mean {lowered[matches[0]]!r}?" if matches else ""
+# Value checks shared by several keys
 
 
-def _describe(value: object, *, secret: bool = False) -> str:
-    """Show a value in a message: YAML spellings, cut short, or only its kind when `secret`."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if secret or not isinstance(value, str | int | float):
-        return _KINDS.get(type(value), f"a value of type {type(value).__name__}")
-    if isinstance(value, int) and value.bit_length() > 64:
-        return "a very large integer"
-    if isinstance(value, str) and len(value) > _MAX_ECHO:
-        return f"{value[:_MAX_ECHO]!r}... ({len(value)} characters)"
-    return repr(value)
-
-
-def _number_hint(value: object) -> str:
-    """Explain the two YAML readings that most often turn a number into something else."""
-    if isinstance(value, bool):
-        return " (YAML reads unquoted yes/no/on/off/true/false as booleans)"
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (a string to YAML: drop any quotes, and write exponents like 1.0e+3)"
-    return ""
-
-
-def _fmt(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else repr(bound)
-
-
-def _range_text(gt: float | None, ge: float | None, le: float | None) -> str:
-    if ge is not None and le is not None:
-        return f" from {_fmt(ge)} to {_fmt(le)}"
-    parts = [
-        f"{op} {_fmt(bound)}"
-        for op, bound in ((">", gt), (">=", ge), ("<=", le))
-        if bound is not None
-    ]
-    return " " + " and ".join(parts) if parts else ""
-
-
-def _in_range(value: float, gt: float | None, ge: float | None, le: float | None) -> bool:
-    return (
-        (gt is None or value > gt) and (ge is None or value >= ge) and (le is None or value <= le)
-    )
-
-
-def _number(
-    section: _Section,
-    key: str,
-    default: float,
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    le: float | None = None,
-) -> float:
-    """Read a finite number within the bounds; an int is accepted, a bool is not."""
-    value = section.get(key)
-    if value is None:
-        return default
-    expected = "a number" + _range_text(gt, ge, le)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if math.isfinite(number) and _in_range(number, gt, ge, le):
-            return number
-    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
-    return default
-
-
-def _integer(section: _Section, key: str, default: int, *, ge: int, le: int) -> int:
-    """Read an integer within [ge, le]; a float with no fractional part is accepted."""
-    value = section.get(key)
-    if value is None:
-        return default
+def _integral(value: object) -> object:
+    """`5.0` where an integer is expected is read as 5; `5.5` is left to be refused."""
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and ge <= value <= le:
-        return value
-    expected = "an integer" + _range_text(None, ge, le)
-    section.problem(key, f"expected {expected}, got {_describe(value)}{_number_hint(value)}")
-    return default
+        return int(value)
+    return value
 
 
-def _boolean(section: _Section, key: str, default: bool) -> bool:
-    """Read a YAML boolean; 0/1 and strings such as "true" are not accepted."""
-    value = section.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    hint = (
-        " (a string to YAML: drop the quotes)"
-        if isinstance(value, str) and value.lower() in _YAML_BOOLEAN_WORDS
-        else ""
-    )
-    section.problem(key, f"expected true or false, got {_describe(value)}{hint}")
-    return default
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
-def _string(
-    section: _Section, key: str, default: str, *, required: bool = False, secret: bool = False
-) -> str:
-    """Read a string; `secret` keeps the value out of the message (it may be a token)."""
-    value = section.get(key)
-    if value is None:
-        if required:
-            section.problem(key, "required")
-        return default
-    if isinstance(value, str):
-        return value
-    section.problem(key, f"expected a string, got {_describe(value, secret=secret)}")
-    return default
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
 
 
-def _choice(section: _Section, key: str, default: str, choices: Sequence[str]) -> str:
-    """Read one of `choices`, case-insensitively, stored lower-case."""
-    value = _string(section, key, default)
-    if value.lower() in choices:
-        return value.lower()
-    listed = ", ".join(choices)
-    section.problem(
-        key, f"expected one of {listed}, got {_describe(value)}{_did_you_mean(value, choices)}"
-    )
-    return default
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Duplicates dropped, in the order first listed (a dict keeps insertion order)."""
+    return tuple(dict.fromkeys(values))
+
+
+_INTEGRAL = BeforeValidator(_integral)
+_CHOICE = BeforeValidator(_lower)
+_LIST = BeforeValidator(_as_tuple)
 
 
 def _control_character(text: str) -> str | None:
     return next((char for char in text if unicodedata.category(char) == "Cc"), None)
-
-
-def _host(section: _Section, default: str) -> str:
-    """Read a listen address: non-empty, without spaces or control characters."""
-    host = _string(section, "host", default)
-    if not host or _control_character(host) is not None or " " in host:
-        section.problem(
-            "host", f"expected a host name or address such as {default}, got {_describe(host)}"
-        )
-    return host
 
 
 def is_loopback_host(name: str) -> bool:
@@ -514,7 +221,7 @@ def _absolute_path_problem(path: str) -> str | None:
     if _control_character(path) is not None:
         return "must not contain control characters"
     if not os.path.isabs(path):
-        return f"expected an absolute path, got {_describe(path)}"
+        return f"expected an absolute path, got {describe(path)}"
     return None
 
 
@@ -540,9 +247,9 @@ def _base_url_problem(url: str) -> str | None:
         ("#" in url, "must not have a fragment"),
         (
             parts.scheme not in ("http", "https"),
-            f"expected an http:// or https:// URL, got {_describe(url)}",
+            f"expected an http:// or https:// URL, got {describe(url)}",
         ),
-        (not parts.hostname, f"expected a URL with a host, got {_describe(url)}"),
+        (not parts.hostname, f"expected a URL with a host, got {describe(url)}"),
     )
     return next((message for failed, message in checks if failed), None)
 
@@ -594,143 +301,16 @@ def _state_file_problem(path: str) -> str | None:
     return _kind_problem(os.path.dirname(path), directory=True, required=True)
 
 
-def _resolve_region(section: _Section, region: str, environ: Mapping[str, str]) -> str:
-    """Take the region from the file, else from the environment, and check its shape."""
-    source = ""
-    if not region:
-        for name in _REGION_ENV_VARS:
-            if environ.get(name):
-                region, source = environ[name], f" (from {name})"
-                break
-        else:
-            section.problem(
-                "region",
-                "required with type: sigv4; set it here or in AWS_REGION or AWS_DEFAULT_REGION",
-            )
-            return ""
-    if not _REGION.fullmatch(region):
-        section.problem(
-            "region", f"expected an AWS region such as us-east-1, got {_describe(region)}{source}"
-        )
-    return region
+def _checked(problem_of: Callable[[Any], str | None]) -> AfterValidator:
+    """A validator refusing a value `problem_of` finds fault with, in its words."""
 
-
-def _check_bearer_source(
-    section: _Section, token_file: str, token_env: str, environ: Mapping[str, str]
-) -> None:
-    if bool(token_file) == bool(token_env):
-        if not (section.has_problem("token_file") or section.has_problem("token_env")):
-            which = "both are set" if token_file else "neither is set"
-            section.problems.add(
-                section.path, f"type: bearer needs exactly one of token_file or token_env; {which}"
-            )
-        return
-    if token_file:
-        problem = _token_file_problem(token_file)
+    def check(value: Any) -> Any:
+        problem = problem_of(value)
         if problem:
-            section.problem("token_file", problem)
-    elif not environ.get(token_env, "").strip():
-        name = (
-            repr(token_env)
-            if _ECHOABLE_ENV_NAME.fullmatch(token_env)
-            else "named here (name not shown: is it the token itself?)"
-        )
-        section.problem("token_env", f"environment variable {name} is not set or is empty")
+            raise _problem(problem)
+        return value
 
-
-def _read_auth(section: _Section, environ: Mapping[str, str]) -> AuthConfig:
-    if not section.ok:
-        return AuthConfig()
-    auth_type = _choice(section, "type", "sigv4", _AUTH_TYPES)
-    region = _string(section, "region", "")
-    role_arn = _string(section, "role_arn", "")
-    token_file = _string(section, "token_file", "")
-    token_env = _string(section, "token_env", "", secret=True)
-    header = _string(section, "header", "Authorization", secret=True)
-    scheme = _string(section, "scheme", "Bearer", secret=True)
-
-    if role_arn and not role_arn.startswith("arn:"):
-        section.problem(
-            "role_arn",
-            "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
-            f"got {_describe(role_arn)}",
-        )
-    if not _HTTP_TOKEN.fullmatch(header):
-        section.problem("header", "expected an HTTP header name such as Authorization")
-    if scheme and not _HTTP_TOKEN.fullmatch(scheme):
-        section.problem("scheme", 'expected one word such as Bearer, or "" for the bare token')
-
-    if section.has_problem("type"):
-        pass  # which keys apply is unknown, so checking them would only add noise
-    elif auth_type == "sigv4":
-        if not section.has_problem("region"):
-            region = _resolve_region(section, region, environ)
-        for key, value in (("token_file", token_file), ("token_env", token_env)):
-            if value:
-                section.problem(key, "only used with type: bearer")
-    elif auth_type == "bearer":
-        _check_bearer_source(section, token_file, token_env, environ)
-
-    return AuthConfig(
-        type=auth_type,
-        region=region,
-        role_arn=role_arn,
-        token_file=token_file,
-        token_env=token_env,
-        header=header,
-        scheme=scheme,
-    )
-
-
-def _read_api(section: _Section, environ: Mapping[str, str]) -> ApiConfig:
-    if not section.ok:
-        return ApiConfig(base_url="", auth=AuthConfig())
-    base_url = _string(section, "base_url", "", required=True)
-    if "base_url" in section.values and not section.has_problem("base_url"):
-        problem = _base_url_problem(base_url)
-        if problem:
-            section.problem("base_url", problem)
-    return ApiConfig(
-        base_url=base_url.rstrip("/"),
-        auth=_read_auth(section.child("auth", AuthConfig), environ),
-        timeout_seconds=_number(section, "timeout_seconds", 10.0, gt=0, le=300),
-        max_requests_per_second=_number(section, "max_requests_per_second", 5.0, gt=0, le=10000),
-        max_concurrency=_integer(section, "max_concurrency", 4, ge=1, le=256),
-        max_response_bytes=_integer(
-            section, "max_response_bytes", 1048576, ge=1024, le=64 * 1024 * 1024
-        ),
-        max_report_bytes=_integer(
-            section, "max_report_bytes", DEFAULT_MAX_REPORT_BYTES, ge=1024, le=1024**3
-        ),
-    )
-
-
-def _read_polling(section: _Section) -> PollingConfig:
-    polling = PollingConfig(
-        interval_seconds=_number(section, "interval_seconds", 60.0, gt=0, le=86400),
-        jitter_ratio=_number(section, "jitter_ratio", 0.1, ge=0, le=0.5),
-        terminal_retention_seconds=_number(section, "terminal_retention_seconds", 86400.0, ge=0),
-        invalid_retry_seconds=_number(section, "invalid_retry_seconds", 3600.0, gt=0),
-        initial_backoff_seconds=_number(section, "initial_backoff_seconds", 1.0, gt=0),
-        max_backoff_seconds=_number(section, "max_backoff_seconds", 300.0, gt=0),
-        done_retention_seconds=(
-            None
-            if section.get("done_retention_seconds") is None
-            else _number(section, "done_retention_seconds", 0.0, ge=0)
-        ),
-    )
-    initial, maximum = polling.initial_backoff_seconds, polling.max_backoff_seconds
-    if (
-        maximum < initial
-        and not section.has_problem("initial_backoff_seconds")
-        and not section.has_problem("max_backoff_seconds")
-    ):
-        section.problem(
-            "max_backoff_seconds",
-            f"expected a number >= {section.path_of('initial_backoff_seconds')} ({_fmt(initial)}), "
-            f"got {_fmt(maximum)}",
-        )
-    return polling
+    return AfterValidator(check)
 
 
 def _ingestion_id_problem(value: object) -> str | None:
@@ -739,7 +319,7 @@ def _ingestion_id_problem(value: object) -> str | None:
     if reason is None:
         return None
     if reason is RejectReason.NOT_A_STRING:
-        return f"expected a string (quote ids in YAML), got {_describe(value)}"
+        return f"expected a string (quote ids in YAML), got {describe(value)}"
     assert isinstance(value, str)
     if reason is RejectReason.EMPTY:
         return "must not be empty"
@@ -749,17 +329,17 @@ def _ingestion_id_problem(value: object) -> str | None:
         invisible = format_character(value) or "?"
         return (
             f"must not contain invisible format characters, found {invisible!r} "
-            f"(U+{ord(invisible):04X}) in {_describe(value)}"
+            f"(U+{ord(invisible):04X}) in {describe(value)}"
         )
     char = refused_character(value)
-    return f"must not contain control characters, found {char!r} in {_describe(value)}"
+    return f"must not contain control characters, found {char!r} in {describe(value)}"
 
 
 def _host_name_problem(value: object) -> str | None:
     if not isinstance(value, str):
-        return f"expected a string, got {_describe(value)}"
+        return f"expected a string, got {describe(value)}"
     if not _HOST_NAME.fullmatch(value.lower().removesuffix(".")) and not _is_ip_address(value):
-        return f"expected a host name or IP address, without port, got {_describe(value)}"
+        return f"expected a host name or IP address, without port, got {describe(value)}"
     return None
 
 
@@ -773,176 +353,604 @@ def _is_ip_address(value: str) -> bool:
 
 def _label_name_problem(value: object) -> str | None:
     if not isinstance(value, str):
-        return f"expected a string, got {_describe(value)}"
+        return f"expected a string, got {describe(value)}"
     if not _LABEL_NAME.fullmatch(value):
-        return f"expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got {_describe(value)}"
+        return f"expected a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), got {describe(value)}"
     if value.startswith("__"):
-        return f"names starting with '__' are reserved by Prometheus, got {_describe(value)}"
+        return f"names starting with '__' are reserved by Prometheus, got {describe(value)}"
     if value in _OWN_LABELS:
         return f"{value!r} is one of the exporter's own labels ({', '.join(_OWN_LABELS)})"
     return None
 
 
-def _unique_strings(
-    section: _Section, key: str, what: str, problem_of: Callable[[object], str | None]
-) -> tuple[str, ...]:
-    """Read a list; each bad item is reported by its index, duplicates are dropped."""
-    raw = section.get(key)
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        section.problem(key, f"expected a list of {what}, got {_describe(raw)}")
-        return ()
-    unique: dict[str, None] = {}  # a dict keeps first-seen order
-    for index, value in enumerate(raw):
+def _first_checked(problem_of: Callable[[object], str | None]) -> BeforeValidator:
+    """Check an item before its type is: our message covers a wrong type too."""
+
+    def check(value: object) -> object:
         problem = problem_of(value)
         if problem:
-            section.problems.add(f"{section.path_of(key)}[{index}]", problem)
-        elif isinstance(value, str):
-            unique.setdefault(value)
-    return tuple(unique)
+            raise _problem(problem)
+        return value
+
+    return BeforeValidator(check)
 
 
-def _read_ingestions(section: _Section) -> IngestionsConfig:
-    ingestions = IngestionsConfig(
-        ids=_unique_strings(section, "ids", "ingestion ids", _ingestion_id_problem),
-        directory=_string(section, "directory", ""),
-        directory_poll_seconds=_number(section, "directory_poll_seconds", 2.0, gt=0, le=3600),
-        max_tracked=_integer(section, "max_tracked", 100_000, ge=1, le=10_000_000),
-        labels=_unique_strings(section, "labels", "label names", _label_name_problem),
-    )
-    if ingestions.directory and not section.has_problem("directory"):
-        # Missing is fine: an emptyDir or a mount may only appear once the app starts.
-        problem = _absolute_path_problem(ingestions.directory) or _kind_problem(
-            ingestions.directory, directory=True, required=False
-        )
-        if problem:
-            section.problem("directory", problem)
-    if len(ingestions.labels) > _MAX_LABELS:
-        section.problem(
-            "labels",
-            f"expected at most {_MAX_LABELS} label names, got {len(ingestions.labels)}",
-        )
-    if len(ingestions.ids) > ingestions.max_tracked and not section.has_problem("max_tracked"):
-        section.problem(
-            "ids",
-            f"{len(ingestions.ids)} ids exceed {section.path_of('max_tracked')} "
-            f"{ingestions.max_tracked}",
-        )
-    return ingestions
+def _at_most_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    if len(labels) > _MAX_LABELS:
+        raise _problem(f"expected at most {_MAX_LABELS} label names, got {len(labels)}")
+    return labels
 
 
-def _read_server(section: _Section) -> ServerConfig:
-    return ServerConfig(
-        host=_host(section, ServerConfig().host),
-        port=_integer(section, "port", DEFAULT_PORT, ge=0, le=65535),
-        idle_timeout_seconds=_number(section, "idle_timeout_seconds", 75.0, gt=0, le=3600),
-        write_timeout_seconds=_number(section, "write_timeout_seconds", 60.0, gt=0, le=3600),
-    )
-
-
-def _read_logging(section: _Section) -> LoggingConfig:
-    return LoggingConfig(
-        level=_choice(section, "level", "info", _LOG_LEVELS),
-        format=_choice(section, "format", "json", _LOG_FORMATS),
-    )
-
-
-def _read_metrics(section: _Section) -> MetricsConfig:
-    return MetricsConfig(status_series=_choice(section, "status_series", "all", ("all", "active")))
-
-
-def _read_reload(section: _Section) -> ReloadConfig:
-    return ReloadConfig(
-        watch_interval_seconds=_number(section, "watch_interval_seconds", 5.0, ge=0)
-    )
-
-
-def _read_admin(section: _Section, server: ServerConfig) -> AdminConfig:
-    admin = AdminConfig(
-        enabled=_boolean(section, "enabled", True),
-        host=_host(section, AdminConfig().host),
-        port=_integer(section, "port", DEFAULT_ADMIN_PORT, ge=0, le=65535),
-        token_file=_string(section, "token_file", ""),
-        allowed_hosts=_unique_strings(section, "allowed_hosts", "host names", _host_name_problem),
-    )
-    if not admin.enabled or section.has_problem("enabled"):
-        return admin  # no listener (or unknown whether one): its port and token do not matter
-    if not (admin.token_file or is_loopback_host(admin.host) or section.has_problem("host")):
-        section.problem(
-            "host",
-            f"{admin.host!r} is not a loopback address (127.0.0.1, ::1, localhost): anyone who "
-            f"can reach it could register and delete ids; set {section.path_of('token_file')} "
-            "too",
-        )
-    # Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and telling
-    # which names resolve to the same address is not a load-time question. 0 is always free.
-    if (
-        admin.port == server.port != 0
-        and not section.has_problem("port")
-        and "server.port" not in section.problems
-    ):
-        section.problem("port", f"must differ from server.port ({server.port})")
-    if admin.token_file and not section.has_problem("token_file"):
-        problem = _token_file_problem(admin.token_file)
-        if problem:
-            section.problem("token_file", problem)
-    return admin
-
-
-def _read_state(section: _Section, ingestions: IngestionsConfig) -> StateConfig:
-    state = StateConfig(
-        path=_string(section, "path", ""),
-        debounce_seconds=_number(section, "debounce_seconds", 0.5, ge=0, le=60),
-    )
-    if not state.path or section.has_problem("path"):
-        return state
-    directory = "" if "ingestions.directory" in section.problems else ingestions.directory
-    problem = _absolute_path_problem(state.path)
-    if problem is None and directory and _is_within(state.path, directory):
-        # The app drops one file per upload there: the state file would be read as one.
-        problem = f"must be outside ingestions.directory ({directory!r})"
-    if problem is None:
-        problem = _state_file_problem(state.path)
+def _base_url(url: str) -> str:
+    problem = _base_url_problem(url)
     if problem:
-        section.problem("path", problem)
-    return state
+        raise _problem(problem)
+    return url.rstrip("/")
 
 
-def _read_sharding(section: _Section, hostname: Callable[[], str]) -> ShardingConfig:
-    """Read total and index; a null index comes from the hostname's StatefulSet ordinal."""
-    total = _integer(section, "total", 1, ge=1, le=_MAX_SHARDS)
-    if section.get("index") is not None:
-        index = _integer(section, "index", 0, ge=0, le=_MAX_SHARDS - 1)
-        if index >= total and not section.has_problem("index"):
-            if not section.has_problem("total"):
-                section.problem(
-                    "index",
-                    f"expected an integer from 0 to {total - 1} "
-                    f"(below {section.path_of('total')} {total}), got {index}",
+def _listen_host(model: type[BaseModel], host: str) -> str:
+    """A listen address: non-empty, without spaces or control characters."""
+    if not host or _control_character(host) is not None or " " in host:
+        default = model.model_fields["host"].default
+        raise _problem(f"expected a host name or address such as {default}, got {describe(host)}")
+    return host
+
+
+def _directory_problem(directory: str) -> str | None:
+    if not directory:
+        return None
+    # Missing is fine: an emptyDir or a mount may only appear once the app starts.
+    return _absolute_path_problem(directory) or _kind_problem(
+        directory, directory=True, required=False
+    )
+
+
+# A missing section is an empty one, validated like any other: the sections' own checks
+# (the sigv4 region from the environment, say) run for it too.
+_SECTION_DEFAULT: Any = Field(default_factory=dict, validate_default=True)
+
+IngestionId = Annotated[
+    str,
+    _first_checked(_ingestion_id_problem),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_INGESTION_ID_LENGTH,
+            "pattern": _ID_PATTERN,
+        }
+    ),
+]
+LabelName = Annotated[
+    str,
+    _first_checked(_label_name_problem),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^(?!__)[a-zA-Z_][a-zA-Z0-9_]*$",
+            "not": {"enum": list(_OWN_LABELS)},
+        }
+    ),
+]
+HostName = Annotated[str, _first_checked(_host_name_problem)]
+ListenPort = Annotated[int, Field(ge=0, le=65535), _INTEGRAL]
+
+
+# The models
+
+
+class _Section(BaseModel):
+    """A mapping of the document: strict types, unknown keys refused, frozen once built."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class AuthConfig(_Section):
+    """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
+
+    `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
+    the file leaves it empty). For bearer, exactly one of `token_file` / `token_env` is set;
+    the token itself is read by the auth module, never kept here.
+    """
+
+    type: Annotated[AuthType, _CHOICE] = "sigv4"
+    region: str = ""
+    role_arn: Annotated[
+        str,
+        _checked(
+            lambda arn: (
+                "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
+                f"got {describe(arn)}"
+                if arn and not arn.startswith("arn:")
+                else None
+            )
+        ),
+        Field(json_schema_extra={"pattern": "^(arn:.*)?$"}),
+    ] = ""
+    token_file: str = ""
+    token_env: Annotated[str, SECRET] = ""
+    header: Annotated[
+        str,
+        SECRET,
+        _checked(
+            lambda name: (
+                None
+                if re.fullmatch(_HTTP_WORD, name)
+                else "expected an HTTP header name such as Authorization"
+            )
+        ),
+        Field(json_schema_extra={"pattern": f"^{_HTTP_WORD}$"}),
+    ] = "Authorization"
+    scheme: Annotated[
+        str,
+        SECRET,
+        _checked(
+            lambda word: (
+                None
+                if not word or re.fullmatch(_HTTP_WORD, word)
+                else 'expected one word such as Bearer, or "" for the bare token'
+            )
+        ),
+        Field(json_schema_extra={"pattern": f"^({_HTTP_WORD})?$"}),
+    ] = "Bearer"
+
+    @model_validator(mode="after")
+    def _check_for_type(self, info: ValidationInfo) -> AuthConfig:
+        """The keys each type needs: a region for sigv4, one token source for bearer."""
+        environ = _surroundings(info).environ
+        problems: list[tuple[tuple[str, ...], str]] = []
+        region = self.region
+        if self.type == "sigv4":
+            region = self._resolve_region(environ, problems)
+            problems.extend(
+                ((key,), "only used with type: bearer")
+                for key in ("token_file", "token_env")
+                if getattr(self, key)
+            )
+        elif self.type == "bearer":
+            problems.extend(self._bearer_problems(environ))
+        if problems:
+            raise refusal(type(self).__name__, self, problems)
+        return self if region == self.region else self.model_copy(update={"region": region})
+
+    def _resolve_region(
+        self, environ: Mapping[str, str], problems: list[tuple[tuple[str, ...], str]]
+    ) -> str:
+        """The region from the file, else from the environment; its shape is checked."""
+        region, source = self.region, ""
+        if not region:
+            name = next((name for name in _REGION_ENV_VARS if environ.get(name)), None)
+            if name is None:
+                problems.append(
+                    (
+                        ("region",),
+                        "required with type: sigv4; "
+                        "set it here or in AWS_REGION or AWS_DEFAULT_REGION",
+                    )
                 )
-            index = 0
-        return ShardingConfig(total=total, index=index)
-    if total == 1 or section.has_problem("total"):
-        return ShardingConfig(total=total)
-    name = hostname()
-    ordinal = index_from_hostname(name)
-    if ordinal is None:
-        section.problem(
-            "index",
-            f"set {section.path_of('index')} or run in a StatefulSet whose pod names end in "
-            f"-<ordinal>; hostname {_describe(name)} has none",
+                return ""
+            region, source = environ[name], f" (from {name})"
+        if not _REGION.fullmatch(region):
+            problems.append(
+                (
+                    ("region",),
+                    f"expected an AWS region such as us-east-1, got {describe(region)}{source}",
+                )
+            )
+        return region
+
+    def _bearer_problems(self, environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], str]]:
+        token_file, token_env = self.token_file, self.token_env
+        if bool(token_file) == bool(token_env):
+            which = "both are set" if token_file else "neither is set"
+            return [((), f"type: bearer needs exactly one of token_file or token_env; {which}")]
+        if token_file:
+            problem = _token_file_problem(token_file)
+            return [(("token_file",), problem)] if problem else []
+        if environ.get(token_env, "").strip():
+            return []
+        name = (
+            repr(token_env)
+            if _ECHOABLE_ENV_NAME.fullmatch(token_env)
+            else "named here (name not shown: is it the token itself?)"
         )
-        return ShardingConfig(total=total)
-    if ordinal >= total:
-        section.problem(
-            "index",
-            f"hostname {_describe(name)} gives ordinal {ordinal}, but "
-            f"{section.path_of('total')} is {total} (ordinals 0 to {total - 1}): run as many "
-            f"replicas as {section.path_of('total')}, or set {section.path_of('index')}",
+        return [(("token_env",), f"environment variable {name} is not set or is empty")]
+
+
+class ApiConfig(_Section):
+    """Where the Catalog API is and how hard we may lean on it.
+
+    `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
+    """
+
+    base_url: Annotated[
+        str, AfterValidator(_base_url), Field(json_schema_extra={"pattern": "^https?://[^?#@ ]+$"})
+    ]
+    auth: AuthConfig = _SECTION_DEFAULT
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_requests_per_second: Annotated[float, Field(gt=0, le=10000)] = 5.0
+    max_concurrency: Annotated[int, Field(ge=1, le=256), _INTEGRAL] = 4
+    max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024), _INTEGRAL] = 1048576
+    max_report_bytes: Annotated[int, Field(ge=1024, le=1024**3), _INTEGRAL] = (
+        DEFAULT_MAX_REPORT_BYTES
+    )
+
+
+class PollingConfig(_Section):
+    """When each ingestion id is polled, retried and forgotten."""
+
+    interval_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    jitter_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    terminal_retention_seconds: Annotated[float, Field(ge=0)] = 86400.0
+    invalid_retry_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    initial_backoff_seconds: Annotated[float, Field(gt=0)] = 1.0
+    max_backoff_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # None: terminal_retention_seconds for DONE too
+    done_retention_seconds: Annotated[float | None, Field(ge=0)] = None
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> PollingConfig:
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise refusal(
+                type(self).__name__,
+                self,
+                [
+                    (
+                        ("max_backoff_seconds",),
+                        "expected a number >= {here}.initial_backoff_seconds "
+                        f"({fmt(self.initial_backoff_seconds)}), "
+                        f"got {fmt(self.max_backoff_seconds)}",
+                    )
+                ],
+            )
+        return self
+
+    def retention_for(self, status: str) -> float:
+        """How long a terminal upload's series are kept: DONE may have its own, shorter one."""
+        if status == "DONE" and self.done_retention_seconds is not None:
+            return self.done_retention_seconds
+        return self.terminal_retention_seconds
+
+
+class IngestionsConfig(_Section):
+    """Which uploads are tracked, and what is attached to their metrics.
+
+    `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
+    where the app drops one file per upload ("" disables it); it may not exist yet.
+    `max_tracked` caps the ids tracked from every source together.
+    """
+
+    ids: Annotated[
+        tuple[IngestionId, ...],
+        _LIST,
+        AfterValidator(_unique),
+        Wording("a list of ingestion ids"),
+    ] = ()
+    directory: Annotated[str, _checked(_directory_problem)] = ""
+    directory_poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    max_tracked: Annotated[int, Field(ge=1, le=10_000_000), _INTEGRAL] = 100_000
+    labels: Annotated[
+        tuple[LabelName, ...],
+        _LIST,
+        AfterValidator(_unique),
+        AfterValidator(_at_most_labels),
+        Wording("a list of label names"),
+    ] = ()
+
+    @model_validator(mode="after")
+    def _ids_fit(self) -> IngestionsConfig:
+        if len(self.ids) > self.max_tracked:
+            raise refusal(
+                type(self).__name__,
+                self,
+                [(("ids",), f"{len(self.ids)} ids exceed {{here}}.max_tracked {self.max_tracked}")],
+            )
+        return self
+
+
+class ServerConfig(_Section):
+    """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
+    dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
+    read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
+    """
+
+    host: str = "0.0.0.0"  # noqa: S104 - an exporter in a container must listen on all interfaces
+    port: ListenPort = DEFAULT_PORT
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    write_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @field_validator("host")
+    @classmethod
+    def _host_usable(cls, host: str) -> str:
+        return _listen_host(cls, host)
+
+
+class LoggingConfig(_Section):
+    """Log level (debug, info, warning, error) and format (json, console), lower-case."""
+
+    level: Annotated[LogLevel, _CHOICE] = "info"
+    format: Annotated[LogFormat, _CHOICE] = "json"
+
+
+class MetricsConfig(_Section):
+    """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
+
+    status_series: Annotated[StatusSeries, _CHOICE] = "all"
+
+
+class ReloadConfig(_Section):
+    """How often the config file is checked for changes; 0 leaves only SIGHUP."""
+
+    watch_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
+
+
+class AdminConfig(_Section):
+    """The admin HTTP API (register, list and delete ids) on its own listener.
+
+    Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
+    each request needs "Authorization: Bearer <token>"; the token is read by the server, never
+    kept here. Without a listener (`enabled: false`) the port and token file are not checked.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: ListenPort = DEFAULT_ADMIN_PORT
+    token_file: str = ""
+    #: Host names (besides loopback ones) a request may name in its Host header.
+    allowed_hosts: Annotated[
+        tuple[HostName, ...], _LIST, AfterValidator(_unique), Wording("a list of host names")
+    ] = ()
+
+    @field_validator("host")
+    @classmethod
+    def _host_usable(cls, host: str) -> str:
+        return _listen_host(cls, host)
+
+    @field_validator("port")
+    @classmethod
+    def _port_free(cls, port: int, info: ValidationInfo) -> int:
+        """Equal ports are refused whatever the hosts: 0.0.0.0 overlaps every address, and
+        telling which names resolve to the same address is not a load-time question."""
+        server = _validated(info, "server")
+        if info.data.get("enabled") is True and server is not None and port == server.port != 0:
+            raise _problem(f"must differ from server.port ({server.port})")
+        return port
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file_usable(cls, token_file: str, info: ValidationInfo) -> str:
+        problem = (
+            info.data.get("enabled") is True and token_file and _token_file_problem(token_file)
         )
-        return ShardingConfig(total=total)
-    return ShardingConfig(total=total, index=ordinal)
+        if problem:
+            raise _problem(problem)
+        return token_file
+
+    @model_validator(mode="after")
+    def _open_only_with_a_token(self) -> AdminConfig:
+        """Off loopback, anyone who can reach the listener could register and delete ids."""
+        if self.enabled and not self.token_file and not is_loopback_host(self.host):
+            raise refusal(
+                type(self).__name__,
+                self,
+                [
+                    (
+                        ("host",),
+                        f"{self.host!r} is not a loopback address (127.0.0.1, ::1, localhost): "
+                        "anyone who can reach it could register and delete ids; set "
+                        "{here}.token_file too",
+                    )
+                ],
+            )
+        return self
+
+
+class StateConfig(_Section):
+    """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
+
+    path: str = ""
+    debounce_seconds: Annotated[float, Field(ge=0, le=60)] = 0.5
+
+    @field_validator("path")
+    @classmethod
+    def _path_usable(cls, path: str, info: ValidationInfo) -> str:
+        if not path:
+            return path
+        ingestions = _validated(info, "ingestions")
+        directory = ingestions.directory if ingestions is not None else ""
+        problem = _absolute_path_problem(path)
+        if problem is None and directory and _is_within(path, directory):
+            # The app drops one file per upload there: the state file would be read as one.
+            problem = f"must be outside ingestions.directory ({directory!r})"
+        problem = problem or _state_file_problem(path)
+        if problem:
+            raise _problem(problem)
+        return path
+
+
+class ShardingConfig(_Section):
+    """This replica's share of the ids: those `exporter.sharding.shard_of` maps to `index`.
+
+    `index` is resolved at load time: the file's value, else the StatefulSet ordinal at the
+    end of the hostname ("name-3" -> 3) when `total` > 1, else 0.
+    """
+
+    total: Annotated[int, Field(ge=1, le=_MAX_SHARDS), _INTEGRAL] = 1
+    index: Annotated[
+        int,
+        Field(ge=0, le=_MAX_SHARDS - 1),
+        _INTEGRAL,
+        # null, the documented default, asks for the hostname's ordinal.
+        Field(json_schema_extra={"default": None}),
+    ] = 0
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _index_from_hostname(
+        cls, data: Any, handler: Callable[[Any], ShardingConfig], info: ValidationInfo
+    ) -> ShardingConfig:
+        """An index given must be below total; a null one is the hostname's ordinal."""
+        if not isinstance(data, dict) or data.get("index") is not None:
+            sharding = handler(data)
+            if sharding.index >= sharding.total:
+                raise refusal(
+                    cls.__name__,
+                    data,
+                    [
+                        (
+                            ("index",),
+                            f"expected an integer from 0 to {sharding.total - 1} "
+                            f"(below {{here}}.total {sharding.total}), got {sharding.index}",
+                        )
+                    ],
+                )
+            return sharding
+        sharding = handler({key: value for key, value in data.items() if key != "index"})
+        if sharding.total == 1:
+            return sharding
+        name = _surroundings(info).hostname()
+        ordinal = index_from_hostname(name)
+        if ordinal is None:
+            problem = (
+                "set {here}.index or run in a StatefulSet whose pod names end in "
+                f"-<ordinal>; hostname {describe(name)} has none"
+            )
+        elif ordinal >= sharding.total:
+            problem = (
+                f"hostname {describe(name)} gives ordinal {ordinal}, but {{here}}.total is "
+                f"{sharding.total} (ordinals 0 to {sharding.total - 1}): run as many replicas "
+                "as {here}.total, or set {here}.index"
+            )
+        else:
+            return sharding.model_copy(update={"index": ordinal})
+        raise refusal(cls.__name__, data, [(("index",), problem)])
+
+
+_OPTIONAL_URL_SCHEMA = Field(json_schema_extra={"pattern": "^(https?://[^?#@ ]+)?$"})
+
+
+class SqsConfig(_Section):
+    """An SQS queue of upload-result notifications, used as poll triggers ("" queue_url: off).
+
+    `region` is resolved at load time: the file's, else the queue URL's
+    (sqs.<region>.amazonaws.com), else AWS_REGION / AWS_DEFAULT_REGION. `endpoint_url`
+    replaces the regional endpoint (LocalStack, moto, a VPC endpoint). Credentials come from
+    the AWS default chain, never from here.
+    """
+
+    queue_url: Annotated[
+        str, _checked(lambda url: _base_url_problem(url) if url else None), _OPTIONAL_URL_SCHEMA
+    ] = ""
+    region: Annotated[str, Field(validate_default=True)] = ""  # resolved even when absent
+    endpoint_url: Annotated[
+        str, AfterValidator(lambda url: _base_url(url) if url else url), _OPTIONAL_URL_SCHEMA
+    ] = ""
+    register_unknown: bool = False
+    # SQS's own limits: long polls of at most 20 s, batches of at most 10.
+    wait_seconds: Annotated[int, Field(ge=0, le=20), _INTEGRAL] = 20
+    max_messages: Annotated[int, Field(ge=1, le=10), _INTEGRAL] = 10
+    confirm_subscriptions: bool = False
+    max_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @field_validator("region")
+    @classmethod
+    def _resolve_region(cls, region: str, info: ValidationInfo) -> str:
+        """With a queue, a region: the file's, the queue URL's, else the environment's.
+
+        A field validator (queue_url is checked before it), so that a missing region is
+        reported beside the section's other problems.
+        """
+        queue_url = info.data.get("queue_url", "")
+        if not queue_url:
+            return region  # off, or a bad queue_url already reported: no region needed
+        if not region:
+            host = urllib.parse.urlsplit(queue_url).hostname or ""
+            found = _SQS_HOST_REGION.fullmatch(host)
+            region = (found.group(1) or found.group(2)) if found else ""
+        if not region:
+            environ = _surroundings(info).environ
+            region = next((environ[name] for name in _REGION_ENV_VARS if environ.get(name)), "")
+        if not region:
+            raise _problem(
+                "required when queue_url is not on sqs.<region>.amazonaws.com; set it here or "
+                "in AWS_REGION or AWS_DEFAULT_REGION"
+            )
+        if not _REGION.fullmatch(region):
+            raise _problem(f"expected an AWS region such as us-east-1, got {describe(region)}")
+        return region
+
+
+class NotificationsConfig(_Section):
+    """Where upload-result notifications come from (only SQS so far)."""
+
+    sqs: SqsConfig = _SECTION_DEFAULT
+
+
+class Config(_Section):
+    """The whole validated configuration."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "catalog-upload-exporter configuration",
+            "description": "Generated by `catalog-upload-exporter schema`; see "
+            "config.example.yaml for what each key means.",
+        }
+    )
+
+    api: ApiConfig
+    polling: PollingConfig = _SECTION_DEFAULT
+    ingestions: IngestionsConfig = _SECTION_DEFAULT
+    server: ServerConfig = _SECTION_DEFAULT
+    logging: LoggingConfig = _SECTION_DEFAULT
+    metrics: MetricsConfig = _SECTION_DEFAULT
+    reload: ReloadConfig = _SECTION_DEFAULT
+    admin: AdminConfig = _SECTION_DEFAULT
+    state: StateConfig = _SECTION_DEFAULT
+    sharding: ShardingConfig = _SECTION_DEFAULT
+    notifications: NotificationsConfig = _SECTION_DEFAULT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_is_required(cls, data: Any) -> Any:
+        """A missing api section is reported as its one required key."""
+        if isinstance(data, dict) and data.get("api") is None:
+            return {**data, "api": {}}
+        return data
+
+    @field_validator("ingestions", "server")
+    @classmethod
+    def _remember(cls, section: Any, info: ValidationInfo) -> Any:
+        """Keep a valid section for the checks of later ones (admin.port, state.path)."""
+        if isinstance(info.context, _Surroundings) and info.field_name is not None:
+            info.context.validated[info.field_name] = section
+        return section
+
+
+class _Schema(GenerateJsonSchema):
+    """JSON Schema as the loader reads documents: `null` is allowed wherever a default is."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        value = super().default_schema(schema)
+        default = {"default": value.pop("default")} if "default" in value else {}
+        nullable = value if "anyOf" in value else {"anyOf": [value]}
+        if {"type": "null"} not in nullable["anyOf"]:
+            nullable["anyOf"].append({"type": "null"})
+        return {**nullable, **default}
+
+
+def json_schema() -> dict[str, Any]:
+    """The config file's JSON Schema (draft 2020-12), as `catalog-upload-exporter schema`."""
+    return Config.model_json_schema(schema_generator=_Schema)
 
 
 def parse_config(
@@ -964,124 +972,18 @@ def parse_config(
             return hostname
         return env.get("HOSTNAME") or socket.gethostname()
 
-    problems = _Problems()
     if data is None:
-        problems.add(_TOP_LEVEL, "the document is empty; at least api.base_url is required")
-    elif not isinstance(data, dict):
-        problems.add(_TOP_LEVEL, f"expected a mapping of sections, got {_describe(data)}")
-    problems.raise_if_any()
-
-    root = _Section(problems, "", data, _keys(Config))
-    # Read in field order, which is the order problems are listed in; admin and state are
-    # checked against sections read before them.
-    api = _read_api(root.child("api", ApiConfig), env)
-    polling = _read_polling(root.child("polling", PollingConfig))
-    ingestions = _read_ingestions(root.child("ingestions", IngestionsConfig))
-    server = _read_server(root.child("server", ServerConfig))
-    config = Config(
-        api=api,
-        polling=polling,
-        ingestions=ingestions,
-        server=server,
-        logging=_read_logging(root.child("logging", LoggingConfig)),
-        metrics=_read_metrics(root.child("metrics", MetricsConfig)),
-        reload=_read_reload(root.child("reload", ReloadConfig)),
-        admin=_read_admin(root.child("admin", AdminConfig), server),
-        state=_read_state(root.child("state", StateConfig), ingestions),
-        sharding=_read_sharding(root.child("sharding", ShardingConfig), resolve_hostname),
-    )
-    problems.raise_if_any()
-    return config
-
-
-#: The largest config file read, in bytes. The file is refused before it is parsed: a 64 MB
-#: document took 16 s and almost 1 GB to parse only to be rejected, on every reload too.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """yaml.safe_load's loader (libyaml's when PyYAML has it) that notes repeated keys.
-
-    PyYAML keeps the last of two equal keys in a mapping without a word, so a second
-    `polling:` section silently replaced the first. Each repeat is noted as (key path, first
-    line, repeated line); the document is still built, and the caller refuses it.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[tuple[str, int, int]] = []
-        self._root: yaml.Node | None = None
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._root = node
-        return super().construct_document(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[object, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue  # `<<: *defaults` overriding is what merge keys are for
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node)
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if first is not key_node:
-                self.duplicates.append(
-                    (
-                        self._path_of(node, key),
-                        first.start_mark.line + 1,
-                        key_node.start_mark.line + 1,
-                    )
-                )
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-    def _path_of(self, target: yaml.Node, key: object) -> str:
-        """The key path of `key` in mapping `target`, searched from the document's root."""
-        leaf = key if isinstance(key, str) else _describe(key)
-        stack: list[tuple[yaml.Node, str]] = [(self._root, "")] if self._root else []
-        visited: set[int] = set()
-        while stack:
-            node, path = stack.pop()
-            if node is target:
-                return f"{path}.{leaf}" if path else leaf
-            if id(node) in visited:
-                continue  # an alias seen before: each node is searched once
-            visited.add(id(node))
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                    stack.append((value_node, f"{path}.{name}" if path else str(name)))
-            elif isinstance(node, yaml.SequenceNode):
-                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
-        return leaf
-
-
-def _read_text(name: str) -> str:
-    """The file's text, refused before it is read in full when over MAX_CONFIG_BYTES."""
-    too_big = (
-        f"{name}: the file is larger than {MAX_CONFIG_BYTES} bytes (16 MiB), the most a "
-        "config may be; list many ids in ingestions.directory or the admin API instead"
-    )
+        raise ConfigError(
+            [f"{TOP_LEVEL}: the document is empty; at least api.base_url is required"]
+        )
+    if not isinstance(data, dict):
+        raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {describe(data)}"])
     try:
-        with open(name, "rb") as file:
-            if os.fstat(file.fileno()).st_size > MAX_CONFIG_BYTES:
-                raise ConfigError([too_big])
-            # Bounded even when the size was wrong (a FIFO, /proc) or the file grew since.
-            data = file.read(MAX_CONFIG_BYTES + 1)
-    except OSError as error:
-        raise ConfigError([f"{name}: cannot read the file: {error.strerror}"]) from None
-    except ValueError as error:  # a NUL in the path
-        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([too_big])
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError([f"{name}: cannot read the file: {error}"]) from None
+        return Config.model_validate(data, context=_Surroundings(env, resolve_hostname))
+    except ValidationError as error:
+        raise ConfigError(
+            problem_line(Config, detail) for detail in error.errors(include_url=False)
+        ) from None
 
 
 def load_config(
@@ -1090,32 +992,15 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
 ) -> Config:
-    """Read (at most MAX_CONFIG_BYTES), parse (safe YAML, no repeated keys) and validate.
+    """Read (`yamlfile.read_yaml`: bounded, no repeated keys) and validate.
 
     Every failure is a ConfigError. `environ` and `hostname` are as for `parse_config`.
     """
-    name = os.fspath(path)
-    text = _read_text(name)
-    # libyaml's loader when PyYAML has it: 100,000 ids load in a fraction of the time.
-    loader = _UniqueKeyLoader(text)
     try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as error:
-        # Our own wording: str(error) quotes the offending lines of the document.
-        mark = error.problem_mark or error.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = error.problem or error.context or "invalid YAML"
-        raise ConfigError([f"{name}: YAML syntax error{where}: {what}"]) from None
-    except (yaml.YAMLError, ValueError, RecursionError) as error:
-        raise ConfigError([f"{name}: not valid YAML: {type(error).__name__}"]) from None
-    finally:
-        loader.dispose()
-    if loader.duplicates:
-        raise ConfigError(
-            f"{key_path}: key repeated in {name} at lines {first} and {again}; "
-            "YAML would keep only the last, so say it once"
-            for key_path, first, again in loader.duplicates
-        )
+        data = read_yaml(path)
+    except YamlFileError as error:
+        raise ConfigError(error.problems) from None
     if data is None:
+        name = os.fspath(path)
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
     return parse_config(data, environ=environ, hostname=hostname)

@@ -70,12 +70,10 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from exporter.metrics import DirectoryMetrics
+from exporter.models import MAX_REGISTRATION_BYTES
 from exporter.tracking import Source, Tracker
 
 log = structlog.get_logger("exporter.discovery")
-
-#: Files larger than this are not read: no id needs more, and a stray log file is no id.
-MAX_FILE_BYTES = 64 * 1024
 
 #: New or changed files handled between two yields to the event loop.
 BATCH_FILES = 50
@@ -421,12 +419,13 @@ def _read(entry: os.DirEntry[str], root: str) -> _Observed:
             version = _version_of(status)
             if not stat.S_ISREG(status.st_mode):
                 return _Observed(version, _Bad(FileProblem.NOT_A_FILE, "not a regular file"))
-            if status.st_size > MAX_FILE_BYTES:
+            # Larger files are not read: no id needs more, and a stray log file is no id.
+            if status.st_size > MAX_REGISTRATION_BYTES:
                 return _Observed(version, _too_large())
-            data = file.read(MAX_FILE_BYTES + 1)
+            data = file.read(MAX_REGISTRATION_BYTES + 1)
     except OSError as error:
         return _Observed(_NO_VERSION, _Unreadable(str(error)))
-    if len(data) > MAX_FILE_BYTES:
+    if len(data) > MAX_REGISTRATION_BYTES:
         return _Observed(version, _too_large())
     return _Observed(version, _parse(entry.name, data))
 
@@ -489,4 +488,4 @@ def _version_of(status: os.stat_result) -> _Version:
 
 
 def _too_large() -> _Bad:
-    return _Bad(FileProblem.TOO_LARGE, f"larger than {MAX_FILE_BYTES} bytes")
+    return _Bad(FileProblem.TOO_LARGE, f"larger than {MAX_REGISTRATION_BYTES} bytes")

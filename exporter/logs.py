@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args
 from urllib.parse import quote
 
 import structlog
@@ -20,12 +20,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from exporter.auth import silence_botocore_debug
 
-LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
+#: The log levels (`logging.level`): the one list of the choices, which config takes from here.
+LogLevel = Literal["debug", "info", "warning", "error"]
+#: Each level's standard-library number.
+LEVELS: dict[str, int] = {
+    name: logging.getLevelNamesMapping()[name.upper()] for name in get_args(LogLevel)
 }
+#: The log formats (`logging.format`): JSON lines, or console rendering for people.
+LogFormat = Literal["json", "console"]
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 
 #: What a masked secret is replaced with.
@@ -47,7 +50,7 @@ class SecretMask:
     Every value is masked, nested ones and the event text included. A secret is matched
     verbatim, percent-encoded and JSON-escaped. Short secrets are masked too, whatever their
     length: masking a coincidental "abc" in a line is a lesser harm than printing a weak
-    token (the README says so).
+    token (docs/security.md says so).
 
     structlog's configuration is process-wide, so this is one object made at start-up and
     passed to `configure_logging`, to `Exporter` and for the admin API; no module state.

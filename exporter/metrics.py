@@ -1,8 +1,10 @@
 """Every metric the exporter exposes, on a registry the caller injects.
 
-Metric names and labels are public API (dashboards and alerts depend on them); the README's
-metric table lists them. Per-upload series are rendered at scrape time from `UploadStore`,
-so a removed upload simply disappears and `/metrics` never waits on the Catalog API.
+Metric names and labels are public API (dashboards and alerts depend on them); docs/metrics.md
+lists them. The per-upload families are not here: `exposition` keeps them
+pre-rendered, updated when an upload changes, so a removed upload simply disappears and
+`/metrics` never waits on the Catalog API. The aggregates (`UploadCollector`) are counted
+from `UploadStore` at scrape time.
 """
 
 from __future__ import annotations
@@ -275,6 +277,59 @@ class DirectoryMetrics:
         """Record a complete scan."""
         self.scan_failing.set(0)
         self.last_scan_success.set(time.time())
+
+
+#: How notifications are handled (catalog_exporter_notifications_total's outcome label).
+NOTIFICATION_OUTCOMES = (
+    "triggered",  # a poll was moved ahead of the schedule
+    "merged",  # joined a poll in flight, already triggered, or due within a second
+    "terminal",  # the upload is finished already: not polled again
+    "unknown_id",  # the exporter does not track the id
+    "registered",  # an unknown id tracked (notifications.sqs.register_unknown)
+    "malformed",  # not JSON, too large or deep, or naming no id (deleted)
+    "confirmation",  # an SNS SubscriptionConfirmation or UnsubscribeConfirmation
+)
+
+#: From a message received to its triggered poll completing: a poll takes tens of
+#: milliseconds when the rate budget has room, longer when polls queue for tokens.
+NOTIFICATION_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class NotificationMetrics:
+    """Upload-result notifications: what came of them, queue errors, and how fast they act."""
+
+    def __init__(self, registry: CollectorRegistry, error_kinds: Iterable[str]) -> None:
+        self.outcomes = Counter(
+            "catalog_exporter_notifications",
+            "Ids named by notifications (and messages naming none), by what came of them.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in NOTIFICATION_OUTCOMES:
+            self.outcomes.labels(outcome)
+        self.errors = Counter(
+            "catalog_exporter_notification_errors",
+            "Failed calls to the notification queue, by kind (each is retried with backoff).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in error_kinds:
+            self.errors.labels(kind)
+        self.last_received = Gauge(
+            "catalog_exporter_notification_last_received_timestamp_seconds",
+            "When a notification message was last received (0 until one is).",
+            registry=registry,
+        )
+        self.poll_delay = Histogram(
+            "catalog_exporter_notification_poll_delay_seconds",
+            "From a notification being received to the poll it triggered completing.",
+            buckets=NOTIFICATION_DELAY_BUCKETS,
+            registry=registry,
+        )
+
+    def count(self, outcome: str) -> None:
+        """Count one outcome (one of NOTIFICATION_OUTCOMES)."""
+        self.outcomes.labels(outcome).inc()
 
 
 class UploadCollector(Collector):

@@ -1,7 +1,9 @@
-"""The vocabulary shared by every module: upload statuses, error kinds and poll outcomes.
+"""The vocabulary shared by every module: upload statuses, error kinds, poll outcomes, and
+what makes an ingestionId acceptable.
 
-This module owns no behaviour beyond naming and ranking; parsing lives in `responses`,
-I/O in `client`, scheduling in `scheduler`.
+Besides naming and ranking it owns one rule, the same for every source of ids (config,
+watched directory, admin API): `ingestion_id_problem` and its limits. Parsing lives in
+`responses`, I/O in `client`, scheduling in `scheduler`, counting rejections in `tracking`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from dataclasses import dataclass
 
 #: The API's limit on an ingestionId's length, in characters.
 MAX_INGESTION_ID_LENGTH = 255
+
+#: The largest registration document read, whether a file in the watched directory or an
+#: admin API request body: an id and its labels take a few hundred bytes, so anything bigger
+#: is a mistake or an attack.
+MAX_REGISTRATION_BYTES = 64 * 1024
 
 #: Unicode categories refused in ids and label values: controls, line and paragraph
 #: separators, lone surrogates.

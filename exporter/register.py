@@ -25,6 +25,8 @@ from typing import Any
 
 __all__ = ["DEFAULT_URL", "URL_ENV", "main"]
 
+# Copies of the admin API's defaults (`admin_schema`), kept equal by tests/test_admin.py:
+# importing them would cost this command pydantic's start-up time.
 DEFAULT_URL = "http://127.0.0.1:10185"
 URL_ENV = "CATALOG_EXPORTER_ADMIN_URL"
 INGESTIONS_PATH = "/api/v1/ingestions"

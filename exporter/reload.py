@@ -15,8 +15,9 @@ from pathlib import Path
 
 import structlog
 
-from exporter.config import MAX_CONFIG_BYTES, ConfigError, load_config
+from exporter.config import ConfigError, load_config
 from exporter.service import Exporter
+from exporter.yamlfile import MAX_CONFIG_BYTES
 
 log = structlog.get_logger("exporter.reload")
 

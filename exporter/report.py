@@ -21,7 +21,7 @@ import aiohttp
 import yarl
 from aiohttp import web
 
-from exporter.client import CatalogClient
+from exporter.client import READ_CHUNK_BYTES, CatalogClient
 from exporter.models import RETRYABLE_ERRORS, PollError
 from exporter.responses import clean_text
 
@@ -41,7 +41,6 @@ __all__ = [
 #: The whole download, from connecting to the last byte; a report is a few MiB at most.
 DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 300.0
 
-_CHUNK_BYTES = 64 * 1024
 #: The longest pause before polling again for a link: someone is waiting at a terminal.
 _MAX_RETRY_DELAY_SECONDS = 10.0
 #: How much of an error answer is read to find S3's <Code> and <Message>.
@@ -227,7 +226,7 @@ async def _get(
                 return _too_large(f"{where} announced {length} bytes,", limits, status)
             await sink.start(response.content_type, length)
             size = 0
-            async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+            async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
                 size += len(chunk)
                 if size > limits.max_bytes:
                     return _too_large(f"{where} sent", limits, status)

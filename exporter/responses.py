@@ -1,8 +1,8 @@
 """Turn one HTTP answer of getCatalogUploadStatus into a `StatusReport` or a `PollError`.
 
 Pure functions, no I/O: every byte string the API may send maps to an outcome, never to an
-exception. The decisions taken where the API text is ambiguous are listed in the README
-("How ambiguous answers are read") and pinned by tests/test_responses.py.
+exception. The decisions taken where the API text is ambiguous are listed in
+docs/api-decisions.md and pinned by tests/test_responses.py.
 """
 
 from __future__ import annotations

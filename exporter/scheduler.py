@@ -2,7 +2,10 @@
 
 One dispatcher task pops the upload that is due first from a heap (so the longest-waiting
 upload goes first and none starves), waits for a rate-limit token and a concurrency slot,
-and starts the poll as a tracked task. After each poll the upload is put back with its next
+and starts the poll as a tracked task. A triggered upload (a notification named it) goes
+ahead of the heap, still through the rate limit and the concurrency cap; triggers for an
+upload whose poll is in flight, already triggered or due within `MERGE_WINDOW_SECONDS` join
+that poll. After each poll the upload is put back with its next
 due time: the interval with jitter, a backoff after a passing failure, the long invalid-id
 interval, or, once terminal, the end of its retention, when its series are removed.
 """
@@ -31,12 +34,24 @@ log = structlog.get_logger("exporter.scheduler")
 #: First polls of newly tracked uploads are spread over this many seconds at most.
 INITIAL_SPREAD_SECONDS = 1.0
 
+#: A trigger for an upload whose poll is due within this many seconds joins that poll.
+MERGE_WINDOW_SECONDS = 1.0
+
 
 class Action(enum.Enum):
     """What happens to an upload when its heap entry comes due."""
 
     POLL = "poll"
     RETIRE = "retire"
+
+
+class Trigger(enum.Enum):
+    """What `Poller.trigger` did with a request to poll an upload now."""
+
+    TRIGGERED = "triggered"  # a poll was moved ahead of the heap
+    MERGED = "merged"  # it joins a poll in flight, already triggered, or due within a second
+    TERMINAL = "terminal"  # finished: its status cannot change, so it is not polled again
+    NOT_TRACKED = "not_tracked"
 
 
 @dataclass(order=True, slots=True)
@@ -81,7 +96,14 @@ class Poller:
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._heap: list[_Entry] = []
-        self._pending: dict[str, int] = {}
+        # The live heap entry of each scheduled upload; older entries in the heap are stale.
+        self._pending: dict[str, _Entry] = {}
+        # Triggered uploads, polled before anything in the heap, in the order triggered.
+        self._urgent: dict[str, None] = {}
+        # Uploads taken off the heap or the urgent queue whose poll has not finished yet.
+        self._busy: set[str] = set()
+        # Called when the next poll of an upload completes (the triggers that asked for it).
+        self._followers: dict[str, list[Callable[[], None]]] = {}
         self._seq = 0
         self._failures: dict[str, int] = {}
         self._unknown_values_logged: set[str] = set()
@@ -101,7 +123,7 @@ class Poller:
         the signal to raise the budget, lengthen the interval, or shard.
         """
         heap = self._heap
-        while heap and self._pending.get(heap[0].ingestion_id) != heap[0].seq:
+        while heap and self._pending.get(heap[0].ingestion_id) is not heap[0]:
             heapq.heappop(heap)
         return max(0.0, self._clock() - heap[0].due) if heap else 0.0
 
@@ -143,6 +165,31 @@ class Poller:
         for ingestion_id in ingestion_ids:
             self._pending.pop(ingestion_id, None)
             self._failures.pop(ingestion_id, None)
+            self._urgent.pop(ingestion_id, None)
+            self._followers.pop(ingestion_id, None)
+
+    def trigger(self, ingestion_id: str, on_polled: Callable[[], None] | None = None) -> Trigger:
+        """Poll a tracked upload now: ahead of the heap, through the rate limiter.
+
+        A poll in flight, already triggered, or due within `MERGE_WINDOW_SECONDS` is not
+        doubled: the trigger joins it (a poll due soon is moved ahead too, so a backlog in
+        the heap does not delay it). `on_polled` is called once the poll that serves this
+        trigger completes; never for a terminal or untracked upload.
+        """
+        upload = self._store.get(ingestion_id)
+        if upload is None:
+            return Trigger.NOT_TRACKED
+        if upload.terminal:
+            return Trigger.TERMINAL
+        if on_polled is not None:
+            self._followers.setdefault(ingestion_id, []).append(on_polled)
+        if ingestion_id in self._busy or ingestion_id in self._urgent:
+            return Trigger.MERGED
+        entry = self._pending.pop(ingestion_id, None)
+        soon = entry is not None and entry.due - self._clock() <= MERGE_WINDOW_SECONDS
+        self._urgent[ingestion_id] = None
+        self._wakeup.set()
+        return Trigger.MERGED if soon else Trigger.TRIGGERED
 
     def reconfigure(self, settings: PollingConfig, max_concurrency: int) -> None:
         """Apply reloaded settings; current schedules keep their due times."""
@@ -152,11 +199,14 @@ class Poller:
     async def _dispatch(self) -> None:
         while True:
             ingestion_id = await self._next_due()
+            self._busy.add(ingestion_id)
             await self._limiter.acquire()
             semaphore = self._semaphore
             await semaphore.acquire()
             if ingestion_id not in self._store:  # removed while we waited
                 semaphore.release()
+                self._busy.discard(ingestion_id)
+                self._followers.pop(ingestion_id, None)
                 continue
             task = asyncio.create_task(self._poll(ingestion_id, semaphore))
             self._inflight.add(task)
@@ -164,9 +214,13 @@ class Poller:
 
     async def _next_due(self) -> str:
         while True:
+            if self._urgent:
+                ingestion_id = next(iter(self._urgent))
+                del self._urgent[ingestion_id]
+                return ingestion_id
             now = self._clock()
             heap = self._heap
-            while heap and self._pending.get(heap[0].ingestion_id) != heap[0].seq:
+            while heap and self._pending.get(heap[0].ingestion_id) is not heap[0]:
                 heapq.heappop(heap)
             if heap and heap[0].due <= now:
                 entry = heapq.heappop(heap)
@@ -204,6 +258,9 @@ class Poller:
             finally:
                 semaphore.release()
             self._schedule(ingestion_id, delay, action)
+            self._busy.discard(ingestion_id)
+            for on_polled in self._followers.pop(ingestion_id, ()):
+                on_polled()
 
     def _apply(self, ingestion_id: str, outcome: PollOutcome) -> tuple[float, Action]:
         if isinstance(outcome, StatusReport):
@@ -265,8 +322,8 @@ class Poller:
         if ingestion_id not in self._store:
             return
         self._seq += 1
-        self._pending[ingestion_id] = self._seq
         entry = _Entry(self._clock() + delay, self._seq, ingestion_id, action)
+        self._pending[ingestion_id] = entry
         heapq.heappush(self._heap, entry)
         if self._heap[0] is entry:
             self._wakeup.set()

@@ -1,4 +1,5 @@
-"""Wiring of one running exporter: store, tracker, rate limiter, client, poller, state, discovery.
+"""Wiring of one running exporter: store, tracker, rate limiter, client, poller, state, discovery,
+notifications.
 
 `Exporter` builds the parts from a `Config`, starts and stops them (its background tasks are
 owned here and awaited on stop), and applies a reloaded config to the running parts. It does
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import botocore.session
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -28,9 +31,11 @@ from exporter.metrics import (
     ApiMetrics,
     DirectoryMetrics,
     ExporterMetrics,
+    NotificationMetrics,
     UploadCollector,
     UploadMetrics,
 )
+from exporter.notifications import NotificationHandler, confirm_subscription
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.report import (
     DownloadLimits,
@@ -42,6 +47,7 @@ from exporter.report import (
 )
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
+from exporter.sqs import QueueErrorKind, QueueReceiver
 from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import ConfigIdsChange, IngestionTracker
 from exporter.uploads import UploadStore
@@ -76,6 +82,7 @@ class Exporter:
         log_stream: TextIO | None = None,
         secret_mask: SecretMask | None = None,
         rebuild_pause: Callable[[], Awaitable[None]] | None = None,
+        aws_session_factory: Callable[[], botocore.session.Session] = botocore.session.Session,
     ) -> None:
         self.config = config
         self._log_stream = log_stream
@@ -83,6 +90,9 @@ class Exporter:
         self.secret_mask = SecretMask() if secret_mask is None else secret_mask
         self._auth: RequestAuth | None = None
         self.secret_mask.watch("api", self._held_api_secrets)
+        self._receiver: QueueReceiver | None = None
+        self.secret_mask.watch("sqs", self._held_queue_secrets)
+        self._aws_session_factory = aws_session_factory
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
         self.limiter = AdaptiveRateLimiter(
@@ -98,6 +108,9 @@ class Exporter:
         )
         self.registry.register(UploadCollector(self.store))
         self.directory_metrics = DirectoryMetrics(self.registry, FileProblem)
+        self.notification_metrics = NotificationMetrics(
+            self.registry, [kind.value for kind in QueueErrorKind]
+        )
         self.exposition = UploadExposition(
             self.store,
             label_names=lambda: self.config.ingestions.labels,
@@ -150,6 +163,7 @@ class Exporter:
         rebuilds = self.exposition.run() if pause is None else self.exposition.run(pause)
         self._spawn("exposition-rebuilder", rebuilds)
         self._start_watcher(self.config)
+        self._start_notifications(self.config)
         log.info(
             "exporter_started",
             tracked_ingestions=len(self.store),
@@ -160,6 +174,8 @@ class Exporter:
     async def stop(self) -> None:
         """Stop scheduling and discovery, let in-flight polls end within the API timeout,
         write the state a last time, close the session."""
+        await self._cancel("notifications-restart")
+        await self._cancel("notifications")
         await self._cancel("watcher-restart")
         await self._cancel("directory-watcher")
         if self._poller is not None:
@@ -188,11 +204,13 @@ class Exporter:
             self._poller.reconfigure(new.polling, new.api.max_concurrency)
             if new.api != old.api:
                 self._poller.client = self._make_client(new)
-        change = self.tracker.replace_config_ids(new.ingestions.ids)
+        change = self.tracker.replace_config_ids(new.ingestions.ids, previous=old.ingestions.ids)
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
             self._restart_watcher(new)
+        if new.notifications != old.notifications:
+            self._restart_notifications(new)
         for section in ("server", "admin", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
@@ -288,6 +306,43 @@ class Exporter:
             self._start_watcher(config)
 
         self._spawn("watcher-restart", restart())
+
+    def _start_notifications(self, config: Config) -> None:
+        """Receive from the configured queue, if any: its messages trigger polls."""
+        settings = config.notifications.sqs
+        if not settings.queue_url or self._poller is None or self._session is None:
+            self._receiver = None
+            return
+        confirm = (
+            functools.partial(confirm_subscription, self._session)
+            if settings.confirm_subscriptions
+            else None
+        )
+        handler = NotificationHandler(
+            trigger=self._poller.trigger,
+            tracker=self.tracker,
+            metrics=self.notification_metrics,
+            register_unknown=settings.register_unknown,
+            confirm=confirm,
+        )
+        self._receiver = QueueReceiver(
+            settings,
+            handler=handler,
+            metrics=self.notification_metrics,
+            session_factory=self._aws_session_factory,
+            rng=self._rng,
+        )
+        self._spawn("notifications", self._receiver.run())
+
+    def _restart_notifications(self, config: Config) -> None:
+        async def restart() -> None:
+            await self._cancel("notifications")
+            self._start_notifications(config)
+
+        self._spawn("notifications-restart", restart())
+
+    def _held_queue_secrets(self) -> tuple[str, ...]:
+        return () if self._receiver is None else self._receiver.held_secrets()
 
     def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         self._tasks[name] = asyncio.create_task(work, name=name)

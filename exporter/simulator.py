@@ -32,6 +32,7 @@ import botocore.credentials
 from aiohttp import web
 from botocore.awsrequest import AWSRequest
 
+from exporter.auth import AUTH_TYPES
 from exporter.fakes3 import DEFAULT_LINK_SECONDS, REPORTS_PATH, ReportBucket, ReportRequest
 from exporter.models import TERMINAL_STATUSES
 
@@ -444,8 +445,8 @@ class Simulator:
         report_bytes: int = 0,
         report_chunked: bool = False,
     ) -> None:
-        if auth not in {"none", "bearer", "sigv4"}:
-            msg = f"unknown auth mode {auth!r}: expected 'none', 'bearer' or 'sigv4'"
+        if auth not in AUTH_TYPES:
+            msg = f"unknown auth mode {auth!r}: expected one of {', '.join(AUTH_TYPES)}"
             raise ValueError(msg)
         for name, rate in (
             ("error_rate", error_rate),
@@ -1074,7 +1075,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--auth",
-        choices=["none", "bearer", "sigv4"],
+        choices=AUTH_TYPES,
         default="none",
         help="what a request must carry: nothing (the default), a bearer token from "
         "--token-file, or a SigV4 signature made with the test credentials below (401/403 "

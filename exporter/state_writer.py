@@ -35,6 +35,10 @@ log = structlog.get_logger("exporter.state")
 
 Undo = Callable[[], None]
 
+#: Rows whose records are built between two yields to the loop. The first commit after
+#: starting on a new store, or after a reload adding many ids, holds 100,000 rows.
+_ROWS_PER_STEP = 2_000
+
 
 class Persistence(Protocol):
     """What the tracker needs: mark changed ids, and wait until a change is durable."""
@@ -186,7 +190,10 @@ class StateWriter:
         """Commit one batch in the writer thread and answer its flushes; never raises."""
         loop = asyncio.get_running_loop()
         try:
-            uploads: list[UploadChange] = [(i, self._record(i)) for i in batch.uploads]
+            uploads: list[UploadChange] = []
+            for chunk in _chunks(list(batch.uploads), _ROWS_PER_STEP):
+                uploads.extend((i, self._record(i)) for i in chunk)
+                await asyncio.sleep(0)  # a batch of 100,000 rows must not stall the loop
             retired: list[RetiredChange] = [(i, self._retired_at(i)) for i in batch.retired]
             await loop.run_in_executor(self._executor, self._store.apply, uploads, retired)
         except Exception as exc:  # any failure must leave the loop running
@@ -283,6 +290,10 @@ async def open_state(
         min_retry_seconds=min_retry_seconds,
     )
     return writer, result
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    return (items[start : start + size] for start in range(0, len(items), size))
 
 
 def _short(exc: BaseException) -> str:

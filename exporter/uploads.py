@@ -2,8 +2,9 @@
 
 `UploadStore` is the only writer of upload state. It knows nothing of HTTP, timing policy or
 validation: the tracker decides which ids are tracked, the scheduler tells it what a poll
-found, the collector reads it at scrape time. Timestamps here are wall-clock seconds (they
-are exported and persisted); scheduling uses its own clock.
+found. Each change is handed at once to the renderer `exposition` sets, which keeps the
+upload's series pre-rendered; at scrape time only the aggregates are read. Timestamps here are
+wall-clock seconds (they are exported and persisted); scheduling uses its own clock.
 """
 
 from __future__ import annotations

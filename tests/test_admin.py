@@ -1,8 +1,9 @@
 """The admin API over real HTTP on loopback, backed by a real tracker, store and state file.
 
 Every response any test sees is recorded with its route template; each test's teardown checks
-that the OpenAPI document lists that status for that operation, so the document cannot drift
-from what the API really answers.
+that the OpenAPI document lists that status for that operation and that each JSON body is
+valid against the schema the document gives it, so the document cannot drift from what the
+API really answers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import quote
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from yarl import URL
 
@@ -47,6 +49,8 @@ NOW = 1718000000.5  # 2024-06-10T06:13:20.500Z
 HOSTILE_ID = 'shelf/42 "summer" Grüße %2F?#'
 
 Observed = set[tuple[str, str | None, int]]
+#: JSON answers as sent: (method, route template, status, body).
+Sent = list[tuple[str, str | None, int, bytes]]
 
 
 @dataclass
@@ -111,14 +115,19 @@ def id_path(ingestion_id: str) -> str:
     return "/api/v1/ingestions/" + quote(ingestion_id, safe="")
 
 
-def recorder(observed: Observed) -> Any:
-    """A middleware recording (method, route template, status) of every answer."""
+def recorder(observed: Observed, sent: Sent) -> Any:
+    """A middleware recording (method, route template, status) of every answer, and the
+    bodies of the JSON ones."""
 
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         resource = request.match_info.route.resource
-        observed.add((request.method, resource.canonical if resource else None, response.status))
+        template = resource.canonical if resource else None
+        observed.add((request.method, template, response.status))
+        if isinstance(response, web.Response) and response.content_type == "application/json":
+            assert isinstance(response.body, bytes)
+            sent.append((request.method, template, response.status, response.body))
         return response
 
     return record
@@ -134,6 +143,32 @@ def undocumented(observed: Observed) -> list[tuple[str, str | None, int]]:
     )
 
 
+def off_schema(sent: Sent) -> list[str]:
+    """JSON answers that the schema the OpenAPI document gives them refuses.
+
+    An answer outside every route (an unknown path, a wrong method) must be an Error.
+    """
+    document = openapi_document()
+    problems = []
+    for method, template, status, body in sent:
+        if template is None:
+            schema: dict[str, Any] = {"$ref": "#/components/schemas/Error"}
+        else:
+            answers = document["paths"][template][method.lower()]["responses"]
+            if str(status) not in answers:
+                continue  # undocumented() reports it
+            schema = answers[str(status)]["content"]["application/json"]["schema"]
+        validator = Draft202012Validator(
+            {**schema, "components": document["components"]},
+            format_checker=Draft202012Validator.FORMAT_CHECKER,
+        )
+        problems.extend(
+            f"{method} {template} {status}: {error.message}"
+            for error in validator.iter_errors(json.loads(body))
+        )
+    return problems
+
+
 @pytest.fixture
 async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
     """Start admin APIs: `admin = await start_admin(labels=("team",), token_file=...)`."""
@@ -141,6 +176,7 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
     sessions: list[ClientSession] = []
     writers: list[asyncio.Task[None]] = []
     observed: Observed = set()
+    sent: Sent = []
 
     async def start(
         *,
@@ -180,7 +216,7 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
         if writer is not None:
             writers.append(asyncio.create_task(writer.run()))
         app = create_admin_app(tracker, token_file=token_file)
-        app.middlewares.insert(0, recorder(observed))
+        app.middlewares.insert(0, recorder(observed, sent))
         server = TestServer(app, host="127.0.0.1", port=port)
         await server.start_server()
         servers.append(server)
@@ -198,6 +234,8 @@ async def start_admin(tmp_path: Path) -> AsyncIterator[AdminFactory]:
         task.cancel()
     await asyncio.gather(*writers, return_exceptions=True)
     assert not undocumented(observed), "answers missing from the OpenAPI document"
+    assert sent, "no JSON answer recorded"
+    assert off_schema(sent) == [], "answers that do not match their documented schema"
 
 
 @pytest.fixture
@@ -373,6 +411,16 @@ async def test_a_malformed_request_gets_a_json_error(
     assert set(answer.body) == {"error", "message"}
     assert answer.body["error"] == (error or answer.body["error"])
     assert admin.tracker.views() == [] and admin.rejected == []
+
+
+async def test_a_body_starting_with_a_byte_order_mark_is_accepted(admin: Admin) -> None:
+    """UTF-8 with a BOM, as some Windows tools send it, registers the id."""
+    data = b"\xef\xbb\xbf" + json.dumps({"ingestionId": "bom-1"}).encode()
+    answer = await admin.call(
+        "POST", "/api/v1/ingestions", data=data, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status == 201
+    assert answer.body["ingestionId"] == "bom-1"
 
 
 async def test_a_json_content_type_with_charset_or_suffix_is_accepted(admin: Admin) -> None:
@@ -879,6 +927,67 @@ def test_the_document_check_catches_an_undocumented_status() -> None:
     ]
 
 
+def test_the_schema_check_catches_a_body_the_document_does_not_describe() -> None:
+    """The per-test check really fails on a missing field, a wrong type, a bad timestamp, an
+    unknown source and an error that is no Error object."""
+    one = "/api/v1/ingestions/{ingestion_id}"
+    view = {
+        "ingestionId": "a",
+        "status": "DONE",
+        "sources": ["api"],
+        "labels": {},
+        "firstSeen": "2024-06-10T06:13:20.500Z",
+        "statusChanged": "2024-06-10T06:13:20.500Z",
+        "lastPoll": None,
+        "lastSuccess": None,
+        "lastErrorKind": None,
+        "terminalAt": None,
+        "reportAvailable": False,
+    }
+    bad_bodies = [
+        {key: value for key, value in view.items() if key != "reportAvailable"},
+        {**view, "labels": {"team": 7}},
+        {**view, "firstSeen": "yesterday"},
+        {**view, "sources": ["somewhere"]},
+    ]
+    sent = [("GET", one, 200, json.dumps(body).encode()) for body in [view, *bad_bodies]]
+    sent.append(("PUT", None, 405, b'{"error": "method_not_allowed"}'))
+    problems = off_schema(sent)
+    assert len(problems) == len(bad_bodies) + 1, problems
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ingestionId": "ok-1"},
+        {"ingestionId": "ok-2", "labels": {"team": "t" * 128}},
+        {"ingestionId": "ok-3", "labels": None},
+        {"ingestionId": "x" * 255},
+        {"ingestionId": "x" * 256},
+        {"ingestionId": ""},
+        {"ingestionId": 5},
+        {"ingestionId": None},
+        {"labels": {"team": "x"}},
+        {"ingestionId": "a", "lables": {}},
+        {"ingestionId": "a", "labels": ["team"]},
+        {"ingestionId": "a", "labels": {"team": 7}},
+        {"ingestionId": "a", "labels": {"team": "t" * 129}},
+        ["a"],
+    ],
+)
+async def test_the_documented_request_schema_accepts_what_the_api_accepts(
+    admin: Admin, body: object
+) -> None:
+    """A body shape the RegisterRequest schema refuses is refused by the API, and the other
+    way round (with allow-listed label names and printable ids)."""
+    document = openapi_document()
+    validator = Draft202012Validator(
+        {"$ref": "#/components/schemas/RegisterRequest", "components": document["components"]}
+    )
+    answer = await admin.post(body)
+    assert validator.is_valid(body) == (answer.status in (200, 201)), answer.body
+
+
 # -- `catalog-upload-exporter register` ---------------------------------------------------------
 
 
@@ -969,6 +1078,15 @@ async def test_register_command_sends_the_token_from_its_token_file(
     argv = ["with-token", "--url", admin.url, "--token-file", str(token_file)]
     assert await asyncio.to_thread(register.main, argv) == 0
     assert admin.tracker.ids_from(Source.API) == {"with-token"}
+
+
+def test_register_command_uses_the_admin_api_s_default_url_and_path() -> None:
+    """The stdlib-only command's copies of the API's address and path equal the document's."""
+    document = openapi_document()
+    assert [server["url"] for server in document["servers"]] == [register.DEFAULT_URL]
+    assert register.INGESTIONS_PATH in document["paths"]
+    operation = document["paths"][register.INGESTIONS_PATH]["post"]
+    assert operation["operationId"] == "registerIngestion"
 
 
 @pytest.mark.parametrize(

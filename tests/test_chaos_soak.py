@@ -14,7 +14,7 @@ of those are deleted again. Then the faults stop and the exporter must converge:
 - it never crashed, and SIGTERM ends it with status 0.
 
 CI runs the bounded form (`SOAK_UPLOADS=2000`, `SOAK_FAULT_SECONDS=40`); the long form is
-`SOAK_UPLOADS=5000 SOAK_FAULT_SECONDS=600 .venv/bin/pytest -m soak -s` (README, RELIABILITY.md).
+`SOAK_UPLOADS=5000 SOAK_FAULT_SECONDS=600 .venv/bin/pytest -m soak -s` (DEVELOPERS.md).
 The summary table is printed (`-s` shows it) and, with `SOAK_REPORT=path`, written as JSON.
 """
 

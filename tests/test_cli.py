@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import MAX_CONFIG_BYTES
 from exporter.demo import demo_config
 from exporter.simulator import Fault
+from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import (
     SimulatorFactory,
     free_port,

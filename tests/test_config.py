@@ -8,11 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from exporter.config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_PORT,
-    MAX_CONFIG_BYTES,
     AdminConfig,
     ApiConfig,
     AuthConfig,
@@ -20,14 +20,17 @@ from exporter.config import (
     ConfigError,
     IngestionsConfig,
     LoggingConfig,
+    NotificationsConfig,
     PollingConfig,
     ReloadConfig,
     ServerConfig,
     ShardingConfig,
+    SqsConfig,
     StateConfig,
     load_config,
     parse_config,
 )
+from exporter.yamlfile import MAX_CONFIG_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 REGION_ENV = {"AWS_REGION": "eu-west-1"}
@@ -93,6 +96,7 @@ def test_example_config_loads_with_the_values_it_documents():
     assert config.admin == AdminConfig(enabled=True, host="127.0.0.1", port=10185, token_file="")
     assert config.state == StateConfig(path="", debounce_seconds=0.5)
     assert config.sharding == ShardingConfig(total=1, index=0)
+    assert config.notifications == NotificationsConfig(sqs=SqsConfig())
 
 
 def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):
@@ -223,8 +227,9 @@ def test_config_objects_are_frozen():
     """A loaded config cannot be changed in place."""
     config = parse_config(minimal(), environ=REGION_ENV)
 
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.polling.interval_seconds = 1.0  # type: ignore[misc]
+    assert config.polling.interval_seconds == 60.0
 
 
 # Reporting
@@ -967,7 +972,7 @@ def test_a_config_file_over_the_size_cap_is_refused_unparsed(tmp_path):
 
 def test_a_stream_longer_than_the_cap_is_refused_after_reading_only_the_cap(tmp_path, monkeypatch):
     """A FIFO (size 0 to stat) is read no further than the cap and then refused."""
-    monkeypatch.setattr("exporter.config.MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr("exporter.yamlfile.MAX_CONFIG_BYTES", 100)
     fifo = tmp_path / "config.fifo"
     os.mkfifo(fifo)
     written: list[int] = []
@@ -1284,9 +1289,10 @@ def test_unknown_admin_and_state_keys_are_reported_with_suggestions():
     """Misspelt keys in the new sections suggest the key they resemble."""
     problems = problems_of(minimal(admin={"tokenfile": "/t"}, stat={"path": ""}))
 
+    # A section's keys are checked before the unknown top-level keys are listed.
     assert problems == (
-        "stat: unknown key; did you mean 'state'?",
         "admin.tokenfile: unknown key; did you mean 'token_file'?",
+        "stat: unknown key; did you mean 'state'?",
     )
 
 
@@ -1376,8 +1382,8 @@ def test_state_path_beside_the_ingestions_directory_is_accepted(tmp_path):
     assert config.state.path == str(tmp_path / "uploads.state")
 
 
-def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
-    """Bad keys across ingestions, admin and state are all reported at once, in order."""
+def test_every_new_problem_is_reported_together_in_key_order(tmp_path):
+    """Bad keys across ingestions, admin and state are all reported at once, in key order."""
     problems = problems_of(
         minimal(
             ingestions={"directory": "rel", "labels": ["le"], "max_tracked": 0},
@@ -1388,13 +1394,13 @@ def test_every_new_problem_is_reported_together_in_file_order(tmp_path):
     )
 
     assert [p.split(":", 1)[0] for p in problems] == [
+        "ingestions.directory",
         "ingestions.max_tracked",
         "ingestions.labels[0]",
-        "ingestions.directory",
         "admin.enabled",
         "admin.host",
-        "state.debounce_seconds",
         "state.path",
+        "state.debounce_seconds",
     ]
 
 

@@ -61,6 +61,9 @@ REQUIRED_METRICS = {
     "catalog_exporter_rejected_ingestions_total",
     "catalog_exporter_event_loop_lag_seconds_bucket",
     "process_resident_memory_bytes",
+    "catalog_exporter_notifications_total",
+    "catalog_exporter_notification_errors_total",
+    "catalog_exporter_notification_poll_delay_seconds_bucket",
     "up",
 }
 

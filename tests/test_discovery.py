@@ -18,12 +18,12 @@ from structlog.typing import EventDict
 
 from exporter.discovery import (
     BATCH_FILES,
-    MAX_FILE_BYTES,
     MAX_JSON_DEPTH,
     DirectoryWatcher,
     FileProblem,
 )
 from exporter.metrics import DirectoryMetrics
+from exporter.models import MAX_REGISTRATION_BYTES
 from exporter.tracking import IngestionTracker, Registration, RejectReason, Source, Tracker
 from exporter.uploads import UploadStore
 from tests.conftest import (
@@ -241,8 +241,8 @@ async def test_a_file_over_64_kib_is_skipped_with_one_warning(
     tmp_path: Path, logs: list[EventDict]
 ) -> None:
     """A large file is not read, and is warned about once per version, not once per scan."""
-    big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_FILE_BYTES)
-    put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_FILE_BYTES))
+    big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_REGISTRATION_BYTES)
+    put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_REGISTRATION_BYTES))
     tracker = FakeTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):

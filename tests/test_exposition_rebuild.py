@@ -8,7 +8,6 @@ running exporter whose rebuild pauses on a gate the test opens.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import threading
 
@@ -132,8 +131,10 @@ async def test_a_label_changing_reload_is_served_old_until_the_background_rebuil
     assert status == 200 and extra_label_sets(before) == {frozenset({"team"})}
 
     exporter.apply(
-        dataclasses.replace(
-            config, ingestions=dataclasses.replace(config.ingestions, labels=("team", "catalog"))
+        config.model_copy(
+            update={
+                "ingestions": config.ingestions.model_copy(update={"labels": ("team", "catalog")})
+            }
         )
     )
     await asyncio.wait_for(held.wait(), 10)

@@ -3,7 +3,7 @@
 The exporter must stay up and ready, back off so that the outage costs a bounded request
 rate, show that its data is going stale, and recover by itself when the API returns. CI runs
 it with `OUTAGE_SECONDS=10` per phase; `OUTAGE_SECONDS=300 .venv/bin/pytest -m soak -s
-tests/test_outage.py` is the long form (README, RELIABILITY.md).
+tests/test_outage.py` is the long form (DEVELOPERS.md, RELIABILITY.md).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from exporter.simulator import (
 )
 from exporter.tracking import Source
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
-from tests.test_admin import recorder, undocumented
+from tests.test_admin import Sent, off_schema, recorder, undocumented
 
 TOKEN = "bearer-token-SECRET-0123456789"
 SESSION_TOKEN = "FQoGZXIvYXdzEXAMPLESESSIONTOKENSECRET"
@@ -404,7 +404,8 @@ async def admin_reports(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[Simulator, Call, Any]]:
     """A simulator, an exporter tracking up-1..up-3 against it, and its admin API with the
-    report route; every answer is checked against the OpenAPI document at the end."""
+    report route; every answer (and JSON body) is checked against the OpenAPI document at the
+    end."""
     sim, url = await start_simulator(report_chunked=False)
     sim.add_upload("up-1", [("FATAL", math.inf)])
     sim.add_upload("up-2", [("INPROGRESS", math.inf)])
@@ -413,8 +414,9 @@ async def admin_reports(
     running = await start_exporter(config)
     await wait_for(lambda: _polled(running.exporter))
     observed: set[tuple[str, str | None, int]] = set()
+    sent: Sent = []
     app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
-    app.middlewares.insert(0, recorder(observed))
+    app.middlewares.insert(0, recorder(observed, sent))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
 
@@ -426,6 +428,7 @@ async def admin_reports(
     yield sim, call, running
     await server.close()
     assert undocumented(observed) == []
+    assert off_schema(sent) == []
 
 
 async def _polled(exporter: Any) -> bool:
@@ -555,10 +558,10 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CONTAINER = "-c catalog-upload-exporter -- catalog-upload-exporter report"
 
 
-def readme_section(heading: str) -> str:
-    """The README text under `### heading`, up to the next heading of that level or above."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"\n### {heading}\n")
+def runbook(heading: str) -> str:
+    """The text of docs/alerts.md under `## heading`, up to the next heading of that level."""
+    text = (ROOT / "docs" / "alerts.md").read_text()
+    start = text.index(f"\n## {heading}\n")
     end = re.search(r"\n##+ ", text[start + 1 :])
     return text[start : start + 1 + end.start()] if end else text[start:]
 
@@ -567,7 +570,7 @@ def readme_section(heading: str) -> str:
 def test_fatal_and_cancelled_runbooks_and_alerts_give_the_report_command(alert: str) -> None:
     """The runbook gives the kubectl exec line; the alert's description carries the id in the
     same command (and the kubectl form when the series has pod labels)."""
-    assert f"kubectl exec -n NAMESPACE POD {IN_CONTAINER} '<id>'" in readme_section(alert)
+    assert f"kubectl exec -n NAMESPACE POD {IN_CONTAINER} '<id>'" in runbook(alert)
     rules = yaml.safe_load(
         (ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml").read_text()
     )
@@ -594,7 +597,7 @@ def test_the_container_and_config_path_the_runbook_assumes_are_the_manifests() -
 
 def test_the_attention_table_shows_the_report_command_for_the_rows_id() -> None:
     """The dashboard's attention table links each ingestion id to the report command for that
-    id (a data link titled with the command) and to the README's section on it."""
+    id (a data link titled with the command) and to the docs' section on it."""
     dashboard = json.loads(
         (ROOT / "deploy" / "grafana" / "catalog-upload-exporter.json").read_text()
     )
@@ -605,8 +608,8 @@ def test_the_attention_table_shows_the_report_command_for_the_rows_id() -> None:
     (links,) = [p["value"] for p in override["properties"] if p["id"] == "links"]
     (link,) = links
     assert f"{IN_CONTAINER} '${{__value.raw}}'" in link["title"]
-    assert link["url"].endswith("README.md#the-report-command")
-    assert "\n## The `report` command\n" in (ROOT / "README.md").read_text()
+    assert link["url"].endswith("/docs/operations.md#the-report-command")
+    assert "\n## The `report` command\n" in (ROOT / "docs" / "operations.md").read_text()
 
 
 async def test_a_token_echoed_by_the_api_reaches_neither_stderr_nor_the_admin_route(

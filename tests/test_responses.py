@@ -1,4 +1,4 @@
-"""How each answer of getCatalogUploadStatus is read (the README's "ambiguous answers")."""
+"""How each answer of getCatalogUploadStatus is read (docs/api-decisions.md)."""
 
 from __future__ import annotations
 

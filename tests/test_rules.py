@@ -1,4 +1,4 @@
-"""Alert and recording rules: valid for promtool, unit-tested, alerts documented in the README."""
+"""Alert and recording rules: valid for promtool, unit-tested, alerts documented in docs/."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import require_tool
+from tests.test_docs import heading_anchors
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "catalog-upload-exporter.rules.yml"
@@ -27,6 +28,7 @@ REQUIRED_ALERTS = {
     "CatalogExporterConfigReloadFailed",
     "CatalogExporterPollLagging",
     "CatalogExporterEventLoopLagging",
+    "CatalogExporterNotificationQueueFailing",
     "CatalogUploadSuccessBudgetBurn",
 }
 #: Recording rule names follow the Prometheus convention `level:metric:operations`.
@@ -116,17 +118,14 @@ def test_every_alert_has_a_firing_and_a_not_firing_unit_test() -> None:
     assert names - silent == set()
 
 
-def test_every_runbook_url_points_at_a_readme_section() -> None:
-    """runbook_url anchors resolve to headings in the README."""
-    readme = (ROOT / "README.md").read_text()
-    anchors = {
-        re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
-        for heading in re.findall(r"^#+ (.+)$", readme, flags=re.MULTILINE)
-    }
+def test_every_alert_has_its_own_runbook_heading_in_docs_alerts() -> None:
+    """Each alert's runbook_url ends in docs/alerts.md#<alert name, lower case>, a heading there."""
+    anchors = heading_anchors(ROOT / "docs" / "alerts.md")
     for rule in alerts():
         annotations = rule["annotations"]
         assert isinstance(annotations, dict)
         url = str(annotations["runbook_url"])
+        assert url.endswith(f"/docs/alerts.md#{str(rule['alert']).lower()}"), url
         assert url.split("#", 1)[1] in anchors, url
 
 

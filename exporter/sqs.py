@@ -1,0 +1,339 @@
+"""The SQS receive loop: long-poll the notification queue, hand each message on, delete.
+
+botocore's SQS client does the signing and the protocol (credentials from the AWS default
+chain, as for SigV4); its blocking calls run one at a time on a daemon thread of our own, so
+a 20-second long poll holds neither the event loop nor the default executor, and does not
+hold up the process's exit. Messages are parsed there too (`notifications.parse_message`),
+then handled on the loop, then deleted in one batch, malformed ones included. Queue errors
+are counted by kind and retried with jittered exponential backoff; polling of the Catalog
+API never waits on the queue. No secret reaches a log: botocore's messages are cleaned,
+and the credentials in use are offered to the log mask (`held_secrets`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import queue
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import botocore.config
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+import structlog
+
+from exporter.config import SqsConfig
+from exporter.metrics import NotificationMetrics
+from exporter.notifications import NotificationHandler, Parsed, parse_message
+from exporter.responses import clean_text
+
+__all__ = ["QueueErrorKind", "QueueReceiver", "classify_error"]
+
+log = structlog.get_logger("exporter.sqs")
+
+T = TypeVar("T")
+
+#: First retry after a queue error waits about this long; each further one doubles it, up
+#: to `notifications.sqs.max_backoff_seconds`.
+INITIAL_BACKOFF_SECONDS = 1.0
+
+#: With wait_seconds 0 (short polling), an empty answer waits this long before the next.
+SHORT_POLL_PAUSE_SECONDS = 1.0
+
+
+class QueueErrorKind(enum.StrEnum):
+    """Why a call to the queue failed (catalog_exporter_notification_errors_total's kind)."""
+
+    ACCESS_DENIED = "access_denied"  # the role may not receive or delete (IAM, KMS)
+    CREDENTIALS = "credentials"  # no, expired or unknown AWS credentials
+    NO_SUCH_QUEUE = "no_such_queue"
+    THROTTLED = "throttled"
+    NETWORK = "network"  # no connection, timeout, connection closed
+    SERVER_ERROR = "server_error"  # SQS answered 5xx
+    DELETE_FAILED = "delete_failed"  # a message of a batch could not be deleted
+    OTHER = "other"
+
+
+_CODES = {
+    QueueErrorKind.ACCESS_DENIED: (
+        "AccessDenied",
+        "AccessDeniedException",
+        "KMS.AccessDeniedException",
+        "KMS.DisabledException",
+    ),
+    QueueErrorKind.CREDENTIALS: (
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidSecurity",
+        "MissingAuthenticationToken",
+        "IncompleteSignature",
+    ),
+    QueueErrorKind.NO_SUCH_QUEUE: (
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "QueueDoesNotExist",
+        "NonExistentQueue",
+    ),
+    QueueErrorKind.THROTTLED: (
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "KMS.ThrottlingException",
+        "OverLimit",
+    ),
+}
+_KIND_OF_CODE = {code: kind for kind, codes in _CODES.items() for code in codes}
+
+
+def classify_error(error: BaseException) -> QueueErrorKind:
+    """The kind of a botocore error (anything unexpected is `other`)."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        return _kind_of_answer(error.response)
+    if isinstance(
+        error,
+        botocore.exceptions.NoCredentialsError
+        | botocore.exceptions.PartialCredentialsError
+        | botocore.exceptions.CredentialRetrievalError,
+    ):
+        return QueueErrorKind.CREDENTIALS
+    if isinstance(
+        error,
+        botocore.exceptions.HTTPClientError
+        | botocore.exceptions.EndpointConnectionError
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return QueueErrorKind.NETWORK
+    return QueueErrorKind.OTHER
+
+
+def _kind_of_answer(response: Any) -> QueueErrorKind:
+    kind = _KIND_OF_CODE.get(str(response.get("Error", {}).get("Code", "")))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if kind is None and status >= 500:
+        kind = QueueErrorKind.SERVER_ERROR
+    elif kind is None and status in (401, 403):
+        kind = QueueErrorKind.ACCESS_DENIED
+    return kind or QueueErrorKind.OTHER
+
+
+class _Worker:
+    """One daemon thread running blocking calls in order, for one event loop.
+
+    A daemon: a long poll in progress when the exporter stops must not delay its exit by up
+    to 20 s, as a ThreadPoolExecutor's worker (joined at exit) would.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[
+            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, call: Callable[[], T]) -> T:
+        """Run `call` on the thread; cancelling the wait does not interrupt the call."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((call, loop, future))
+        return await future
+
+    def close(self) -> None:
+        """Let the thread end once the call in progress (if any) returns."""
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            call, loop, future = item
+            try:
+                result, error = call(), None
+            except Exception as exc:  # handed to the awaiting task
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                return  # the loop is closed: nobody is waiting any more
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class QueueReceiver:
+    """Long-polls one queue for as long as it runs; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: SqsConfig,
+        *,
+        handler: NotificationHandler,
+        metrics: NotificationMetrics,
+        session_factory: Callable[[], botocore.session.Session] = botocore.session.Session,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._metrics = metrics
+        self._session_factory = session_factory
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._sleep = sleep
+        self._clock = clock
+        self._worker = _Worker("sqs-receiver")
+        self._client: Any = None
+        self._credentials: botocore.credentials.Credentials | None = None
+        self._frozen: botocore.credentials.ReadOnlyCredentials | None = None
+        self._failures = 0
+
+    def held_secrets(self) -> tuple[str, ...]:
+        """The AWS secret key and session token last used, for the log mask (no I/O)."""
+        frozen = self._frozen
+        if frozen is None:
+            return ()
+        return tuple(s for s in (frozen.secret_key, frozen.token) if s)
+
+    async def run(self) -> None:
+        """Receive, handle and delete until cancelled; never raises for a queue problem."""
+        log.info(
+            "notification_queue_receiving",
+            queue_url=self._settings.queue_url,
+            region=self._settings.region,
+            endpoint_url=self._settings.endpoint_url or None,
+        )
+        try:
+            while True:
+                await self._once()
+        finally:
+            self._worker.close()
+
+    async def _once(self) -> None:
+        try:
+            batch = await self._worker.run(self._receive)
+        except Exception as error:  # botocore raises many types; each is counted and retried
+            await self._failed(error, "receive")
+            return
+        if self._failures:
+            log.info("notification_queue_recovered", after_failures=self._failures)
+            self._failures = 0
+        if not batch:
+            if self._settings.wait_seconds == 0:
+                await self._sleep(SHORT_POLL_PAUSE_SECONDS)
+            return
+        received_at = self._clock()
+        self._metrics.last_received.set(time.time())
+        for _, parsed in batch:
+            try:
+                await self._handler.handle(parsed, received_at)
+            except Exception:
+                # A bug of ours: the message is still deleted, or it would come back forever.
+                log.exception("notification_handling_crashed")
+        handles = [handle for handle, _ in batch]
+        try:
+            failed = await self._worker.run(lambda: self._delete(handles))
+        except Exception as error:
+            await self._failed(error, "delete")
+            return
+        if failed:
+            self._metrics.errors.labels(QueueErrorKind.DELETE_FAILED.value).inc(failed)
+            log.warning("notification_delete_failed", messages=failed)
+
+    async def _failed(self, error: Exception, call: str) -> None:
+        self._failures += 1
+        kind = classify_error(error)
+        self._metrics.errors.labels(kind.value).inc()
+        ceiling = min(
+            self._settings.max_backoff_seconds,
+            INITIAL_BACKOFF_SECONDS * 2.0 ** min(self._failures - 1, 30),
+        )
+        delay = ceiling * self._rng.uniform(0.5, 1.0)  # "equal jitter": never a hot loop
+        if isinstance(error, botocore.exceptions.NoCredentialsError | ConnectionError):
+            self._client = None  # built again: the chain may find credentials later
+        log.warning(
+            "notification_queue_error",
+            call=call,
+            kind=kind.value,
+            error=_describe(error),
+            consecutive_failures=self._failures,
+            retry_in_seconds=round(delay, 3),
+        )
+        await self._sleep(delay)
+
+    # The methods below run on the worker thread.
+
+    def _sqs(self) -> Any:
+        if self._client is None:
+            session = self._session_factory()
+            self._credentials = session.get_credentials()
+            settings = self._settings
+            self._client = session.create_client(
+                "sqs",
+                region_name=settings.region,
+                endpoint_url=settings.endpoint_url or None,
+                config=botocore.config.Config(
+                    connect_timeout=5,
+                    # Longer than the long poll, or every empty poll would be a timeout.
+                    read_timeout=settings.wait_seconds + 10,
+                    # We retry ourselves, with backoff, counting every failure.
+                    retries={"total_max_attempts": 1},
+                    max_pool_connections=1,
+                    user_agent_extra="catalog-upload-exporter",
+                ),
+            )
+        return self._client
+
+    def _freeze(self) -> None:
+        credentials = self._credentials
+        if credentials is not None:
+            self._frozen = credentials.get_frozen_credentials()
+
+    def _receive(self) -> list[tuple[str, Parsed]]:
+        client = self._sqs()
+        try:
+            answer = client.receive_message(
+                QueueUrl=self._settings.queue_url,
+                MaxNumberOfMessages=self._settings.max_messages,
+                WaitTimeSeconds=self._settings.wait_seconds,
+            )
+        finally:
+            self._freeze()
+        return [
+            (str(message.get("ReceiptHandle", "")), parse_message(message.get("Body")))
+            for message in answer.get("Messages", [])
+        ]
+
+    def _delete(self, handles: list[str]) -> int:
+        """Delete a batch (at most 10, as received); how many could not be deleted."""
+        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles) if h]
+        if not entries:
+            return 0
+        answer = self._sqs().delete_message_batch(
+            QueueUrl=self._settings.queue_url, Entries=entries
+        )
+        return len(answer.get("Failed", []))
+
+
+def _describe(error: BaseException) -> str:
+    """A botocore error's class and cleaned text (it may quote a hostile endpoint's words)."""
+    text = clean_text(str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
