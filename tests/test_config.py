@@ -177,12 +177,14 @@ def test_minimal_config_gets_every_default():
     )
 
 
-def test_the_readme_states_the_default_ports_the_code_uses():
-    """The README's port heading and config table name the ports the config defaults to."""
+def test_the_docs_state_the_default_ports_the_code_uses():
+    """The README and the configuration reference name the ports the config defaults to."""
     readme = Path("README.md").read_text(encoding="utf-8")
-    assert f"### Default port: {DEFAULT_PORT}\n" in readme
-    assert f"| `0.0.0.0` / {DEFAULT_PORT} |" in readme
-    assert f'| true / `127.0.0.1` / {DEFAULT_ADMIN_PORT} / `""` |' in readme
+    reference = Path("docs/configuration.md").read_text(encoding="utf-8")
+    ports = f"on port {DEFAULT_PORT}, the admin API on 127.0.0.1:{DEFAULT_ADMIN_PORT}."
+    assert f"`/metrics` listens {ports}" in readme
+    assert f"| `server.host` / `server.port` | `0.0.0.0` / {DEFAULT_PORT} |" in reference
+    assert f"| `admin.host` / `admin.port` | `127.0.0.1` / {DEFAULT_ADMIN_PORT} |" in reference
 
 
 def test_null_sections_and_null_keys_mean_defaults():
