@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from exporter.server import create_app
 from exporter.service import Exporter
 
 log = structlog.get_logger("exporter.runtime")
+
+#: sys.setswitchinterval once serving: how long a thread may keep the GIL from the loop.
+SWITCH_INTERVAL_SECONDS = 0.001
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -146,6 +150,11 @@ async def serve(
         # BENCHMARKS.md). Frozen objects are still freed by reference counting.
         gc.collect()
         gc.freeze()
+        # Worker threads (config parsing on reload, the state writer, directory reads, gzip)
+        # share the GIL with the loop; each time the loop lets go of it (every socket call),
+        # getting it back may wait a whole switch interval. 1 ms instead of 5 keeps a
+        # request's few turns of the loop from adding up to hundreds of ms (BENCHMARKS.md).
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         if on_listening is not None:
             on_listening(url, admin_url)
         stop = asyncio.Event()
