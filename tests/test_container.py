@@ -111,15 +111,15 @@ def wheels_dir(scratch: Path) -> Path:
             "--quiet",
             "--wheel-dir",
             str(fresh),
-            str(ROOT),
+            # The dependencies only: the image builds the project's own wheel from its
+            # sources (a copy here would go stale), and building it here would write
+            # build/ in the work tree.
+            *PYPROJECT["project"]["dependencies"],
             *PYPROJECT["build-system"]["requires"],
         ],
         check=True,
         timeout=600,
     )
-    # The image builds the project's own wheel from its sources; a copy here would go stale.
-    for own in fresh.glob("catalog_upload_exporter-*.whl"):
-        own.unlink()
     CACHE.mkdir(exist_ok=True)
     shutil.copytree(fresh, target, dirs_exist_ok=True)
     return target
