@@ -150,6 +150,7 @@ async def serve(
         # BENCHMARKS.md). Frozen objects are still freed by reference counting.
         gc.collect()
         gc.freeze()
+        gc.enable()  # off during start-up when run from the command line (cli.main)
         # Worker threads (config parsing on reload, the state writer, directory reads, gzip)
         # share the GIL with the loop; each time the loop lets go of it (every socket call),
         # getting it back may wait a whole switch interval. 1 ms instead of 5 keeps a
