@@ -177,7 +177,8 @@ def in_image(image: str, *argv: str) -> str:
     return result.stdout
 
 
-#: runc needs explicit limits on these hosts; they are well above what the exporter uses.
+#: runc cannot set rlimits on some kernels without explicit ones; these are well above what the
+#: exporter uses.
 ULIMITS = ("--ulimit=nofile=1024:1024", "--ulimit=nproc=1024:1024")
 
 
