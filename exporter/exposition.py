@@ -485,10 +485,7 @@ def _compress(job: _GzipJob) -> tuple[list[bytes], list[bytes]]:
     parts = list(job.parts)
     for (position, _, _, _), data in zip(job.todo, deflated, strict=True):
         parts[position] = data
-    # One call over the joined body: a crc32 per piece lets go of the GIL and waits to get it
-    # back thousands of times per scrape, which slowed scrapes and the event loop alike.
-    body = b"".join(job.plain)
-    crc, size = zlib.crc32(body), len(body)
+    crc, size = _crc32(job.plain)
     pieces = [part for part in parts if part is not None]
     pieces.append(_DEFLATE_END + struct.pack("<II", crc, size & 0xFFFFFFFF))
     return pieces, deflated
@@ -499,6 +496,33 @@ def _keep(job: _GzipJob, deflated: list[bytes]) -> None:
     for (_, block, family, data), done in zip(job.todo, deflated, strict=True):
         if block is not None and block.chunks[family] is data and block.gzipped[family] is None:
             block.gzipped[family] = done
+
+
+#: The CRC is computed over the body in joined runs of about this many bytes.
+_CRC_RUN_BYTES = 1 << 20
+
+
+def _crc32(pieces: list[bytes]) -> tuple[int, int]:
+    """The CRC-32 and size of the concatenated pieces.
+
+    A crc32 call per piece (thousands per scrape, each letting go of the GIL and then waiting
+    to get it back from the event loop) slowed scrapes and the loop alike; one call over the
+    joined body would copy all of it (75 MB at 100,000 uploads). Runs of ~1 MiB do neither.
+    """
+    crc = size = pending = 0
+    run: list[bytes] = []
+    for piece in pieces:
+        run.append(piece)
+        pending += len(piece)
+        if pending >= _CRC_RUN_BYTES:
+            crc = zlib.crc32(b"".join(run), crc)
+            size += pending
+            run.clear()
+            pending = 0
+    if run:
+        crc = zlib.crc32(b"".join(run), crc)
+        size += pending
+    return crc, size
 
 
 def _deflate(data: bytes) -> bytes:

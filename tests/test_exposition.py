@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import random
 import subprocess
+import zlib
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
+from exporter.exposition import _crc32
 from exporter.server import accepts_gzip
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
 
@@ -152,3 +155,14 @@ async def test_health_readiness_and_landing_page(
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     for link in (b'href="metrics"', b'href="healthz"', b'href="readyz"'):
         assert link in body
+
+
+def test_the_gzip_trailer_crc_covers_every_piece_across_runs() -> None:
+    """The CRC and size of a body of many pieces (several 1 MiB runs, a piece larger than a
+    run, empty pieces) are those of the whole body joined."""
+    rng = random.Random(7)
+    pieces = [rng.randbytes(rng.choice([0, 1, 700, 40_000])) for _ in range(200)]
+    pieces.insert(50, rng.randbytes(3 * 1024 * 1024))
+    joined = b"".join(pieces)
+    assert _crc32(pieces) == (zlib.crc32(joined), len(joined))
+    assert _crc32([]) == (0, 0)
