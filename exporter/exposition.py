@@ -66,11 +66,14 @@ def escape_label_value(value: str) -> str:
 BLOCK_SIZE = 256
 #: A block with this many uploads' new lines waiting is refreshed at once, not at the scrape.
 _EAGER = BLOCK_SIZE // 4
-#: zlib level of the precompressed gzip body (aiohttp's own compression uses the default, 6).
-GZIP_LEVEL = 6
+#: zlib level of the precompressed gzip body: the fastest. A gzip scrape deflates the blocks
+#: that changed since the last one; on a 100,000-upload body with mixed statuses level 1 took
+#: a third of level 6's time (108 against 330 ms for every block) for 13% more bytes.
+GZIP_LEVEL = 1
 _FAMILY_COUNT = len(FAMILIES)
 _STATUS, _CHANGED, _SUCCESS, _REPORT = range(_FAMILY_COUNT)
-_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no mtime, OS unknown
+#: No name, no mtime, XFL 4 (fastest algorithm), OS unknown.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"
 _DEFLATE_END = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
 
 
