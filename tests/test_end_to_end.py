@@ -229,13 +229,19 @@ async def _exporter_url(
     return sim, running.url.rstrip("/")
 
 
+async def _healthy_scrapes(stack: Stack, count: int) -> bool:
+    """Whether Prometheus has scraped the exporter successfully at least `count` times."""
+    result = (await stack.query("/api/v1/query?query=sum_over_time(up[1m])"))["result"]
+    return bool(result) and float(result[0]["value"][1]) >= count
+
+
 async def test_fatal_upload_reaches_the_webhook_labelled_with_its_id(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory, start_stack: StackFactory
 ) -> None:
     """Driving one upload to FATAL sends CatalogUploadFatal for that ingestion_id to the webhook."""
     sim, exporter_url = await _exporter_url(start_simulator, start_exporter)
     stack = await start_stack(exporter_url)
-    await asyncio.sleep(3)  # a few healthy scrapes first
+    await wait_for(lambda: _healthy_scrapes(stack, 3), timeout=30, interval=0.5)
     assert stack.webhook.firing() == []
     sim.set_status("up-doomed", "FATAL")
 
