@@ -285,6 +285,7 @@ NOTIFICATION_OUTCOMES = (
     "merged",  # joined a poll in flight, already triggered, or due within a second
     "terminal",  # the upload is finished already: not polled again
     "unknown_id",  # the exporter does not track the id
+    "not_owned",  # another replica polls the id (sharding); never registered here
     "registered",  # an unknown id tracked (notifications.sqs.register_unknown)
     "malformed",  # not JSON, too large or deep, or naming no id (deleted)
     "confirmation",  # an SNS SubscriptionConfirmation or UnsubscribeConfirmation

@@ -256,6 +256,11 @@ class NotificationHandler:
         if result is not Trigger.NOT_TRACKED:
             self._metrics.count(result.value)
             return
+        if not self._tracker.owns(ingestion_id):
+            # Sharded, with a queue the replicas share: the id is another replica's to poll.
+            self._metrics.count("not_owned")
+            log.debug("notification_for_another_shard", ingestion_id=clean_text(ingestion_id))
+            return
         self._metrics.count("unknown_id")
         log.debug("notification_for_unknown_id", ingestion_id=clean_text(ingestion_id))
         if not self._register_unknown:

@@ -156,6 +156,10 @@ class Tracker(Protocol):
         """True if `source` holds the id now; O(1), unlike `ids_from`."""
         ...
 
+    def owns(self, ingestion_id: str) -> bool:
+        """True if this replica polls the id (`sharding`); every id without sharding."""
+        ...
+
 
 def _label_problem(labels: Mapping[str, object], allowed: tuple[str, ...]) -> str | None:
     for name, value in labels.items():
@@ -421,6 +425,10 @@ class IngestionTracker:
         """True if `source` holds the id now."""
         upload = self._store.get(ingestion_id)
         return upload is not None and source.value in upload.sources
+
+    def owns(self, ingestion_id: str) -> bool:
+        """See `Tracker.owns`."""
+        return self._shard.owns(ingestion_id)
 
     def view(self, ingestion_id: str) -> UploadView | None:
         """One upload as the admin API shows it."""

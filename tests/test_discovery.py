@@ -86,6 +86,9 @@ class FakeTracker:
     def holds(self, ingestion_id: str, source: Source) -> bool:
         return source in self.sources.get(ingestion_id, set())
 
+    def owns(self, ingestion_id: str) -> bool:
+        return True
+
 
 def _id_problem(ingestion_id: object) -> tuple[RejectReason, str] | None:
     if not isinstance(ingestion_id, str):

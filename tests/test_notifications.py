@@ -25,7 +25,10 @@ from exporter.notifications import (
     subscribe_url_problem,
 )
 from exporter.scheduler import Trigger
+from exporter.sharding import Shard
 from exporter.sqs import QueueErrorKind, QueueReceiver
+from exporter.tracking import IngestionTracker
+from exporter.uploads import UploadStore
 from tests.conftest import free_port
 
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:catalog-upload-results"
@@ -149,6 +152,9 @@ class NoTracker:
     async def register(self, *args: object, **kwargs: object) -> None:
         raise AssertionError("nothing is registered without register_unknown")
 
+    def owns(self, ingestion_id: str) -> bool:
+        return True
+
 
 def handler(confirm: Confirmer | None) -> tuple[NotificationHandler, NotificationMetrics]:
     metrics = NotificationMetrics(CollectorRegistry(), [k.value for k in QueueErrorKind])
@@ -207,6 +213,34 @@ async def test_a_valid_subscribe_url_is_handed_to_the_confirmer() -> None:
 # The notifications.sqs config section
 
 API = {"base_url": "https://api.example.com", "auth": {"type": "none"}}
+
+
+async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_never_registered() -> None:
+    """With sharding and a shared queue, an id this replica does not own is the owner's to
+    poll: counted apart from unknown ids, and not registered even with register_unknown."""
+    shard = Shard(index=0, total=2)
+    ids = [f"ingestion-{n}" for n in range(40)]
+    mine = next(i for i in ids if shard.owns(i))
+    theirs = next(i for i in ids if not shard.owns(i))
+    tracker = IngestionTracker(
+        UploadStore(),
+        max_tracked=100,
+        label_names=(),
+        on_added=lambda added: None,
+        on_removed=lambda removed: None,
+        on_rejected=lambda reason: None,
+        shard=shard,
+    )
+    metrics = NotificationMetrics(CollectorRegistry(), [k.value for k in QueueErrorKind])
+    handler = NotificationHandler(
+        trigger=lambda i, _done: Trigger.NOT_TRACKED,
+        tracker=tracker,
+        metrics=metrics,
+        register_unknown=True,
+    )
+    await handler.handle(Named((mine, theirs), enveloped=False), received_at=0.0)
+    assert {v.ingestion_id for v in tracker.views()} == {mine}
+    assert [counted(metrics, o) for o in ("unknown_id", "registered", "not_owned")] == [1, 1, 1]
 
 
 def sqs(environ: dict[str, str] | None = None, **values: object) -> SqsConfig:
