@@ -34,6 +34,9 @@ from exporter.tracking import Source, Tracker
 __all__ = [
     "MAX_IDS_PER_MESSAGE",
     "MAX_MESSAGE_BYTES",
+    "RELEASE_AFTER_RECEIVES_AT_MOST",
+    "RELEASE_PAUSE_SECONDS",
+    "RELEASE_VISIBILITY_SECONDS",
     "Confirmation",
     "Malformed",
     "MalformedKind",
@@ -52,6 +55,16 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 
 #: Ids taken from one message at most; a message naming more is cut there (and logged).
 MAX_IDS_PER_MESSAGE = 100
+
+#: With sharding and a queue the replicas share, a message naming an id another replica owns
+#: goes back to the queue, visible again after 0 to this many seconds, for the owner to
+#: receive; the replica that put it back waits up to `RELEASE_PAUSE_SECONDS` before asking
+#: again (both drawn at random), so that it is not always the first to ask. After this many
+#: receives the message is deleted instead: about a minute, time enough for an owner to
+#: restart, and an owner gone for good does not keep the message alive.
+RELEASE_VISIBILITY_SECONDS = 2
+RELEASE_PAUSE_SECONDS = 1.0
+RELEASE_AFTER_RECEIVES_AT_MOST = 60
 
 #: The answer to a SubscribeURL visit read at most (it is a short XML document).
 _MAX_CONFIRM_BYTES = 64 * 1024
@@ -236,8 +249,10 @@ class NotificationHandler:
         self._clock = clock
         self._malformed_logged: set[MalformedKind] = set()
 
-    async def handle(self, parsed: Parsed, received_at: float) -> None:
-        """Act on one message, received (by `clock`) at `received_at`."""
+    async def handle(self, parsed: Parsed, received_at: float, receive_count: int = 1) -> bool:
+        """Act on one message, received (by `clock`) at `received_at` for the
+        `receive_count`th time. True: put the message back in the queue rather than delete
+        it, as it names an id another replica owns (sharding)."""
         if isinstance(parsed, Malformed):
             self._malformed(parsed)
         elif isinstance(parsed, Confirmation):
@@ -245,32 +260,36 @@ class NotificationHandler:
         else:
             if parsed.cut:
                 log.warning("notification_names_too_many_ids", kept=MAX_IDS_PER_MESSAGE)
-            for ingestion_id in parsed.ids:
-                await self._named(ingestion_id, received_at)
+            owned = [await self._named(i, received_at) for i in parsed.ids]
+            return not all(owned) and receive_count < RELEASE_AFTER_RECEIVES_AT_MOST
+        return False
 
-    async def _named(self, ingestion_id: str, received_at: float) -> None:
+    async def _named(self, ingestion_id: str, received_at: float) -> bool:
+        """Act on one id named by a message; False if another replica owns it."""
+
         def polled() -> None:
             self._metrics.poll_delay.observe(max(0.0, self._clock() - received_at))
 
         result = self._trigger(ingestion_id, polled)
         if result is not Trigger.NOT_TRACKED:
             self._metrics.count(result.value)
-            return
+            return True
         if not self._tracker.owns(ingestion_id):
             # Sharded, with a queue the replicas share: the id is another replica's to poll.
             self._metrics.count("not_owned")
             log.debug("notification_for_another_shard", ingestion_id=clean_text(ingestion_id))
-            return
+            return False
         self._metrics.count("unknown_id")
         log.debug("notification_for_unknown_id", ingestion_id=clean_text(ingestion_id))
         if not self._register_unknown:
-            return
+            return True
         # The tracker validates the id, applies the cap and counts a rejection by reason.
         registration = await self._tracker.register(ingestion_id, Source.NOTIFICATION)
         if registration.accepted and registration.created:
             self._metrics.count("registered")
             # Its first poll is due within a second: moved ahead, and timed from now on.
             self._trigger(ingestion_id, polled)
+        return True
 
     def _malformed(self, message: Malformed) -> None:
         self._metrics.count("malformed")

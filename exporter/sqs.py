@@ -4,7 +4,8 @@ botocore's SQS client does the signing and the protocol (credentials from the AW
 chain, as for SigV4); its blocking calls run one at a time on a daemon thread of our own, so
 a 20-second long poll holds neither the event loop nor the default executor, and does not
 hold up the process's exit. Messages are parsed there too (`notifications.parse_message`),
-then handled on the loop, then deleted in one batch, malformed ones included. Queue errors
+then handled on the loop, then deleted in one batch, malformed ones included (a message
+naming an id another replica owns goes back to the queue instead, for its owner). Queue errors
 are counted by kind and retried with jittered exponential backoff; polling of the Catalog
 API never waits on the queue. No secret reaches a log: botocore's messages are cleaned,
 and the credentials in use are offered to the log mask (`held_secrets`).
@@ -19,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import botocore.config
@@ -29,7 +31,13 @@ import structlog
 
 from exporter.config import SqsConfig
 from exporter.metrics import NotificationMetrics
-from exporter.notifications import NotificationHandler, Parsed, parse_message
+from exporter.notifications import (
+    RELEASE_PAUSE_SECONDS,
+    RELEASE_VISIBILITY_SECONDS,
+    NotificationHandler,
+    Parsed,
+    parse_message,
+)
 from exporter.responses import clean_text
 
 __all__ = ["QueueErrorKind", "QueueReceiver", "classify_error"]
@@ -56,6 +64,7 @@ class QueueErrorKind(enum.StrEnum):
     NETWORK = "network"  # no connection, timeout, connection closed
     SERVER_ERROR = "server_error"  # SQS answered 5xx
     DELETE_FAILED = "delete_failed"  # a message of a batch could not be deleted
+    RELEASE_FAILED = "release_failed"  # one could not be put back for another shard
     OTHER = "other"
 
 
@@ -179,6 +188,16 @@ def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -
         future.set_result(result)
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as received: its receipt handle, what it says, and how many times the
+    queue has handed it out (SQS's ApproximateReceiveCount, this time included)."""
+
+    handle: str
+    parsed: Parsed
+    receive_count: int
+
+
 class QueueReceiver:
     """Long-polls one queue for as long as it runs; see the module docstring."""
 
@@ -242,21 +261,49 @@ class QueueReceiver:
             return
         received_at = self._clock()
         self._metrics.last_received.set(time.time())
-        for _, parsed in batch:
+        done: list[str] = []
+        released: list[str] = []
+        for message in batch:
             try:
-                await self._handler.handle(parsed, received_at)
+                back = await self._handler.handle(
+                    message.parsed, received_at, message.receive_count
+                )
             except Exception:
                 # A bug of ours: the message is still deleted, or it would come back forever.
                 log.exception("notification_handling_crashed")
-        handles = [handle for handle, _ in batch]
+                back = False
+            if message.handle:
+                (released if back else done).append(message.handle)
+        await self._dispose(done, self._delete, "delete", QueueErrorKind.DELETE_FAILED)
+        visible_in = [self._rng.randint(0, RELEASE_VISIBILITY_SECONDS) for _ in released]
+        await self._dispose(
+            released,
+            lambda handles: self._release(handles, visible_in),
+            "release",
+            QueueErrorKind.RELEASE_FAILED,
+        )
+        if released:
+            await self._sleep(self._rng.uniform(0.0, RELEASE_PAUSE_SECONDS))
+
+    async def _dispose(
+        self,
+        handles: list[str],
+        call: Callable[[list[str]], int],
+        name: str,
+        failed_kind: QueueErrorKind,
+    ) -> None:
+        """Delete or release a batch; a message left over comes back after the queue's
+        visibility timeout, so a failure is counted and never retried here."""
+        if not handles:
+            return
         try:
-            failed = await self._worker.run(lambda: self._delete(handles))
+            failed = await self._worker.run(lambda: call(handles))
         except Exception as error:
-            await self._failed(error, "delete")
+            await self._failed(error, name)
             return
         if failed:
-            self._metrics.errors.labels(QueueErrorKind.DELETE_FAILED.value).inc(failed)
-            log.warning("notification_delete_failed", messages=failed)
+            self._metrics.errors.labels(failed_kind.value).inc(failed)
+            log.warning(f"notification_{name}_failed", messages=failed)
 
     async def _failed(self, error: Exception, call: str) -> None:
         self._failures += 1
@@ -307,30 +354,53 @@ class QueueReceiver:
         if credentials is not None:
             self._frozen = credentials.get_frozen_credentials()
 
-    def _receive(self) -> list[tuple[str, Parsed]]:
+    def _receive(self) -> list[Received]:
         client = self._sqs()
         try:
             answer = client.receive_message(
                 QueueUrl=self._settings.queue_url,
                 MaxNumberOfMessages=self._settings.max_messages,
                 WaitTimeSeconds=self._settings.wait_seconds,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
         finally:
             self._freeze()
         return [
-            (str(message.get("ReceiptHandle", "")), parse_message(message.get("Body")))
+            Received(
+                str(message.get("ReceiptHandle", "")),
+                parse_message(message.get("Body")),
+                _receive_count(message),
+            )
             for message in answer.get("Messages", [])
         ]
 
     def _delete(self, handles: list[str]) -> int:
         """Delete a batch (at most 10, as received); how many could not be deleted."""
-        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles) if h]
-        if not entries:
-            return 0
+        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles)]
         answer = self._sqs().delete_message_batch(
             QueueUrl=self._settings.queue_url, Entries=entries
         )
         return len(answer.get("Failed", []))
+
+    def _release(self, handles: list[str], visible_in: list[int]) -> int:
+        """Make a batch visible again after `visible_in` seconds each, for another replica;
+        how many could not be."""
+        entries = [
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": seconds}
+            for i, (h, seconds) in enumerate(zip(handles, visible_in, strict=True))
+        ]
+        answer = self._sqs().change_message_visibility_batch(
+            QueueUrl=self._settings.queue_url, Entries=entries
+        )
+        return len(answer.get("Failed", []))
+
+
+def _receive_count(message: dict[str, Any]) -> int:
+    """SQS's ApproximateReceiveCount of a message (1 when missing or unreadable)."""
+    try:
+        return max(1, int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1)))
+    except (TypeError, ValueError, AttributeError):
+        return 1
 
 
 def _describe(error: BaseException) -> str:

@@ -16,6 +16,7 @@ from exporter.metrics import NotificationMetrics
 from exporter.notifications import (
     MAX_IDS_PER_MESSAGE,
     MAX_MESSAGE_BYTES,
+    RELEASE_AFTER_RECEIVES_AT_MOST,
     Confirmation,
     Malformed,
     MalformedKind,
@@ -215,9 +216,10 @@ async def test_a_valid_subscribe_url_is_handed_to_the_confirmer() -> None:
 API = {"base_url": "https://api.example.com", "auth": {"type": "none"}}
 
 
-async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_never_registered() -> None:
+async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_its_message_put_back() -> None:
     """With sharding and a shared queue, an id this replica does not own is the owner's to
-    poll: counted apart from unknown ids, and not registered even with register_unknown."""
+    poll: counted apart from unknown ids, not registered even with register_unknown, and its
+    message goes back to the queue for the owner, until it has been received too often."""
     shard = Shard(index=0, total=2)
     ids = [f"ingestion-{n}" for n in range(40)]
     mine = next(i for i in ids if shard.owns(i))
@@ -238,9 +240,13 @@ async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_never_regist
         metrics=metrics,
         register_unknown=True,
     )
-    await handler.handle(Named((mine, theirs), enveloped=False), received_at=0.0)
+    assert await handler.handle(Named((mine, theirs), enveloped=False), received_at=0.0)
     assert {v.ingestion_id for v in tracker.views()} == {mine}
     assert [counted(metrics, o) for o in ("unknown_id", "registered", "not_owned")] == [1, 1, 1]
+    assert not await handler.handle(Named((mine,), enveloped=False), received_at=0.0)
+    last = RELEASE_AFTER_RECEIVES_AT_MOST
+    assert await handler.handle(Named((theirs,), enveloped=False), 0.0, receive_count=last - 1)
+    assert not await handler.handle(Named((theirs,), enveloped=False), 0.0, receive_count=last)
 
 
 def sqs(environ: dict[str, str] | None = None, **values: object) -> SqsConfig:

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
+from exporter.sharding import shard_of
 from exporter.simulator import Simulator
 from tests.conftest import (
     Samples,
@@ -145,7 +146,9 @@ async def run_exporter(tmp_path: Path) -> AsyncIterator[Any]:
     """Start `python -m exporter --config ...` with the test's AWS credentials in its env."""
     started: list[asyncio.subprocess.Process] = []
 
-    async def start(api_url: str, ids: list[str], sqs: dict[str, Any]) -> Process:
+    async def start(
+        api_url: str, ids: list[str], sqs: dict[str, Any], **sections: dict[str, Any]
+    ) -> Process:
         port = free_port()
         config = tmp_path / f"config-{len(started)}.yaml"
         document = {
@@ -158,7 +161,7 @@ async def run_exporter(tmp_path: Path) -> AsyncIterator[Any]:
             "reload": {"watch_interval_seconds": 0},
             "logging": {"level": "debug"},
             "notifications": {"sqs": {"region": REGION, "wait_seconds": 1, **sqs}},
-        }
+        } | sections
         config.write_text(json.dumps(document))  # JSON is YAML
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HTTP", "http"))
@@ -361,6 +364,55 @@ async def test_unknown_ids_are_tracked_only_with_register_unknown(
     assert value(samples, "catalog_exporter_notification_poll_delay_seconds_count") == 1
     registered = [e for e in running.logs() if e["event"] == "ingestion_registered"]
     assert [(e["ingestion_id"], e["source"]) for e in registered] == [("newcomer", "notification")]
+
+
+async def test_with_sharding_a_shared_queue_hands_each_message_to_the_ids_owner(
+    start_simulator: SimulatorFactory, moto_endpoint: str, run_exporter: Any
+) -> None:
+    """Two replicas of two shards on one queue: a message for shard 1's id, received by shard 0
+    while shard 1 is still down, goes back to the queue (counted not_owned each time) and
+    triggers shard 1's poll once it is up; then it is deleted."""
+    ids = [f"sharded-{n}" for n in range(40)]
+    mine = next(i for i in ids if shard_of(i, 2) == 0)
+    theirs = next(i for i in ids if shard_of(i, 2) == 1)
+    sim, api_url = await start_simulator()
+    for ingestion_id in (mine, theirs):
+        sim.add_upload(ingestion_id, [("INPROGRESS", 0)])
+    queue = Queue(moto_endpoint, "results-shared")
+    settings = {"queue_url": queue.url, "endpoint_url": moto_endpoint}
+    shard0 = await run_exporter(
+        api_url, [mine, theirs], settings, sharding={"total": 2, "index": 0}
+    )
+    await wait_for(polls(sim, mine, 1))
+    queue.send(raw(theirs))
+
+    async def passed_on_twice() -> bool:
+        count = await shard0.counter("catalog_exporter_notifications_total", outcome="not_owned")
+        return count >= 2
+
+    await wait_for(passed_on_twice, timeout=15)
+    assert queue.remaining() == 1
+    assert sim.count(ingestion_id=theirs) == 0
+    shard1 = await run_exporter(
+        api_url, [mine, theirs], settings, sharding={"total": 2, "index": 1}
+    )
+
+    async def handled_by_the_owner() -> bool:
+        # Triggered, or merged into its first poll if the message came first.
+        samples = await shard1.scrape()
+        return any(
+            value(samples, "catalog_exporter_notifications_total", outcome=outcome)
+            for outcome in ("triggered", "merged")
+        )
+
+    await wait_for(handled_by_the_owner, timeout=30)
+
+    async def deleted() -> bool:
+        return queue.remaining() == 0
+
+    await wait_for(deleted, timeout=10)
+    assert await shard1.counter("catalog_exporter_notifications_total", outcome="not_owned") == 0
+    assert sim.count(ingestion_id=mine) == 1
 
 
 async def test_an_sqs_endpoint_echoing_the_secret_key_never_gets_it_logged(
