@@ -8,12 +8,12 @@ masks, in every line, each secret the process holds at that moment.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Literal, TextIO, get_args
-from urllib.parse import quote
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
@@ -48,9 +48,10 @@ class SecretMask:
     with no secret held, a line costs one empty tuple.
 
     Every value is masked, nested ones and the event text included. A secret is matched
-    verbatim, percent-encoded and JSON-escaped. Short secrets are masked too, whatever their
-    length: masking a coincidental "abc" in a line is a lesser harm than printing a weak
-    token (docs/security.md says so).
+    verbatim, JSON-escaped, and with any of its characters other than ASCII letters and
+    digits percent-encoded (upper- or lower-case hex; all, some or none of them). Short
+    secrets are masked too, whatever their length: masking a coincidental "abc" in a line
+    is a lesser harm than printing a weak token (docs/security.md says so).
 
     structlog's configuration is process-wide, so this is one object made at start-up and
     passed to `configure_logging`, to `Exporter` and for the admin API; no module state.
@@ -89,12 +90,28 @@ class SecretMask:
 
 
 def _compile(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One alternation of every form of every secret, longest first (a secret containing
+    """One alternation of every secret's forms, longest secret first (a secret containing
     another is masked whole)."""
-    forms = {f for s in secrets for f in (s, quote(s, safe=""), s.replace("/", "\\/"))}
-    if not forms:
+    if not secrets:
         return None
-    return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)))
+    ordered = sorted(secrets, key=len, reverse=True)
+    return re.compile("|".join("".join(map(_character, s)) for s in ordered))
+
+
+def _character(character: str) -> str:
+    """A pattern for one character of a secret: itself, or (other than an ASCII letter or
+    digit) its JSON escape or its UTF-8 bytes percent-encoded in either case of hex."""
+    if character.isascii() and character.isalnum():
+        return character
+    encoded = "".join(
+        "%" + "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{byte:02X}")
+        for byte in character.encode("utf-8", "surrogatepass")
+    )
+    escaped = json.dumps(character)[1:-1]
+    forms = dict.fromkeys([encoded, re.escape(escaped), re.escape(character)])
+    if character == "/":
+        forms[re.escape("\\/")] = None  # JSON may escape "/" too
+    return "(?:" + "|".join(forms) + ")"
 
 
 def _masked(value: Any, pattern: re.Pattern[str]) -> Any:

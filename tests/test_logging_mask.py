@@ -45,3 +45,22 @@ def test_mask_follows_the_source_and_leaves_lines_alone_without_secrets() -> Non
     assert mask.mask("a short one") == "a <secret> one"
     held[0] = "rotated-secret"
     assert mask.mask("short rotated-secret") == "short <secret>"
+
+
+def test_mask_covers_every_percent_encoding_and_json_escape_of_a_secret() -> None:
+    """An echoed secret is masked however a gateway encoded it: percent-encoded in either case
+    of hex, only partly, or JSON-escaped; the text around it is kept."""
+    secret = 'wJalr/K7MDENG+bPxRfi"CYEXAMPLEKEY'
+    mask = SecretMask()
+    mask.watch("aws", lambda: [secret])
+    encodings = [
+        secret,
+        "wJalr%2FK7MDENG%2BbPxRfi%22CYEXAMPLEKEY",  # upper-case hex
+        "wJalr%2fK7MDENG%2bbPxRfi%22CYEXAMPLEKEY",  # lower-case hex
+        'wJalr/K7MDENG%2BbPxRfi"CYEXAMPLEKEY',  # only the "+"
+        json.dumps(secret)[1:-1],  # '\\"'
+        secret.replace("/", "\\/"),
+    ]
+    for encoded in encodings:
+        assert mask.mask(f"echo: {encoded}!") == "echo: <secret>!", encoded
+    assert mask.mask("wJalr%2FK7MDENG") == "wJalr%2FK7MDENG"  # a part is not the secret
