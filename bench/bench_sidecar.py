@@ -11,9 +11,10 @@ sidecar's 5 requests/s.
 Measured per size: when /healthz and /readyz first answer after `podman run` (the startup
 probe allows 60 s); then for `--seconds`, /healthz every second as the liveness probe asks
 it (a 2 s timeout: a slower answer counts as a failed probe) and a gzip scrape every 15 s;
-then the exporter's CPU (process_cpu_seconds_total), the share of CFS periods in which the
-container was throttled, its resident memory, the container's peak memory (cgroup), and
-whether it was OOM-killed.
+then the exporter's CPU (process_cpu_seconds_total), the share of its event loop's ticks more
+than 100 ms late (what CatalogExporterEventLoopLagging watches: it fires when over 1% are,
+for 15 minutes), the share of CFS periods in which the container was throttled, its resident
+memory, the container's peak memory (cgroup), and whether it was OOM-killed.
 
     .venv/bin/python bench/bench_sidecar.py [--quick] [--sizes 10000,40000,100000]
         [--seconds 60] [--image localhost/catalog-upload-exporter:test]
@@ -45,6 +46,7 @@ ULIMITS = ("--ulimit=nofile=1024:1024", "--ulimit=nproc=1024:1024")
 #: The liveness probe's timeout and the scrape interval used here.
 PROBE_TIMEOUT_SECONDS = 2.0
 SCRAPE_EVERY_SECONDS = 15.0
+LAG = "catalog_exporter_event_loop_lag_seconds"
 #: What the container's cgroup says (v1 paths, then v2), read inside it.
 CGROUP_READER = """
 import pathlib
@@ -137,21 +139,31 @@ async def measure(name: str, url: str, seconds: float, started: float) -> dict[s
         result["healthz_s"] = await first_ok(s, f"{url}/healthz", started, 120)
         result["readyz_s"] = await first_ok(s, f"{url}/readyz", started, 120)
         before = common.samples((await common.scrape(s, f"{url}/metrics")).body.decode(), [""])
-        probes: list[float | None] = []
         scrapes: list[float] = []
         window = time.monotonic()
-        next_scrape = window
-        while time.monotonic() - window < seconds:
-            tick = time.monotonic()
-            probes.append(await probe(s, f"{url}/healthz"))
-            if tick >= next_scrape:
-                scraped = await common.scrape(s, f"{url}/metrics", common.GZIP)
-                scrapes.append(scraped.seconds)
-                next_scrape += SCRAPE_EVERY_SECONDS
-            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+        deadline = window + seconds
+
+        async def scraping() -> None:
+            while (began := time.monotonic()) < deadline:
+                scrapes.append((await common.scrape(s, f"{url}/metrics", common.GZIP)).seconds)
+                pause = SCRAPE_EVERY_SECONDS - (time.monotonic() - began)
+                await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+
+        # As the kubelet does: a probe a second whatever the scrapes do, each on its own.
+        scraper = asyncio.create_task(scraping())
+        probing: list[asyncio.Task[float | None]] = []
+        while time.monotonic() < deadline:
+            probing.append(asyncio.create_task(probe(s, f"{url}/healthz")))
+            await asyncio.sleep(1.0)
+        probes = await asyncio.gather(*probing)
+        await scraper
         elapsed = time.monotonic() - window
         after = common.samples((await common.scrape(s, f"{url}/metrics")).body.decode(), [""])
     answered = [p for p in probes if p is not None]
+    ticks = after.get(f"{LAG}_count", 0.0) - before.get(f"{LAG}_count", 0.0)
+    on_time = after.get(f'{LAG}_bucket{{le="0.1"}}', 0.0) - before.get(
+        f'{LAG}_bucket{{le="0.1"}}', 0.0
+    )
     cpu = after.get("process_cpu_seconds_total", 0.0) - before.get("process_cpu_seconds_total", 0.0)
     peak, periods = podman("exec", name, "/opt/venv/bin/python", "-c", CGROUP_READER).splitlines()
     nr_periods, nr_throttled = (int(x) for x in periods.split())
@@ -161,6 +173,7 @@ async def measure(name: str, url: str, seconds: float, started: float) -> dict[s
         healthz=common.stats(answered),
         scrapes=common.stats(scrapes),
         cpu_pct=100 * cpu / elapsed,
+        late_ticks_pct=100 * (ticks - on_time) / ticks if ticks else 0.0,
         throttled_pct=100 * nr_throttled / nr_periods if nr_periods else 0.0,
         rss_mib=after.get("process_resident_memory_bytes", 0.0) / 2**20,
         peak_mib=int(peak) / 2**20,
@@ -241,7 +254,7 @@ async def run(args: argparse.Namespace) -> None:
     rows = []
     for n, r in results.items():
         if "error" in r:
-            rows.append((n, r["error"], "", "", "", "", "", "", "", "", "", r["oom_killed"], ""))
+            rows.append((n, r["error"], *[""] * 10, r["oom_killed"], ""))
             continue
         rows.append(
             (
@@ -254,6 +267,7 @@ async def run(args: argparse.Namespace) -> None:
                 1000 * r["scrapes"]["median"],
                 1000 * r["scrapes"]["max"],
                 r["cpu_pct"],
+                r["late_ticks_pct"],
                 r["throttled_pct"],
                 r["rss_mib"],
                 r["oom_killed"],
@@ -274,6 +288,7 @@ async def run(args: argparse.Namespace) -> None:
             "scrape p50 ms",
             "max",
             "CPU % of a core",
+            "ticks > 100 ms %",
             "throttled % of periods",
             "RSS MiB",
             "OOM-killed",
