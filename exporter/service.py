@@ -162,6 +162,7 @@ class Exporter:
         pause = self._rebuild_pause
         rebuilds = self.exposition.run() if pause is None else self.exposition.run(pause)
         self._spawn("exposition-rebuilder", rebuilds)
+        self._spawn("exposition-precompress", self.exposition.precompress())
         self._start_watcher(self.config)
         self._start_notifications(self.config)
         log.info(
@@ -182,6 +183,7 @@ class Exporter:
             await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
         await self._cancel("state-writer")  # its run() writes the last changes on cancel
         await self._cancel("exposition-rebuilder")
+        await self._cancel("exposition-precompress")
         if self._session is not None:
             await self._session.close()
         log.info("exporter_stopped")

@@ -238,3 +238,20 @@ def test_an_empty_store_renders_headers_only_and_valid_gzip() -> None:
     body = exposition.render(REGISTRY, openmetrics=False)
     assert body.count(b"# TYPE catalog_upload_") == 4
     assert gzip.decompress(b"".join(exposition.gzip_chunks(REGISTRY, openmetrics=False))) == body
+
+
+async def test_precompressing_leaves_the_first_gzip_scrape_only_the_registry_to_compress(
+    small_blocks: int,
+) -> None:
+    """After a start, `precompress` deflates every block in a worker thread: the first gzip
+    scrape then compresses only the registry's own metrics, and its body is still the body."""
+    clock = Clock()
+    store = filled(50, clock)
+    exposition = new_exposition(store)
+    before = exposition._gzip_job(False, exposition.chunks(REGISTRY, openmetrics=False))
+    await exposition.precompress()
+    after = exposition._gzip_job(False, exposition.chunks(REGISTRY, openmetrics=False))
+    assert len(before.todo) > 4 * (50 // small_blocks)
+    assert [block for _, block, _, _ in after.todo] == [None]  # the registry's head only
+    compressed = b"".join(exposition.gzip_chunks(REGISTRY, openmetrics=False))
+    assert gzip.decompress(compressed) == exposition.render(REGISTRY, openmetrics=False)
