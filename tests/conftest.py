@@ -73,6 +73,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (the demo's admin API takes port + 1)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no two consecutive free ports")
+
+
 def requests_seen(
     simulator: Simulator, ingestion_id: str, n: int = 1
 ) -> Callable[[], Awaitable[bool]]:

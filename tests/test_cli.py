@@ -25,6 +25,7 @@ from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import (
     SimulatorFactory,
     free_port,
+    free_port_pair,
     parse_exposition,
     requests_seen,
     value,
@@ -355,19 +356,6 @@ def test_logs_are_one_json_object_per_line_with_timestamp_level_event(
     for line in lines:
         record = json.loads(line)
         assert {"timestamp", "level", "event"} <= record.keys(), line
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too (the demo's admin API takes port + 1)."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    pytest.fail("no two consecutive free ports")
 
 
 def banner_command(output: str, start: str) -> list[str]:

@@ -31,7 +31,7 @@ import pytest
 
 from exporter.config import DEFAULT_PORT
 from exporter.models import KNOWN_STATUSES
-from tests.conftest import free_port, parse_exposition, require_tool
+from tests.conftest import free_port_pair, parse_exposition, require_tool
 
 #: One image build serves the module: under pytest-xdist all of it runs on one worker.
 pytestmark = pytest.mark.xdist_group("container")
@@ -196,7 +196,7 @@ class Running:
 def demo(built: Built) -> Iterator[Running]:
     """`--demo` in a container, on the host's network (the demo listens on loopback)."""
     name = f"catalog-upload-exporter-test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
+    port = free_port_pair()  # the demo's admin API takes port + 1
     podman(
         "run",
         "--detach",
