@@ -459,7 +459,7 @@ class UploadExposition:
         """Compress, in a worker thread, every block not compressed yet, as the first gzip
         scrape would (after a start, all of them: seconds at 100,000 uploads under the
         sidecar's CPU limit). Blocks that change meanwhile are left to the next scrape."""
-        todo: list[tuple[int, _Block | None, int, bytes]] = [
+        todo: list[_Deflation] = [
             (0, block, family, block.chunks[family])
             for block in self._live.blocks
             for family in range(_FAMILY_COUNT)
@@ -470,7 +470,7 @@ class UploadExposition:
 
     def _gzip_job(self, openmetrics: bool, plain: list[bytes]) -> _GzipJob:
         parts: list[bytes | None] = [_GZIP_HEADER, None]
-        todo: list[tuple[int, _Block | None, int, bytes]] = [(1, None, 0, plain[0])]
+        todo: list[_Deflation] = [(1, None, 0, plain[0])]
         blocks = self._live.blocks
         for family, (name, _) in enumerate(FAMILIES):
             parts.append(_GZIPPED_HEADERS[name])
@@ -484,6 +484,11 @@ class UploadExposition:
         return _GzipJob(plain, parts, todo)
 
 
+#: A piece to deflate: its position among a gzip body's pieces, the block and family it is
+#: (None, 0: the registry's own metrics), and its plain bytes.
+_Deflation = tuple[int, _Block | None, int, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class _GzipJob:
     """A gzip body to finish: the plain pieces (for its CRC and size), the gzip pieces with
@@ -491,7 +496,7 @@ class _GzipJob:
 
     plain: list[bytes]
     parts: list[bytes | None]
-    todo: list[tuple[int, _Block | None, int, bytes]]
+    todo: list[_Deflation]
 
 
 def _compress(job: _GzipJob) -> tuple[list[bytes], list[bytes]]:
@@ -507,7 +512,7 @@ def _compress(job: _GzipJob) -> tuple[list[bytes], list[bytes]]:
     return pieces, deflated
 
 
-def _keep(todo: list[tuple[int, _Block | None, int, bytes]], deflated: list[bytes]) -> None:
+def _keep(todo: list[_Deflation], deflated: list[bytes]) -> None:
     """Cache each block's new deflate, unless the block changed since `todo` was made."""
     for (_, block, family, data), done in zip(todo, deflated, strict=True):
         if block is not None and block.chunks[family] is data and block.gzipped[family] is None:
