@@ -54,11 +54,7 @@ async def run(args: Any) -> None:
     """One exporter, one burst of registrations, then the database checked."""
     seconds = 3.0 if args.quick else args.seconds
     with common.Processes() as procs:
-        sim_port, control_port = common.free_port(), common.free_port()
-        sim = procs.sim_server(
-            "register-simulator", port=sim_port, control_port=control_port, uploads=1000
-        )
-        await common.wait_http(f"http://{common.HOST}:{control_port}/stats", within=60, process=sim)
+        base_url = await procs.running_sim_server("register-simulator", uploads=1000, within=60)
         port, admin_port = common.free_port(), common.free_port()
         state = common.LOGS / "register-state" / "state.db"
         state.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +62,7 @@ async def run(args: Any) -> None:
             stale.unlink()
         config = common.exporter_config(
             common.LOGS / "register.yaml",
-            base_url=f"http://{common.HOST}:{sim_port}",
+            base_url=base_url,
             port=port,
             state_path=state,
             max_rps=args.max_rps,

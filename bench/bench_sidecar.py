@@ -242,15 +242,9 @@ async def run(args: argparse.Namespace) -> None:
     )
     results: dict[int, dict[str, Any]] = {}
     with common.Processes() as procs:
-        sim_port, control_port = common.free_port(), common.free_port()
-        sim = procs.sim_server(
-            "sidecar-simulator", port=sim_port, control_port=control_port, uploads=max(sizes)
-        )
-        await common.wait_http(
-            f"http://{common.HOST}:{control_port}/stats", within=120, process=sim
-        )
+        base_url = await procs.running_sim_server("sidecar-simulator", uploads=max(sizes))
         for n in sizes:
-            results[n] = await run_size(n, args, f"http://{common.HOST}:{sim_port}", limits)
+            results[n] = await run_size(n, args, base_url, limits)
     rows = []
     for n, r in results.items():
         if "error" in r:

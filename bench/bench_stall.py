@@ -368,14 +368,7 @@ async def run_all(args: argparse.Namespace) -> None:
         sizes = [10_000] if args.quick else [10_000, 100_000]
     results: dict[int, dict[str, dict[str, Any]]] = {}
     with common.Processes() as procs:
-        sim_port, control_port = common.free_port(), common.free_port()
-        sim = procs.sim_server(
-            "stall-simulator", port=sim_port, control_port=control_port, uploads=max(sizes)
-        )
-        await common.wait_http(
-            f"http://{common.HOST}:{control_port}/stats", within=300, process=sim
-        )
-        base_url = f"http://{common.HOST}:{sim_port}"
+        base_url = await procs.running_sim_server("stall-simulator", uploads=max(sizes), within=300)
         for n in sizes:
             results[n] = {}
             for run in RUNS:

@@ -128,13 +128,7 @@ async def run(args: argparse.Namespace) -> None:
     ingestion_ids = common.ids(n)
     results: dict[str, dict[str, Any]] = {}
     with common.Processes() as procs:
-        sim_port, control_port = common.free_port(), common.free_port()
-        control = f"http://{common.HOST}:{control_port}"
-        sim = procs.sim_server(
-            "startup-simulator", port=sim_port, control_port=control_port, uploads=n
-        )
-        await common.wait_http(f"{control}/stats", within=120, process=sim)
-        base_url = f"http://{common.HOST}:{sim_port}"
+        base_url = await procs.running_sim_server("startup-simulator", uploads=n)
         state_dir = common.LOGS / "startup-state"
         state_dir.mkdir(parents=True, exist_ok=True)
         scenarios: list[tuple[str, list[str], Path | None]] = [

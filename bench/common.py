@@ -348,6 +348,14 @@ class Processes(contextlib.AbstractContextManager["Processes"]):
             argv += ["--burst", str(burst)]
         return self.start(name, argv, cwd=ROOT)
 
+    async def running_sim_server(self, name: str, *, uploads: int, within: float = 120.0) -> str:
+        """`sim_server` on free ports, once its control listener answers; its base URL (for
+        the benchmarks that need nothing else of it)."""
+        port, control_port = free_port(), free_port()
+        sim = self.sim_server(name, port=port, control_port=control_port, uploads=uploads)
+        await wait_http(f"http://{HOST}:{control_port}/stats", within=within, process=sim)
+        return f"http://{HOST}:{port}"
+
     def stop_all(self) -> None:
         """Stop every child, last started first."""
         for child in reversed(self.children):

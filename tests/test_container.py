@@ -160,7 +160,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     started = time.monotonic()
     result = build(base, wheels, f"--tag={IMAGE}")
     # The last run's image, now untagged, and the cached layers only it used: without this,
-    # every source change leaves a few hundred MB behind. Only untagged images nothing else
+    # every source change leaves them behind. Only untagged images nothing else
     # builds on, carrying the image's own title, are removed; the cache of this build stays.
     podman("image", "prune", "--force", f"--filter=label={TITLE_LABEL}", check=False)
     return Built(IMAGE, base, wheels, result.stdout + result.stderr, time.monotonic() - started)
