@@ -87,7 +87,7 @@ class RegisterRequest(_Body):
         min_length=1,
         max_length=MAX_INGESTION_ID_LENGTH,
         description="Any characters except control characters (Unicode Cc), line/paragraph "
-        "separators and invisible format characters (Cf).",
+        "separators and invisible format characters (Cf); in Unicode normalization form NFC.",
     )
     labels: dict[str, Annotated[str, Field(max_length=MAX_LABEL_VALUE_LENGTH)]] | None = Field(
         default=None,
@@ -304,7 +304,7 @@ def _paths() -> dict[str, Any]:
                         "400": _failure(
                             "invalid_json, unknown_field, invalid_field, or a rejected id or "
                             "labels: not_a_string, empty, too_long, control_characters, "
-                            "format_characters, bad_labels."
+                            "format_characters, not_nfc, bad_labels."
                         ),
                         "408": _failure(
                             "request_timeout: the body did not arrive within "

@@ -72,6 +72,7 @@ from exporter.models import (
     RejectReason,
     format_character,
     ingestion_id_problem,
+    not_nfc_character,
     refused_character,
 )
 from exporter.sharding import index_from_hostname
@@ -330,6 +331,17 @@ def _ingestion_id_problem(value: object) -> str | None:
         return (
             f"must not contain invisible format characters, found {invisible!r} "
             f"(U+{ord(invisible):04X}) in {describe(value)}"
+        )
+    if reason is RejectReason.NOT_NFC:
+        at = not_nfc_character(value) or 0
+        end = at + 1
+        while end < len(value) and unicodedata.combining(value[end]):
+            end += 1
+        points = " ".join(f"U+{ord(char):04X}" for char in value[at:end])
+        return (
+            "must be in Unicode normalization form NFC (composed characters), found "
+            f"{points} at character {at + 1} of {describe(value)}: it looks the same as "
+            "another spelling of the id; write the id exactly as the API issued it"
         )
     char = refused_character(value)
     return f"must not contain control characters, found {char!r} in {describe(value)}"

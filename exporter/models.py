@@ -97,6 +97,7 @@ class RejectReason(enum.StrEnum):
     TOO_LONG = "too_long"
     CONTROL_CHARACTERS = "control_characters"
     FORMAT_CHARACTERS = "format_characters"
+    NOT_NFC = "not_nfc"
     BAD_LABELS = "bad_labels"
     CAP_REACHED = "cap_reached"
     NOT_OWNED = "not_owned"
@@ -109,7 +110,10 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
     they would forge log lines and make unreadable label values. So are lone surrogates (Cs),
     which cannot be encoded as UTF-8 and would break every scrape. Format characters (Cf:
     U+202E right-to-left override, U+200B zero-width space, ...) are invisible, so they let
-    look-alike ids into dashboards and alerts: refused with a reason of their own.
+    look-alike ids into dashboards and alerts: refused with a reason of their own. So is an
+    id not in Unicode normalization form NFC (`e` + U+0301 where NFC has U+00E9): its two
+    spellings render identically but are two ids, and normalizing it instead would poll an id
+    the API never issued (an id is sent exactly as written).
     """
     if not isinstance(value, str):
         return RejectReason.NOT_A_STRING
@@ -121,6 +125,8 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
         return RejectReason.CONTROL_CHARACTERS
     if format_character(value) is not None:
         return RejectReason.FORMAT_CHARACTERS
+    if not_nfc_character(value) is not None:
+        return RejectReason.NOT_NFC
     return None
 
 
@@ -136,6 +142,18 @@ def format_character(text: str) -> str | None:
     if text.isascii():
         return None  # no ASCII character is in category Cf
     return next((c for c in text if unicodedata.category(c) == "Cf"), None)
+
+
+def not_nfc_character(text: str) -> int | None:
+    """Where `text` first differs from its NFC spelling (an index into `text`), or None when
+    it is in NFC."""
+    if text.isascii() or unicodedata.is_normalized("NFC", text):
+        return None  # every ASCII text is in NFC
+    composed = unicodedata.normalize("NFC", text)
+    return next(
+        (i for i, (a, b) in enumerate(zip(text, composed, strict=False)) if a != b),
+        min(len(text), len(composed)),
+    )
 
 
 @dataclass(frozen=True, slots=True)

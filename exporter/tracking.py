@@ -2,7 +2,7 @@
 
 The config file, the watched directory, the admin API and notifications register ids here.
 The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
-no control or invisible format characters) and its labels (only allow-listed names), enforces
+no control or invisible format characters, in NFC) and its labels (only allow-listed names), enforces
 the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
 marks the state file dirty. It does no I/O of its own.
 """
@@ -66,6 +66,8 @@ _REASON_TEXT = {
     RejectReason.CONTROL_CHARACTERS: "ingestionId must not contain control characters",
     RejectReason.FORMAT_CHARACTERS: "ingestionId must not contain invisible format characters "
     "(Unicode category Cf, such as U+202E or U+200B)",
+    RejectReason.NOT_NFC: "ingestionId must be in Unicode normalization form NFC (composed "
+    "characters): a decomposed spelling looks the same as another id",
 }
 
 

@@ -321,6 +321,7 @@ async def test_the_location_header_percent_encodes_the_id(admin: Admin) -> None:
         ("x" * 256, RejectReason.TOO_LONG),
         ("line\nbreak", RejectReason.CONTROL_CHARACTERS),
         ("look\u202ealike", RejectReason.FORMAT_CHARACTERS),
+        ("cafe\u0301", RejectReason.NOT_NFC),
         ("", RejectReason.EMPTY),
         (12345, RejectReason.NOT_A_STRING),
         (None, RejectReason.NOT_A_STRING),

@@ -330,7 +330,8 @@ async def test_unknown_ids_are_tracked_only_with_register_unknown(
     start_simulator: SimulatorFactory, moto_endpoint: str, run_exporter: Any
 ) -> None:
     """register_unknown: an unknown id is tracked with source notification and polled at once;
-    an invalid one is refused by the tracker's own rule and counted as a rejection."""
+    invalid ones (a format character, a spelling not in NFC) are refused by the tracker's own
+    rule and counted as rejections by reason."""
     sim, api_url = await start_simulator()
     sim.add_upload("known", [("INPROGRESS", 0)])
     sim.add_upload("newcomer", [("INQUEUE", 0)])
@@ -343,6 +344,7 @@ async def test_unknown_ids_are_tracked_only_with_register_unknown(
     await wait_for(polls(sim, "known", 1))
     queue.send(raw("newcomer"))
     queue.send(raw("look\u200balike"))
+    queue.send(raw("cafe\u0301"))  # NFD: looks like "caf\u00e9" but is another id
 
     async def newcomer_polled() -> bool:
         return await running.status_of("newcomer") == "INQUEUE"
@@ -350,16 +352,15 @@ async def test_unknown_ids_are_tracked_only_with_register_unknown(
     await wait_for(newcomer_polled, timeout=5)
 
     async def rejected() -> bool:
-        return (
-            await running.counter(
-                "catalog_exporter_rejected_ingestions_total", reason="format_characters"
-            )
-            == 1
-        )
+        counted = [
+            await running.counter("catalog_exporter_rejected_ingestions_total", reason=reason)
+            for reason in ("format_characters", "not_nfc")
+        ]
+        return counted == [1, 1]
 
     await wait_for(rejected, timeout=5)
     samples = await running.scrape()
-    assert value(samples, "catalog_exporter_notifications_total", outcome="unknown_id") == 2
+    assert value(samples, "catalog_exporter_notifications_total", outcome="unknown_id") == 3
     assert value(samples, "catalog_exporter_notifications_total", outcome="registered") == 1
     assert value(samples, "catalog_exporter_notification_poll_delay_seconds_count") == 1
     registered = [e for e in running.logs() if e["event"] == "ingestion_registered"]
