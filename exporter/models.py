@@ -121,11 +121,15 @@ def ingestion_id_problem(value: object) -> RejectReason | None:
         return RejectReason.EMPTY
     if len(value) > MAX_INGESTION_ID_LENGTH:
         return RejectReason.TOO_LONG
-    if refused_character(value) is not None:
+    return _character_problem(value)
+
+
+def _character_problem(text: str) -> RejectReason | None:
+    if refused_character(text) is not None:
         return RejectReason.CONTROL_CHARACTERS
-    if format_character(value) is not None:
+    if format_character(text) is not None:
         return RejectReason.FORMAT_CHARACTERS
-    if not_nfc_character(value) is not None:
+    if not_nfc_character(text) is not None:
         return RejectReason.NOT_NFC
     return None
 

@@ -2,9 +2,9 @@
 
 The config file, the watched directory, the admin API and notifications register ids here.
 The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
-no control or invisible format characters, in NFC) and its labels (only allow-listed names), enforces
-the cap on tracked ids, counts every rejection, keeps the store and the poller in step, and
-marks the state file dirty. It does no I/O of its own.
+no control or invisible format characters, in Unicode NFC) and its labels (only allow-listed
+names), enforces the cap on tracked ids, counts every rejection, keeps the store and the
+poller in step, and marks the state file dirty. It does no I/O of its own.
 """
 
 from __future__ import annotations

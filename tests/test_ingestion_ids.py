@@ -45,7 +45,9 @@ def test_the_shared_rule_refuses_format_characters_with_their_own_reason(
     assert ingestion_id_problem(ingestion_id) is RejectReason.FORMAT_CHARACTERS
 
 
-@pytest.mark.parametrize("ingestion_id", ["Grüße/42", "カタログ-1", "shelf 🙂", "q\u0301", "caf\u00e9"])
+@pytest.mark.parametrize(
+    "ingestion_id", ["Grüße/42", "カタログ-1", "shelf 🙂", "q\u0301", "caf\u00e9"]
+)
 def test_visible_non_ascii_ids_are_still_accepted(ingestion_id: str) -> None:
     """Letters, emoji and combining marks (in NFC: q + U+0301 has no composed form) are
     visible: only format characters and decomposed spellings are refused."""
