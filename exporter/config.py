@@ -256,22 +256,31 @@ def _base_url_problem(url: str) -> str | None:
 
 
 def _token_file_problem(path: str) -> str | None:
-    """Say why the token file cannot be used, or None; the file's content is never read."""
+    """Say why the token file cannot be used, or None; the file's content is never read.
+
+    The path is not quoted: the key may hold the token itself, pasted in the wrong place.
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        return f"file {path!r} does not exist"
+        return f"the file named here ({_length(path)}) does not exist"
     except (OSError, ValueError) as error:
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        return f"file {path!r} cannot be checked: {reason}"
+        reason = error.strerror if isinstance(error, OSError) else "not a usable path"
+        return f"the file named here ({_length(path)}) cannot be checked: {reason}"
     if not stat.S_ISREG(info.st_mode):
-        return f"{path!r} is not a regular file"
+        return f"the path named here ({_length(path)}) is not a regular file"
     try:
         with open(path, "rb"):
             pass
     except OSError as error:
-        return f"file {path!r} is not readable: {error.strerror}"
+        return f"the file named here ({_length(path)}) is not readable: {error.strerror}"
     return None
+
+
+def _length(path: str) -> str:
+    """A path described without quoting it: whether it is absolute, and its length."""
+    kind = "an absolute path" if path.startswith("/") else "a relative path"
+    return f"{kind} of {len(path)} characters, not shown"
 
 
 def _kind_problem(path: str, *, directory: bool, required: bool) -> str | None:
@@ -326,6 +335,11 @@ def _ingestion_id_problem(value: object) -> str | None:
         return "must not be empty"
     if reason is RejectReason.TOO_LONG:
         return f"expected at most {MAX_INGESTION_ID_LENGTH} characters, got {len(value)}"
+    return _character_problem(reason, value)
+
+
+def _character_problem(reason: RejectReason, value: str) -> str:
+    """An id refused for a character in it, worded with the character's code point."""
     if reason is RejectReason.FORMAT_CHARACTERS:
         invisible = format_character(value) or "?"
         return (
@@ -333,18 +347,23 @@ def _ingestion_id_problem(value: object) -> str | None:
             f"(U+{ord(invisible):04X}) in {describe(value)}"
         )
     if reason is RejectReason.NOT_NFC:
-        at = not_nfc_character(value) or 0
-        end = at + 1
-        while end < len(value) and unicodedata.combining(value[end]):
-            end += 1
-        points = " ".join(f"U+{ord(char):04X}" for char in value[at:end])
-        return (
-            "must be in Unicode normalization form NFC (composed characters), found "
-            f"{points} at character {at + 1} of {describe(value)}: it looks the same as "
-            "another spelling of the id; write the id exactly as the API issued it"
-        )
+        return _not_nfc_problem(value)
     char = refused_character(value)
     return f"must not contain control characters, found {char!r} in {describe(value)}"
+
+
+def _not_nfc_problem(value: str) -> str:
+    """Names the decomposed code points: they look like nothing else in a terminal either."""
+    at = not_nfc_character(value) or 0
+    end = at + 1
+    while end < len(value) and unicodedata.combining(value[end]):
+        end += 1
+    points = " ".join(f"U+{ord(char):04X}" for char in value[at:end])
+    return (
+        "must be in Unicode normalization form NFC (composed characters), found "
+        f"{points} at character {at + 1} of {describe(value)}: it looks the same as "
+        "another spelling of the id; write the id exactly as the API issued it"
+    )
 
 
 def _host_name_problem(value: object) -> str | None:
@@ -481,7 +500,7 @@ class AuthConfig(_Section):
         _checked(
             lambda arn: (
                 "expected a role ARN such as arn:aws:iam::123456789012:role/name, "
-                f"got {describe(arn)}"
+                f"got {describe(arn, secret=True)}"
                 if arn and not arn.startswith("arn:")
                 else None
             )
@@ -555,7 +574,8 @@ class AuthConfig(_Section):
             problems.append(
                 (
                     ("region",),
-                    f"expected an AWS region such as us-east-1, got {describe(region)}{source}",
+                    "expected an AWS region such as us-east-1, "
+                    f"got {describe(region, secret=True)}{source}",
                 )
             )
         return region
@@ -587,7 +607,8 @@ class ApiConfig(_Section):
     base_url: Annotated[
         str, AfterValidator(_base_url), Field(json_schema_extra={"pattern": "^https?://[^?#@ ]+$"})
     ]
-    auth: AuthConfig = _SECTION_DEFAULT
+    # Every key below may hold a credential pasted in the wrong place: no value is quoted.
+    auth: Annotated[AuthConfig, SECRET] = _SECTION_DEFAULT
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     max_requests_per_second: Annotated[float, Field(gt=0, le=10000)] = 5.0
     max_concurrency: Annotated[int, Field(ge=1, le=256), _INTEGRAL] = 4
@@ -716,7 +737,7 @@ class AdminConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: ListenPort = DEFAULT_ADMIN_PORT
-    token_file: str = ""
+    token_file: Annotated[str, SECRET] = ""
     #: Host names (besides loopback ones) a request may name in its Host header.
     allowed_hosts: Annotated[
         tuple[HostName, ...], _LIST, AfterValidator(_unique), Wording("a list of host names")
@@ -862,7 +883,9 @@ class SqsConfig(_Section):
     queue_url: Annotated[
         str, _checked(lambda url: _base_url_problem(url) if url else None), _OPTIONAL_URL_SCHEMA
     ] = ""
-    region: Annotated[str, Field(validate_default=True)] = ""  # resolved even when absent
+    # Resolved even when absent; never quoted, like api.auth.region: an access key pasted here
+    # must not be echoed.
+    region: Annotated[str, SECRET, Field(validate_default=True)] = ""
     endpoint_url: Annotated[
         str, AfterValidator(lambda url: _base_url(url) if url else url), _OPTIONAL_URL_SCHEMA
     ] = ""
@@ -897,7 +920,9 @@ class SqsConfig(_Section):
                 "in AWS_REGION or AWS_DEFAULT_REGION"
             )
         if not _REGION.fullmatch(region):
-            raise _problem(f"expected an AWS region such as us-east-1, got {describe(region)}")
+            raise _problem(
+                f"expected an AWS region such as us-east-1, got {describe(region, secret=True)}"
+            )
         return region
 
 
@@ -989,7 +1014,9 @@ def parse_config(
             [f"{TOP_LEVEL}: the document is empty; at least api.base_url is required"]
         )
     if not isinstance(data, dict):
-        raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {describe(data)}"])
+        # Not quoted: a token file given as --config by mistake must not be printed.
+        shown = describe(data, secret=True)
+        raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {shown}"])
     try:
         return Config.model_validate(data, context=_Surroundings(env, resolve_hostname))
     except ValidationError as error:

@@ -2,7 +2,10 @@
 
 Every problem is one line, "key.path: what was expected, got what was there", with the
 YAML hints users rely on (yes/no read as booleans, quoted numbers) and a "did you mean" for
-unknown keys and choices. Values are cut short, and never shown for keys marked `SECRET`.
+unknown keys and choices. Values are cut short, and never shown for keys marked `SECRET` or
+below one (a whole section, such as api.auth, may be marked): a token pasted into the wrong
+key must not reach a terminal or a CI log. An unknown key's name is shown only when it looks
+like one of ours (lower-case words joined by "_"); any other name may be a pasted secret.
 `problem` and `refuse` raise our own problems from validators; `problem_line` words any
 pydantic error detail, reading the expected type and range from the model's own fields, so
 no bound is written twice.
@@ -11,6 +14,7 @@ no bound is written twice.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ __all__ = [
     "describe",
     "did_you_mean",
     "fmt",
+    "key_name",
     "problem",
     "problem_line",
     "refusal",
@@ -35,6 +40,12 @@ __all__ = [
 TOP_LEVEL = "(top level)"  # the key path of the document itself
 _YAML_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
 _MAX_ECHO = 60  # longer values are cut in messages
+#: Shorter values at secret keys are not searched for in our own messages (a value like "e"
+#: would garble them): those messages never quote the value anyway.
+_MIN_MASKED = 8
+#: An unknown key's name is echoed only in the shape of the config's own keys. A random
+#: token of 20 characters has this shape once in about 30 million (no digits, no capitals).
+_KEY_LIKE = re.compile(r"[a-z][a-z_]{0,31}")
 _KINDS: dict[type, str] = {
     str: "a string",
     int: "a number",
@@ -49,7 +60,7 @@ class Wording:
     """Field metadata for messages: what a value must be, and whether it may be echoed."""
 
     expected: str = ""
-    secret: bool = False  # the value may be a token pasted into the wrong key
+    secret: bool = False  # the value (or any below it) may be a token pasted into the wrong key
 
 
 SECRET = Wording(secret=True)
@@ -76,10 +87,23 @@ def did_you_mean(word: str, known: Iterable[str]) -> str:
     return f"; did you mean {lowered[matches[0]]!r}?" if matches else ""
 
 
+def key_name(key: object) -> str:
+    """An unknown key as a message shows it: its name when it is shaped like the config's own
+    keys, else only its length or kind (it may be a secret pasted where a key goes)."""
+    if isinstance(key, str) and _KEY_LIKE.fullmatch(key):
+        return key
+    if isinstance(key, str):
+        return f"<a key of {len(key)} characters, not shown>"
+    return f"<a key that is {describe(key, secret=True)}, not shown>"
+
+
 def describe(value: object, *, secret: bool = False) -> str:
-    """Show a value in a message: YAML spellings, cut short, or only its kind when `secret`."""
+    """Show a value in a message: YAML spellings, cut short, or only its kind when `secret`
+    (and a string's length: enough to tell an empty or truncated value from a pasted token)."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    if secret and isinstance(value, str):
+        return f"a string of {len(value)} characters (not shown)"
     if secret or not isinstance(value, str | int | float):
         return _KINDS.get(type(value), f"a value of type {type(value).__name__}")
     if isinstance(value, int) and value.bit_length() > 64:
@@ -139,9 +163,9 @@ def _plain_type(annotation: object) -> object:
     return annotation
 
 
-def _expected(field: FieldInfo, value: object) -> str:
+def _expected(field: FieldInfo, value: object, *, secret: bool) -> str:
     """What a key holding `value` should have held, from its declared type and constraints."""
-    shown = describe(value, secret=_wording(field).secret)
+    shown = describe(value, secret=secret)
     kind = _plain_type(field.annotation)
     if _wording(field).expected:
         return f"expected {_wording(field).expected}, got {shown}"
@@ -164,19 +188,22 @@ def _expected(field: FieldInfo, value: object) -> str:
 
 def _model_at(
     root: type[BaseModel], loc: Sequence[str | int]
-) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The model a key path leads into (None past a leaf) and the field it names last."""
+) -> tuple[type[BaseModel] | None, FieldInfo | None, bool]:
+    """The model a key path leads into (None past a leaf), the field it names last, and
+    whether that key or one above it is marked secret."""
     model: type[BaseModel] | None = root
     field: FieldInfo | None = None
+    secret = False
     for part in loc:
         if isinstance(part, int):
             continue  # a list index: still the same field
         field = model.model_fields.get(part) if model is not None else None
         if field is None:
-            return None, None
+            return None, None, secret
+        secret = secret or _wording(field).secret
         kind = _plain_type(field.annotation)
         model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
-    return model, field
+    return model, field, secret
 
 
 def _key_path(loc: Sequence[str | int]) -> str:
@@ -190,21 +217,25 @@ def problem_line(root: type[BaseModel], detail: Mapping[str, Any]) -> str:
     """One pydantic error detail as "key.path: what was expected", in this module's words."""
     loc, kind, value = tuple(detail["loc"]), detail["type"], detail["input"]
     if kind == "extra_forbidden":
-        parent, _ = _model_at(root, loc[:-1])
+        parent, _, _ = _model_at(root, loc[:-1])
         key = loc[-1]
-        name = key if isinstance(key, str) else describe(key)
+        name = key_name(key)
         known = parent.model_fields if parent is not None else ()
+        guess = did_you_mean(key, known) if isinstance(key, str) else ""
         where = f"{_key_path(loc[:-1])}.{name}" if loc[:-1] else name
-        return f"{where}: unknown key{did_you_mean(name, known)}"
+        return f"{where}: unknown key{guess}"
     where = _key_path(loc) or TOP_LEVEL
+    _, field, secret = _model_at(root, loc)
     if kind == "config":
         message = str(detail["ctx"]["message"]).replace("{here}", _key_path(loc[:-1]))
+        if secret and isinstance(value, str) and len(value) >= _MIN_MASKED and value in message:
+            # Our own messages at secret keys never quote the value; this keeps it so.
+            message = message.replace(value, describe(value, secret=True))
         return f"{where}: {message}"
     if kind == "missing":
         return f"{where}: required"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{where}: expected a mapping, got {describe(value)}"
-    _, field = _model_at(root, loc)
+        return f"{where}: expected a mapping, got {describe(value, secret=secret)}"
     if field is None:  # not expected: every other error is about a declared key
         return f"{where}: {detail['msg']}"
-    return f"{where}: {_expected(field, value)}"
+    return f"{where}: {_expected(field, value, secret=secret)}"

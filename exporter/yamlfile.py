@@ -4,7 +4,8 @@
 `MAX_CONFIG_BYTES` is refused before it is parsed (by stat and a bounded read), a key
 repeated in one mapping is refused naming its path and both lines (PyYAML keeps the last
 silently), and every failure is a `YamlFileError` whose lines never quote the document (it
-may hold secrets). What the document means is `exporter.config`'s business, not this one's.
+may hold secrets; a repeated key's path shows only names shaped like config keys). What the
+document means is `exporter.config`'s business, not this one's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import yaml
+
+from exporter.config_wording import key_name
 
 __all__ = ["MAX_CONFIG_BYTES", "YamlFileError", "read_yaml"]
 
@@ -72,8 +75,11 @@ class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
     def _path_of(self, target: yaml.Node, key: object) -> str:
-        """The key path of `key` in mapping `target`, searched from the document's root."""
-        leaf = key if isinstance(key, str) else repr(key)
+        """The key path of `key` in mapping `target`, searched from the document's root.
+
+        Names not shaped like a config key are not shown (`config_wording.key_name`): a key
+        repeated may be a token pasted twice."""
+        leaf = key_name(key)
         stack: list[tuple[yaml.Node, str]] = [(self._root, "")] if self._root else []
         visited: set[int] = set()
         while stack:
@@ -85,7 +91,9 @@ class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
             visited.add(id(node))
             if isinstance(node, yaml.MappingNode):
                 for key_node, value_node in node.value:
-                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    name = (
+                        key_name(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                    )
                     stack.append((value_node, f"{path}.{name}" if path else str(name)))
             elif isinstance(node, yaml.SequenceNode):
                 stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))

@@ -196,6 +196,97 @@ def test_check_config_refuses_a_repeated_section_naming_it_and_both_lines(tmp_pa
     assert "Traceback" not in result.stderr
 
 
+#: A secret access key shaped like AWS's, pasted where it does not belong.
+PASTED_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"
+_API = "api:\n  base_url: https://api.example.com\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key"),
+    [
+        pytest.param(
+            f"{_API}  auth:\n    region: us-east-1\n    role_arn: {PASTED_SECRET}\n",
+            {},
+            "api.auth.role_arn",
+            id="api.auth.role_arn",
+        ),
+        pytest.param(
+            f"{_API}  auth:\n    region: {PASTED_SECRET}\n", {}, "api.auth.region", id="region"
+        ),
+        pytest.param(
+            f"{_API}  auth: {{}}\n",
+            {"AWS_REGION": PASTED_SECRET},
+            "api.auth.region",
+            id="AWS_REGION",
+        ),
+        pytest.param(
+            f"{_API}  auth:\n    region: us-east-1\n    {PASTED_SECRET}: x\n",
+            {},
+            "api.auth.<a key of 41 characters, not shown>",
+            id="key-name-in-api.auth",
+        ),
+        pytest.param(
+            f"{_API}  auth: {{region: us-east-1}}\n{PASTED_SECRET}: 1\n",
+            {},
+            "<a key of 41 characters, not shown>",
+            id="key-name-at-top-level",
+        ),
+        pytest.param(
+            f"{_API}  auth:\n    region: us-east-1\n    {PASTED_SECRET}: 1\n"
+            f"    {PASTED_SECRET}: 2\n",
+            {},
+            "api.auth.<a key of 41 characters, not shown>: key repeated",
+            id="key-name-repeated",
+        ),
+        pytest.param(
+            f"{_API}  auth: {{type: {PASTED_SECRET}}}\n", {}, "api.auth.type", id="auth.type"
+        ),
+        pytest.param(f"{_API}  auth: {PASTED_SECRET}\n", {}, "api.auth", id="auth-scalar"),
+        pytest.param(
+            f"{_API}  auth:\n    type: bearer\n    token_file: {PASTED_SECRET}\n",
+            {},
+            "api.auth.token_file",
+            id="api.auth.token_file",
+        ),
+        pytest.param(
+            f"{_API}  auth: {{region: us-east-1}}\nadmin:\n  token_file: {PASTED_SECRET}\n",
+            {},
+            "admin.token_file",
+            id="admin.token_file",
+        ),
+        pytest.param(
+            f"{_API}  auth: {{region: us-east-1}}\nnotifications:\n  sqs:\n"
+            f"    queue_url: https://sqs.us-east-1.amazonaws.com/1/q\n"
+            f"    region: {PASTED_SECRET}\n",
+            {},
+            "notifications.sqs.region",
+            id="notifications.sqs.region",
+        ),
+        pytest.param(f"{PASTED_SECRET}\n", {}, "(top level)", id="the-whole-file"),
+    ],
+)
+def test_check_config_never_prints_a_secret_pasted_into_the_wrong_key(
+    tmp_path: Path, text: str, environ: dict[str, str], key: str
+) -> None:
+    """A secret in api.auth, a token setting, a region, or as a key name: --check-config
+    names the key and exits 2, and the secret (in any case) is nowhere in its output."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**env, **environ},
+    )
+    output = (result.stdout + result.stderr).lower()
+    assert PASTED_SECRET.lower() not in output
+    assert PASTED_SECRET.lower()[:16] not in output  # nor a telling part of it
+    assert result.returncode == 2, result.stdout
+    assert f"  - {key}" in result.stderr
+
+
 def test_reload_of_an_oversize_config_file_keeps_the_running_config(
     simulator: str, tmp_path: Path
 ) -> None:

@@ -293,11 +293,22 @@ def test_unknown_section_is_reported():
     assert problems == ("ingestion: unknown key; did you mean 'ingestions'?",)
 
 
+def test_an_unknown_key_not_shaped_like_ours_is_not_shown_but_still_gets_a_suggestion():
+    """A mixed-case or digit-bearing key name may be a pasted token: only its length is
+    shown, and "did you mean" still helps with a mis-cased key."""
+    problems = problems_of(with_api(baseURL="x", AKIAIOSFODNN7EXAMPLE="y"), environ=REGION_ENV)
+
+    assert problems == (
+        "api.<a key of 7 characters, not shown>: unknown key; did you mean 'base_url'?",
+        "api.<a key of 20 characters, not shown>: unknown key",
+    )
+
+
 def test_section_that_is_not_a_mapping_is_one_problem_without_follow_on_noise():
     """`auth: sigv4` is reported once, on api.auth, not also as a missing region."""
     problems = problems_of({"api": {"base_url": BASE_URL, "auth": "sigv4"}}, environ={})
 
-    assert problems == ("api.auth: expected a mapping, got 'sigv4'",)
+    assert problems == ("api.auth: expected a mapping, got a string of 5 characters (not shown)",)
 
 
 def test_missing_api_section_reports_base_url_as_required():
@@ -585,20 +596,27 @@ def test_bearer_token_file_that_exists_is_accepted(tmp_path):
     assert SECRET not in repr(config)
 
 
-def test_bearer_token_file_that_is_missing_is_reported_with_its_path(tmp_path):
-    """A token file that does not exist is an error on api.auth.token_file naming the path."""
+def test_bearer_token_file_that_is_missing_is_reported_without_its_path(tmp_path):
+    """A token file that does not exist is an error on api.auth.token_file; the path is not
+    quoted (the key may hold a pasted token), only its kind and length."""
     missing = tmp_path / "nope" / "token"
 
     problems = problems_of(bearer(token_file=str(missing)), environ={})
 
-    assert problems == (f"api.auth.token_file: file {str(missing)!r} does not exist",)
+    assert problems == (
+        "api.auth.token_file: the file named here "
+        f"(an absolute path of {len(str(missing))} characters, not shown) does not exist",
+    )
 
 
 def test_bearer_token_file_that_is_a_directory_is_rejected(tmp_path):
     """A directory is not a token file."""
     problems = problems_of(bearer(token_file=str(tmp_path)), environ={})
 
-    assert problems == (f"api.auth.token_file: {str(tmp_path)!r} is not a regular file",)
+    assert problems == (
+        "api.auth.token_file: the path named here "
+        f"(an absolute path of {len(str(tmp_path))} characters, not shown) is not a regular file",
+    )
 
 
 def test_bearer_token_env_that_is_unset_or_empty_is_reported_by_name():
@@ -733,11 +751,13 @@ def test_role_arn_must_look_like_an_arn():
 
 
 def test_unknown_auth_type_is_reported_with_a_suggestion():
-    """type: sigv is an error suggesting sigv4, with no follow-on region problem."""
+    """type: sigv is an error suggesting sigv4 (the value itself not quoted: api.auth is
+    secret), with no follow-on region problem."""
     problems = problems_of(with_api(auth={"type": "sigv"}), environ={})
 
     assert problems == (
-        "api.auth.type: expected one of sigv4, bearer, none, got 'sigv'; did you mean 'sigv4'?",
+        "api.auth.type: expected one of sigv4, bearer, none, "
+        "got a string of 4 characters (not shown); did you mean 'sigv4'?",
     )
 
 
@@ -779,12 +799,13 @@ def test_missing_region_for_sigv4_is_reported_on_api_auth_region():
 
 
 def test_malformed_region_from_the_environment_is_reported_with_its_source():
-    """A region that is not shaped like one is an error that says where it came from."""
+    """A region that is not shaped like one is an error that says where it came from (and
+    not what it was: a secret key in the wrong variable must not be printed)."""
     problems = problems_of(minimal(), environ={"AWS_REGION": "US East"})
 
     assert problems == (
-        "api.auth.region: expected an AWS region such as us-east-1, got 'US East' "
-        "(from AWS_REGION)",
+        "api.auth.region: expected an AWS region such as us-east-1, "
+        "got a string of 7 characters (not shown) (from AWS_REGION)",
     )
 
 
@@ -866,10 +887,15 @@ def test_empty_file_is_reported(tmp_path, text):
 
 
 @pytest.mark.parametrize(
-    ("text", "got"), [("- api\n- polling\n", "a list"), ("just words\n", "'just words'")]
+    ("text", "got"),
+    [
+        ("- api\n- polling\n", "a list"),
+        ("just words\n", "a string of 10 characters (not shown)"),
+    ],
 )
 def test_top_level_that_is_not_a_mapping_is_reported(tmp_path, text, got):
-    """A list or scalar document is one problem on the top level."""
+    """A list or scalar document is one problem on the top level; a scalar is not quoted
+    (a token file given as --config by mistake must not be printed)."""
     path = write(tmp_path, text)
 
     with pytest.raises(ConfigError) as caught:
@@ -1261,20 +1287,26 @@ def test_bad_server_port_is_not_also_reported_as_an_admin_collision():
     assert [p.split(":", 1)[0] for p in problems] == ["server.port"]
 
 
-def test_admin_token_file_that_is_missing_is_reported_with_its_path(tmp_path):
-    """A token file that does not exist is an error on admin.token_file naming the path."""
+def test_admin_token_file_that_is_missing_is_reported_without_its_path(tmp_path):
+    """A token file that does not exist is an error on admin.token_file, its path not quoted."""
     missing = tmp_path / "nope" / "admin-token"
 
     problems = problems_of(minimal(admin={"token_file": str(missing)}))
 
-    assert problems == (f"admin.token_file: file {str(missing)!r} does not exist",)
+    assert problems == (
+        "admin.token_file: the file named here "
+        f"(an absolute path of {len(str(missing))} characters, not shown) does not exist",
+    )
 
 
 def test_admin_token_file_that_is_a_directory_is_rejected(tmp_path):
     """A directory is not a token file."""
     problems = problems_of(minimal(admin={"token_file": str(tmp_path)}))
 
-    assert problems == (f"admin.token_file: {str(tmp_path)!r} is not a regular file",)
+    assert problems == (
+        "admin.token_file: the path named here "
+        f"(an absolute path of {len(str(tmp_path))} characters, not shown) is not a regular file",
+    )
 
 
 def test_admin_token_never_appears_in_an_error(tmp_path):
