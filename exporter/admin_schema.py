@@ -62,7 +62,8 @@ Timestamp = Annotated[
 
 _STATUS_TEXT = (
     "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL (the API's), INVALID (the API rejected the "
-    "id), UNKNOWN (no successful poll yet), or another upper-case identifier the API sent."
+    "id), UNKNOWN (no successful poll yet, or a value that is not an identifier) or OTHER "
+    "(a value the API sent outside the documented five; the log names it)."
 )
 
 
@@ -229,8 +230,8 @@ _LIST_PARAMETERS = [
         "style": "form",
         "explode": True,
         "description": "Only uploads in these statuses (repeatable, case-insensitive): "
-        "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, INVALID, UNKNOWN, or another status the "
-        "API sent that a tracked upload has now. Anything else is a 400. A filtered page looks "
+        "INQUEUE, INPROGRESS, DONE, CANCELLED, FATAL, INVALID, UNKNOWN, OTHER. Anything else is "
+        "a 400. A filtered page looks "
         f"at no more than {MAX_PAGE_EXAMINED:,} ids (or limit, if larger).",
     },
     {
@@ -335,10 +336,9 @@ def _paths() -> dict[str, Any]:
                     {
                         "200": _json(_ref(IngestionList), "The uploads."),
                         "400": _failure(
-                            "unknown_parameter, or invalid_parameter: a status that is neither "
-                            "known nor held by a tracked upload (the message lists the allowed "
-                            "ones), a limit out of range, a cursor this API did not hand out, "
-                            "or one of them given twice."
+                            "unknown_parameter, or invalid_parameter: a status that is not one "
+                            "of those listed (the message lists them), a limit out of range, a "
+                            "cursor this API did not hand out, or one of them given twice."
                         ),
                     }
                 ),

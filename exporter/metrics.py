@@ -33,6 +33,7 @@ from exporter.models import (
     PollError,
     PollOutcome,
     RejectReason,
+    Status,
 )
 from exporter.uploads import Transition, UploadStore
 
@@ -119,8 +120,13 @@ class ApiMetrics:
             self.errors.labels(outcome.kind.value).inc()
 
 
+#: How a status value outside the documented five is exposed (the `exposed_as` label).
+UNKNOWN_STATUS_LABELS = (Status.OTHER.value, Status.UNKNOWN.value)
+
+
 class UploadMetrics:
-    """How long uploads take: histograms observed once per upload, on its transitions."""
+    """How long uploads take (histograms observed once per upload, on its transitions), and
+    how often the API answers a status outside the documented set."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.duration = Histogram(
@@ -138,6 +144,20 @@ class UploadMetrics:
             buckets=UPLOAD_DURATION_BUCKETS,
             registry=registry,
         )
+        self.unknown_statuses = Counter(
+            "catalog_exporter_unknown_statuses",
+            "Successful polls whose processingStatus held no documented value, by the status "
+            "exposed instead: OTHER (a well-formed new value), UNKNOWN (not an identifier).",
+            ["exposed_as"],
+            registry=registry,
+        )
+        for label in UNKNOWN_STATUS_LABELS:
+            self.unknown_statuses.labels(label)
+
+    def count_unknown_status(self, exposed_as: str) -> None:
+        """Count one answer with no documented status, exposed as `exposed_as`."""
+        label = exposed_as if exposed_as in UNKNOWN_STATUS_LABELS else Status.UNKNOWN.value
+        self.unknown_statuses.labels(label).inc()
 
     def observe(self, transition: Transition) -> None:
         """Record the durations a transition completes, if any."""

@@ -9,6 +9,7 @@ watched directory, admin API): `ingestion_id_problem` and its limits. Parsing li
 from __future__ import annotations
 
 import enum
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -26,10 +27,13 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 
 class Status(enum.StrEnum):
-    """Statuses the exporter exposes in `catalog_upload_status{status}`.
+    """Statuses the exporter exposes in `catalog_upload_status{status}`, the only values any
+    `status` label, the state file or the admin API ever hold.
 
     The first five are the API's; INVALID is ours (the API rejected the id) and UNKNOWN means
-    no successful poll yet, or a value the API sent that is not a sane identifier.
+    no successful poll yet, or a value the API sent that is not a sane identifier. OTHER is a
+    sane identifier the API sent outside the five (`PARTIALLY_DONE`, `INPROGRESS_42`): one
+    value for all of them, so an API inventing a status per poll cannot grow the series.
     """
 
     INQUEUE = "INQUEUE"
@@ -39,10 +43,31 @@ class Status(enum.StrEnum):
     FATAL = "FATAL"
     INVALID = "INVALID"
     UNKNOWN = "UNKNOWN"
+    OTHER = "OTHER"
 
 
-#: Every status that always has a series, in exposition order.
-KNOWN_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+#: Every status that always has a per-upload series, in exposition order; OTHER has one only
+#: while the upload is in it (an eighth series per upload would cost more than it tells).
+KNOWN_STATUSES: tuple[str, ...] = tuple(s.value for s in Status if s is not Status.OTHER)
+
+#: Every value a `status` label can take: the aggregates list each, zero or not.
+EXPOSED_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+#: What a value the API sent must look like (after upper-casing) to count as OTHER rather
+#: than UNKNOWN: the shape of the API's own values, upper-case words joined by "_".
+SANE_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+_EXPOSED = frozenset(EXPOSED_STATUSES)
+
+
+def exposed_status(value: str) -> str:
+    """The status label value for `value`: itself when it is one of `EXPOSED_STATUSES`, else
+    OTHER for a sane identifier and UNKNOWN for anything else (a state file from an older
+    version kept each new value the API sent)."""
+    if value in _EXPOSED:
+        return value
+    return Status.OTHER.value if SANE_STATUS.fullmatch(value) else Status.UNKNOWN.value
+
 
 #: Statuses after which the API will not change its answer: polling stops.
 TERMINAL_STATUSES: frozenset[str] = frozenset({Status.DONE, Status.CANCELLED, Status.FATAL})
@@ -165,7 +190,8 @@ class StatusReport:
     """A successful poll: the one status we expose and whether a report link was present.
 
     `raw` is what the API sent (joined with "," when it was a list) for the log line of an
-    unknown value; the report link itself is never kept, it is a presigned credential.
+    unknown value (`known` False: exposed as OTHER or UNKNOWN); the report link itself is
+    never kept, it is a presigned credential.
     """
 
     status: str

@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Mapping
 
 from exporter.models import (
-    KNOWN_STATUSES,
+    SANE_STATUS,
     STATUS_RANK,
     ErrorKind,
     PollError,
@@ -25,10 +25,6 @@ from exporter.models import (
     Status,
     StatusReport,
 )
-
-#: An unknown status value is exposed as a label value only if it looks like the API's own
-#: values (upper-case words joined by "_"); anything else becomes UNKNOWN.
-SANE_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 #: Longest API error message kept for logs; the rest is cut.
 MAX_MESSAGE_CHARS = 200
@@ -131,15 +127,17 @@ def pick_status(values: list[str]) -> tuple[str, bool]:
 
     Values are compared case-insensitively after trimming. Among known values the most
     advanced wins (see `STATUS_RANK`); unknown values count only when no known one is present,
-    and then the first sane one is exposed as it is, else UNKNOWN.
+    and then any sane one (`models.SANE_STATUS`) is exposed as OTHER, else UNKNOWN: never as
+    itself, so the label values stay a fixed set whatever the API invents.
     """
     normalised = [v.strip().upper() for v in values]
     known = [v for v in normalised if v in STATUS_RANK]
     if known:
         return max(known, key=STATUS_RANK.__getitem__), True
-    for value in normalised:
-        if SANE_STATUS.fullmatch(value) and value not in KNOWN_STATUSES:
-            return value, False
+    # INVALID and UNKNOWN are ours: the API sending them is not a sane value of its own.
+    ours = (Status.INVALID.value, Status.UNKNOWN.value)
+    if any(SANE_STATUS.fullmatch(v) and v not in ours for v in normalised):
+        return Status.OTHER.value, False
     return Status.UNKNOWN.value, False
 
 

@@ -37,6 +37,11 @@ INITIAL_SPREAD_SECONDS = 1.0
 #: A trigger for an upload whose poll is due within this many seconds joins that poll.
 MERGE_WINDOW_SECONDS = 1.0
 
+#: Distinct unknown status values logged, once each; later new ones are only counted
+#: (`catalog_exporter_unknown_statuses_total`): an API inventing a value per poll must grow
+#: neither memory (at most this many values of at most 200 characters) nor the log.
+MAX_UNKNOWN_VALUES_LOGGED = 100
+
 
 class Action(enum.Enum):
     """What happens to an upload when its heap entry comes due."""
@@ -106,7 +111,8 @@ class Poller:
         self._followers: dict[str, list[Callable[[], None]]] = {}
         self._seq = 0
         self._failures: dict[str, int] = {}
-        self._unknown_values_logged: set[str] = set()
+        self._unknown_values_logged: set[str] = set()  # at most MAX_UNKNOWN_VALUES_LOGGED
+        self._unknown_values_log_full = False
         self._wakeup = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -270,14 +276,32 @@ class Poller:
     def _apply_report(self, ingestion_id: str, report: StatusReport) -> tuple[float, Action]:
         self._failures.pop(ingestion_id, None)
         self._metrics.last_successful_poll.set(time.time())
-        if not report.known and report.raw not in self._unknown_values_logged:
-            self._unknown_values_logged.add(report.raw)
-            log.warning("unknown_status_value", value=report.raw, exposed_as=report.status)
+        if not report.known:
+            self._unknown_status(report)
         self._transitioned(self._store.record_report(ingestion_id, report))
         upload = self._store.get(ingestion_id)
         if upload is not None and upload.terminal:
             return self._settings.retention_for(upload.status), Action.RETIRE
         return self._interval(), Action.POLL
+
+    def _unknown_status(self, report: StatusReport) -> None:
+        """Count an answer with no documented status; log each distinct value once, up to
+        MAX_UNKNOWN_VALUES_LOGGED values, then say once that later ones are only counted."""
+        self._upload_metrics.count_unknown_status(report.status)
+        logged = self._unknown_values_logged
+        if report.raw in logged:
+            return
+        if len(logged) < MAX_UNKNOWN_VALUES_LOGGED:
+            logged.add(report.raw)
+            log.warning("unknown_status_value", value=report.raw, exposed_as=report.status)
+        elif not self._unknown_values_log_full:
+            self._unknown_values_log_full = True
+            log.warning(
+                "unknown_status_values_not_logged",
+                logged=MAX_UNKNOWN_VALUES_LOGGED,
+                note="later new status values are counted in "
+                "catalog_exporter_unknown_statuses_total only",
+            )
 
     def _apply_error(self, ingestion_id: str, error: PollError) -> tuple[float, Action]:
         self._transitioned(self._store.record_error(ingestion_id, error))

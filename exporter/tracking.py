@@ -21,9 +21,10 @@ from typing import Protocol
 import structlog
 
 from exporter.models import (
-    KNOWN_STATUSES,
+    EXPOSED_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
+    exposed_status,
     ingestion_id_problem,
     refused_character,
 )
@@ -462,11 +463,9 @@ class IngestionTracker:
         return Page(tuple(views), None)
 
     def statuses(self) -> tuple[str, ...]:
-        """Statuses an upload can be listed under: the known ones, then any other value the
-        API sent that a tracked upload has now (sorted)."""
-        present = self._store.status_counts()
-        others = sorted(s for s, n in present.items() if n > 0 and s not in KNOWN_STATUSES)
-        return (*KNOWN_STATUSES, *others)
+        """Statuses an upload can be listed under: every exposed one, OTHER for any value the
+        API sent outside the documented five (the log names the value)."""
+        return EXPOSED_STATUSES
 
     def record(self, ingestion_id: str) -> UploadRecord | None:
         """What the state must hold for this id now (None: no row)."""
@@ -494,18 +493,23 @@ class IngestionTracker:
     def restore(self, snapshot: StateSnapshot) -> None:
         """Load what a previous run persisted, before polling starts.
 
-        Rows of ids another replica owns now (sharding.total changed) are deleted.
+        Rows of ids another replica owns now (sharding.total changed) are deleted; rows
+        whose status is outside `EXPOSED_STATUSES` (an older version kept each value the API
+        sent) are rewritten with OTHER or UNKNOWN.
         """
-        not_owned = []
+        rewrite = []
         for record in snapshot.uploads:
             if not self._shard.owns(record.ingestion_id):
-                not_owned.append(record.ingestion_id)
+                rewrite.append(record.ingestion_id)
                 continue
+            status = exposed_status(record.status)
+            if status != record.status:
+                rewrite.append(record.ingestion_id)
             self._store.restore(
                 TrackedUpload(
                     ingestion_id=record.ingestion_id,
                     first_seen=record.first_seen,
-                    status=record.status,
+                    status=status,
                     status_changed=record.status_changed,
                     sources=set(record.sources),
                     labels=dict(record.labels),
@@ -516,7 +520,7 @@ class IngestionTracker:
                 )
             )
         self._store.restore_retired(snapshot.retired)
-        self._mark(not_owned)
+        self._mark(rewrite)
         self._prune_retired()
 
     def changed(self, ingestion_id: str) -> None:

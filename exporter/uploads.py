@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from sortedcontainers import SortedList
 
 from exporter.models import (
-    KNOWN_STATUSES,
+    EXPOSED_STATUSES,
     TERMINAL_STATUSES,
     ErrorKind,
     PollError,
     Status,
     StatusReport,
+    exposed_status,
 )
 
 
@@ -181,7 +182,9 @@ class UploadStore:
             self._render(upload, True)
 
     def restore(self, upload: TrackedUpload) -> None:
-        """Put back an upload read from the state file, as it was."""
+        """Put back an upload read from the state file, as it was (a status outside
+        `EXPOSED_STATUSES`, kept by an older version, as OTHER or UNKNOWN)."""
+        upload.status = exposed_status(upload.status)
         self._forget(upload.ingestion_id)
         self._uploads[upload.ingestion_id] = upload
         self._sorted_ids.add(upload.ingestion_id)
@@ -263,14 +266,14 @@ class UploadStore:
         return None
 
     def status_counts(self) -> Counter[str]:
-        """Tracked uploads per status; every known status present, zero or not."""
-        counts: Counter[str] = Counter(dict.fromkeys(KNOWN_STATUSES, 0))
+        """Tracked uploads per status; every exposed status present (OTHER too), zero or not."""
+        counts: Counter[str] = Counter(dict.fromkeys(EXPOSED_STATUSES, 0))
         counts.update(+self._counts)
         return counts
 
     def transitions(self) -> Counter[str]:
-        """Transitions observed into each status since start; known statuses always present."""
-        counts: Counter[str] = Counter(dict.fromkeys(KNOWN_STATUSES, 0))
+        """Transitions observed into each status since start; every exposed status present."""
+        counts: Counter[str] = Counter(dict.fromkeys(EXPOSED_STATUSES, 0))
         counts.update(self._transitions)
         return counts
 
@@ -283,6 +286,8 @@ class UploadStore:
         return upload
 
     def _set_status(self, upload: TrackedUpload, status: str, now: float) -> Transition | None:
+        # Whoever built the report, the label values (and so the series) stay a fixed set.
+        status = exposed_status(status)
         if status == upload.status:
             return None
         old = upload.status

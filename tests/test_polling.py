@@ -127,20 +127,21 @@ async def test_list_valued_status_is_reduced_to_the_most_advanced(
     await wait_for(running.status_is("listy", "FATAL"))
 
 
-async def test_unknown_status_values_are_exposed_and_logged_once(
+async def test_unknown_status_values_are_exposed_as_other_or_unknown_and_logged_once(
     start_simulator: SimulatorFactory, start_exporter: ExporterFactory
 ) -> None:
-    """A sane new value gets its own series; a non-identifier becomes UNKNOWN; one log each."""
+    """A sane new value is OTHER; a non-identifier becomes UNKNOWN; one log naming each."""
     sim, url = await start_simulator()
     sim.add_upload("new", [("PARTIALLY_DONE", 0)])
     sim.add_upload("odd", [("in progress (50%)", 0)])
     running = await start_exporter(fast_config(url, ["new", "odd"]))
     await wait_for(requests_seen(sim, "odd", 3))
     await wait_for(requests_seen(sim, "new", 3))
-    assert await running.status_of("new") == "PARTIALLY_DONE"
+    assert await running.status_of("new") == "OTHER"
     assert await running.status_of("odd") == "UNKNOWN"
     samples = await running.scrape()
-    assert value(samples, "catalog_uploads", status="PARTIALLY_DONE") == 1.0
+    assert value(samples, "catalog_uploads", status="OTHER") == 1.0
+    assert value(samples, "catalog_uploads", status="PARTIALLY_DONE") is None
     assert value(samples, "catalog_upload_status", ingestion_id="new", status="UNKNOWN") == 0.0
     events = [json.loads(line) for line in running.logs.getvalue().splitlines()]
     unknown_logs = [e for e in events if e["event"] == "unknown_status_value"]

@@ -51,10 +51,12 @@ def test_status_is_matched_case_insensitively_and_trimmed() -> None:
     assert ok({"processingStatus": " done "}).status == "DONE"
 
 
-def test_unknown_sane_status_is_kept_and_flagged_unknown() -> None:
-    """A new identifier-like value is exposed as it is, and marked not known."""
-    report = ok({"processingStatus": "PARTIALLY_DONE"})
-    assert (report.status, report.known) == ("PARTIALLY_DONE", False)
+@pytest.mark.parametrize("value", ["PARTIALLY_DONE", "INPROGRESS_42", "on_hold", "OTHER"])
+def test_an_unknown_sane_status_is_exposed_as_other_and_kept_raw_for_the_log(value: str) -> None:
+    """A new identifier-like value becomes OTHER (never a label value of its own), is marked
+    not known, and its spelling is kept in `raw` for the once-per-value log line."""
+    report = ok({"processingStatus": value})
+    assert (report.status, report.known, report.raw) == ("OTHER", False, value)
 
 
 @pytest.mark.parametrize("value", ["in progress (50%)", "", "x" * 100, 'A"B', "ÄNDERUNG"])
