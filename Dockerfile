@@ -9,15 +9,16 @@
 #     catalog-upload-exporter:0.1.0
 #
 # The base is pinned by tag and by the digest of its multi-arch index, so a rebuild gets the same
-# bytes. The digest is the one docker-library/repo-info recorded for python:3.11.16-slim-bookworm
+# bytes, and so is every dependency, by requirements/runtime.txt with its hashes (make lock). The
+# digest is the one docker-library/repo-info recorded for python:3.11.16-slim-bookworm
 # (repos/python/remote/3.11.16-slim-bookworm.md). To move to a newer base, read the new digest
 # with `docker buildx imagetools inspect python:3.11.X-slim-bookworm` (the "Digest:" line) or
 # `crane digest python:3.11.X-slim-bookworm`, and change PYTHON_IMAGE and the base.name label.
 # Any image with python3, its venv module and pip on PATH works as a base (--build-arg
 # PYTHON_IMAGE=...): tests/test_container.py builds on one made from Debian packages.
 #
-# Offline: `--build-context wheels=DIR`, DIR holding wheels of every dependency and of the build
-# backend (setuptools), installs from DIR alone (`pip download` fills it; see `make image`).
+# Offline: `--build-context wheels=DIR`, DIR holding the wheels that requirements/runtime.txt and
+# requirements/build.txt pin, installs from DIR alone (docs/deploying.md says how to fill it).
 
 ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:c425d915a89a6dcd3183b1797ad9bd8878caff5a417f6371c8df93c8ea8b727f
 
@@ -31,18 +32,33 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY exporter/ exporter/
 
-# The venv has no pip of its own: the base image's pip installs into it (--python), so the venv
+# The dependencies first, in a layer of their own that only a change of the lock rebuilds: the
+# venv has no pip of its own (the base image's pip installs into it, --python), so the venv
 # copied to the final stage holds the exporter and its dependencies and nothing to install with.
-# Every dependency ships manylinux wheels, so no compiler is needed here either. With wheels
-# given, pip reads no index at all (PIP_NO_INDEX), the build backend's isolated env included.
+# Every package is a pin of requirements/ with its hashes (--require-hashes: a file whose hash
+# is not in the lock is refused, from an index or from the wheels alike), so two builds of one
+# commit install the same files. Wheels only (every dependency ships manylinux wheels): no
+# compiler, and no source build fetching build dependencies that nothing pins. The build
+# backend (setuptools, requirements/build.txt) goes into a venv of its own that the final
+# stage leaves behind. With wheels given, pip reads no index at all (PIP_NO_INDEX).
+COPY requirements/runtime.txt requirements/build.txt requirements/
 RUN --mount=type=bind,from=wheels,target=/wheels \
     if [ -n "$(ls -A /wheels)" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
-    && python3 -m pip wheel --no-deps --wheel-dir /dist . \
     && python3 -m venv --without-pip /opt/venv \
-    && python3 -m pip --python /opt/venv/bin/python install --compile /dist/*.whl
+    && python3 -m pip --python /opt/venv/bin/python install --require-hashes --no-deps \
+        --only-binary=:all: --compile -r requirements/runtime.txt \
+    && python3 -m venv --without-pip /build \
+    && python3 -m pip --python /build/bin/python install --require-hashes --no-deps \
+        --only-binary=:all: -r requirements/build.txt
+
+# The exporter's own wheel, built with the locked setuptools (no build isolation, so nothing is
+# fetched) and installed without its dependencies, which are in place already.
+COPY pyproject.toml README.md ./
+COPY exporter/ exporter/
+RUN python3 -m pip --python /build/bin/python wheel --no-build-isolation --no-deps \
+        --wheel-dir /dist . \
+    && python3 -m pip --python /opt/venv/bin/python install --no-deps --compile /dist/*.whl
 
 
 FROM ${PYTHON_IMAGE}

@@ -24,20 +24,25 @@ RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-export
 RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
 PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
 
-.PHONY: demo test test-fast lint tools image rules clean
+.PHONY: demo test test-fast lint lock tools image rules clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python >= 3.11 is required (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .
+# The locked builds (DEVELOPERS.md, "The lock"): every dependency comes from requirements/, pinned
+# with its hashes (--require-hashes), then the project itself, which has no hash, without its
+# dependencies and built with the locked setuptools (no build isolation, which would fetch an
+# unpinned one). test.txt pins pip too, which replaces the venv's own.
+PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/runtime.txt requirements/build.txt
+	$(PIP_LOCKED) -r requirements/runtime.txt -r requirements/build.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed requirements/test.txt
+	$(PIP_LOCKED) -r requirements/test.txt
 	touch $@
 
 demo: $(VENV)/.installed
@@ -79,6 +84,22 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict exporter
+
+# Rewrites the lock files from pyproject.toml (its dependencies, its test extra, its build backend)
+# and requirements/dev.in, keeping every pin that still fits; UPGRADE=1 moves every pin to the
+# newest release that fits. test.txt is resolved first; the image's runtime.txt and build.txt
+# are held to its versions (-c), so the image runs what the tests ran. One resolution for every
+# platform (--universal), hashes of every file of each release.
+UV_COMPILE := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+BUILD_REQUIRES := $(BIN)/python -c 'import tomllib; \
+	print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+
+lock: $(VENV)/.installed-test
+	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml --extra test requirements/dev.in - \
+		-o requirements/test.txt
+	$(UV_COMPILE) pyproject.toml -c requirements/test.txt -o requirements/runtime.txt
+	$(BUILD_REQUIRES) | $(UV_COMPILE) - -c requirements/test.txt -o requirements/build.txt
 
 # The rules file with RUNBOOK_BASE in every runbook_url, then the PrometheusRule: its header
 # (everything up to `spec:`) and the rules file's groups, indented under it.

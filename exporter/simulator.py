@@ -462,6 +462,9 @@ class Simulator:
         self.auth = auth
         self.region = region
         self.requests: list[RequestRecord] = []
+        # Requests whose handling has begun and not ended (a hang or drip the client left ends
+        # when the simulator notices it gone): 0 once every request received is in `requests`.
+        self._in_flight = 0
         self._tokens = frozenset(tokens)
         self._token_header = token_header
         self._credentials = dict(
@@ -584,6 +587,11 @@ class Simulator:
 
     # -- the request log ---------------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """How many requests are being handled now (received, not yet ended)."""
+        return self._in_flight
+
     def count(
         self,
         *,
@@ -630,7 +638,15 @@ class Simulator:
     # -- handling ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Answer one request to the app (other than /healthz)."""
+        """Answer one request to the app (other than /healthz), counted in `in_flight` while
+        it is handled."""
+        self._in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         _RECEIVED.set(self._clock())  # each request is handled in a task, a context, of its own
         # API Gateway serves a stage under a prefix (/prod/v1/...), and answers any unknown
         # route or method with this 403 rather than a 404.

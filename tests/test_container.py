@@ -2,15 +2,17 @@
 
 No image registry is needed: the build's base is a stand-in made from Debian bookworm packages
 (mmdebstrap, then `podman import`), passed as PYTHON_IMAGE, and the dependencies come from a
-directory of wheels made from this venv (the Dockerfile's `wheels` build context), so the build
-runs with --network none. The image then runs the way Kubernetes runs it: read-only root, no
-capabilities, no new privileges, uid 65532. The base image stays in podman's storage and the
-wheels under .cache/, so a second run only rebuilds the layers that changed. Every tool is
-required: a missing one fails the suite rather than skipping it (`make test` installs them).
+directory of the wheels that the image's lock files pin (the Dockerfile's `wheels` build
+context; the build checks each against the lock's hashes), so the build runs with --network
+none. The image then runs the way Kubernetes runs it: read-only root, no capabilities, no new
+privileges, uid 65532. The base image stays in podman's storage and the wheels under .cache/,
+so a second run only rebuilds the layers that changed. Every tool is required: a missing one
+fails the suite rather than skipping it (`make test` installs them).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -22,6 +24,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +98,16 @@ def base_image(scratch: Path) -> str:
     return name
 
 
+#: What the image installs: the locked dependencies and the locked build backend.
+IMAGE_LOCKS = (ROOT / "requirements" / "runtime.txt", ROOT / "requirements" / "build.txt")
+
+
 def wheels_dir(scratch: Path) -> Path:
-    """Wheels of every dependency and of the build backend, for this Python and pyproject."""
-    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[
-        :12
-    ]
+    """The wheels that the image's lock files pin, for this Python, checked against their
+    hashes as pip downloads them."""
+    key = hashlib.sha256(
+        b"".join(lock.read_bytes() for lock in IMAGE_LOCKS) + sys.version.encode()
+    ).hexdigest()[:12]
     target = CACHE / f"wheels-{key}"
     if target.is_dir():
         return target
@@ -109,15 +117,16 @@ def wheels_dir(scratch: Path) -> Path:
             sys.executable,
             "-m",
             "pip",
-            "wheel",
+            "download",
             "--quiet",
-            "--wheel-dir",
+            "--require-hashes",
+            "--no-deps",
+            # As the Dockerfile installs them: wheels only. The project's own wheel is not
+            # here: the image builds it from its sources (a copy here would go stale).
+            "--only-binary=:all:",
+            "--dest",
             str(fresh),
-            # The dependencies only: the image builds the project's own wheel from its
-            # sources (a copy here would go stale), and building it here would write
-            # build/ in the work tree.
-            *PYPROJECT["project"]["dependencies"],
-            *PYPROJECT["build-system"]["requires"],
+            *(f"--requirement={lock}" for lock in IMAGE_LOCKS),
         ],
         check=True,
         timeout=600,
@@ -254,26 +263,96 @@ def test_the_default_base_is_pinned_to_a_python_patch_release_and_a_digest() -> 
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", defaults[0])
 
 
-@pytest.mark.slow
-def test_the_image_is_built_offline_from_exactly_the_wheels_given(built: Built) -> None:
-    """With --network none, every distribution in the venv is one of the wheels given (name
-    and version), besides the exporter itself, built from the sources."""
+def installed(image: str) -> dict[str, str]:
+    """Each distribution in the image's venv and its version: what `pip freeze` there would
+    print (the final image has no pip), read from the same metadata."""
     listing = in_image(
-        built.image,
+        image,
         "/opt/venv/bin/python",
         "-c",
         "import importlib.metadata as m;"
         "print('\\n'.join(f'{d.name} {d.version}' for d in m.distributions()))",
     )
-    installed = {canonical(name): version for name, version in map(str.split, listing.splitlines())}
-    assert installed.pop("catalog-upload-exporter") == PYPROJECT["project"]["version"]
+    return {canonical(name): version for name, version in map(str.split, listing.splitlines())}
+
+
+@pytest.mark.slow
+def test_the_image_is_built_offline_from_exactly_the_wheels_given(built: Built) -> None:
+    """With --network none, every distribution in the venv is one of the wheels given (name
+    and version), besides the exporter itself, built from the sources."""
+    versions = installed(built.image)
+    assert versions.pop("catalog-upload-exporter") == PYPROJECT["project"]["version"]
     given = {
         canonical(name): version
         for name, version, *_ in (wheel.name.split("-") for wheel in built.wheels.glob("*.whl"))
     }
-    assert {"aiohttp", "botocore", "prometheus-client", "pyyaml", "structlog"} <= installed.keys()
-    assert installed.items() <= given.items()
+    assert {"aiohttp", "botocore", "prometheus-client", "pyyaml", "structlog"} <= versions.keys()
+    assert versions.items() <= given.items()
     print(f"\nimage build: {built.seconds:.1f} s")
+
+
+#: The second build's tag; removed when the test ends.
+REBUILT = "localhost/catalog-upload-exporter:test-rebuilt"
+#: The dependency of which the second build's wheels also hold a newer release.
+NEWER = "sortedcontainers"
+
+
+def pins(lock: Path) -> dict[str, str]:
+    """The name and version of each `name==version` line of a lock file."""
+    return {
+        canonical(match[1]): match[2]
+        for match in re.finditer(r"^([A-Za-z0-9._-]+)==(\S+)", lock.read_text(), re.MULTILINE)
+    }
+
+
+def newer_release(name: str, version: str, directory: Path) -> str:
+    """A wheel of `name` at a post-release of `version` in `directory`, as an index would hold
+    it the day a new release is out: it satisfies every range that `version` does."""
+    release = f"{version}.post1"
+    dist_info = f"{name}-{release}.dist-info"
+    files = {
+        f"{name}/__init__.py": b"",
+        f"{dist_info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {release}\n".encode()
+        ),
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{path},sha256="
+        f"{base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+        f"{len(data)}\n"
+        for path, data in files.items()
+    )
+    with zipfile.ZipFile(directory / f"{name}-{release}-py3-none-any.whl", "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+        wheel.writestr(f"{dist_info}/RECORD", record + f"{dist_info}/RECORD,,\n")
+    return release
+
+
+@pytest.mark.slow
+def test_two_builds_of_one_commit_install_the_same_locked_versions(
+    built: Built, tmp_path: Path
+) -> None:
+    """A second build of the same sources, with no cache, from wheels that also hold a newer
+    release of a dependency (as an index does the day after one is out), installs the same
+    distributions at the same versions as the first (each image's `pip freeze`): the versions
+    requirements/runtime.txt pins."""
+    locked = pins(ROOT / "requirements" / "runtime.txt")
+    wheels = tmp_path / "wheels"
+    shutil.copytree(built.wheels, wheels)
+    newer = newer_release(NEWER, locked[NEWER], wheels)
+    try:
+        build(built.base, wheels, "--no-cache", f"--tag={REBUILT}")
+        first, second = installed(built.image), installed(REBUILT)
+    finally:
+        podman("rmi", "--force", REBUILT, check=False)
+    assert second == first, f"the second build installed {NEWER} {second.get(NEWER)}"
+    assert first[NEWER] != newer
+    assert first.pop("catalog-upload-exporter") == PYPROJECT["project"]["version"]
+    assert first == {name: locked[name] for name in first}
+    assert first.keys() == locked.keys()
 
 
 def canonical(name: str) -> str:
@@ -319,7 +398,13 @@ def test_the_final_image_has_no_pip(built: Built) -> None:
 
 
 #: What the Dockerfile copies from the context: the only paths .dockerignore lets through.
-CONTEXT_PATHS = ("pyproject.toml", "README.md", "exporter")
+CONTEXT_PATHS = (
+    "pyproject.toml",
+    "README.md",
+    "exporter",
+    "requirements/runtime.txt",
+    "requirements/build.txt",
+)
 #: What a working copy holds besides: tooling, tests, local configs, bytecode.
 CLUTTER = (
     ".git/HEAD",
@@ -335,6 +420,8 @@ CLUTTER = (
     "exporter/__pycache__/cli.cpython-311.pyc",
     "exporter/stray.pyc",
     "Dockerfile",
+    "requirements/test.txt",
+    "requirements/dev.in",
 )
 
 

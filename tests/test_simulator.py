@@ -337,6 +337,28 @@ async def test_a_hang_lasts_until_the_client_gives_up_while_other_requests_are_s
     assert sim.requests[0].fault == "hang"
 
 
+async def test_in_flight_counts_a_hanging_request_until_its_client_leaves(serve, session):
+    """A request counts in `in_flight` from its arrival until its handling ends: a hang the
+    client gave up on ends when the simulator notices, and then nothing is in flight."""
+    sim = Simulator(rate_limit=None)
+    sim.add_upload("stuck", [("INQUEUE", 0)])
+    url = await serve(sim)
+    assert sim.in_flight == 0
+    sim.inject(Fault(FaultKind.HANG), ingestion_id="stuck", count=1)
+    hanging = asyncio.create_task(post(session, url, "stuck", client_timeout=0.5))
+    await wait_for(requests_seen(sim, "stuck"))  # a hang is logged as it arrives
+    assert sim.in_flight == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await hanging
+
+    async def ended() -> bool:
+        return sim.in_flight == 0
+
+    await wait_for(ended)
+    assert (await post(session, url, "stuck"))[0] == 200
+    assert sim.in_flight == 0
+
+
 async def test_latency_delays_a_normal_answer(serve, session):
     """A latency fault sleeps, then answers the real status."""
     sim = Simulator(rate_limit=None)

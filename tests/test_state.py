@@ -691,7 +691,13 @@ async def test_a_failed_commit_is_undone_before_the_next_batch_is_cut(
         del memory.records["unacknowledged"]
 
     first = asyncio.create_task(writer.flush(undo=undo))
-    await asyncio.sleep(0.01)  # the first commit is in its thread, waiting on the lock
+
+    async def first_batch_cut() -> bool:
+        return memory.asked == ["unacknowledged"]
+
+    # Looked at on every turn of the loop: the first batch's rows were just read, so its commit
+    # is under way, and cannot end before its thread has waited out the lock.
+    await wait_for(first_batch_cut, interval=0)
     writer.mark(memory.put("other"))
     second = asyncio.create_task(writer.flush())
 

@@ -109,6 +109,17 @@ async def polled(client: FakeClient, ingestion_id: str, times: int) -> None:
     await wait_for(condition, timeout=5)
 
 
+async def settled(rig: Rig, sentinel: str) -> None:
+    """Trigger `sentinel` and wait until its poll has completed. Triggers are served in the
+    order made, each poll's task starting in the order dispatched: once the sentinel's poll is
+    done, every poll that an earlier trigger queued has been made and, not waiting on a gate,
+    completed. This is the evidence that nothing more is coming, where a test would otherwise
+    sleep and then check that nothing happened."""
+    done = asyncio.Event()
+    assert rig.poller.trigger(sentinel, done.set) is Trigger.TRIGGERED
+    await asyncio.wait_for(done.wait(), timeout=5)
+
+
 async def test_a_trigger_polls_an_id_due_in_ten_minutes_now(rig: Rig) -> None:
     """An id next due in 600 s is polled at once, and then not again until the interval."""
     done: list[str] = []
@@ -141,8 +152,9 @@ async def test_a_trigger_for_an_id_due_within_a_second_merges_into_that_poll(rig
     rig.time.now += 1.0  # past the old due time of "a" (and of "b" and "c")
     assert rig.poller.trigger("c") is Trigger.MERGED  # due too: this wakes the dispatcher
     await polled(rig.client, "c", 2)
-    await polled(rig.client, "b", 2)  # due by the heap
-    await asyncio.sleep(0.05)
+    # Due by the heap, after the old entry of "a" (due first, sequenced first): a second poll
+    # of "a" from that entry would have been dispatched, and so recorded, before this one.
+    await polled(rig.client, "b", 2)
     assert rig.client.count("a") == 2
     gate.set()
 
@@ -162,7 +174,7 @@ async def test_triggers_while_a_poll_is_in_flight_merge_into_it(rig: Rig) -> Non
         return len(done) == 3
 
     await wait_for(told)
-    await asyncio.sleep(0.05)
+    await settled(rig, "a")  # a merged trigger queued a poll of its own would come first
     assert sorted(done) == [1, 2, 3]
     assert rig.client.count("b") == 2
 
@@ -174,7 +186,7 @@ async def test_triggers_for_untracked_and_terminal_ids_poll_nothing(rig: Rig) ->
     await wait_for(lambda: asyncio.sleep(0, rig.store.get("c").terminal))  # type: ignore[union-attr]
     assert rig.poller.trigger("c") is Trigger.TERMINAL
     assert rig.poller.trigger("stranger") is Trigger.NOT_TRACKED
-    await asyncio.sleep(0.05)
+    await settled(rig, "a")
     assert rig.client.count("c") == 2
     assert "stranger" not in rig.client.calls
 
@@ -190,6 +202,6 @@ async def test_an_untracked_id_loses_its_pending_trigger(rig: Rig) -> None:
     rig.store.remove("b")
     rig.poller.untrack(["b"])
     gate.set()
-    await asyncio.sleep(0.1)
+    await settled(rig, "c")  # triggered after "b": its poll would have come first
     assert rig.client.count("b") == 1
     assert done == []
