@@ -398,7 +398,9 @@ def test_the_pod_annotations_point_plain_prometheus_at_the_exporter(
     for rendered, kind in ((manifests, "Deployment"), (sharded, "StatefulSet")):
         annotations = one(rendered, kind)["spec"]["template"]["metadata"]["annotations"]
         assert annotations == SCRAPE_ANNOTATIONS, kind
-        assert annotations["catalog-upload-exporter/port"] == str(metrics_port_of_kind(rendered, kind))
+        assert annotations["catalog-upload-exporter/port"] == str(
+            metrics_port_of_kind(rendered, kind)
+        )
 
 
 def scrape_jobs() -> list[dict[str, Any]]:
