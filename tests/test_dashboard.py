@@ -226,7 +226,8 @@ def test_variables_pick_datasource_job_namespace_pod_instance_and_stuck_threshol
     assert variables["job"]["definition"] == "label_values(catalog_exporter_build_info, job)"
     narrowing = {
         "namespace": 'label_values(catalog_exporter_build_info{job=~"$job"}, namespace)',
-        "pod": 'label_values(catalog_exporter_build_info{job=~"$job", namespace=~"$namespace"}, pod)',
+        "pod": "label_values(catalog_exporter_build_info"
+        '{job=~"$job", namespace=~"$namespace"}, pod)',
         "instance": "label_values(catalog_exporter_build_info"
         '{job=~"$job", namespace=~"$namespace", pod=~"$pod"}, instance)',
     }
