@@ -976,3 +976,34 @@ def test_changing_the_runbook_base_changes_every_alerts_runbook_url(tmp_path: Pa
     document = yaml.safe_load(prometheus_rule.read_text(encoding="utf-8"))
     assert document["spec"] == yaml.safe_load(rules.read_text(encoding="utf-8"))
     run(require_tool("promtool"), "check", "rules", str(rules))
+
+
+def test_make_rules_writes_the_job_matcher_into_every_rule_of_both_files(tmp_path: Path) -> None:
+    """With EXPORTER_JOB set, every job matcher of the rules file and of the PrometheusRule is
+    `job=~"<EXPORTER_JOB>"`, the runbook links stay, and promtool accepts the rules; a value
+    that would break the sed expression or the quoting is refused."""
+    job = "catalog-upload-exporter|shop/.*"
+    rules, prometheus_rule = make_rules(tmp_path, f"EXPORTER_JOB={job}")
+    before = RULES_FILE.read_text(encoding="utf-8")
+    for path in (rules, prometheus_rule):
+        text = path.read_text(encoding="utf-8")
+        matchers = JOB_MATCHER.findall(text)
+        assert len(matchers) == len(JOB_MATCHER.findall(before)) > 0
+        assert set(matchers) == {("=~", job)}
+    assert runbook_urls(rules) == runbook_urls(RULES_FILE)
+    run(require_tool("promtool"), "check", "rules", str(rules))
+    refused = subprocess.run(
+        [
+            require_tool("make"),
+            "--silent",
+            f"--directory={ROOT}",
+            "rules",
+            f"RULES_FILE={rules}",
+            f"PROMETHEUS_RULE={prometheus_rule}",
+            'EXPORTER_JOB=a"b',
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0 and "EXPORTER_JOB must be" in refused.stdout

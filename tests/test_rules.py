@@ -164,7 +164,9 @@ def test_the_budget_burn_alert_pages_fast_and_tickets_slow_on_one_objective() ->
         expr, threshold = burn[severity], f"({rate} * {budget})"
         assert f"namespace_job:catalog_upload_failure:ratio_rate{long} > {threshold}" in expr
         assert f"namespace_job:catalog_upload_duration_seconds_count:increase{long} >= 5" in expr
-        assert f"unless namespace_job:catalog_upload_failure:ratio_rate{short} <= {threshold}" in expr
+        assert (
+            f"unless namespace_job:catalog_upload_failure:ratio_rate{short} <= {threshold}" in expr
+        )
 
 
 #: A grouping or matching clause: `by (...)`, `without (...)`, `on (...)`, `ignoring (...)`.
