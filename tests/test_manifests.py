@@ -1007,3 +1007,21 @@ def test_make_rules_writes_the_job_matcher_into_every_rule_of_both_files(tmp_pat
         check=False,
     )
     assert refused.returncode != 0 and "EXPORTER_JOB must be" in refused.stdout
+
+
+def test_the_shipped_kubernetes_configs_expose_one_status_series_per_upload(
+    manifests: list[Manifest], sharded: list[Manifest], tmp_path: Path
+) -> None:
+    """The sidecar component's and the sharded overlay's configs load with
+    metrics.status_series active, the choice BENCHMARKS.md section 9 measured (a quarter of
+    Prometheus' memory at 100,000 uploads); the exporter's own default stays all."""
+    for rendered in (manifests, sharded):
+        (text,) = exporter_configmap(rendered)["data"].values()
+        document = yaml.safe_load(text)
+        document["state"]["path"] = str(tmp_path / "state.db")
+        config = parse_config(document, environ={}, hostname="catalog-upload-exporter-0")
+        assert config.metrics.status_series == "active"
+    minimal = parse_config(
+        {"api": {"base_url": "http://127.0.0.1:1"}}, environ={"AWS_REGION": "us-east-1"}
+    )
+    assert minimal.metrics.status_series == "all"
