@@ -13,7 +13,8 @@
 # digest is the one docker-library/repo-info recorded for python:3.11.16-slim-bookworm
 # (repos/python/remote/3.11.16-slim-bookworm.md). To move to a newer base, read the new digest
 # with `docker buildx imagetools inspect python:3.11.X-slim-bookworm` (the "Digest:" line) or
-# `crane digest python:3.11.X-slim-bookworm`, and change PYTHON_IMAGE and the base.name label.
+# `crane digest python:3.11.X-slim-bookworm`, and change PYTHON_IMAGE (the base.name label
+# follows it).
 # Any image with python3, its venv module and pip on PATH works as a base (--build-arg
 # PYTHON_IMAGE=...): tests/test_container.py builds on one made from Debian packages.
 #
@@ -63,13 +64,15 @@ RUN python3 -m pip --python /build/bin/python wheel --no-build-isolation --no-de
 
 FROM ${PYTHON_IMAGE}
 
+# The base this image was built on, whichever it is (the default above or --build-arg).
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="catalog-upload-exporter" \
       org.opencontainers.image.description="Prometheus exporter for HAQM Catalog API upload status" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/catalog-upload-exporter/catalog-upload-exporter" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.16-slim-bookworm"
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 # The venv does not see the system site-packages, so pip, setuptools and wheel there are only
 # tools for changing the image at run time: remove every site directory, ensurepip, and the pip

@@ -1,14 +1,15 @@
 # Quick start: `make demo` (live metrics from the embedded simulator) and `make test`.
 # Each target sets up what it needs: a virtualenv in .venv, and for tests the Debian
-# packages that provide promtool, prometheus and alertmanager, and podman (with runc) and
-# mmdebstrap, which build and run the image (tests/test_container.py).
+# packages that provide promtool, prometheus and alertmanager, podman (with runc) and
+# mmdebstrap, which build and run the image (tests/test_container.py), and Node.js with npm,
+# which install and run the Prometheus Operator's schemas (tests/test_operator_objects.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # command:package pairs; `make tools` installs the package of each command that is missing.
 APT_TOOLS := promtool:prometheus prometheus-alertmanager:prometheus-alertmanager \
-	podman:podman runc:runc mmdebstrap:mmdebstrap
+	podman:podman runc:runc mmdebstrap:mmdebstrap node:nodejs npm:npm
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= catalog-upload-exporter:$(VERSION)
 CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
@@ -21,6 +22,11 @@ PYTHON_IMAGE ?=
 # and the alert's anchor (docs/alerts.md, "Runbook links"). Change it here, or pass it, and run
 # `make rules`, which rewrites the rules file and the PrometheusRule generated from it.
 RUNBOOK_BASE ?= https://github.com/catalog-upload-exporter/catalog-upload-exporter/blob/main/docs/alerts.md
+# The alerts' job matcher, the other place: a regular expression (Prometheus', anchored) of the
+# job label(s) the exporter is scraped under. Every `job=~"..."` in the rules is this; change it
+# together with your scrape config or monitor, and run `make rules` (docs/alerts.md). The
+# shipped PodMonitor, ServiceMonitor and scrape config all give the job catalog-upload-exporter.
+EXPORTER_JOB ?= catalog-upload-exporter
 RULES_FILE ?= deploy/prometheus/catalog-upload-exporter.rules.yml
 PROMETHEUS_RULE ?= deploy/kubernetes/prometheusrule.yaml
 
@@ -72,12 +78,21 @@ image:
 PYTEST_WORKERS ?= $(shell echo $$((2 * $$(nproc 2>/dev/null || echo 1))))
 PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
-test: $(VENV)/.installed-test tools
+# tests/test_operator_objects.py validates the Prometheus Operator objects with the operator's
+# schemas from npm (tests/operator-schemas: package.json and its lock), installed here.
+NPM_DIR := .cache/npm
+$(NPM_DIR)/.installed: tests/operator-schemas/package.json tests/operator-schemas/package-lock.json
+	mkdir -p $(NPM_DIR)
+	cp tests/operator-schemas/package.json tests/operator-schemas/package-lock.json $(NPM_DIR)/
+	cd $(NPM_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $@
+
+test: $(VENV)/.installed-test tools $(NPM_DIR)/.installed
 	$(PYTEST)
 
 # The inner loop: everything but the tests marked slow (real Prometheus, podman, the CLI's
 # demo, promtool's rule tests) or soak; a minute or less on 2 cores.
-test-fast: $(VENV)/.installed-test tools
+test-fast: $(VENV)/.installed-test tools $(NPM_DIR)/.installed
 	$(PYTEST) -m "not slow and not soak"
 
 lint: $(VENV)/.installed-test
@@ -106,7 +121,10 @@ lock: $(VENV)/.installed-test
 rules:
 	@case '$(RUNBOOK_BASE)' in *[\|\&\#\"\ ]*|'') \
 		echo "RUNBOOK_BASE must be a URL without | & # \" or spaces"; exit 1;; esac
-	sed -E 's|^( *runbook_url: )"[^"#]*#|\1"$(RUNBOOK_BASE)#|' $(RULES_FILE) > $(RULES_FILE).tmp
+	@case '$(EXPORTER_JOB)' in *[%\&\\\"\ ]*|'') \
+		echo "EXPORTER_JOB must be a regular expression without % & \\ \" or spaces"; exit 1;; esac
+	sed -E -e 's|^( *runbook_url: )"[^"#]*#|\1"$(RUNBOOK_BASE)#|' \
+		-e 's%job=~"[^"]*"%job=~"$(EXPORTER_JOB)"%g' $(RULES_FILE) > $(RULES_FILE).tmp
 	mv $(RULES_FILE).tmp $(RULES_FILE)
 	{ sed '/^spec:$$/q' $(PROMETHEUS_RULE); sed -e '/^#/d' -e 's/^./  &/' $(RULES_FILE); } \
 		> $(PROMETHEUS_RULE).tmp

@@ -122,6 +122,11 @@ _SQS_HOST_REGION = re.compile(
     r"(?:sqs\.([a-z]{2}(?:-[a-z0-9]+)+)\.amazonaws\.com(?:\.cn)?"
     r"|([a-z]{2}(?:-[a-z0-9]+)+)\.queue\.amazonaws\.com)"
 )
+# API Gateway: <id>.execute-api.<region>.amazonaws.com[.cn], and its VPC endpoint names
+# <id>-<vpce id>.execute-api.<region>.vpce.amazonaws.com
+_EXECUTE_API_HOST_REGION = re.compile(
+    r"\.execute-api\.([a-z]{2}(?:-[a-z0-9]+)+)\.(?:vpce\.)?amazonaws\.com(?:\.cn)?$"
+)
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label name syntax
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted
@@ -602,7 +607,25 @@ class ApiConfig(_Section):
     """Where the Catalog API is and how hard we may lean on it.
 
     `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
+    On an API Gateway host (<id>.execute-api.<region>.amazonaws.com), that region is the
+    sigv4 region when `auth.region` is empty, before AWS_REGION / AWS_DEFAULT_REGION.
     """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _region_from_host(cls, data: Any) -> Any:
+        """sigv4's region from an execute-api host name, when the file sets none."""
+        if not isinstance(data, dict) or not isinstance(data.get("base_url"), str):
+            return data
+        auth = data.get("auth")
+        auth = {} if auth is None else auth
+        if not isinstance(auth, dict) or auth.get("region") or auth.get("type", "sigv4") != "sigv4":
+            return data
+        host = urllib.parse.urlsplit(data["base_url"]).hostname or ""
+        found = _EXECUTE_API_HOST_REGION.search(host)
+        if found is None:
+            return data
+        return {**data, "auth": {**auth, "region": found.group(1)}}
 
     base_url: Annotated[
         str, AfterValidator(_base_url), Field(json_schema_extra={"pattern": "^https?://[^?#@ ]+$"})

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import shlex
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -109,18 +111,43 @@ def write_report_config(base_url: str, directory: Path) -> Path:
     return path
 
 
-def report_example(config_path: Path) -> str:
+def report_example(config_path: Path, command: str = "catalog-upload-exporter") -> str:
     """The shell line that downloads a FATAL demo upload's report: the simulator checks
     SigV4 with its published test key, which the AWS variables hand to the credential chain."""
     return (
         f"AWS_ACCESS_KEY_ID={TEST_ACCESS_KEY_ID} AWS_SECRET_ACCESS_KEY={TEST_SECRET_ACCESS_KEY} "
-        f"catalog-upload-exporter report --config {shlex.quote(str(config_path))} "
+        f"{command} report --config {shlex.quote(str(config_path))} "
         f"{REPORT_EXAMPLE_ID}"
     )
 
 
+def cli_command(
+    argv0: str,
+    cwd: Path,
+    python: str,
+    which: Callable[[str], str | None] = shutil.which,
+) -> str:
+    """This program's command as a shell line can run it from `cwd`: the bare name when PATH
+    finds this very program; else the path it was started by (relative to `cwd` when under
+    it, as `make demo` starts .venv/bin/catalog-upload-exporter from the clone); else
+    `python -m exporter` with this interpreter."""
+    started = Path(argv0)
+    if started.name == "catalog-upload-exporter" and (cwd / started).is_file():
+        path = started if started.is_absolute() else cwd / started
+        found = which("catalog-upload-exporter")
+        if found is not None and Path(found).resolve() == path.resolve():
+            return "catalog-upload-exporter"
+        try:
+            shown = str(path.relative_to(cwd))
+        except ValueError:
+            shown = str(path)
+        return shlex.quote(shown if "/" in shown else f"./{shown}")
+    return f"{shlex.quote(python)} -m exporter"
+
+
 def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
     admin = admin_url or "http://127.0.0.1:<admin port>"
+    command = cli_command(sys.argv[0], Path.cwd(), sys.executable)
     print(
         f"\ncatalog-upload-exporter demo is running.\n"
         f"  landing page: {url}/\n"
@@ -131,9 +158,9 @@ def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
         f"      each upload's current status (the one-hot series that are 1)\n"
         f"  curl -s {admin}/api/v1/ingestions\n"
         f"      what is tracked, with sources and last poll\n"
-        f"  catalog-upload-exporter register {REGISTER_EXAMPLE.ingestion_id} --url {admin}\n"
+        f"  {command} register {REGISTER_EXAMPLE.ingestion_id} --url {admin}\n"
         f"      track one more upload, as your app would (then grep again)\n"
-        f"  {report_example(report_config)}\n"
+        f"  {report_example(report_config, command)}\n"
         f"      {REPORT_EXAMPLE_ID}'s processing report, once it is FATAL (~10 s)\n"
         f"Stop with Ctrl-C.\n",
         flush=True,

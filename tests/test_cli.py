@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.demo import demo_config
+from exporter.demo import cli_command, demo_config
 from exporter.simulator import Fault
 from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import (
@@ -455,14 +455,49 @@ def banner_command(output: str, start: str) -> list[str]:
     return shlex.split(next(line for line in lines if line.startswith(start)))
 
 
+#: The clone's root, where `make demo` runs `.venv/bin/catalog-upload-exporter --demo`.
+CLONE = Path(__file__).resolve().parent.parent
+#: The command the virtualenv installs (`make demo` runs it by this path).
+VENV_COMMAND = Path(sys.executable).parent / "catalog-upload-exporter"
+
+
+def path_without_the_command() -> str:
+    """PATH as after a fresh clone and `make demo`: no directory holding the command."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(
+        e for e in entries if e and not (Path(e) / "catalog-upload-exporter").exists()
+    )
+
+
+def test_the_banner_command_is_the_path_make_demo_ran_when_path_lacks_it(tmp_path: Path) -> None:
+    """Started as `.venv/bin/catalog-upload-exporter` from the clone with nothing on PATH, the
+    banner names that relative path; found on PATH, the bare name; run as a module,
+    `python -m exporter`."""
+    script = tmp_path / ".venv" / "bin" / "catalog-upload-exporter"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n", encoding="utf-8")
+    relative = ".venv/bin/catalog-upload-exporter"
+    assert cli_command(relative, tmp_path, "/usr/bin/python3", lambda _: None) == relative
+    assert cli_command(str(script), tmp_path, "/usr/bin/python3", lambda _: None) == relative
+    on_path = cli_command(relative, tmp_path, "/usr/bin/python3", lambda _: str(script))
+    assert on_path == "catalog-upload-exporter"
+    other = cli_command(relative, tmp_path / "elsewhere", "/usr/bin/python3", lambda _: None)
+    assert other == "/usr/bin/python3 -m exporter"  # no such file from there
+    module = cli_command("/src/exporter/__main__.py", tmp_path, "/opt/py 3/python", lambda _: None)
+    assert module == "'/opt/py 3/python' -m exporter"
+
+
 @pytest.mark.slow
 def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> None:
     """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute;
-    its admin API answers at port + 1, and the banner's register and grep commands work."""
+    its admin API answers at port + 1, and the banner's register and grep commands work.
+    Started as `make demo` starts it (`.venv/bin/catalog-upload-exporter` from the clone, the
+    command not on PATH), its register line runs as printed, by a shell."""
     port = free_port_pair()
-    proc = Process(
-        [*EXPORTER, "--demo", "--port", str(port)], env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    assert VENV_COMMAND.is_file()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path_without_the_command()}
+    started_as = os.path.relpath(VENV_COMMAND, CLONE)
+    proc = Process([started_as, "--demo", "--port", str(port)], env=env, cwd=CLONE)
     url = f"http://127.0.0.1:{port}/metrics"
     admin = f"http://127.0.0.1:{port + 1}"
     try:
@@ -475,15 +510,23 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
         )
         assert example is not None, proc.output
         assert "base_url: http://127.0.0.1:" in Path(example.group(1)).read_text()
-        register = banner_command(proc.output, "catalog-upload-exporter register")
+        (line,) = [s.strip() for s in proc.output.splitlines() if " register " in s]
+        register = shlex.split(line)
+        assert register[0] == started_as
         assert register[register.index("--url") + 1] == admin
         result = subprocess.run(
-            [*EXPORTER, *register[1:]], capture_output=True, text=True, check=False, timeout=30
+            ["bash", "-c", line],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+            env=env,
+            cwd=CLONE,
         )
         assert result.returncode == 0, result.stderr
         listed = json.loads(http_get(f"{admin}/api/v1/ingestions?limit=1000")[1])["ingestions"]
         tracked = {v["ingestionId"] for v in listed}
-        assert register[2] in tracked
+        assert register[register.index("register") + 1] in tracked
         assert len(tracked) == len(demo_config("http://127.0.0.1:1", port).ingestions.ids) + 1
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60

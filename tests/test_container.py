@@ -378,6 +378,7 @@ def test_the_image_runs_the_console_script_as_a_numeric_non_root_user(built: Bui
     labels = config["Labels"]
     assert labels["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.base.name"] == built.base, "the base it was built on"
 
 
 @pytest.mark.slow

@@ -31,6 +31,8 @@ VARIABLES = {
     "__interval": "1m",
     "__range": "1h",
     "job": ".*",
+    "namespace": ".*",
+    "pod": ".*",
     "instance": ".*",
     "stuck_after": "7200",
 }
@@ -39,7 +41,7 @@ VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)
 
 #: Series Prometheus makes itself rather than scraping them from the exporter.
 PROMETHEUS_OWN_SERIES = {"up"}
-PROMETHEUS_TARGET_LABELS = {"job", "instance"}
+PROMETHEUS_TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 
 #: What an operator needs to see, by the metric that shows it.
 REQUIRED_METRICS = {
@@ -207,26 +209,67 @@ def test_no_uid_is_hard_coded_anywhere() -> None:
             assert isinstance(value, dict), f"{path}.datasource names a datasource: {value!r}"
 
 
-def test_variables_pick_datasource_job_instance_and_stuck_threshold() -> None:
-    """A Prometheus datasource variable, job and multi-select instance, stuck after 2 h."""
-    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+def test_variables_pick_datasource_job_namespace_pod_instance_and_stuck_threshold() -> None:
+    """A Prometheus datasource variable, job, then multi-select namespace, pod and instance,
+    each narrowed by the ones before it, and stuck after 2 h."""
+    template = load_dashboard()["templating"]["list"]
+    variables = {v["name"]: v for v in template}
+    assert [v["name"] for v in template][:5] == [
+        "datasource",
+        "job",
+        "namespace",
+        "pod",
+        "instance",
+    ]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["job"]["definition"] == "label_values(catalog_exporter_build_info, job)"
-    instance = variables["instance"]
-    assert instance["definition"].startswith("label_values(catalog_exporter_build_info{")
-    assert instance["multi"] and instance["includeAll"] and instance["allValue"] == ".*"
+    narrowing = {
+        "namespace": 'label_values(catalog_exporter_build_info{job=~"$job"}, namespace)',
+        "pod": "label_values(catalog_exporter_build_info"
+        '{job=~"$job", namespace=~"$namespace"}, pod)',
+        "instance": "label_values(catalog_exporter_build_info"
+        '{job=~"$job", namespace=~"$namespace", pod=~"$pod"}, instance)',
+    }
+    for name, definition in narrowing.items():
+        variable = variables[name]
+        assert variable["definition"] == definition == variable["query"]["query"], name
+        assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*", name
     assert variables["stuck_after"]["current"]["value"] == "7200"
 
 
-def test_every_series_is_selected_by_job_and_instance() -> None:
-    """Each metric in each query carries `job=~"$job", instance=~"$instance"`."""
+def test_every_series_is_selected_by_job_namespace_pod_and_instance() -> None:
+    """Each metric in each query carries `job=~"$job", namespace=~"$namespace", pod=~"$pod",
+    instance=~"$instance"`, and every clause that keeps `job` keeps `namespace` too: apps
+    sharing a job (one namespace each) are never summed together."""
+    wanted = ('job=~"$job"', 'namespace=~"$namespace"', 'pod=~"$pod"', 'instance=~"$instance"')
     for expr in expressions(load_dashboard()):
         for selector in SELECTOR.finditer(expr):
             matchers = selector.group(2) or ""
-            assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (
-                f"{selector.group(1)} without the job/instance selector in:\n{expr}"
+            assert all(w in matchers for w in wanted), (
+                f"{selector.group(1)} without the job/namespace/pod/instance selector in:\n{expr}"
             )
+        for grouping in GROUPING.finditer(expr):
+            names = {n.strip() for n in grouping.group(1).split(",")}
+            assert "job" not in names or "namespace" in names, f"{grouping.group()} in {expr}"
+
+
+def test_the_report_hint_names_the_uploads_namespace_and_pod() -> None:
+    """In the attention table the id's link shows `kubectl exec -n <namespace> <pod>` from
+    the row's own labels, whose columns are shown rather than hidden."""
+    table = panel_titled(load_dashboard(), "Uploads needing attention")
+    (override,) = [
+        o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Ingestion id"
+    ]
+    (links,) = [p["value"] for p in override["properties"] if p["id"] == "links"]
+    (link,) = links
+    assert link["title"].startswith(
+        "Processing report: kubectl exec -n ${__data.fields.namespace} ${__data.fields.pod} "
+        "-c catalog-upload-exporter -- catalog-upload-exporter report '${__value.raw}'"
+    )
+    organize = table["transformations"][0]["options"]
+    assert {"namespace", "pod"} <= organize["indexByName"].keys()
+    assert not {"namespace", "pod"} & {k for k, v in organize["excludeByName"].items() if v}
 
 
 def test_every_panel_has_a_unique_id_a_position_and_a_description() -> None:
@@ -316,7 +359,9 @@ def test_slo_panels_show_what_the_recording_rules_record(tmp_path: Path) -> None
         for target in panel_titled(dashboard, title)["targets"]:
             (window,) = set(re.findall(r"\[([^\]]+)\]", target["expr"]))
             eval_time = "24h"
-            expected = recorded[(f"job:catalog_upload_{kind}:ratio_rate{window}", eval_time)]
+            expected = recorded[
+                (f"namespace_job:catalog_upload_{kind}:ratio_rate{window}", eval_time)
+            ]
             checks.append(
                 {
                     "expr": substitute(target["expr"]),

@@ -33,6 +33,7 @@ SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yml"
 DASHBOARD = DEPLOY / "grafana" / "catalog-upload-exporter.json"
 SHARDED = DEPLOY / "overlays" / "sharded"
 SIDECAR = DEPLOY / "components" / "sidecar"
+PODMONITOR = DEPLOY / "components" / "podmonitor"
 #: The Catalog API's request budget per account, shared by every replica.
 API_REQUESTS_PER_SECOND = 10
 #: Native sidecars (restartPolicy: Always on an init container) are on by default from 1.29;
@@ -109,7 +110,11 @@ def exporter_configmap(manifests: list[Manifest]) -> Manifest:
 
 
 def metrics_port(manifests: list[Manifest]) -> int:
-    ports = [p for p in exporter_container(manifests)["ports"] if p["name"] == "metrics"]
+    return metrics_port_of_kind(manifests, "Deployment")
+
+
+def metrics_port_of_kind(manifests: list[Manifest], kind: str) -> int:
+    ports = [p for p in exporter_container(manifests, kind)["ports"] if p["name"] == "metrics"]
     assert len(ports) == 1
     port: int = ports[0]["containerPort"]
     return port
@@ -376,14 +381,26 @@ def test_the_service_account_is_annotated_for_irsa_and_mounts_no_api_token(
     assert spec["automountServiceAccountToken"] is False
 
 
+#: The exporter's own pod annotations, read by deploy/prometheus/scrape-config.yml.
+SCRAPE_ANNOTATIONS = {
+    "catalog-upload-exporter/scrape": "true",
+    "catalog-upload-exporter/port": "10184",
+    "catalog-upload-exporter/path": "/metrics",
+}
+
+
 def test_the_pod_annotations_point_plain_prometheus_at_the_exporter(
-    manifests: list[Manifest],
+    manifests: list[Manifest], sharded: list[Manifest]
 ) -> None:
-    """prometheus.io/scrape, /port and /path on the pod template name the exporter's endpoint."""
-    annotations = one(manifests, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(metrics_port(manifests))
-    assert annotations["prometheus.io/path"] == "/metrics"
+    """The exporter's own catalog-upload-exporter/scrape, /port and /path annotations, on the
+    example's pods (from the sidecar component) and the shards', name its endpoint; no
+    prometheus.io/* annotation is taken from the application."""
+    for rendered, kind in ((manifests, "Deployment"), (sharded, "StatefulSet")):
+        annotations = one(rendered, kind)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == SCRAPE_ANNOTATIONS, kind
+        assert annotations["catalog-upload-exporter/port"] == str(
+            metrics_port_of_kind(rendered, kind)
+        )
 
 
 def scrape_jobs() -> list[dict[str, Any]]:
@@ -429,19 +446,56 @@ def test_the_scrape_config_passes_promtool_check_config(tmp_path: Path) -> None:
         run(require_tool("promtool"), "check", "config", str(wrapped))
 
 
-def test_every_way_of_scraping_names_the_job_the_alerts_expect(
+#: A job matcher in the rules: `job="..."`, `job=~"..."` (and their negations, refused here).
+JOB_MATCHER = re.compile(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def rules_job_matchers() -> list[tuple[str, str]]:
+    """Every (operator, value) job matcher in the rules file."""
+    return JOB_MATCHER.findall(RULES_FILE.read_text(encoding="utf-8"))
+
+
+def assert_every_job_matcher_accepts(job: str) -> None:
+    """Each job matcher of the rules selects series whose job label is `job`."""
+    matchers = rules_job_matchers()
+    assert matchers
+    for operator, value in matchers:
+        assert operator in {"=", "=~"}, f"a negative job matcher: job{operator}{value!r}"
+        matches = job == value if operator == "=" else re.fullmatch(value, job) is not None
+        assert matches, f"job {job!r} is not selected by job{operator}{value!r}"
+
+
+def podmonitor_job(monitor: Manifest) -> str:
+    """The job label a PodMonitor's single endpoint gives its series: the last relabeling that
+    writes `job`, else the operator's default `<namespace>/<name>`."""
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert "jobLabel" not in monitor["spec"]
+    job = None
+    for rule in endpoint.get("relabelings", []):
+        if rule.get("targetLabel") == "job":
+            assert rule.get("action", "replace") == "replace" and "sourceLabels" not in rule
+            job = rule["replacement"]
+    namespace = monitor["metadata"].get("namespace", "default")
+    return job if job is not None else f"{namespace}/{monitor['metadata']['name']}"
+
+
+def test_every_way_of_scraping_names_a_job_the_alerts_select(
     manifests: list[Manifest],
 ) -> None:
-    """Scrape config jobs and the ServiceMonitor's Service (its job label) match the rules' job."""
-    rules = RULES_FILE.read_text(encoding="utf-8")
-    expected = re.findall(r'up\{job="([^"]+)"\}', rules)
-    assert expected
-    assert set(expected) == {"catalog-upload-exporter"}
+    """The scrape config's jobs, the ServiceMonitor's Service (its job label) and the
+    PodMonitor's job are each accepted by every job matcher of the rules, which are all the
+    Makefile's EXPORTER_JOB."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    (exporter_job,) = re.findall(r"^EXPORTER_JOB \?= (.+)$", makefile, re.MULTILINE)
+    assert {value for _, value in rules_job_matchers()} == {exporter_job}
     names = {job["job_name"] for job in scrape_jobs() + commented_static_job()}
     service = one(manifests, "Service")
     monitor = one(manifests, "ServiceMonitor")
     assert "jobLabel" not in monitor["spec"]  # so the job label is the Service's name
-    assert names | {service["metadata"]["name"]} == set(expected)
+    names.add(service["metadata"]["name"])
+    names.add(podmonitor_job(one(kustomize(PODMONITOR), "PodMonitor")))
+    for name in names:
+        assert_every_job_matcher_accepts(name)
 
 
 def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
@@ -477,8 +531,9 @@ def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, st
 def test_the_scrape_config_points_an_annotated_pod_at_the_exporter_port(
     pod: dict[str, str], address: str
 ) -> None:
-    """Whatever container port discovery found, an annotated pod is scraped on the annotated
-    port and path, with namespace and pod labels."""
+    """Whatever container port discovery found, a pod with the exporter's annotations is
+    scraped on the exporter's port and path, with namespace and pod labels, even when its
+    prometheus.io/* annotations point at the application's own port; without them it is not."""
     (job,) = scrape_jobs()
     annotated = {
         **pod,
@@ -486,16 +541,22 @@ def test_the_scrape_config_points_an_annotated_pod_at_the_exporter_port(
         "__meta_kubernetes_namespace": "shop",
         "__meta_kubernetes_pod_name": "catalog-uploader-abc",
         "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_pod_annotation_catalog_upload_exporter_scrape": "true",
+        "__meta_kubernetes_pod_annotation_catalog_upload_exporter_port": "10184",
+        "__meta_kubernetes_pod_annotation_catalog_upload_exporter_path": "/metrics",
+        # The application's own annotations, for a generic job: left alone here.
         "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
-        "__meta_kubernetes_pod_annotation_prometheus_io_port": "10184",
-        "__meta_kubernetes_pod_annotation_prometheus_io_path": "/metrics",
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": "8080",
+        "__meta_kubernetes_pod_annotation_prometheus_io_path": "/app-metrics",
     }
     result = relabel(annotated, job["relabel_configs"])
     assert result is not None
     assert result["__address__"] == address
     assert result["__metrics_path__"] == "/metrics"
     assert result["namespace"] == "shop" and result["pod"] == "catalog-uploader-abc"
-    not_annotated = {k: v for k, v in annotated.items() if "prometheus_io_scrape" not in k}
+    not_annotated = {
+        k: v for k, v in annotated.items() if "catalog_upload_exporter_scrape" not in k
+    }
     assert relabel(not_annotated, job["relabel_configs"]) is None
     finished = {**annotated, "__meta_kubernetes_pod_phase": "Succeeded"}
     assert relabel(finished, job["relabel_configs"]) is None
@@ -752,6 +813,13 @@ def without_sidecar(workload: Manifest) -> Manifest:
     for key in ("initContainers", "volumes"):
         if not spec[key]:
             del spec[key]
+    metadata = copy["spec"]["template"]["metadata"]
+    added = yaml.safe_load((SIDECAR / "sidecar.yaml").read_text(encoding="utf-8"))
+    for key, values in added["spec"]["template"]["metadata"].items():
+        for name in values:
+            del metadata[key][name]
+        if not metadata[key]:
+            del metadata[key]
     return copy
 
 
@@ -826,14 +894,15 @@ def test_the_sidecar_is_restricted_by_itself_and_validates_strictly(
 ) -> None:
     """The exporter container meets Pod Security "restricted" with its own securityContext
     (the pod's stays the user's), and every rendered object is valid for the checked
-    Kubernetes versions, unknown fields included."""
+    Kubernetes versions, unknown fields included (the PodMonitor against the operator's
+    schema, in tests/test_operator_objects.py)."""
     for labelled in filter(is_labelled, user_workloads()):
         workload = one(sidecar_app, labelled["kind"], labelled["metadata"]["name"])
         (exporter, *_) = workload["spec"]["template"]["spec"]["initContainers"]
         assert_container_locked_down(exporter)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert exporter[probe]["httpGet"]["port"] == "metrics", probe
-    problems = schema_problems(sidecar_app)
+    problems = schema_problems([m for m in sidecar_app if m["apiVersion"] != OPERATOR_API])
     assert not problems, "\n".join(problems)
 
 
@@ -907,3 +976,52 @@ def test_changing_the_runbook_base_changes_every_alerts_runbook_url(tmp_path: Pa
     document = yaml.safe_load(prometheus_rule.read_text(encoding="utf-8"))
     assert document["spec"] == yaml.safe_load(rules.read_text(encoding="utf-8"))
     run(require_tool("promtool"), "check", "rules", str(rules))
+
+
+def test_make_rules_writes_the_job_matcher_into_every_rule_of_both_files(tmp_path: Path) -> None:
+    """With EXPORTER_JOB set, every job matcher of the rules file and of the PrometheusRule is
+    `job=~"<EXPORTER_JOB>"`, the runbook links stay, and promtool accepts the rules; a value
+    that would break the sed expression or the quoting is refused."""
+    job = "catalog-upload-exporter|shop/.*"
+    rules, prometheus_rule = make_rules(tmp_path, f"EXPORTER_JOB={job}")
+    before = RULES_FILE.read_text(encoding="utf-8")
+    for path in (rules, prometheus_rule):
+        text = path.read_text(encoding="utf-8")
+        matchers = JOB_MATCHER.findall(text)
+        assert len(matchers) == len(JOB_MATCHER.findall(before)) > 0
+        assert set(matchers) == {("=~", job)}
+    assert runbook_urls(rules) == runbook_urls(RULES_FILE)
+    run(require_tool("promtool"), "check", "rules", str(rules))
+    refused = subprocess.run(
+        [
+            require_tool("make"),
+            "--silent",
+            f"--directory={ROOT}",
+            "rules",
+            f"RULES_FILE={rules}",
+            f"PROMETHEUS_RULE={prometheus_rule}",
+            'EXPORTER_JOB=a"b',
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0 and "EXPORTER_JOB must be" in refused.stdout
+
+
+def test_the_shipped_kubernetes_configs_expose_one_status_series_per_upload(
+    manifests: list[Manifest], sharded: list[Manifest], tmp_path: Path
+) -> None:
+    """The sidecar component's and the sharded overlay's configs load with
+    metrics.status_series active, the choice BENCHMARKS.md section 9 measured (a quarter of
+    Prometheus' memory at 100,000 uploads); the exporter's own default stays all."""
+    for rendered in (manifests, sharded):
+        (text,) = exporter_configmap(rendered)["data"].values()
+        document = yaml.safe_load(text)
+        document["state"]["path"] = str(tmp_path / "state.db")
+        config = parse_config(document, environ={}, hostname="catalog-upload-exporter-0")
+        assert config.metrics.status_series == "active"
+    minimal = parse_config(
+        {"api": {"base_url": "http://127.0.0.1:1"}}, environ={"AWS_REGION": "us-east-1"}
+    )
+    assert minimal.metrics.status_series == "all"

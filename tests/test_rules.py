@@ -24,6 +24,7 @@ REQUIRED_ALERTS = {
     "CatalogApiThrottled",
     "CatalogApiErrors",
     "CatalogExporterDown",
+    "CatalogExporterIdle",
     "CatalogExporterStale",
     "CatalogExporterConfigReloadFailed",
     "CatalogExporterPollLagging",
@@ -161,6 +162,37 @@ def test_the_budget_burn_alert_pages_fast_and_tickets_slow_on_one_objective() ->
     windows = {"page": ("14.4", "1h", "5m"), "warning": ("6", "6h", "30m")}
     for severity, (rate, long, short) in windows.items():
         expr, threshold = burn[severity], f"({rate} * {budget})"
-        assert f"job:catalog_upload_failure:ratio_rate{long} > {threshold}" in expr
-        assert f"job:catalog_upload_duration_seconds_count:increase{long} >= 5" in expr
-        assert f"unless job:catalog_upload_failure:ratio_rate{short} <= {threshold}" in expr
+        assert f"namespace_job:catalog_upload_failure:ratio_rate{long} > {threshold}" in expr
+        assert f"namespace_job:catalog_upload_duration_seconds_count:increase{long} >= 5" in expr
+        assert (
+            f"unless namespace_job:catalog_upload_failure:ratio_rate{short} <= {threshold}" in expr
+        )
+
+
+#: A grouping or matching clause: `by (...)`, `without (...)`, `on (...)`, `ignoring (...)`.
+CLAUSE = re.compile(r"\b(by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_every_rule_that_keeps_job_keeps_namespace_too() -> None:
+    """Each `by (...)` or `on (...)` clause naming `job` names `namespace` as well, and none
+    drops them with `without`/`ignoring`: applications that share a job (one namespace each)
+    never merge into one alert or SLO."""
+    checked = 0
+    for rule in rules():
+        expr = str(rule["expr"])
+        for keyword, labels in CLAUSE.findall(expr):
+            names = {name.strip() for name in labels.split(",") if name.strip()}
+            assert keyword in {"by", "on"}, f"{keyword} ({labels}) in {rule}"
+            if "job" in names:
+                checked += 1
+                assert "namespace" in names, f"{keyword} ({labels}) without namespace: {expr}"
+    assert checked >= 20
+
+
+def test_the_idle_alert_waits_a_day_per_application() -> None:
+    """CatalogExporterIdle is a warning that needs a whole day of nothing tracked, per
+    namespace and job (docs/alerts.md says why it is on, and how to lengthen it)."""
+    (idle,) = [rule for rule in alerts() if rule["alert"] == "CatalogExporterIdle"]
+    assert idle["labels"] == {"severity": "warning"}
+    assert idle["for"] == "1d"
+    assert "max by (namespace, job) (catalog_exporter_tracked_ingestions" in str(idle["expr"])
