@@ -275,9 +275,8 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None
 
 @contextmanager
 def exporter_process(directory: Path) -> Iterator[Running]:
-    """Run the exporter with bearer token files for the API and the admin API, polling one id
-    (five ids)
-    against a closed port (auth comes first, so the token file is read for every poll)."""
+    """Run the exporter with bearer token files for the API and the admin API, polling five
+    ids against a closed port (auth comes first, so the token file is read for every poll)."""
     admin_token, api_token = directory / "admin-token", directory / "api-token"
     admin_token.write_text(ADMIN_TOKEN + "\n")
     api_token.write_text(API_TOKEN + "\n")
