@@ -6,15 +6,16 @@ The reader (`exporter.secretfile`) is checked on its own, then through `BearerAu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,31 @@ def test_a_symlinked_secret_is_followed(tmp_path: Path) -> None:
 # -- through BearerAuth -------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def rescued(fifo: Path, after: float = 30) -> Iterator[None]:
+    """Unblock a reader stuck opening `fifo` after `after` s (a writer opens and closes it, so
+    the reader sees an empty file) and the test then fails instead of hanging for ever."""
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(after):
+            with contextlib.suppress(OSError):  # ENXIO: no reader waiting after all
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=rescue)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 async def test_bearer_auth_refuses_a_fifo_token_file_as_unreadable(tmp_path: Path) -> None:
     """A FIFO token file is AuthUnavailable (kind token_unreadable) naming the path, not a hang."""
     fifo = tmp_path / "token"
     os.mkfifo(fifo)
-    with pytest.raises(AuthUnavailable) as raised:
+    with rescued(fifo), pytest.raises(AuthUnavailable) as raised:
         await BearerAuth(token_file=str(fifo)).headers("POST", "http://x", b"", {})
     assert raised.value.kind is AuthProblem.TOKEN_UNREADABLE
     assert str(raised.value) == f"token file {fifo} is not a regular file (it is a FIFO)"
@@ -211,7 +232,7 @@ def test_register_refuses_a_fifo_token_file_with_exit_2(tmp_path: Path) -> None:
         [sys.executable, "-m", "exporter", "register", "up-1", "--url", url, "--token-file", fifo],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
         check=False,
     )
     assert done.returncode == 2, done.stderr
@@ -273,7 +294,7 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None
         time.sleep(0.05)
 
 
-@contextmanager
+@contextlib.contextmanager
 def exporter_process(directory: Path) -> Iterator[Running]:
     """Run the exporter with bearer token files for the API and the admin API, polling five
     ids against a closed port (auth comes first, so the token file is read for every poll)."""
