@@ -30,6 +30,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
+from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.yamlfile import MAX_CONFIG_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -599,6 +600,20 @@ def test_bearer_token_file_that_is_a_directory_is_rejected(tmp_path):
     problems = problems_of(bearer(token_file=str(tmp_path)), environ={})
 
     assert problems == (f"api.auth.token_file: {str(tmp_path)!r} is not a regular file",)
+
+
+def test_bearer_token_file_over_the_secret_bound_is_rejected_at_load(tmp_path):
+    """A token file larger than MAX_SECRET_BYTES is refused from its size, unread."""
+    huge = tmp_path / "token"
+    with huge.open("wb") as file:
+        file.truncate(MAX_SECRET_BYTES + 1)
+
+    problems = problems_of(bearer(token_file=str(huge)), environ={})
+
+    assert problems == (
+        f"api.auth.token_file: file {str(huge)!r} is too large for a token "
+        f"({MAX_SECRET_BYTES + 1} > {MAX_SECRET_BYTES} bytes)",
+    )
 
 
 def test_bearer_token_env_that_is_unset_or_empty_is_reported_by_name():
