@@ -2,8 +2,8 @@
 
 This module owns turning (method, url, body, headers) into the extra headers that authenticate
 one request, and obtaining the credentials to do so. It sends nothing over HTTP itself, never
-blocks the event loop (AWS credential look-ups run in a thread) and never lets a secret reach
-an exception message or a log line.
+blocks the event loop (AWS credential look-ups and token file reads run in a thread) and never
+lets a secret reach an exception message or a log line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import botocore.session
 from botocore.awsrequest import AWSRequest
 
 from exporter.models import AuthProblem
+from exporter.secretfile import SecretFile, SecretFileProblem, SecretProblem
 
 __all__ = [
     "AUTH_TYPES",
@@ -102,12 +103,13 @@ class NoAuth:
 class BearerAuth:
     """A static bearer token read from a file (re-read when it changes) or an env variable.
 
-    Kubernetes rotates a mounted secret by swapping a symlink, so the file is stat()ed
-    (following links) and re-read only when its identity, size or modification time changed.
-    The stat runs on the event loop, so it happens at most once per `recheck_seconds` (by
-    `clock`), not on every one of up to 1,000 requests a second: a rotated token is picked up
-    within that time. A file that cannot be read or holds no usable token is retried on
-    every call.
+    The file is read by a `SecretFile` (regular files only, at most `MAX_SECRET_BYTES`, never
+    waiting on a FIFO), in a thread, and at most once per `recheck_seconds` (by `clock`)
+    whatever the answer: within that time every call gets the token, or the problem, found
+    last, with no I/O at all. After it, one stat() (following links: Kubernetes rotates a
+    mounted secret by swapping a symlink) tells whether the file changed; only a changed file
+    is read again, so a rotated or fixed token is picked up within `recheck_seconds`, and an
+    unusable file (a FIFO, 1 GiB) costs one stat() a second, not a read per request.
     """
 
     def __init__(
@@ -127,23 +129,30 @@ class BearerAuth:
         if not header:
             msg = "BearerAuth needs a header name"
             raise ValueError(msg)
-        self._token_file = token_file
+        self._file = SecretFile(token_file, check=_token_problem) if token_file else None
         self._token_env = token_env
         self._header = header
         self._scheme = scheme
         self._environ: Mapping[str, str] = os.environ if environ is None else environ
         self._recheck = recheck_seconds
         self._clock = clock
-        self._file_key: tuple[int, int, int, int] | None = None
-        self._file_token = ""
+        self._lock = asyncio.Lock()
+        self._file_answer: str | SecretFileProblem | None = None  # the last read's, if any
+        self._file_token = ""  # the last good token, masked in logs even once rotated out
         self._env_token = ""
-        self._checked_at = 0.0  # by `clock`, when the file last proved good
+        self._checked_at = 0.0  # by `clock`, when the file was last looked at
+
+    @property
+    def token_file(self) -> SecretFile | None:
+        """The token file's reader (None with `token_env`)."""
+        return self._file
 
     async def headers(
         self, method: str, url: str, body: bytes, headers: Mapping[str, str]
     ) -> dict[str, str]:
         """The token header, e.g. `Authorization: Bearer <token>`."""
-        token = self._from_file() if self._token_file else self._from_env()
+        file = self._file
+        token = await self._from_file(file) if file is not None else self._from_env()
         value = f"{self._scheme} {token}" if self._scheme else token
         return {self._header: value}
 
@@ -151,54 +160,61 @@ class BearerAuth:
         """The token last read (from the file or the environment)."""
         return tuple(t for t in (self._file_token, self._env_token) if t)
 
-    def _from_file(self) -> str:
-        now = self._clock()
-        if self._file_key is not None and now - self._checked_at < self._recheck:
-            return self._file_token
-        path = self._token_file
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
-            raise AuthUnavailable(msg, AuthProblem.TOKEN_UNREADABLE) from None
-        key = (st.st_mtime_ns, st.st_ino, st.st_size, st.st_dev)
-        if key == self._file_key:
-            self._checked_at = now
-            return self._file_token
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            msg = f"cannot read token file {path}: {exc.strerror or type(exc).__name__}"
-            raise AuthUnavailable(msg, AuthProblem.TOKEN_UNREADABLE) from None
-        try:
-            token = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            msg = f"token file {path} is not valid UTF-8"
-            raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID) from None
-        _check_token(token, f"token file {path}")
-        # Remember the key only once the content proved good, so a bad file is retried.
-        self._file_key = key
-        self._file_token = token
-        self._checked_at = now
-        return token
+    async def _from_file(self, file: SecretFile) -> str:
+        answer = self._recent_answer()
+        if answer is None:
+            async with self._lock:
+                # Another caller may have looked at the file while this one waited.
+                answer = self._recent_answer()
+                if answer is None:
+                    answer = await asyncio.to_thread(file.read)
+                    self._file_answer = answer
+                    self._checked_at = self._clock()
+                    if isinstance(answer, str):
+                        self._file_token = answer
+        if isinstance(answer, SecretFileProblem):
+            raise AuthUnavailable(answer.message, _AUTH_PROBLEMS[answer.reason])
+        return answer
+
+    def _recent_answer(self) -> str | SecretFileProblem | None:
+        """The last answer if the file was looked at less than `recheck_seconds` ago."""
+        if self._file_answer is None or self._clock() - self._checked_at >= self._recheck:
+            return None
+        return self._file_answer
 
     def _from_env(self) -> str:
         name = self._token_env
         token = self._environ.get(name, "").strip()
-        _check_token(token, f"environment variable {name}")
+        if not token:
+            msg = f"environment variable {name} is empty or unset"
+            raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID)
+        problem = _token_problem(token)
+        if problem is not None:
+            raise AuthUnavailable(
+                f"environment variable {name} {problem}", AuthProblem.TOKEN_INVALID
+            )
         self._env_token = token
         return token
 
 
-def _check_token(token: str, source: str) -> None:
-    if not token:
-        msg = f"{source} is empty or unset"
-        raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID)
-    # A newline or control character would let the token inject headers; say where, not what.
+#: How each problem of a token file is counted (`catalog_exporter_auth_errors_total{kind}`):
+#: the file could not be used at all, or it was read and holds no usable token.
+_AUTH_PROBLEMS: dict[SecretProblem, AuthProblem] = {
+    SecretProblem.UNREADABLE: AuthProblem.TOKEN_UNREADABLE,
+    SecretProblem.NOT_REGULAR: AuthProblem.TOKEN_UNREADABLE,
+    SecretProblem.TOO_LARGE: AuthProblem.TOKEN_UNREADABLE,
+    SecretProblem.NOT_UTF8: AuthProblem.TOKEN_INVALID,
+    SecretProblem.EMPTY: AuthProblem.TOKEN_INVALID,
+    SecretProblem.INVALID: AuthProblem.TOKEN_INVALID,
+}
+
+
+def _token_problem(token: str) -> str | None:
+    """Why a (stripped, non-empty) token cannot be sent, or None. A newline or control
+    character would let the token inject headers; the wording says where, never what."""
     if any(c.isspace() or not c.isprintable() for c in token):
-        msg = f"{source} contains whitespace or control characters inside the token"
-        raise AuthUnavailable(msg, AuthProblem.TOKEN_INVALID)
+        return "contains whitespace or control characters inside the token"
+    return None
 
 
 class SigV4Auth:

@@ -1,16 +1,16 @@
 """The configuration file: its shape as frozen pydantic models, and the loader that reads it.
 
-The models are the one source of every key, default, type, range and choice: `load_config`
-and `parse_config` validate through them, and `json_schema()` (the `schema` command,
-config.schema.json) is generated from them. Both loaders report every problem at once in
-one `ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond
-reading the config file this module only looks at the filesystem and the environment to
-check that a token file (api.auth, admin) is a readable regular file, that a token variable
-is set, that an existing ingestions.directory is a directory and that the directory of
-state.path exists, and, when sharding.index is null, it reads the hostname (HOSTNAME, else
-the system's). It never reads, keeps or prints a token, and no error message echoes a value
-that might be one. It creates nothing: a missing ingestions.directory or state file is left
-for the app.
+The models are the one source of every key, default, type, range and choice: `load_config` and
+`parse_config` validate through them, and `json_schema()` (the `schema` command,
+config.schema.json) is generated from them. Both loaders report every problem at once in one
+`ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond reading
+the config file this module only looks at the filesystem and the environment to check that a
+token file (api.auth, admin) is a readable regular file within the size bound of `secretfile`,
+that a token variable is set, that an existing ingestions.directory is a directory and that the
+directory of state.path exists, and, when sharding.index is null, it reads the hostname
+(HOSTNAME, else the system's). It never reads, keeps or prints a token, and no error message
+echoes a value that might be one. It creates nothing: a missing ingestions.directory or state
+file is left for the app.
 
 Rules applied to every key:
 
@@ -75,6 +75,7 @@ from exporter.models import (
     not_nfc_character,
     refused_character,
 )
+from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.sharding import index_from_hostname
 from exporter.yamlfile import YamlFileError, read_yaml
 
@@ -274,9 +275,14 @@ def _token_file_problem(path: str) -> str | None:
         return f"the file named here ({_length(path)}) cannot be checked: {reason}"
     if not stat.S_ISREG(info.st_mode):
         return f"the path named here ({_length(path)}) is not a regular file"
+    if info.st_size > MAX_SECRET_BYTES:
+        return (
+            f"the file named here ({_length(path)}) is too large for a token "
+            f"({info.st_size} > {MAX_SECRET_BYTES} bytes)"
+        )
     try:
-        with open(path, "rb"):
-            pass
+        # O_NONBLOCK: a FIFO swapped in since the stat() must not make the open wait.
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as error:
         return f"the file named here ({_length(path)}) is not readable: {error.strerror}"
     return None

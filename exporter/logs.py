@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO, get_args
 
 import structlog
@@ -58,13 +58,14 @@ class SecretMask:
     """
 
     def __init__(self) -> None:
-        self._sources: dict[str, SecretSource] = {}
-        # One attribute, swapped whole: threads (stdlib loggers) may read it meanwhile.
+        # Both attributes are swapped whole, never changed in place: threads (stdlib loggers)
+        # may iterate the sources while `watch` adds one.
+        self._sources: Mapping[str, SecretSource] = {}
         self._compiled: tuple[tuple[str, ...], re.Pattern[str] | None] = ((), None)
 
     def watch(self, name: str, source: SecretSource) -> None:
         """Mask what `source` returns from now on (replacing the source of that name)."""
-        self._sources[name] = source
+        self._sources = {**self._sources, name: source}
 
     def mask(self, text: str) -> str:
         """`text` with every secret held now replaced by `<secret>`."""

@@ -1,9 +1,10 @@
 """`catalog-upload-exporter register ID`: ask a running exporter's admin API to track an id.
 
 This is the app side of the admin API, meant for a shell step after an upload in the app's
-container. It uses only the standard library so that it starts fast, sends one POST (retried
-while the exporter cannot be reached: a sidecar may still be starting) and maps the answer to
-an exit code. A 2xx means the exporter has the id on disk: nothing more to wait for.
+container. It uses only the standard library (and `secretfile`, which does too) so that it
+starts fast, sends one POST (retried while the exporter cannot be reached: a sidecar may still
+be starting) and maps the answer to an exit code. A 2xx means the exporter has the id on
+disk: nothing more to wait for.
 
 Exit codes: 0 registered (the upload's JSON view on stdout); 1 the exporter refused it (4xx or
 5xx, its message on stderr); 2 bad command line or unreadable token file; 3 the exporter could
@@ -22,6 +23,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+
+from exporter.secretfile import SecretFile, SecretFileProblem
 
 __all__ = ["DEFAULT_URL", "URL_ENV", "main"]
 
@@ -135,15 +138,10 @@ def _build_request(argv: Sequence[str]) -> urllib.request.Request:
 
 
 def _read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as file:
-            token = file.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"cannot read token file {path}: {exc}"
-        raise _Usage(msg) from None
-    if not token:
-        msg = f"token file {path} is empty"
-        raise _Usage(msg)
+    """The token in `path`, read as the exporter reads its own (regular file, bounded)."""
+    token = SecretFile(path).read()
+    if isinstance(token, SecretFileProblem):
+        raise _Usage(token.message)
     return token
 
 

@@ -257,6 +257,9 @@ async def test_the_token_file_is_checked_at_most_once_per_recheck_interval(tmp_p
     with pytest.raises(AuthUnavailable):
         await auth.headers("POST", "http://x", b"", {})
     path.write_text("third")
+    with pytest.raises(AuthUnavailable):  # a problem is kept for the interval too
+        await auth.headers("POST", "http://x", b"", {})
+    now[0] += TOKEN_RECHECK_SECONDS
     assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer third"}
 
 
@@ -274,13 +277,16 @@ async def test_an_unusable_token_file_raises_auth_unavailable_naming_the_path(tm
 
 
 async def test_a_bad_token_file_is_retried_once_fixed(tmp_path):
-    """A failure is not cached: the next call re-reads the file."""
+    """A bad file is kept for the recheck interval like a good one; the first check after it
+    reads the fixed file."""
     path = tmp_path / "token"
     path.write_text("")
-    auth = BearerAuth(token_file=str(path))
+    now = [100.0]
+    auth = BearerAuth(token_file=str(path), clock=lambda: now[0])
     with pytest.raises(AuthUnavailable):
         await auth.headers("POST", "http://x", b"", {})
     path.write_text("now-set")
+    now[0] += TOKEN_RECHECK_SECONDS
     assert await auth.headers("POST", "http://x", b"", {}) == {"Authorization": "Bearer now-set"}
 
 

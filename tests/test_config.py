@@ -30,6 +30,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
+from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.yamlfile import MAX_CONFIG_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -618,6 +619,21 @@ def test_bearer_token_file_that_is_a_directory_is_rejected(tmp_path):
     assert problems == (
         "api.auth.token_file: the path named here "
         f"(an absolute path of {len(str(tmp_path))} characters, not shown) is not a regular file",
+    )
+
+
+def test_bearer_token_file_over_the_secret_bound_is_rejected_at_load(tmp_path):
+    """A token file larger than MAX_SECRET_BYTES is refused from its size, unread."""
+    huge = tmp_path / "token"
+    with huge.open("wb") as file:
+        file.truncate(MAX_SECRET_BYTES + 1)
+
+    problems = problems_of(bearer(token_file=str(huge)), environ={})
+
+    assert problems == (
+        f"api.auth.token_file: the file named here (an absolute path of {len(str(huge))} "
+        f"characters, not shown) is too large for a token "
+        f"({MAX_SECRET_BYTES + 1} > {MAX_SECRET_BYTES} bytes)",
     )
 
 

@@ -47,6 +47,21 @@ def test_mask_follows_the_source_and_leaves_lines_alone_without_secrets() -> Non
     assert mask.mask("short rotated-secret") == "short <secret>"
 
 
+def test_a_source_watched_while_a_line_is_masked_does_not_break_that_line() -> None:
+    """watch() from one thread while another masks a line (stdlib loggers log from threads)
+    leaves that line's iteration intact; the new source counts from the next line. Here the
+    watch happens inside a source, the same interleaving made deterministic."""
+    mask = SecretMask()
+
+    def source_that_watches() -> list[str]:
+        mask.watch("admin", lambda: ["admin-secret"])
+        return ["api-secret"]
+
+    mask.watch("api", source_that_watches)
+    assert mask.mask("api-secret admin-secret") == "<secret> admin-secret"
+    assert mask.mask("api-secret admin-secret") == "<secret> <secret>"
+
+
 def test_mask_covers_every_percent_encoding_and_json_escape_of_a_secret() -> None:
     """An echoed secret is masked however a gateway encoded it: percent-encoded in either case
     of hex, only partly, or JSON-escaped; the text around it is kept."""
