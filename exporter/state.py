@@ -231,8 +231,8 @@ class StateStore:
 
         Two `stat` calls (about 8 µs) when it does: None. When the file was deleted or
         replaced, the open database is copied to a new file at the path, which is then used;
-        returns what was found and done. StateError if that fails: the open database is kept when it can be,
-        and the next call tries again.
+        returns what was found and done. StateError if that fails: the open database is
+        kept when it can be, and the next call tries again.
         """
         if self._db is not None and (
             _file_id(self.path) == self._identity.database
