@@ -1,16 +1,18 @@
 """The configuration file: its shape as frozen pydantic models, and the loader that reads it.
 
-The models are the one source of every key, default, type, range and choice: `load_config` and
-`parse_config` validate through them, and `json_schema()` (the `schema` command,
-config.schema.json) is generated from them. Both loaders report every problem at once in one
-`ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond reading
-the config file this module only looks at the filesystem and the environment to check that a
-token file (api.auth, admin) is a readable regular file within the size bound of `secretfile`,
-that a token variable is set, that an existing ingestions.directory is a directory and that the
-directory of state.path exists, and, when sharding.index is null, it reads the hostname
-(HOSTNAME, else the system's). It never reads, keeps or prints a token, and no error message
-echoes a value that might be one. It creates nothing: a missing ingestions.directory or state
-file is left for the app.
+The models are the one source of every key, default, type, range and choice: `load_config`
+and `parse_config` validate through them, and `json_schema()` (the `schema` command,
+config.schema.json) is generated from them. Both loaders report every problem at once in
+one `ConfigError`, one line per key path, in our own words rather than pydantic's. Beyond
+reading the config file this module only looks at the filesystem and the environment to
+check that a token file (api.auth, admin) is a readable regular file within the size bound
+of `secretfile`, that a token variable is set, that an existing ingestions.directory is a
+directory, that the directory of state.path exists and that state.path (or a file kept
+beside it) is not the config file, a token file or inside ingestions.directory, symlinks and
+hard links seen through, and, when sharding.index is null, it reads the hostname (HOSTNAME,
+else the system's). It never reads, keeps or prints a token, and no error message echoes a
+value that might be one. It creates nothing: a missing ingestions.directory or state file is
+left for the app.
 
 Rules applied to every key:
 
@@ -164,6 +166,7 @@ class _Surroundings:
     hostname: Callable[[], str]
     # Sections validated so far, by name, for checks across sections (ports, paths).
     validated: dict[str, Any] = field(default_factory=dict)
+    config_path: str = ""  # the file the document was read from, if any
 
 
 def _surroundings(info: ValidationInfo) -> _Surroundings:
@@ -320,6 +323,47 @@ def _state_file_problem(path: str) -> str | None:
     if path.endswith("/"):
         return f"expected a file name after the last '/', got {path!r}"
     return _kind_problem(os.path.dirname(path), directory=True, required=True)
+
+
+#: The files SQLite and the state module keep beside the state database, by suffix.
+_STATE_COMPANIONS = ("-wal", "-shm", "-journal", ".migrating", ".reopening", ".v1.json")
+
+
+def _same_file(one: str, other: str) -> bool:
+    """Whether two paths name one file: equal once symlinks are resolved, or one inode."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except (OSError, ValueError):  # either is missing or out of reach: not one inode
+        return False
+
+
+def _named_file_problem(path: str, info: ValidationInfo) -> str | None:
+    """Say which other file of the config `path` (or a file kept beside it) would write over.
+
+    Opening the state renames a file that is not a database aside and puts one there: the
+    config file or a token file at state.path would be gone at the next start.
+    """
+    context = info.context if isinstance(info.context, _Surroundings) else None
+    api, admin = _validated(info, "api"), _validated(info, "admin")
+    named = [
+        ("the config file", context.config_path if context is not None else ""),
+        ("api.auth.token_file", api.auth.token_file if api is not None else ""),
+        ("admin.token_file", admin.token_file if admin is not None else ""),
+    ]
+    for key, other in named:
+        if not other:
+            continue
+        for suffix in ("", *_STATE_COMPANIONS):
+            if _same_file(f"{path}{suffix}", other):
+                which = f"the state's {suffix} file" if suffix else "it"
+                return f"{which} would be written over {key} ({other!r}); choose another path"
+    ingestions = _validated(info, "ingestions")
+    directory = ingestions.directory if ingestions is not None else ""
+    if directory and _is_within(os.path.realpath(path), os.path.realpath(directory)):
+        return f"must be outside ingestions.directory ({directory!r}), symlinks resolved"
+    return None
 
 
 def _checked(problem_of: Callable[[Any], str | None]) -> AfterValidator:
@@ -833,7 +877,7 @@ class StateConfig(_Section):
         if problem is None and directory and _is_within(path, directory):
             # The app drops one file per upload there: the state file would be read as one.
             problem = f"must be outside ingestions.directory ({directory!r})"
-        problem = problem or _state_file_problem(path)
+        problem = problem or _state_file_problem(path) or _named_file_problem(path, info)
         if problem:
             raise _problem(problem)
         return path
@@ -993,7 +1037,7 @@ class Config(_Section):
             return {**data, "api": {}}
         return data
 
-    @field_validator("ingestions", "server")
+    @field_validator("api", "ingestions", "server", "admin")
     @classmethod
     def _remember(cls, section: Any, info: ValidationInfo) -> Any:
         """Keep a valid section for the checks of later ones (admin.port, state.path)."""
@@ -1024,12 +1068,14 @@ def parse_config(
     *,
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
+    config_path: str | os.PathLike[str] = "",
 ) -> Config:
     """Validate an already-parsed YAML document.
 
     `environ` defaults to os.environ. `hostname` is read only to resolve a null
     sharding.index; it defaults to environ["HOSTNAME"] (Kubernetes sets it to the pod name),
-    else socket.gethostname().
+    else socket.gethostname(). `config_path` is the file the document came from: state.path
+    must not name it.
     """
     env = os.environ if environ is None else environ
 
@@ -1047,7 +1093,8 @@ def parse_config(
         shown = describe(data, secret=True)
         raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {shown}"])
     try:
-        return Config.model_validate(data, context=_Surroundings(env, resolve_hostname))
+        context = _Surroundings(env, resolve_hostname, config_path=os.fspath(config_path))
+        return Config.model_validate(data, context=context)
     except ValidationError as error:
         raise ConfigError(
             problem_line(Config, detail) for detail in error.errors(include_url=False)
@@ -1071,4 +1118,4 @@ def load_config(
     if data is None:
         name = os.fspath(path)
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
-    return parse_config(data, environ=environ, hostname=hostname)
+    return parse_config(data, environ=environ, hostname=hostname, config_path=path)

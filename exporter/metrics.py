@@ -239,10 +239,23 @@ class ExporterMetrics:
         )
         self.state_available = Gauge(
             "catalog_exporter_state_persistence_available",
-            "0 when state.path is set but could not be read at start: nothing is persisted "
-            "and admin writes answer 503 (1 otherwise).",
+            "0 while nothing can be made durable and admin writes answer 503: state.path is "
+            "set but could not be read at start, or the last write of it failed (1 otherwise).",
             registry=registry,
         )
+        self.state_reopens = Counter(
+            "catalog_exporter_state_reopens",
+            "State files found deleted or replaced while running, and written anew from the "
+            "open database.",
+            registry=registry,
+        )
+        self.state_integrity_ok = Gauge(
+            "catalog_exporter_state_integrity_ok",
+            "0 when the last quick_check of the state database (hourly) found damaged pages; "
+            "1 otherwise.",
+            registry=registry,
+        )
+        self.state_integrity_ok.set(1)
         self.loop_lag = Histogram(
             "catalog_exporter_event_loop_lag_seconds",
             "How late a periodic tick of the event loop ran: time the loop was held by other "

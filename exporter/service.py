@@ -252,6 +252,9 @@ class Exporter:
             retired_at=self.tracker.retired_at,
             debounce_seconds=self.config.state.debounce_seconds,
             on_error=self._state_write_failed,
+            on_recovered=self._state_write_recovered,
+            on_reopened=self._state_reopened,
+            on_checked=self._state_checked,
         )
         self.metrics.state_skipped_entries.inc(result.skipped)
         self.metrics.state_available.set(1 if writer is not None else 0)
@@ -290,7 +293,27 @@ class Exporter:
 
     def _state_write_failed(self, error: Exception) -> None:
         self.metrics.state_write_errors.inc()
+        self.metrics.state_available.set(0)  # admin writes answer 503 until a write succeeds
         log.error("state_write_failed", path=self.config.state.path, error=str(error))
+
+    def _state_write_recovered(self) -> None:
+        self.metrics.state_available.set(1)
+        log.info("state_write_recovered", path=self.config.state.path)
+
+    def _state_reopened(self, note: str) -> None:
+        self.metrics.state_reopens.inc()
+        log.error("state_file_reopened", path=self.config.state.path, problem=note)
+
+    def _state_checked(self, problem: str | None) -> None:
+        self.metrics.state_integrity_ok.set(0 if problem else 1)
+        if problem is not None:
+            log.error(
+                "state_integrity_check_failed",
+                path=self.config.state.path,
+                problem=problem,
+                consequence="the next start moves the file aside and starts without its ids; "
+                "see docs/operations.md",
+            )
 
     def _start_watcher(self, config: Config) -> None:
         if config.ingestions.directory:

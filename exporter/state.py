@@ -28,6 +28,14 @@ persistence. A file that is neither a database nor JSON, or a damaged database, 
 its checks is skipped and counted, the others are kept. A JSON file of release 1 is migrated:
 its content goes into a new database, the JSON is kept as `<path>.v1.json`, and only then does
 the database take the path (a crash before that repeats the migration; nothing is lost).
+
+The schema is checked whole, constraints included: a database whose `sqlite_master` differs
+from the one above (a missing UNIQUE, an extra trigger) is not this exporter's and is moved
+aside like a corrupt one. While open, each commit checks (two `stat` calls) that the path still
+names the file that was opened, and its WAL: a file deleted or replaced under the running
+exporter would take every later commit with it. If it was, the open (unlinked) database is
+copied, with SQLite's backup, to `<path>.reopening`, that takes the path (a file someone put
+there is kept as `<path>.replaced-<unix time>`) and is opened in its place.
 """
 
 from __future__ import annotations
@@ -36,13 +44,14 @@ import contextlib
 import json
 import math
 import os
+import re
 import sqlite3
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from exporter.models import ingestion_id_problem
 
@@ -51,7 +60,9 @@ APPLICATION_ID = 0x43555845
 JSON_VERSION = 1  #: the version field of release 1's JSON state file
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_SPACING = re.compile(r"\s+")
 _MIGRATING_SUFFIX = ".migrating"
+_REOPENING_SUFFIX = ".reopening"
 _V1_BACKUP_SUFFIX = ".v1.json"
 _V1_TEMP_SUFFIX = ".tmp"  # release 1 saved through `.<name>.<random>.tmp` files
 #: SQLite result codes (the low byte) that mean the file is damaged, not out of reach.
@@ -162,19 +173,34 @@ class StateStore:
     Use it from one thread only (the connection is bound to the thread that opened it).
     """
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        self._db = db
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: Path,
+        *,
+        busy_timeout_seconds: float = 5.0,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._db: sqlite3.Connection | None = db
         self.path = path
+        self._busy_timeout = busy_timeout_seconds
+        self._now = now
+        self._identity = _identity(path)
         #: Transactions committed, for the curious (benchmarks, tests of group commit).
         self.commits = 0
 
-    def apply(self, uploads: Sequence[UploadChange], retired: Sequence[RetiredChange] = ()) -> None:
-        """Write these changes in one transaction; durable when this returns.
+    def apply(
+        self, uploads: Sequence[UploadChange], retired: Sequence[RetiredChange] = ()
+    ) -> str | None:
+        """Write these changes in one transaction; durable at `path` when this returns.
 
-        On any failure the transaction is rolled back and the exception propagates: nothing
-        of the batch is on disk.
+        Returns what was done to the file first, if anything: it had been deleted or replaced
+        and was written anew (see `check_file`). On any failure the transaction is rolled back
+        and the exception propagates (StateError when the file could not be written anew):
+        nothing of the batch is on disk.
         """
-        db = self._db
+        reopened = self.check_file()
+        db = self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             rows = [_row(record) for _, record in uploads if record is not None]
@@ -197,10 +223,146 @@ class StateStore:
                 db.execute("ROLLBACK")
             raise
         self.commits += 1
+        # Deleted while the commit ran: the commit is in the open database, which is copied.
+        return self.check_file() or reopened
+
+    def check_file(self) -> str | None:
+        """Make sure the path still names the database (and WAL) this store has open.
+
+        Two `stat` calls (about 8 µs) when it does: None. When the file was deleted or
+        replaced, the open database is copied to a new file at the path, which is then used;
+        returns what was found and done. StateError if that fails: the open database is
+        kept when it can be, and the next call tries again.
+        """
+        if self._db is not None and (
+            _file_id(self.path) == self._identity.database
+            and _file_id(_companions(self.path)[0]) == self._identity.wal
+        ):
+            return None
+        return self._write_anew()
+
+    def quick_check(self) -> str | None:
+        """SQLite's quick_check over the pages on disk: None if sound, else the first problem.
+
+        The connection's page cache is dropped first, or pages read before would be checked
+        from memory and damage done to the file since would go unseen.
+        """
+        db = self._connection()
+        try:
+            db.execute("PRAGMA shrink_memory")
+            (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        except sqlite3.Error as exc:
+            return _short(exc)
+        return None if check == "ok" else _short(ValueError(check))
 
     def close(self) -> None:
         """Close the database; SQLite folds the WAL back into the main file first."""
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"{self.path} could not be opened again after it was replaced")
+        return self._db
+
+    def _write_anew(self) -> str:
+        """The file at the path is not the open database: put a copy of it there and open that.
+
+        Until the copy is open, `_identity.database` names the copy (at `<path>.reopening`,
+        or at the path once renamed), so a failed step is taken up again by the next call.
+        """
+        old, found = self._identity, _identity(self.path)
+        if self._db is None:
+            problem = "the state file was replaced while the exporter ran"
+        elif old.database != found.database:
+            what = "deleted" if found.database is None else "replaced"
+            problem = f"the state file was {what} while the exporter ran"
+        else:
+            problem = "the state file's WAL was deleted or replaced while the exporter ran"
+        temporary = Path(f"{self.path}{_REOPENING_SUFFIX}")
+        try:
+            if self._db is not None:
+                _copy_database(self._db, temporary)
+                self._db.close()  # nothing reads the old file or its WAL from here on
+                self._db = None
+                self._identity = _Identity(_file_id(temporary), None, None)
+                note = self._take_path(temporary, old, found)
+            elif old.database is not None and _file_id(temporary) == old.database:
+                note = self._take_path(temporary, old, found)
+            elif old.database is not None and found.database == old.database:
+                note = f"the copy at {self.path} was opened again"
+            else:
+                raise OSError(0, "the copy of the open database is gone")
+            store, _, _, _ = _open_database(
+                self.path, self._busy_timeout, StateSnapshot(), self._now
+            )
+        except (OSError, sqlite3.Error, _Corrupt, _Unavailable) as exc:
+            if self._db is not None:  # the open database still holds it all: drop the copy
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            raise StateError(f"{problem}; could not write it anew: {_short(exc)}") from None
+        self._db, store._db = store._db, None
+        self._identity = store._identity
+        return f"{problem}; {note}"
+
+    def _take_path(self, temporary: Path, old: _Identity, found: _Identity) -> str:
+        """Rename the copy to the path; whatever else is there is kept under another name."""
+        # Our own WAL and shared-memory file: SQLite leaves them when the database was
+        # unlinked, and the copy must not read them as its own.
+        for companion, ours in zip(_companions(self.path)[:2], old[1:], strict=True):
+            if ours is not None and _file_id(companion) == ours:
+                os.unlink(companion)
+        note = f"the state was written anew to {self.path} from the open database"
+        if found.database is not None and found.database != old.database:
+            moved = _move_aside(self.path, "", self._now, kind="replaced")
+            if moved.moved_to is None:
+                raise OSError(0, moved.problem or "the file at the path could not be moved")
+            note += f"; the file found there was moved to {moved.moved_to}"
+        os.replace(temporary, self.path)
+        _fsync_directory(self.path.parent)
+        return note
+
+
+class _Identity(NamedTuple):
+    """(st_dev, st_ino) of the database, its WAL and its shared-memory file; None if absent."""
+
+    database: tuple[int, int] | None
+    wal: tuple[int, int] | None
+    shm: tuple[int, int] | None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _identity(path: Path) -> _Identity:
+    """Which files the path and its WAL name now: a deleted file cannot be named again while
+    it is open, so an unchanged (device, inode) pair is the same file."""
+    wal, shm = _companions(path)[:2]
+    return _Identity(_file_id(path), _file_id(wal), _file_id(shm))
+
+
+def _copy_database(db: sqlite3.Connection, target: Path) -> None:
+    """A consistent copy of the open database at `target`, fsynced (SQLite's backup API)."""
+    for leftover in (target, *_companions(target)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    copy = sqlite3.connect(target, isolation_level=None)
+    try:
+        copy.execute("PRAGMA synchronous=FULL")
+        db.backup(copy)
+    finally:
+        copy.close()
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _row(record: UploadRecord) -> tuple[object, ...]:
@@ -228,7 +390,7 @@ def open_store(
     to a corrupt file, a bad row and a JSON file of release 1. Call it in the thread that will
     use the store.
     """
-    _remove_leftovers(path)
+    _remove_leftovers(path, now)
     migrated: LoadResult | None = None
     try:
         head = _head(path)
@@ -242,7 +404,7 @@ def open_store(
     try:
         # Just migrated: the rows are the snapshot that was written, checked already.
         fresh = migrated.snapshot if migrated is not None and migrated.migrated_from else None
-        store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds, fresh)
+        store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds, fresh, now)
     except _Unavailable as exc:
         return None, LoadResult(StateSnapshot(), str(exc), available=False)
     except _Corrupt as exc:
@@ -250,7 +412,7 @@ def open_store(
         if moved.moved_to is None:  # still in the way: better no persistence than overwriting
             return None, LoadResult(StateSnapshot(), moved.problem, available=False)
         try:
-            store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds)
+            store, snapshot, skipped, first = _open_database(path, busy_timeout_seconds, None, now)
         except (_Unavailable, _Corrupt) as again:
             problem = f"{moved.problem}; a new database could not be made: {again}"
             return None, LoadResult(StateSnapshot(), problem, available=False)
@@ -293,7 +455,10 @@ def _read_regular_file(path: Path, *, limit: int = -1) -> bytes:
 
 
 def _open_database(
-    path: Path, busy_timeout_seconds: float, known: StateSnapshot | None = None
+    path: Path,
+    busy_timeout_seconds: float,
+    known: StateSnapshot | None = None,
+    now: Callable[[], float] = time.time,
 ) -> tuple[StateStore, StateSnapshot, int, str]:
     """Open or create the database and read it all (unless its content is `known`);
     _Corrupt or _Unavailable if it cannot."""
@@ -315,7 +480,8 @@ def _open_database(
     except BaseException:
         db.close()
         raise
-    return StateStore(db, path), snapshot, skipped, first
+    store = StateStore(db, path, busy_timeout_seconds=busy_timeout_seconds, now=now)
+    return store, snapshot, skipped, first
 
 
 def _prepare(db: sqlite3.Connection) -> None:
@@ -341,6 +507,11 @@ def _prepare(db: sqlite3.Connection) -> None:
     } <= tables:
         db.close()
         raise _Corrupt("state database is not this exporter's (application_id or schema)")
+    else:
+        problem = _schema_problem(db)
+        if problem is not None:
+            db.close()
+            raise _Corrupt(f"state database is not this exporter's: {problem}")
     (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
     db.execute("PRAGMA synchronous=FULL")
     if mode != "wal":
@@ -350,6 +521,39 @@ def _prepare(db: sqlite3.Connection) -> None:
     if check != "ok":
         db.close()
         raise _Corrupt(f"state database is damaged: {_short(ValueError(check))}")
+
+
+def _schema_objects(db: sqlite3.Connection) -> dict[tuple[str, str], str | None]:
+    """Tables, indexes, triggers and views by (type, name), with their SQL normalized.
+
+    SQLite keeps each CREATE statement as written: spacing and case are all that may differ
+    between two equal schemas. Its statistics tables (left by an ANALYZE) change nothing.
+    """
+    rows = db.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+    )
+    return {
+        (kind, name): None if sql is None else _SPACING.sub(" ", sql).strip().lower()
+        for kind, name, sql in rows
+    }
+
+
+def _schema_problem(db: sqlite3.Connection) -> str | None:
+    """How the database's schema differs from `_SCHEMA` (constraints included), or None."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as reference:
+        reference.executescript(_SCHEMA)
+        expected = _schema_objects(reference)
+    found = _schema_objects(db)
+    for key, sql in expected.items():
+        if key not in found:
+            return f"{key[0]} {key[1]} is missing"
+        if found[key] != sql:
+            return f"{key[0]} {key[1]} is not as this release makes it"
+    extra = sorted(found.keys() - expected.keys())
+    if not extra:
+        return None
+    kind, name = extra[0]  # text from the file: quoted and cut short
+    return f"it has {len(extra)} object(s) this release does not make ({kind[:20]!r} {name[:64]!r})"
 
 
 def _load(db: sqlite3.Connection) -> tuple[StateSnapshot, int, str]:
@@ -457,10 +661,12 @@ def _companions(path: Path) -> list[Path]:
     return [Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
 
 
-def _move_aside(path: Path, problem: str, now: Callable[[], float]) -> LoadResult:
+def _move_aside(
+    path: Path, problem: str, now: Callable[[], float], *, kind: str = "corrupt"
+) -> LoadResult:
     """Rename a corrupt file (and its WAL: it belongs to it) out of the way; never delete."""
     try:
-        target = Path(f"{path}.corrupt-{int(now())}")
+        target = Path(f"{path}.{kind}-{int(now())}")
         os.replace(path, target)
     except (OSError, ValueError, OverflowError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
@@ -471,13 +677,34 @@ def _move_aside(path: Path, problem: str, now: Callable[[], float]) -> LoadResul
     return LoadResult(StateSnapshot(), f"{problem}; moved it to {target}", moved_to=target)
 
 
-def _remove_leftovers(path: Path) -> None:
-    """Temp files of an interrupted release-1 save or migration: never the state itself."""
+def _remove_leftovers(path: Path, now: Callable[[], float]) -> None:
+    """Temp files of an interrupted release-1 save or migration: never the state itself.
+
+    A copy made when the file was deleted while running (`StateStore.check_file`) is all the
+    state there is if the exporter died before it took the path: it takes it now. Beside a
+    file at the path it is kept, under another name.
+    """
     prefix = f".{path.name}."
     migrating = Path(f"{path}{_MIGRATING_SUFFIX}")
     for leftover in (migrating, *_companions(migrating)):
         with contextlib.suppress(OSError):
             os.unlink(leftover)
+    reopening = Path(f"{path}{_REOPENING_SUFFIX}")
+    if os.path.lexists(reopening):
+        if os.path.lexists(path):
+            _move_aside(reopening, "", now, kind="kept")
+        else:
+            # The WAL beside no database is the deleted one's, whose content is in the copy.
+            pairs = zip(
+                (*_companions(reopening), reopening), (*_companions(path), path), strict=True
+            )
+            with contextlib.suppress(OSError):
+                for source, target in pairs:
+                    if os.path.lexists(source):
+                        os.replace(source, target)
+                    elif target != path:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(target)
     try:
         names = os.listdir(path.parent)
     except OSError:

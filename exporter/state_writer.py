@@ -6,7 +6,10 @@ ids into rows on the loop, which costs O(ids marked), and commits them in one tr
 its thread. A durable `flush()` (what makes an admin 2xx an acknowledgement) starts a commit at
 once, and every flush that arrives while a commit runs joins the next one: changes arriving
 together are committed together (group commit). Other changes are committed within
-`debounce_seconds`. It knows nothing of HTTP or polling; the on-disk format is `state`'s.
+`debounce_seconds`. Between commits the thread also looks after the file: that the path still
+names the open database (every `file_check_seconds`, besides before and after each commit),
+and SQLite's quick_check over its pages (every `integrity_check_seconds`). It knows nothing of
+HTTP or polling; the on-disk format is `state`'s.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ Undo = Callable[[], None]
 #: Rows whose records are built between two yields to the loop. The first commit after
 #: starting on a new store, or after a reload adding many ids, holds 100,000 rows.
 _ROWS_PER_STEP = 2_000
+#: How often an idle writer checks that the path still names the open database (each commit
+#: checks too): a file deleted while nothing changes is written anew within this.
+FILE_CHECK_SECONDS = 60.0
+#: How often PRAGMA quick_check reads every page of the database (22 ms at 100,000 rows,
+#: 14 MB; commits wait meanwhile), so damage is seen while running, not at the next start.
+INTEGRITY_CHECK_SECONDS = 3600.0
 
 
 class Persistence(Protocol):
@@ -78,7 +87,10 @@ class StateWriter:
     what is still marked, closes the database and ends its thread. A failed commit calls
     `on_error`, runs the undo of every flush it would have answered (before any later batch
     is cut, so an unacknowledged change never reaches the disk afterwards), and is retried
-    no sooner than `min_retry_seconds` later. Use it from one event loop only.
+    no sooner than `min_retry_seconds` later; the first success after it calls
+    `on_recovered`. A file found deleted or replaced, and written anew, calls `on_reopened`
+    with what was done (a failure to do so is a failed commit: `on_error`); each quick_check
+    calls `on_checked` with the problem found, or None. Use it from one event loop only.
     """
 
     def __init__(
@@ -91,6 +103,11 @@ class StateWriter:
         debounce_seconds: float = 0.5,
         on_error: Callable[[Exception], None] | None = None,
         min_retry_seconds: float = 1.0,
+        on_recovered: Callable[[], None] | None = None,
+        on_reopened: Callable[[str], None] | None = None,
+        on_checked: Callable[[str | None], None] | None = None,
+        file_check_seconds: float = FILE_CHECK_SECONDS,
+        integrity_check_seconds: float = INTEGRITY_CHECK_SECONDS,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -98,6 +115,12 @@ class StateWriter:
         self._retired_at = retired_at
         self._debounce = debounce_seconds
         self._on_error = on_error
+        self._on_recovered = on_recovered
+        self._on_reopened = on_reopened
+        self._on_checked = on_checked
+        self._file_check = file_check_seconds
+        self._integrity_check = integrity_check_seconds
+        self._healthy = True
         self._retry_delay = max(debounce_seconds, min_retry_seconds)
         self._next = _Batch()
         self._wake = asyncio.Event()
@@ -151,9 +174,26 @@ class StateWriter:
         """Commit marked changes until cancelled; then commit the rest and close the store."""
         loop = asyncio.get_running_loop()
         commit: asyncio.Task[None] | None = None
+        next_file_check = loop.time() + self._file_check
+        next_integrity_check = loop.time() + self._integrity_check
         try:
             while True:
-                await self._wake.wait()
+                due = min(next_file_check, next_integrity_check) - loop.time()
+                if due <= 0:  # asked after each commit too: a writer never idle is checked
+                    integrity = loop.time() >= next_integrity_check
+                    check = self._look_after(integrity=integrity)
+                    commit = loop.create_task(check, name="state-check")
+                    await asyncio.shield(commit)
+                    next_file_check = loop.time() + self._file_check
+                    if integrity:
+                        next_integrity_check = loop.time() + self._integrity_check
+                    continue
+                # Not wait_for: on 3.11 it can swallow a cancel that meets the event being set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due):
+                        await self._wake.wait()
+                if not self._wake.is_set():
+                    continue
                 if not self._urgent.is_set():
                     delay = self._debounce
                     if self._failed_at is not None:
@@ -195,7 +235,7 @@ class StateWriter:
                 uploads.extend((i, self._record(i)) for i in chunk)
                 await asyncio.sleep(0)  # a batch of 100,000 rows must not stall the loop
             retired: list[RetiredChange] = [(i, self._retired_at(i)) for i in batch.retired]
-            await loop.run_in_executor(self._executor, self._store.apply, uploads, retired)
+            note = await loop.run_in_executor(self._executor, self._store.apply, uploads, retired)
         except Exception as exc:  # any failure must leave the loop running
             self._failed_at = loop.time()
             self._undo(batch)
@@ -209,6 +249,45 @@ class StateWriter:
             return
         self._failed_at = None
         self._answer(batch, None)
+        self._fine(note)
+
+    async def _look_after(self, *, integrity: bool) -> None:
+        """Between commits: the file's identity, and its pages if `integrity`; never raises."""
+        loop = asyncio.get_running_loop()
+        try:
+            note = await loop.run_in_executor(self._executor, self._store.check_file)
+        except Exception as exc:  # StateError: the next commit fails too, and retries it
+            self._report(exc)
+        else:
+            self._fine(note)
+        if not integrity:
+            return
+        try:
+            problem = await loop.run_in_executor(self._executor, self._store.quick_check)
+        except Exception as exc:  # StateError: no open database to check
+            problem = _short(exc)
+        if self._on_checked is not None:
+            self._call(self._on_checked, problem)
+        elif problem is not None:
+            log.error("state_integrity_check_failed", path=str(self.path), problem=problem)
+
+    def _fine(self, note: str | None) -> None:
+        """A commit or check succeeded (after writing the file anew if `note`)."""
+        if note is not None:
+            if self._on_reopened is None:
+                log.warning("state_file_reopened", path=str(self.path), note=note)
+            else:
+                self._call(self._on_reopened, note)
+        if not self._healthy:
+            self._healthy = True
+            if self._on_recovered is not None:
+                self._call(self._on_recovered)
+
+    def _call(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a broken callback must not stop the writer
+            log.exception("state_callback_failed", path=str(self._store.path))
 
     def _undo(self, batch: _Batch) -> None:
         """Roll back the unacknowledged changes, newest first."""
@@ -227,6 +306,7 @@ class StateWriter:
                 future.set_result(error)
 
     def _report(self, exc: Exception) -> None:
+        self._healthy = False
         if self._on_error is None:
             log.warning("state_write_failed", path=str(self._store.path), error=_short(exc))
             return
@@ -270,6 +350,11 @@ async def open_state(
     on_error: Callable[[Exception], None] | None = None,
     min_retry_seconds: float = 1.0,
     busy_timeout_seconds: float = 5.0,
+    on_recovered: Callable[[], None] | None = None,
+    on_reopened: Callable[[str], None] | None = None,
+    on_checked: Callable[[str | None], None] | None = None,
+    file_check_seconds: float = FILE_CHECK_SECONDS,
+    integrity_check_seconds: float = INTEGRITY_CHECK_SECONDS,
 ) -> tuple[StateWriter | None, LoadResult]:
     """Open the store in a new writer thread and read it; no writer if it is unavailable."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
@@ -288,6 +373,11 @@ async def open_state(
         debounce_seconds=debounce_seconds,
         on_error=on_error,
         min_retry_seconds=min_retry_seconds,
+        on_recovered=on_recovered,
+        on_reopened=on_reopened,
+        on_checked=on_checked,
+        file_check_seconds=file_check_seconds,
+        integrity_check_seconds=integrity_check_seconds,
     )
     return writer, result
 

@@ -334,6 +334,28 @@ def test_running_with_a_missing_token_file_exits_2(tmp_path: Path) -> None:
     assert "api.auth.token_file" in result.stderr
 
 
+def test_a_state_path_naming_the_config_file_exits_2_and_leaves_the_file(tmp_path: Path) -> None:
+    """state.path equal to the config file: exit 2 naming state.path; not renamed nor written."""
+    config = tmp_path / "c.yaml"
+    text = "api: {base_url: 'http://127.0.0.1:1', auth: {type: none}}\n" + (
+        f"state: {{path: {config}}}\n"
+    )
+    config.write_text(text)
+
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=20,
+    )
+
+    assert result.returncode == 2
+    assert "state.path" in result.stderr and "the config file" in result.stderr
+    assert config.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
 def test_no_arguments_is_a_usage_error() -> None:
     """Without --config or --demo the exit code is 2 with a hint."""
     result = subprocess.run(EXPORTER, capture_output=True, text=True, check=False)

@@ -1421,6 +1421,76 @@ def test_state_path_inside_the_ingestions_directory_is_reported(tmp_path, inside
     assert problems == (f"state.path: must be outside ingestions.directory ('{directory}/')",)
 
 
+def test_state_path_naming_the_config_file_is_refused_and_the_file_left_alone(tmp_path):
+    """state.path equal to the config file, directly or through a symlink, is a problem on
+    state.path naming the config file; the file is not touched."""
+    config = tmp_path / "config.yaml"
+    link = tmp_path / "link.yaml"
+    link.symlink_to(config)
+    for named in (config, link):
+        text = f"api: {{base_url: {BASE_URL}}}\nstate: {{path: {named}}}\n"
+        config.write_text(text, encoding="utf-8")
+
+        with pytest.raises(ConfigError) as caught:
+            load_config(config, environ=REGION_ENV)
+
+        assert caught.value.problems == (
+            f"state.path: it would be written over the config file ({str(config)!r}); "
+            "choose another path",
+        )
+        assert config.read_text(encoding="utf-8") == text
+
+
+def test_state_path_naming_a_token_file_or_its_hard_link_is_refused(tmp_path):
+    """The API's and the admin API's token files, by name or by inode, are never the state."""
+    token = token_file(tmp_path)
+    hard_link = tmp_path / "token.db"
+    os.link(token, hard_link)
+    api = {"base_url": BASE_URL, "auth": {"type": "bearer", "token_file": str(token)}}
+    admin = {"token_file": str(token)}
+
+    by_api = problems_of({"api": api, "state": {"path": str(hard_link)}})
+    by_admin = problems_of(minimal(admin=admin, state={"path": str(token)}))
+
+    assert by_api == (
+        f"state.path: it would be written over api.auth.token_file ({str(token)!r}); "
+        "choose another path",
+    )
+    assert by_admin == (
+        f"state.path: it would be written over admin.token_file ({str(token)!r}); "
+        "choose another path",
+    )
+
+
+def test_state_path_whose_wal_would_be_a_token_file_is_refused(tmp_path):
+    """SQLite writes `<state.path>-wal`: that name must not be a token file either."""
+    token = tmp_path / "state.db-wal"
+    token.write_text(SECRET, encoding="utf-8")
+    admin = {"token_file": str(token)}
+
+    problems = problems_of(minimal(admin=admin, state={"path": str(tmp_path / "state.db")}))
+
+    assert problems == (
+        f"state.path: the state's -wal file would be written over admin.token_file "
+        f"({str(token)!r}); choose another path",
+    )
+
+
+def test_state_path_inside_the_ingestions_directory_through_a_symlink_is_refused(tmp_path):
+    """A state directory that is a symlink into ingestions.directory is inside it."""
+    directory = tmp_path / "uploads"
+    directory.mkdir()
+    (tmp_path / "state").symlink_to(directory)
+
+    problems = problems_of(
+        minimal(ingestions={"directory": str(directory)}, state={"path": f"{tmp_path}/state/s.db"})
+    )
+
+    assert problems == (
+        f"state.path: must be outside ingestions.directory ({str(directory)!r}), symlinks resolved",
+    )
+
+
 def test_state_path_beside_the_ingestions_directory_is_accepted(tmp_path):
     """A sibling whose name only starts like the directory's is outside it."""
     config = parse_config(

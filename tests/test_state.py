@@ -304,6 +304,174 @@ def test_a_database_of_another_application_is_moved_aside(tmp_path: Path) -> Non
     store.close()
 
 
+def _ours_but(schema_sql: str) -> Callable[[Path], None]:
+    """A database with our application_id and version, but this schema."""
+
+    def make(path: Path) -> None:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.executescript(schema_sql)
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(
+                "INSERT INTO uploads VALUES ('kept', '[\"api\"]', '{}', 'INQUEUE', 1, 1, "
+                "NULL, NULL, 0, 0, 0)"
+            )
+
+    return make
+
+
+_UPLOADS_WITHOUT_UNIQUE = """
+CREATE TABLE uploads (ingestion_id TEXT NOT NULL, sources TEXT NOT NULL, labels TEXT NOT NULL,
+    status TEXT NOT NULL, first_seen REAL NOT NULL, status_changed REAL NOT NULL,
+    last_success REAL, terminal_at REAL, report_available INTEGER NOT NULL,
+    queue_observed INTEGER NOT NULL, released INTEGER NOT NULL);
+"""
+_RETIRED = "CREATE TABLE retired (ingestion_id TEXT PRIMARY KEY, retired_at REAL NOT NULL) "
+_UPLOADS = _UPLOADS_WITHOUT_UNIQUE.replace(
+    "ingestion_id TEXT NOT NULL,", "ingestion_id TEXT NOT NULL UNIQUE,"
+)
+FOREIGN_SCHEMAS = {
+    "uploads without UNIQUE": _ours_but(_UPLOADS_WITHOUT_UNIQUE + _RETIRED + "WITHOUT ROWID;"),
+    "retired with rowid": _ours_but(_UPLOADS + _RETIRED + ";"),
+    "an extra trigger": _ours_but(
+        _UPLOADS
+        + _RETIRED
+        + "WITHOUT ROWID; CREATE TRIGGER keep BEFORE DELETE ON uploads "
+        + "BEGIN SELECT RAISE(FAIL, 'no'); END;"
+    ),
+}
+
+
+@pytest.mark.parametrize("make", FOREIGN_SCHEMAS.values(), ids=FOREIGN_SCHEMAS.keys())
+def test_a_database_of_ours_with_another_schema_is_moved_aside_not_used(
+    tmp_path: Path, make: Callable[[Path], None]
+) -> None:
+    """application_id and version are not enough: a schema that differs, constraints
+    included, is set aside like a corrupt file, and the new database takes commits."""
+    path = tmp_path / "state.db"
+    make(path)
+
+    store, result = open_store(path, now=lambda: NOW)
+
+    assert store is not None and result.moved_to == tmp_path / "state.db.corrupt-1718000000"
+    assert result.problem is not None and "not this exporter's" in result.problem
+    with contextlib.closing(sqlite3.connect(result.moved_to)) as db:
+        assert db.execute("SELECT ingestion_id FROM uploads").fetchall() == [("kept",)]
+    store.apply([("new", minimal_record("new"))])
+    store.apply([("new", minimal_record("new"))])  # an upsert: needs the UNIQUE constraint
+    store.close()
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["new"]
+
+
+def test_the_schema_check_accepts_our_own_database_whatever_its_statistics(tmp_path: Path) -> None:
+    """An ANALYZE run by hand adds sqlite_stat tables: the database is still ours."""
+    path = tmp_path / "state.db"
+    saved(path, minimal_record("kept"))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ANALYZE")
+
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["kept"]
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _delete_with_wal(path: Path) -> None:
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink()
+
+
+def _replace(path: Path) -> None:
+    Path(f"{path}.other").write_text("someone else's")
+    os.replace(f"{path}.other", path)
+
+
+def _delete_wal(path: Path) -> None:
+    Path(f"{path}-wal").unlink()
+
+
+SWAPS: dict[str, Callable[[Path], None]] = {
+    "deleted": _delete,
+    "deleted with its WAL": _delete_with_wal,
+    "replaced": _replace,
+    "WAL deleted": _delete_wal,
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS.values(), ids=SWAPS.keys())
+def test_a_state_file_deleted_or_replaced_while_open_gets_every_commit_anew(
+    tmp_path: Path, swap: Callable[[Path], None]
+) -> None:
+    """The next commit notices, writes the open database to the path and commits there:
+    a restart finds every row committed before and after; a file found there is kept."""
+    path = tmp_path / "state.db"
+    store, _ = opened(path)
+    store.apply([(f"before-{n}", minimal_record(f"before-{n}")) for n in range(5)])
+
+    swap(path)
+    note = store.apply([(f"after-{n}", minimal_record(f"after-{n}")) for n in range(20)])
+    again = store.apply([("later", minimal_record("later"))])
+    store.close()
+
+    expected = {f"before-{n}" for n in range(5)} | {f"after-{n}" for n in range(20)} | {"later"}
+    assert {r.ingestion_id for r in reopened(path).uploads} == expected
+    assert note is not None and "written anew" in note
+    assert again is None  # checked, and the same file: nothing to do
+    kept = list(tmp_path.glob("state.db.replaced-*"))
+    if swap is _replace:
+        assert [k.read_text() for k in kept] == ["someone else's"]
+        assert "moved to" in note
+    else:
+        assert kept == []
+    assert not Path(f"{path}.reopening").exists()
+
+
+def test_a_state_file_deleted_after_the_last_commit_is_written_anew_by_check_file(
+    tmp_path: Path,
+) -> None:
+    """check_file (the idle writer's check) finds the deletion without any commit."""
+    path = tmp_path / "state.db"
+    store, _ = opened(path)
+    store.apply([("kept", minimal_record("kept"))])
+    assert store.check_file() is None
+
+    path.unlink()
+    note = store.check_file()
+    store.close()
+
+    assert note is not None and "deleted" in note
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["kept"]
+
+
+def test_a_copy_left_by_a_death_before_it_took_the_path_becomes_the_state(tmp_path: Path) -> None:
+    """`<path>.reopening` with nothing at the path is the whole state: the start uses it."""
+    path = tmp_path / "state.db"
+    saved(Path(f"{path}.reopening"), minimal_record("only-here"))
+
+    assert [r.ingestion_id for r in reopened(path).uploads] == ["only-here"]
+    assert not Path(f"{path}.reopening").exists()
+
+
+def test_quick_check_finds_pages_damaged_while_open(tmp_path: Path) -> None:
+    """Damage written to the file under an open store is found by quick_check, not only
+    at the next start (pages already read are not checked from the page cache)."""
+    path = tmp_path / "state.db"
+    store, _ = opened(path)
+    store.apply([(f"id-{n}", minimal_record(f"id-{n}")) for n in range(3000)])
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert store.quick_check() is None
+
+    with path.open("r+b") as file:
+        file.seek(4096 * 3)
+        file.write(b"\x5a" * 4096)
+    problem = store.quick_check()
+    store.close()
+
+    assert problem is not None
+
+
 def test_a_database_of_a_newer_schema_is_left_alone(tmp_path: Path) -> None:
     """A later release's database is neither moved nor written: persistence is unavailable."""
     path = tmp_path / "state.db"
@@ -736,6 +904,77 @@ async def test_run_retries_a_failed_commit_but_not_in_a_hot_loop(start_writer: S
     commits = writer.commits
     await asyncio.sleep(0.2)
     assert writer.commits == commits  # clean again: no more commits
+
+
+async def test_on_recovered_follows_the_first_commit_after_a_failure(start_writer: Start) -> None:
+    """The writer says when it fails and when it writes again (what drives
+    catalog_exporter_state_persistence_available), once each."""
+    heard: list[str] = []
+    writer, memory = await start_writer(
+        debounce_seconds=60.0,
+        on_error=lambda _: heard.append("failed"),
+        on_recovered=lambda: heard.append("recovered"),
+    )
+    writer.mark(memory.put("first"))
+    await writer.flush()
+    lock = locked(writer.path)
+    writer.mark(memory.put("refused"))
+    with pytest.raises(StateError):
+        await writer.flush()
+    lock.execute("ROLLBACK")
+    lock.close()
+    for name in ("again", "and-again"):
+        writer.mark(memory.put(name))
+        await writer.flush()
+
+    assert heard == ["failed", "recovered"]
+
+
+async def test_an_idle_writer_writes_a_deleted_file_anew_within_file_check_seconds(
+    start_writer: Start,
+) -> None:
+    """Nothing changes, the file is deleted: the writer's own check puts the state back."""
+    reopens: list[str] = []
+    writer, memory = await start_writer(
+        debounce_seconds=60.0, file_check_seconds=0.01, on_reopened=reopens.append
+    )
+    writer.mark(memory.put("kept"))
+    await writer.flush()
+    writer.path.unlink()
+
+    async def reopened_once() -> bool:
+        return len(reopens) == 1
+
+    await wait_for(reopened_once, interval=0.01)
+    assert "deleted" in reopens[0]
+    assert on_disk(writer.path) == ["kept"]
+
+
+async def test_the_writer_runs_quick_check_on_its_cadence_and_reports_damage(
+    start_writer: Start,
+) -> None:
+    """Damaged pages are reported while running (on_checked), not found at the next start."""
+    checks: list[str | None] = []
+    writer, memory = await start_writer(
+        debounce_seconds=60.0, integrity_check_seconds=0.01, on_checked=checks.append
+    )
+    writer.mark(memory.put(*(f"id-{n}" for n in range(3000))))
+    await writer.flush()
+
+    async def checked_sound() -> bool:
+        return None in checks
+
+    await wait_for(checked_sound, interval=0.01)
+    with contextlib.closing(sqlite3.connect(writer.path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with writer.path.open("r+b") as file:
+        file.seek(4096 * 3)
+        file.write(b"\x5a" * 4096)
+
+    async def found_damage() -> bool:
+        return any(problem is not None for problem in checks)
+
+    await wait_for(found_damage, interval=0.01)
 
 
 async def test_a_cancelled_flush_does_not_cancel_the_commit(start_writer: Start) -> None:

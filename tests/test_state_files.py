@@ -12,9 +12,11 @@ real EACCES, as it would for an unprivileged user. As a non-root user, chmod alo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,10 +28,13 @@ from pathlib import Path
 
 import pytest
 
+from exporter.state import APPLICATION_ID, SCHEMA_VERSION
 from tests.conftest import free_port, parse_exposition, value
 
 AVAILABLE = "catalog_exporter_state_persistence_available"
 SKIPPED = "catalog_exporter_state_skipped_entries_total"
+LOAD_ERRORS = "catalog_exporter_state_load_errors_total"
+REOPENS = "catalog_exporter_state_reopens_total"
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Running:
         with urllib.request.urlopen(f"{self.metrics}/metrics", timeout=5) as answer:  # noqa: S310
             return parse_exposition(answer.read().decode())
 
-    def post(self, ingestion_id: str) -> tuple[int, dict[str, object]]:
+    def post(self, ingestion_id: str, timeout: float = 5) -> tuple[int, dict[str, object]]:
         request = urllib.request.Request(  # noqa: S310 - loopback only
             f"{self.admin}/api/v1/ingestions",
             data=json.dumps({"ingestionId": ingestion_id}).encode(),
@@ -53,7 +58,7 @@ class Running:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
                 return answer.status, json.load(answer)
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
@@ -237,4 +242,86 @@ def test_bad_entries_are_skipped_and_counted_and_the_good_ones_tracked(
     assert value(samples, SKIPPED) == 2 and value(samples, AVAILABLE) == 1
     assert running.post("durable")[0] == 201
     assert not list(tmp_path.glob("state.json.corrupt-*"))
+    stop(running)
+
+
+def test_a_database_of_ours_without_its_unique_constraint_is_moved_aside_and_writes_work(
+    exporter_at: Start,
+    tmp_path: Path,
+) -> None:
+    """application_id and version right, UNIQUE missing: set aside at start, not accepted
+    to fail every commit afterwards (which answered every admin POST 503)."""
+    state = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(state, isolation_level=None)) as db:
+        db.executescript(
+            "CREATE TABLE uploads (ingestion_id TEXT NOT NULL, sources TEXT NOT NULL, "
+            "labels TEXT NOT NULL, status TEXT NOT NULL, first_seen REAL NOT NULL, "
+            "status_changed REAL NOT NULL, last_success REAL, terminal_at REAL, "
+            "report_available INTEGER NOT NULL, queue_observed INTEGER NOT NULL, "
+            "released INTEGER NOT NULL);"
+            "CREATE TABLE retired (ingestion_id TEXT PRIMARY KEY, retired_at REAL NOT NULL) "
+            f"WITHOUT ROWID; PRAGMA application_id = {APPLICATION_ID}; "
+            f"PRAGMA user_version = {SCHEMA_VERSION};"
+        )
+
+    running = exporter_at(state)
+
+    assert running.post("durable")[0] == 201
+    samples = running.samples()
+    assert value(samples, AVAILABLE) == 1 and value(samples, LOAD_ERRORS) == 1
+    assert len(list(tmp_path.glob("state.db.corrupt-*"))) == 1
+    stop(running)
+
+
+@pytest.mark.parametrize("with_wal", [False, True], ids=["database", "database and WAL"])
+def test_a_state_file_deleted_while_running_loses_no_acknowledged_id(
+    exporter_at: Start,
+    tmp_path: Path,
+    with_wal: bool,
+) -> None:
+    """5 ids, the file deleted, 20 more ids, SIGKILL: the next start tracks all 25."""
+    state = tmp_path / "state.db"
+    running = exporter_at(state)
+    acknowledged = {f"before-{n}" for n in range(5)}
+    for ingestion_id in sorted(acknowledged):
+        assert running.post(ingestion_id)[0] == 201
+
+    for name in (state, Path(f"{state}-wal"), Path(f"{state}-shm"))[: 3 if with_wal else 1]:
+        name.unlink()
+    after = {f"after-{n}" for n in range(20)}
+    statuses = {ingestion_id: running.post(ingestion_id)[0] for ingestion_id in sorted(after)}
+    acknowledged |= {i for i, status in statuses.items() if status == 201}
+    reopens = value(running.samples(), REOPENS)
+    running.proc.kill()
+    running.proc.wait(timeout=10)
+
+    again = exporter_at(state)
+
+    assert acknowledged == after | {f"before-{n}" for n in range(5)}  # none got a 503 either
+    assert again.tracked() >= acknowledged
+    assert reopens == 1
+    stop(again)
+
+
+@pytest.mark.slow
+def test_failed_writes_make_persistence_available_0_until_a_write_succeeds(
+    exporter_at: Start,
+    tmp_path: Path,
+) -> None:
+    """While commits fail (here: another process holds the write lock) admin writes get 503
+    and the gauge says 0; it says 1 again once a write succeeds."""
+    state = tmp_path / "state.db"
+    running = exporter_at(state)
+    lock = sqlite3.connect(state, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        status, body = running.post("refused", timeout=30)  # SQLite waits 5 s for the lock
+        assert status == 503 and body["error"] == "state_unavailable"
+        assert value(running.samples(), AVAILABLE) == 0
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+    assert running.post("accepted")[0] == 201
+    assert value(running.samples(), AVAILABLE) == 1
     stop(running)
