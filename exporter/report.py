@@ -351,11 +351,12 @@ class PublicAddresses(AbstractResolver):
 
     The connector connects to what this returns, so the address checked is the address
     connected to: a name that resolves differently the second time gains nothing.
-    `refused` describes the last refusal ("" when none).
+    `refused` describes the last refusal ("" when none). `resolver` is the one wrapped
+    (aiohttp's default).
     """
 
-    def __init__(self) -> None:
-        self._resolver = DefaultResolver()
+    def __init__(self, resolver: AbstractResolver | None = None) -> None:
+        self._resolver = DefaultResolver() if resolver is None else resolver
         self.refused = ""
 
     async def resolve(
@@ -387,7 +388,7 @@ def address_problem(address: str) -> str | None:
     inside: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (ip,)
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = (ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None)
-        inside = (ip, *(v4 for v4 in embedded if v4 is not None))
+        inside = (*(v4 for v4 in embedded if v4 is not None), ip)
     for candidate in inside:
         for name, flagged in (
             ("a loopback address", candidate.is_loopback),
