@@ -102,9 +102,7 @@ def app_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
     a POST waiting for its fsync must not be cut short by a client that leaves. The one
     long-running handler, the admin report route, watches its client itself.
     """
-    return web.AppRunner(
-        app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout
-    )
+    return web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout)
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> str:
