@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,13 +35,21 @@ from exporter.admin_schema import (
     INGESTIONS_PATH,
     MAX_PAGE_EXAMINED,
     MAX_PAGE_SIZE,
+    MAX_REPORTS_IN_FLIGHT,
     OPENAPI_PATH,
+    REPORTS_RETRY_AFTER_SECONDS,
     openapi_document,
 )
 from exporter.auth import AuthUnavailable, BearerAuth
 from exporter.config import ServerConfig, is_loopback_host
 from exporter.models import MAX_INGESTION_ID_LENGTH, MAX_REGISTRATION_BYTES
-from exporter.report import ReportFailure, ReportProblem, ReportSource, ResponseSink
+from exporter.report import (
+    ReportFailure,
+    ReportOutcome,
+    ReportProblem,
+    ReportSource,
+    ResponseSink,
+)
 from exporter.state import StateError
 from exporter.tracking import IngestionTracker, RejectReason, Source, UploadView
 
@@ -60,6 +69,21 @@ TOKEN = web.AppKey("admin_token", BearerAuth)
 BODY_TIMEOUT = web.AppKey("admin_body_timeout", float)
 ALLOWED_HOSTS = web.AppKey("admin_allowed_hosts", frozenset[str])
 REPORTS = web.AppKey[ReportSource]("admin_reports")
+
+
+@dataclass(slots=True)
+class _ReportSlots:
+    """Report requests being served now, out of `limit`."""
+
+    limit: int
+    taken: int = 0
+
+
+REPORT_SLOTS = web.AppKey("admin_report_slots", _ReportSlots)
+#: How often a report request checks that its client is still there. aiohttp's own
+#: `handler_cancellation` would cancel every admin handler on a disconnect (a POST waiting
+#: for its fsync too) and is a switch of whoever serves the app; this is the route's own.
+_CLIENT_CHECK_SECONDS = 0.5
 
 #: Reachable without the token: probes and API discovery must work before a client has one.
 _OPEN_PATHS = frozenset({HEALTH_PATH, OPENAPI_PATH})
@@ -102,6 +126,7 @@ def create_admin_app(
     app[ALLOWED_HOSTS] = frozenset(_normal_host(name) for name in allowed_hosts)
     if reports is not None:
         app[REPORTS] = reports
+    app[REPORT_SLOTS] = _ReportSlots(MAX_REPORTS_IN_FLIGHT)
     if token_file:
         # scheme="" makes BearerAuth hand back the bare token, read (and re-read whenever the
         # file changes) by the same code that authenticates the exporter's own requests.
@@ -124,11 +149,14 @@ def create_admin_app(
 class _Refused(Exception):
     """A request the API answers with a JSON error; raised by handlers, rendered by middleware."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def _answer(
@@ -188,7 +216,7 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
     try:
         return await handler(request)
     except _Refused as exc:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -544,7 +572,9 @@ async def ingestion_report(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/ingestions/{id}/report: stream a tracked upload's processing report.
 
     A fresh link is asked of the API and downloaded as the `report` command does (no
-    credential to the report host, no redirect, api.max_report_bytes); the link is never shown.
+    credential to the report host, no redirect, api.max_report_bytes, public https hosts
+    only); the link is never shown. At most MAX_REPORTS_IN_FLIGHT at once (429 beyond); a
+    client that leaves cancels its fetch.
     """
     ingestion_id = request.match_info["ingestion_id"]
     if request.app[TRACKER].view(ingestion_id) is None:
@@ -552,11 +582,26 @@ async def ingestion_report(request: web.Request) -> web.StreamResponse:
     fetch = request.app.get(REPORTS)
     if fetch is None:
         raise _Refused(503, "reports_unavailable", "this listener cannot fetch reports")
+    slots = request.app[REPORT_SLOTS]
+    if slots.taken >= slots.limit:
+        raise _Refused(
+            429,
+            "too_many_reports",
+            f"{slots.limit} reports are being fetched already; try again shortly",
+            {"Retry-After": str(REPORTS_RETRY_AFTER_SECONDS)},
+        )
     filename = "".join(
         c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in ingestion_id
     )
     sink = ResponseSink(request, f"{filename}.csv")
-    outcome = await fetch(ingestion_id, sink)
+    slots.taken += 1
+    try:
+        outcome = await _while_client_waits(request, fetch(ingestion_id, sink))
+    finally:
+        slots.taken -= 1
+    if outcome is None:
+        log.info("admin_report_abandoned", ingestion_id=ingestion_id)
+        return sink.response or web.Response(status=204)  # nobody reads it
     if isinstance(outcome, ReportFailure):
         log.warning(
             "admin_report_failed",
@@ -574,6 +619,27 @@ async def ingestion_report(request: web.Request) -> web.StreamResponse:
     assert sink.response is not None, "a fetched report went through start()"
     await sink.response.write_eof()
     return sink.response
+
+
+async def _while_client_waits(
+    request: web.Request, fetching: Awaitable[ReportOutcome]
+) -> ReportOutcome | None:
+    """The fetch's outcome, or None once the client has gone: the fetch is then cancelled
+    (its token given up, its download closed) instead of running on for nobody."""
+    task = asyncio.ensure_future(fetching)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_CLIENT_CHECK_SECONDS)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -28,6 +28,7 @@ __all__ = [
     "INGESTIONS_PATH",
     "MAX_PAGE_EXAMINED",
     "MAX_PAGE_SIZE",
+    "MAX_REPORTS_IN_FLIGHT",
     "OPENAPI_PATH",
     "Error",
     "Health",
@@ -52,6 +53,11 @@ MAX_PAGE_SIZE = 10_000
 #: The most ids a filtered page looks at: a rare status among 100,000 ids is found over a few
 #: short pages instead of in one long stall.
 MAX_PAGE_EXAMINED = 10_000
+#: Report requests served at once; one more is answered 429. Each holds a download (a socket
+#: and up to api.max_report_bytes in flight) and took a token of the reports' budget share.
+MAX_REPORTS_IN_FLIGHT = 4
+#: The Retry-After of that 429, in seconds.
+REPORTS_RETRY_AFTER_SECONDS = 2
 
 _REF = "#/components/schemas/{model}"
 
@@ -171,6 +177,7 @@ _ERROR_CODES = (
     "report_download_failed",
     "report_too_large",
     "reports_unavailable",
+    "too_many_reports",
 )
 
 
@@ -385,9 +392,13 @@ def _paths() -> dict[str, Any]:
                 "description": "Asks getCatalogUploadStatus for a fresh reportDownloadLink and "
                 "streams the file behind it, as `catalog-upload-exporter report` does: the "
                 "report host gets no API credential, redirects are not followed, reports over "
-                "api.max_report_bytes are refused. The link itself is never shown. If the "
+                "api.max_report_bytes are refused, and only a public https host is fetched "
+                "(api.report_hosts lists exceptions). The link itself is never shown. If the "
                 "transfer fails after the headers were sent, the connection is cut before the "
-                "end of the body.",
+                "end of the body. The body is the report host's, byte for byte: a report "
+                "stored gzip-encoded comes with Content-Encoding: gzip. At most "
+                f"{MAX_REPORTS_IN_FLIGHT} reports are fetched at once; a client that leaves "
+                "cancels its download.",
                 "responses": _protected(
                     {
                         "200": {
@@ -405,11 +416,20 @@ def _paths() -> dict[str, Any]:
                             "report_not_ready: no reportDownloadLink yet; the message names "
                             "the status."
                         ),
+                        "429": {
+                            **_failure(
+                                f"too_many_reports: {MAX_REPORTS_IN_FLIGHT} reports are being "
+                                "fetched already; try again after Retry-After seconds "
+                                f"({REPORTS_RETRY_AFTER_SECONDS})."
+                            ),
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                        },
                         "502": _failure(
                             "api_error: getCatalogUploadStatus failed; report_download_failed: "
-                            "the report host refused, redirected, timed out or broke off; "
-                            "report_too_large: over api.max_report_bytes. The message names "
-                            "the kind."
+                            "the report host refused, redirected, timed out or broke off, or "
+                            "the link was refused before any connection (a host that is not "
+                            "public, plain http, user information); report_too_large: over "
+                            "api.max_report_bytes. The message names the kind."
                         ),
                     },
                     "reports_unavailable: this listener was started without a report fetcher.",

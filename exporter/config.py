@@ -689,6 +689,12 @@ class ApiConfig(_Section):
     max_report_bytes: Annotated[int, Field(ge=1024, le=1024**3), _INTEGRAL] = (
         DEFAULT_MAX_REPORT_BYTES
     )
+    #: Report hosts (names or addresses, as a reportDownloadLink gives them) that may be
+    #: fetched although they resolve to a loopback, private or link-local address, and over
+    #: plain http: the simulator, a test's server. Empty in production: only public https.
+    report_hosts: Annotated[
+        tuple[HostName, ...], _LIST, AfterValidator(_unique), Wording("a list of host names")
+    ] = ()
 
 
 class PollingConfig(_Section):

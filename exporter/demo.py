@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from aiohttp import web
@@ -80,6 +81,7 @@ def demo_config(base_url: str, port: int) -> Config:
             timeout_seconds=2.0,
             max_requests_per_second=EXPORTER_RATE_LIMIT,
             max_concurrency=4,
+            report_hosts=(_simulator_host(base_url),),
         ),
         polling=PollingConfig(
             interval_seconds=2.0,
@@ -94,6 +96,12 @@ def demo_config(base_url: str, port: int) -> Config:
     )
 
 
+def _simulator_host(base_url: str) -> str:
+    """The simulator's host: its report links point there, on loopback, over plain http, so
+    it must be listed in api.report_hosts."""
+    return urlsplit(base_url).hostname or "127.0.0.1"
+
+
 def _simulator_auth(_: AuthConfig) -> RequestAuth:
     credentials = Credentials(TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY)
     return SigV4Auth(region=TEST_REGION, credentials=credentials)
@@ -102,7 +110,11 @@ def _simulator_auth(_: AuthConfig) -> RequestAuth:
 def write_report_config(base_url: str, directory: Path) -> Path:
     """A config for `catalog-upload-exporter report` against the demo's simulator."""
     document = {
-        "api": {"base_url": base_url, "auth": {"type": "sigv4", "region": TEST_REGION}},
+        "api": {
+            "base_url": base_url,
+            "auth": {"type": "sigv4", "region": TEST_REGION},
+            "report_hosts": [_simulator_host(base_url)],
+        },
         "ingestions": {"ids": []},
         "logging": {"level": "warning", "format": "console"},
     }

@@ -11,6 +11,7 @@ of upload scripts: the simulator asks it for links and says which ids exist.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
 import hmac
 import secrets
@@ -70,7 +71,9 @@ class ReportBucket:
     """Signs and serves report links; `wall_clock` decides expiry (inject one in tests).
 
     `report_bytes` pads each report to at least that size; `chunked` sends it without a
-    Content-Length; `redirect_to`, when set, answers every valid link with a 302 there.
+    Content-Length; `gzip` sends it gzip-compressed with `Content-Encoding: gzip`, as S3
+    serves an object uploaded with that encoding (`encoded_body` gives those bytes);
+    `redirect_to`, when set, answers every valid link with a 302 there.
     `secret_values` gives the credentials the API accepts: a header whose value contains one
     of them counts as a credential header, whatever its name.
     """
@@ -90,6 +93,7 @@ class ReportBucket:
         self.link_seconds = link_seconds
         self.report_bytes = report_bytes
         self.chunked = chunked
+        self.gzip = False
         self.redirect_to: str | None = None
         self.requests: list[ReportRequest] = []
         self._wall_clock = wall_clock
@@ -126,6 +130,12 @@ class ReportBucket:
             row += 1
         return "".join(lines).encode()
 
+    def encoded_body(self, ingestion_id: str) -> bytes:
+        """The report as sent: `body`, gzip-compressed when `gzip` is set (no timestamp, so
+        the same bytes each time)."""
+        body = self.body(ingestion_id)
+        return gzip.compress(body, mtime=0) if self.gzip else body
+
     async def handle(
         self, request: web.Request, exists: Callable[[str], bool]
     ) -> web.StreamResponse:
@@ -140,7 +150,7 @@ class ReportBucket:
             raise web.HTTPFound(self.redirect_to)
         if refusal is None and ingestion_id is not None and exists(ingestion_id):
             self.requests.append(ReportRequest(ingestion_id, 200, "served", ()))
-            return await self._serve(request, self.body(ingestion_id))
+            return await self._serve(request, self.encoded_body(ingestion_id))
         refusal = refusal or _Refusal(
             404, "no_such_key", "NoSuchKey", "The specified key does not exist."
         )
@@ -152,9 +162,10 @@ class ReportBucket:
         return web.Response(status=refusal.status, text=text, content_type="application/xml")
 
     async def _serve(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        headers = {"Content-Encoding": "gzip"} if self.gzip else {}
         if not self.chunked:
-            return web.Response(body=body, content_type="text/csv")
-        response = web.StreamResponse(headers={"Content-Type": "text/csv"})
+            return web.Response(body=body, content_type="text/csv", headers=headers)
+        response = web.StreamResponse(headers={"Content-Type": "text/csv", **headers})
         response.enable_chunked_encoding()
         await response.prepare(request)
         for start in range(0, len(body), _CHUNK):

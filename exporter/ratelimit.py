@@ -121,3 +121,52 @@ class AdaptiveRateLimiter:
             step = self._max_rate / self._recovery_seconds
             self._rate = min(self._max_rate, self._rate + step * elapsed)
         self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+
+
+class RateShare:
+    """A small slice of another limiter's budget, for callers that must never starve it.
+
+    At most `fraction` of the limiter's rate in force (so it shrinks with the limiter after a
+    429), a burst of one; each caller then also takes the limiter's own token, so the total
+    never exceeds the limiter's and the rest of its budget stays with its other callers
+    (however many wait here, they enter the limiter's queue one share-token at a time).
+    """
+
+    def __init__(
+        self,
+        limiter: AdaptiveRateLimiter,
+        fraction: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not 0 < fraction <= 1:
+            msg = f"fraction must be in (0, 1], got {fraction}"
+            raise ValueError(msg)
+        self._limiter = limiter
+        self._fraction = fraction
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = 1.0
+        self._updated = clock()
+        self._lock = asyncio.Lock()
+
+    @property
+    def rate(self) -> float:
+        """The share's rate now, in requests per second."""
+        return self._limiter.rate * self._fraction
+
+    async def acquire(self) -> None:
+        """Wait for a token of the share, then for one of the limiter."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                rate = self.rate
+                elapsed = max(0.0, now - self._updated)
+                self._updated = now
+                self._tokens = min(1.0, self._tokens + elapsed * rate)
+                if self._tokens >= 1.0 - 1e-9:
+                    self._tokens = max(0.0, self._tokens - 1.0)
+                    break
+                await self._sleep((1.0 - self._tokens) / rate)
+        await self._limiter.acquire()

@@ -6,20 +6,32 @@ cookie: the link carries its own), follows no redirect, and is bounded in time a
 The link is itself a credential: it is never logged, printed or put in a message; its host
 at most is. Where the report goes is the caller's: a `ReportSink` (a temporary file for the
 `report` command, an HTTP response for the admin API) receives it. Errors are values.
+
+The link comes from the API's answer, so it is treated as hostile: the download is a GET from
+S3 and nothing else. Only https, no user information, no character a URL cannot hold; and
+the host must resolve to public addresses only (no loopback, link-local such as the instance
+metadata service, private, multicast, unspecified or reserved one). The addresses are checked
+by the resolver the connection itself uses, so a name that answers a public address to a check
+and a private one to the connect (DNS rebinding) cannot get through. `api.report_hosts` names
+the exceptions (the simulator, a test's server): any address, plain http allowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 import yarl
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from exporter.client import READ_CHUNK_BYTES, CatalogClient
 from exporter.models import RETRYABLE_ERRORS, PollError
@@ -35,6 +47,7 @@ __all__ = [
     "ReportSink",
     "ReportSource",
     "ResponseSink",
+    "address_problem",
     "fetch_report",
 ]
 
@@ -46,6 +59,12 @@ _MAX_RETRY_DELAY_SECONDS = 10.0
 #: How much of an error answer is read to find S3's <Code> and <Message>.
 _ERROR_BODY_BYTES = 4096
 _S3_ERROR_FIELD = re.compile(r"<(Code|Message)>([^<]{1,300})</\1>")
+#: What a link may hold: RFC 3986's characters. A presigned URL is percent-encoded; a raw
+#: space or control character would reach the request line as it is.
+_URL_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+#: The encodings a decoding sink gets inflated (aiohttp decodes these without extra packages).
+_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
+_EXEMPTION = "(unless the host is listed in api.report_hosts)"
 
 
 class ReportProblem(enum.StrEnum):
@@ -60,8 +79,8 @@ class ReportProblem(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class ReportFailure:
     """No report, and why. `kind` is finer than `problem` (an API error kind, `redirect`,
-    `http_403`, `timeout`...); `status` is the upload's status when the API gave one.
-    The message never contains the link."""
+    `http_403`, `timeout`, `forbidden_host`...); `status` is the upload's status when the API
+    gave one. The message never contains the link."""
 
     problem: ReportProblem
     kind: str
@@ -83,19 +102,40 @@ ReportOutcome = ReportFetched | ReportFailure
 
 @dataclass(frozen=True, slots=True)
 class DownloadLimits:
-    """How long and how large a download may be."""
+    """How long and how large a download may be, and which hosts are exempt from the
+    public-address and https rules (`api.report_hosts`: names or addresses as a link gives
+    its host)."""
 
     max_bytes: int
     timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS
+    allowed_hosts: frozenset[str] = frozenset()
+
+    def allows(self, host: str) -> bool:
+        """Whether `host` (a link's, lower-case) is one of `allowed_hosts`."""
+        return _normal_host(host) in {_normal_host(name) for name in self.allowed_hosts}
 
 
 class ReportSink(Protocol):
     """Where a report goes. `start` is called once, only after the report host answered 200
     with an acceptable Content-Length (None when it sent none); then `write` per chunk.
     A failure after `start` (cut connection, size cap passed mid-stream) is returned by
-    `fetch_report`: the sink must then discard what it received."""
+    `fetch_report`: the sink must then discard what it received.
 
-    async def start(self, content_type: str, content_length: int | None) -> None:
+    A sink that `decodes` gets the report itself: an object S3 serves with
+    `Content-Encoding: gzip` arrives inflated, `content_encoding` is "" and `content_length`
+    None (the header counted the compressed bytes). One that does not gets the bytes exactly
+    as the host sent them, with their Content-Length and Content-Encoding, to pass on.
+    Either way api.max_report_bytes counts the bytes the sink receives.
+    """
+
+    @property
+    def decodes(self) -> bool:
+        """True: inflate an encoded report; False: pass the bytes on as they came."""
+        ...
+
+    async def start(
+        self, content_type: str, content_length: int | None, content_encoding: str
+    ) -> None:
         """The report is coming."""
         ...
 
@@ -117,24 +157,31 @@ class ResponseSink:
 
     Headers go out only at `start`, so a failure before it can still be answered with a JSON
     error. A failure after it cannot: `abort` then closes the connection without the final
-    chunk, so the client sees a broken transfer rather than a short report.
+    chunk, so the client sees a broken transfer rather than a short report. The body is the
+    host's, byte for byte: a gzip-encoded report goes on gzip-encoded, with its
+    Content-Encoding and its Content-Length.
     """
+
+    decodes = False
 
     def __init__(self, request: web.Request, filename: str) -> None:
         self._request = request
         self._filename = filename
         self.response: web.StreamResponse | None = None
 
-    async def start(self, content_type: str, content_length: int | None) -> None:
+    async def start(
+        self, content_type: str, content_length: int | None, content_encoding: str
+    ) -> None:
         """Send the status line and headers."""
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": content_type or "application/octet-stream",
-                "Content-Disposition": f'attachment; filename="{self._filename}"',
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-            }
-        )
+        headers = {
+            "Content-Type": content_type or "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{self._filename}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if content_encoding:
+            headers["Content-Encoding"] = content_encoding
+        response = web.StreamResponse(headers=headers)
         if content_length is not None:
             response.content_length = content_length
         await response.prepare(self._request)
@@ -195,15 +242,42 @@ async def fetch_report(
 async def download(
     link: str, sink: ReportSink, limits: DownloadLimits, *, status: str = ""
 ) -> ReportOutcome:
-    """GET `link` with a plain session into `sink`: no credential, no redirect, bounded."""
+    """GET `link` with a plain session into `sink`: no credential, no redirect, bounded, and
+    only from a public https host (or one of `limits.allowed_hosts`)."""
     try:
         url = yarl.URL(link, encoded=True)  # re-quoting could break the link's signature
+        url.port  # noqa: B018 - a port out of range raises here rather than at the connect
     except ValueError:
-        url = yarl.URL()
-    host = url.host or ""
-    if url.scheme not in ("http", "https") or not host or url.user or url.password:
-        return _failed("bad_link", "the reportDownloadLink is not a plain http(s) URL", status)
+        return _failed("bad_link", "the reportDownloadLink is not a URL", status)
+    refusal = _link_refusal(link, url, limits)
+    if refusal is not None:
+        return _failed(*refusal, status)
     return await _get(url, sink, limits, status)
+
+
+def _link_refusal(link: str, url: yarl.URL, limits: DownloadLimits) -> tuple[str, str] | None:
+    """Why the link is not fetched, as (kind, message), or None. No message quotes it."""
+    host = url.host or ""
+    listed = limits.allows(host)
+    problem = address_problem(host) if not listed and _is_address(host) else None
+    refusal: tuple[str, str] | None = None
+    if not _URL_CHARACTERS.fullmatch(link):
+        refusal = ("bad_link", "the reportDownloadLink holds characters a URL cannot hold")
+    elif url.scheme not in ("http", "https"):
+        refusal = ("forbidden_scheme", "the reportDownloadLink is not an http(s) URL")
+    elif not host:
+        refusal = ("bad_link", "the reportDownloadLink names no host")
+    elif "@" in (url.raw_authority or ""):
+        # Even an empty "user:password" (`:@`) would be sent as `Authorization: Basic Og==`.
+        where = f"the reportDownloadLink to {host}"
+        refusal = ("forbidden_userinfo", f"{where} carries user information (user:password@)")
+    elif url.scheme != "https" and not listed:
+        where = f"the reportDownloadLink to {host}"
+        refusal = ("forbidden_scheme", f"{where} is plain http, not https {_EXEMPTION}")
+    elif problem is not None:
+        message = f"the report host {host} is {problem}: not fetched {_EXEMPTION}"
+        refusal = ("forbidden_host", message)
+    return refusal
 
 
 async def _get(
@@ -212,25 +286,25 @@ async def _get(
     host = url.host or ""
     where = f"the report host {host}"
     timeout = aiohttp.ClientTimeout(total=limits.timeout_seconds)
+    resolver = None if limits.allows(host) else PublicAddresses()
+    # Literal addresses were checked above (aiohttp connects to them without resolving);
+    # names are resolved by `resolver`, which hands the connector public addresses only.
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
     try:
         # A session of its own: nothing the API session holds (headers, cookies) can leak,
         # and trust_env=False keeps ~/.netrc from adding an Authorization header.
         async with (
-            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session,
+            aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                auto_decompress=sink.decodes,
+            ) as session,
             session.get(url, allow_redirects=False, timeout=timeout) as response,
         ):
             if response.status != 200:
                 return await _refused(response, where, status)
-            length = response.content_length
-            if length is not None and length > limits.max_bytes:
-                return _too_large(f"{where} announced {length} bytes,", limits, status)
-            await sink.start(response.content_type, length)
-            size = 0
-            async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    return _too_large(f"{where} sent", limits, status)
-                await sink.write(chunk)
+            return await _stream(response, sink, limits, where, status)
     except TimeoutError:
         return _failed(
             "timeout",
@@ -238,9 +312,113 @@ async def _get(
             status,
         )
     except aiohttp.ClientError as exc:
+        if resolver is not None and resolver.refused:
+            message = f"{where} resolves to {resolver.refused} only: not fetched"
+            return _failed("forbidden_host", f"{message} {_EXEMPTION}", status)
         # The exception's text may quote the URL, and so the signature: only its name is shown.
         return _failed("connection", f"{where}: {type(exc).__name__}", status)
-    return ReportFetched(size, status, host)
+
+
+async def _stream(
+    response: aiohttp.ClientResponse,
+    sink: ReportSink,
+    limits: DownloadLimits,
+    where: str,
+    status: str,
+) -> ReportOutcome:
+    """A 200's body into the sink; the cap counts the bytes the sink gets."""
+    encoding = response.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    length = response.content_length
+    if sink.decodes and encoding not in _DECODED_ENCODINGS:
+        message = f"{where} sent the report in a Content-Encoding that is not decoded"
+        return _failed("unsupported_encoding", message, status)
+    if sink.decodes and encoding not in ("", "identity"):
+        encoding, length = "", None  # inflated on the way: the header counted other bytes
+    if length is not None and length > limits.max_bytes:
+        return _too_large(f"{where} announced {length} bytes,", limits, status)
+    await sink.start(response.content_type, length, encoding)
+    size = 0
+    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limits.max_bytes:
+            return _too_large(f"{where} sent", limits, status)
+        await sink.write(chunk)
+    return ReportFetched(size, status, response.url.host or "")
+
+
+class PublicAddresses(AbstractResolver):
+    """Resolves as aiohttp does, then keeps only public addresses; none left is an error.
+
+    The connector connects to what this returns, so the address checked is the address
+    connected to: a name that resolves differently the second time gains nothing.
+    `refused` describes the last refusal ("" when none). `resolver` is the one wrapped
+    (aiohttp's default).
+    """
+
+    def __init__(self, resolver: AbstractResolver | None = None) -> None:
+        self._resolver = DefaultResolver() if resolver is None else resolver
+        self.refused = ""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The addresses `host` resolves to that are public; OSError if there are none."""
+        results = await self._resolver.resolve(host, port, family)
+        kept = [result for result in results if address_problem(result["host"]) is None]
+        if not kept:
+            refused = sorted({f"{r['host']}, {address_problem(r['host'])}" for r in results})
+            self.refused = ", ".join(refused) or "no address"
+            msg = f"{host} resolves to no public address"
+            raise OSError(msg)
+        return kept
+
+    async def close(self) -> None:
+        """Close the resolver it wraps."""
+        await self._resolver.close()
+
+
+def address_problem(address: str) -> str | None:
+    """Why a report may not be fetched from this IP address ("a loopback address"...), or
+    None for a public one. An IPv4 address inside an IPv6 one (mapped, 6to4, Teredo) is
+    judged too."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
+    except ValueError:
+        return "not an IP address"
+    inside: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (ip,)
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = (ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None)
+        inside = (*(v4 for v4 in embedded if v4 is not None), ip)
+    for candidate in inside:
+        for name, flagged in (
+            ("a loopback address", candidate.is_loopback),
+            ("a link-local address", candidate.is_link_local),
+            ("an unspecified address", candidate.is_unspecified),
+            ("a multicast address", candidate.is_multicast),
+            ("a private address", candidate.is_private),
+            ("a reserved address", candidate.is_reserved),
+            ("not a global address", not candidate.is_global),
+        ):
+            if flagged:
+                return name if candidate == ip else f"{name} ({candidate} inside)"
+    return None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _normal_host(name: str) -> str:
+    """A host as compared: lower-case, no root dot, an IP address in its short form."""
+    host = name.strip().lower().removesuffix(".").removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 async def _refused(response: aiohttp.ClientResponse, where: str, status: str) -> ReportFailure:

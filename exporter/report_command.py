@@ -99,13 +99,18 @@ def _build_parser() -> argparse.ArgumentParser:
 class _SpoolSink:
     """Collects the report in a temporary file; nothing reaches the target before the end.
 
+    It takes the report itself: one S3 serves gzip-encoded is written inflated.
     Blocking writes are fine here: the command's event loop runs nothing else.
     """
+
+    decodes = True
 
     def __init__(self, file: IO[bytes]) -> None:
         self.file = file
 
-    async def start(self, content_type: str, content_length: int | None) -> None:
+    async def start(
+        self, content_type: str, content_length: int | None, content_encoding: str
+    ) -> None:
         """Nothing to prepare: the file exists."""
 
     async def write(self, chunk: bytes) -> None:
@@ -147,7 +152,9 @@ def main(
     # Logs go to stderr: stdout may be the report itself.
     configure_logging(config.logging.level, config.logging.format, stream=err, mask=mask)
     out = (sys.stdout.buffer if stdout is None else stdout) if output is None else None
-    limits = DownloadLimits(config.api.max_report_bytes, args.timeout)
+    limits = DownloadLimits(
+        config.api.max_report_bytes, args.timeout, frozenset(config.api.report_hosts)
+    )
     return asyncio.run(
         _run(
             config,

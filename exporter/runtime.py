@@ -95,6 +95,16 @@ def run_config(config: Config, config_path: Path, *, port: int | None = None) ->
     )
 
 
+def app_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
+    """How every listener serves its app (tests serve the admin API the same way).
+
+    aiohttp's `handler_cancellation` stays off (its default; aiohttp's TestServer turns it on):
+    a POST waiting for its fsync must not be cut short by a client that leaves. The one
+    long-running handler, the admin report route, watches its client itself.
+    """
+    return web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout)
+
+
 async def _listen(runner: web.AppRunner, host: str, port: int) -> str:
     try:
         await web.TCPSite(runner, host, port).start()
@@ -125,16 +135,8 @@ async def serve(
     `idle_timeout` closes connections that sit idle or stall halfway through a request.
     Raises `CannotListen` (after logging `cannot_listen`) when an address cannot be bound.
     """
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout
-    )
-    admin_runner = (
-        web.AppRunner(
-            admin.app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout
-        )
-        if admin
-        else None
-    )
+    runner = app_runner(app, idle_timeout)
+    admin_runner = app_runner(admin.app, idle_timeout) if admin else None
     await runner.setup()
     try:
         url = await _listen(runner, host, port)

@@ -36,7 +36,7 @@ from exporter.metrics import (
     UploadMetrics,
 )
 from exporter.notifications import NotificationHandler, confirm_subscription
-from exporter.ratelimit import AdaptiveRateLimiter
+from exporter.ratelimit import AdaptiveRateLimiter, RateShare
 from exporter.report import (
     DownloadLimits,
     ReportFailure,
@@ -55,6 +55,9 @@ from exporter.uploads import UploadStore
 log = structlog.get_logger("exporter.service")
 
 AuthFactory = Callable[[AuthConfig], RequestAuth]
+
+#: The share of `api.max_requests_per_second` that report link polls may take (0.5 of 5/s).
+REPORT_SHARE = 0.1
 
 
 def auth_from_config(auth: AuthConfig) -> RequestAuth:
@@ -99,6 +102,9 @@ class Exporter:
             config.api.max_requests_per_second,
             max_pause_seconds=config.polling.max_backoff_seconds,
         )
+        # Report link polls come from people (the admin API), in bursts an abuser can make:
+        # they get a tenth of the budget of their own, and can never starve the polls.
+        self.report_pacing = RateShare(self.limiter, REPORT_SHARE)
         self.api_metrics = ApiMetrics(self.registry)
         self.upload_metrics = UploadMetrics(self.registry)
         self.metrics = ExporterMetrics(
@@ -222,12 +228,14 @@ class Exporter:
     async def fetch_report(self, ingestion_id: str, sink: ReportSink) -> ReportOutcome:
         """One upload's processing report into `sink` (the admin API's report route).
 
-        The API call goes through the poller's client and the rate limiter, like a poll.
+        The API call goes through the poller's client and the rate limiter, like a poll, after
+        a token of `report_pacing`, the reports' share of it.
         """
         if self._poller is None:
             return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
-        await self.limiter.acquire()
-        limits = DownloadLimits(self.config.api.max_report_bytes)
+        await self.report_pacing.acquire()
+        api = self.config.api
+        limits = DownloadLimits(api.max_report_bytes, allowed_hosts=frozenset(api.report_hosts))
         outcome = await fetch_report(self._poller.client, ingestion_id, sink, limits)
         if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
             return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))

@@ -185,6 +185,7 @@ class _Tracked:
     started: float
     forced: StatusValue | None = None
     forced_report: bool | None = None
+    forced_link: str | None = None
 
 
 @dataclass(slots=True)
@@ -526,6 +527,12 @@ class Simulator:
         tracked.forced = list(status) if isinstance(status, list) else status
         tracked.forced_report = report
 
+    def set_report_link(self, ingestion_id: str, link: str | None) -> None:
+        """Give exactly `link` as this upload's reportDownloadLink whenever a link is given,
+        instead of a signed one to this simulator (None: signed ones again): a hostile or
+        broken API. Raises KeyError for an id that was never added."""
+        self._uploads[ingestion_id].forced_link = link
+
     def has_upload(self, ingestion_id: str) -> bool:
         """Whether this id was added (and not removed)."""
         return ingestion_id in self._uploads
@@ -549,7 +556,11 @@ class Simulator:
         else:
             status = tracked.upload.status_at(self._clock() - tracked.started)
             give = tracked.upload.report and _is_terminal(status)
-        return status, self.reports.link(origin, ingestion_id) if give else ""
+        if not give:
+            return status, ""
+        if tracked.forced_link is not None:
+            return status, tracked.forced_link
+        return status, self.reports.link(origin, ingestion_id)
 
     # -- faults and credentials --------------------------------------------------------------
 

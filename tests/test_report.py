@@ -60,10 +60,21 @@ class TickingClock:
         return self.now
 
 
+#: The simulator's report bucket is on loopback, over plain http: listed, or never fetched.
+SIMULATOR_HOSTS = ["127.0.0.1"]
+
+
 def write_config(tmp_path: Path, base_url: str, **api: Any) -> Path:
-    """A config file for the `report` command: the simulator's URL, `api` merged in."""
+    """A config file for the `report` command: the simulator's URL (its host listed in
+    api.report_hosts), `api` merged in."""
     document = {
-        "api": {"base_url": base_url, "auth": {"type": "none"}, "timeout_seconds": 5, **api},
+        "api": {
+            "base_url": base_url,
+            "auth": {"type": "none"},
+            "timeout_seconds": 5,
+            "report_hosts": SIMULATOR_HOSTS,
+            **api,
+        },
         "ingestions": {"ids": []},
         "logging": {"level": "debug"},
     }
@@ -374,22 +385,31 @@ async def test_the_link_and_its_signature_appear_in_no_output_or_log(
         assert_no_link(run.stdout)
 
 
+class UnusedSink:
+    """A sink that fails the test if a download reaches it."""
+
+    decodes = True
+
+    async def start(
+        self, content_type: str, content_length: int | None, content_encoding: str
+    ) -> None:
+        raise AssertionError
+
+    async def write(self, chunk: bytes) -> None:
+        raise AssertionError
+
+
 async def test_download_refuses_links_that_are_not_plain_http_urls() -> None:
     """A link with user:password@ (aiohttp would send it as Basic auth) or another scheme is
     refused before any connection, and the message does not repeat it."""
-
-    class Sink:
-        async def start(self, content_type: str, content_length: int | None) -> None:
-            raise AssertionError
-
-        async def write(self, chunk: bytes) -> None:
-            raise AssertionError
-
     limits = DownloadLimits(max_bytes=1024, timeout_seconds=1)
-    for link in ("https://user:pw@host.invalid/r.csv?X-Amz-Signature=ab", "file:///etc/passwd"):
-        outcome = await download(link, Sink(), limits)
+    for link, kind in (
+        ("https://user:pw@host.invalid/r.csv?X-Amz-Signature=ab", "forbidden_userinfo"),
+        ("file:///etc/passwd", "forbidden_scheme"),
+    ):
+        outcome = await download(link, UnusedSink(), limits)
         assert isinstance(outcome, ReportFailure)
-        assert (outcome.problem, outcome.kind) == (ReportProblem.DOWNLOAD_FAILED, "bad_link")
+        assert (outcome.problem, outcome.kind) == (ReportProblem.DOWNLOAD_FAILED, kind)
         assert "pw" not in outcome.message and "passwd" not in outcome.message
 
 
@@ -410,7 +430,11 @@ async def admin_reports(
     sim.add_upload("up-1", [("FATAL", math.inf)])
     sim.add_upload("up-2", [("INPROGRESS", math.inf)])
     sim.add_upload("a/report", [("FATAL", math.inf)])
-    config = fast_config(url, ["up-1", "up-2", "a/report"], api={"max_report_bytes": 4096})
+    config = fast_config(
+        url,
+        ["up-1", "up-2", "a/report"],
+        api={"max_report_bytes": 4096, "report_hosts": SIMULATOR_HOSTS},
+    )
     running = await start_exporter(config)
     await wait_for(lambda: _polled(running.exporter))
     observed: set[tuple[str, str | None, int]] = set()
@@ -629,7 +653,9 @@ async def test_a_token_echoed_by_the_api_reaches_neither_stderr_nor_the_admin_ro
     assert run.code == 3
     assert "is not allowed here" in run.stderr
     assert TOKEN not in run.stderr
-    running = await start_exporter(fast_config(url, [], api={"auth": api_auth}))
+    running = await start_exporter(
+        fast_config(url, [], api={"auth": api_auth, "report_hosts": SIMULATOR_HOSTS})
+    )
     await running.exporter.tracker.register("up-1", Source.API, None)
     app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
     server = TestServer(app, host="127.0.0.1")
