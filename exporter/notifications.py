@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import random
 import re
 import time
 import urllib.parse
@@ -35,7 +36,7 @@ __all__ = [
     "MAX_IDS_PER_MESSAGE",
     "MAX_MESSAGE_BYTES",
     "RELEASE_AFTER_RECEIVES_AT_MOST",
-    "RELEASE_PAUSE_SECONDS",
+    "RELEASE_VISIBILITY_MAX_SECONDS",
     "RELEASE_VISIBILITY_SECONDS",
     "Confirmation",
     "Malformed",
@@ -45,6 +46,7 @@ __all__ = [
     "Parsed",
     "confirm_subscription",
     "parse_message",
+    "release_visibility",
     "subscribe_url_problem",
 ]
 
@@ -57,14 +59,15 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_IDS_PER_MESSAGE = 100
 
 #: With sharding and a queue the replicas share, a message naming an id another replica owns
-#: goes back to the queue, visible again after 0 to this many seconds, for the owner to
-#: receive; the replica that put it back waits up to `RELEASE_PAUSE_SECONDS` before asking
-#: again (both drawn at random), so that it is not always the first to ask. After this many
-#: receives the message is deleted instead: about a minute, time enough for an owner to
-#: restart, and an owner gone for good does not keep the message alive.
+#: goes back to the queue for the owner to receive, hidden for a while that grows with the
+#: times it was received (`release_visibility`): 1-2 s the first time, so a live owner gets
+#: it soon, then doubling up to `RELEASE_VISIBILITY_MAX_SECONDS`, so that a backlog for an
+#: owner that is down stays hidden while this replica reaches its own messages behind it.
+#: After this many receives the message is deleted instead: about 9 minutes, time enough
+#: for an owner to restart, and an owner gone for good does not keep the message alive.
 RELEASE_VISIBILITY_SECONDS = 2
-RELEASE_PAUSE_SECONDS = 1.0
-RELEASE_AFTER_RECEIVES_AT_MOST = 60
+RELEASE_VISIBILITY_MAX_SECONDS = 120
+RELEASE_AFTER_RECEIVES_AT_MOST = 12
 
 #: The answer to a SubscribeURL visit read at most (it is a short XML document).
 _MAX_CONFIRM_BYTES = 64 * 1024
@@ -133,6 +136,16 @@ def parse_message(body: object) -> Parsed:
         return Malformed(MalformedKind.NO_ID, "JSON naming no ingestionId")
     kept = tuple(ids)[:MAX_IDS_PER_MESSAGE]
     return Named(kept, enveloped=enveloped, cut=len(ids) > MAX_IDS_PER_MESSAGE)
+
+
+def release_visibility(receive_count: int, rng: random.Random) -> int:
+    """Seconds a message put back for another replica stays hidden, after its
+    `receive_count`th receive: between half and all of a ceiling that starts at
+    `RELEASE_VISIBILITY_SECONDS` and doubles with each receive, up to
+    `RELEASE_VISIBILITY_MAX_SECONDS`; never 0, so this replica is not the next to get it."""
+    doublings = min(max(receive_count, 1) - 1, 16)
+    ceiling = min(RELEASE_VISIBILITY_SECONDS * 2**doublings, RELEASE_VISIBILITY_MAX_SECONDS)
+    return rng.randint(max(1, ceiling // 2), ceiling)
 
 
 def _unwrap(envelope: dict[str, Any]) -> Any | Malformed | Confirmation:

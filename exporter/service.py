@@ -47,7 +47,7 @@ from exporter.report import (
 )
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
-from exporter.sqs import QueueErrorKind, QueueReceiver
+from exporter.sqs import AwsSessions, QueueErrorKind, QueueReceiver
 from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import ConfigIdsChange, IngestionTracker
 from exporter.uploads import UploadStore
@@ -68,6 +68,15 @@ def auth_from_config(auth: AuthConfig) -> RequestAuth:
         header=auth.header,
         scheme=auth.scheme,
     )
+
+
+def _notification_limits(config: Config) -> dict[str, Any]:
+    """The tracker's limits on what notifications register (`IngestionTracker.configure`)."""
+    sqs = config.notifications.sqs
+    return {
+        "notification_cap": sqs.registration_cap(config.ingestions.max_tracked),
+        "invalid_retention": sqs.invalid_retention_seconds,
+    }
 
 
 class Exporter:
@@ -92,7 +101,8 @@ class Exporter:
         self.secret_mask.watch("api", self._held_api_secrets)
         self._receiver: QueueReceiver | None = None
         self.secret_mask.watch("sqs", self._held_queue_secrets)
-        self._aws_session_factory = aws_session_factory
+        # One botocore session for every receiver a reload builds (see `AwsSessions`).
+        self._aws_sessions = AwsSessions(aws_session_factory)
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
         self.limiter = AdaptiveRateLimiter(
@@ -124,6 +134,7 @@ class Exporter:
             on_removed=self._untrack,
             on_rejected=self.metrics.count_rejected,
             shard=Shard(config.sharding.index, config.sharding.total),
+            **_notification_limits(config),
         )
         self._auth_factory = auth_factory
         self._rng = rng
@@ -156,6 +167,8 @@ class Exporter:
             metrics=self.metrics,
             upload_metrics=self.upload_metrics,
             on_change=self.tracker.changed,
+            invalid_release_in=self.tracker.invalid_release_in,
+            release_invalid=self.tracker.release_invalid,
             rng=self._rng,
         )
         self._poller.start()
@@ -198,7 +211,9 @@ class Exporter:
             new.logging.level, new.logging.format, self._log_stream, mask=self.secret_mask
         )
         self.tracker.configure(
-            max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
+            max_tracked=new.ingestions.max_tracked,
+            label_names=new.ingestions.labels,
+            **_notification_limits(new),
         )
         self.limiter.set_max_rate(new.api.max_requests_per_second)
         self.limiter.set_max_pause(new.polling.max_backoff_seconds)
@@ -331,13 +346,20 @@ class Exporter:
             settings,
             handler=handler,
             metrics=self.notification_metrics,
-            session_factory=self._aws_session_factory,
+            sessions=self._aws_sessions,
             rng=self._rng,
         )
         self._spawn("notifications", self._receiver.run())
 
     def _restart_notifications(self, config: Config) -> None:
+        """Replace the receiver; a restart still in progress (reloads in quick succession) is
+        cancelled and awaited first, so that no receiver is left running unowned."""
+        previous = self._tasks.pop("notifications-restart", None)
+
         async def restart() -> None:
+            if previous is not None:
+                previous.cancel()
+                await asyncio.gather(previous, return_exceptions=True)
             await self._cancel("notifications")
             self._start_notifications(config)
 
