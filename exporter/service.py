@@ -143,6 +143,7 @@ class Exporter:
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wanted_notifications = config  # the config the next receiver is built from
         self.metrics.config_loaded(ok=True)
 
     @property
@@ -352,18 +353,22 @@ class Exporter:
         self._spawn("notifications", self._receiver.run())
 
     def _restart_notifications(self, config: Config) -> None:
-        """Replace the receiver; a restart still in progress (reloads in quick succession) is
-        cancelled and awaited first, so that no receiver is left running unowned."""
-        previous = self._tasks.pop("notifications-restart", None)
+        """Replace the receiver with one for `config`. Reloads in quick succession share one
+        restart, which awaits the old receiver's end and then starts the latest config's
+        receiver only: no receiver is ever left running unowned (a second restart task used
+        to overwrite the first by name, and both started one)."""
+        self._wanted_notifications = config
+        running = self._tasks.get("notifications-restart")
+        if running is None or running.done():
+            self._spawn("notifications-restart", self._replace_receiver())
 
-        async def restart() -> None:
-            if previous is not None:
-                previous.cancel()
-                await asyncio.gather(previous, return_exceptions=True)
+    async def _replace_receiver(self) -> None:
+        while True:
+            config = self._wanted_notifications
             await self._cancel("notifications")
-            self._start_notifications(config)
-
-        self._spawn("notifications-restart", restart())
+            if config is self._wanted_notifications:  # else a reload came meanwhile: again
+                self._start_notifications(config)
+                return
 
     def _held_queue_secrets(self) -> tuple[str, ...]:
         return () if self._receiver is None else self._receiver.held_secrets()
