@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import random
 import re
 import time
@@ -36,6 +37,8 @@ __all__ = [
     "MAX_IDS_PER_MESSAGE",
     "MAX_MESSAGE_BYTES",
     "RELEASE_AFTER_RECEIVES_AT_MOST",
+    "RELEASE_BACKLOG_FACTOR",
+    "RELEASE_BACKLOG_MAX_SECONDS",
     "RELEASE_VISIBILITY_MAX_SECONDS",
     "RELEASE_VISIBILITY_SECONDS",
     "Confirmation",
@@ -59,14 +62,19 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_IDS_PER_MESSAGE = 100
 
 #: With sharding and a queue the replicas share, a message naming an id another replica owns
-#: goes back to the queue for the owner to receive, hidden for a while that grows with the
-#: times it was received (`release_visibility`): 1-2 s the first time, so a live owner gets
-#: it soon, then doubling up to `RELEASE_VISIBILITY_MAX_SECONDS`, so that a backlog for an
-#: owner that is down stays hidden while this replica reaches its own messages behind it.
-#: After this many receives the message is deleted instead: about 9 minutes, time enough
-#: for an owner to restart, and an owner gone for good does not keep the message alive.
+#: goes back to the queue for the owner to receive, hidden for a while (`release_visibility`)
+#: that grows two ways. With the times it was received: 1-2 s the first time, so a live owner
+#: gets it soon, then doubling up to `RELEASE_VISIBILITY_MAX_SECONDS`. And with how long this
+#: replica has been receiving nothing but such messages (a backlog for an owner that is down):
+#: `RELEASE_BACKLOG_FACTOR` times that, up to `RELEASE_BACKLOG_MAX_SECONDS`, so that what it
+#: put back stays hidden until it has gone through the backlog to its own messages behind it,
+#: instead of receiving the same ones again and again. After this many receives the message
+#: is deleted instead: time enough for an owner to restart (9 minutes at least), and an owner
+#: gone for good does not keep the message alive.
 RELEASE_VISIBILITY_SECONDS = 2
 RELEASE_VISIBILITY_MAX_SECONDS = 120
+RELEASE_BACKLOG_FACTOR = 4.0
+RELEASE_BACKLOG_MAX_SECONDS = 900
 RELEASE_AFTER_RECEIVES_AT_MOST = 12
 
 #: The answer to a SubscribeURL visit read at most (it is a short XML document).
@@ -138,14 +146,17 @@ def parse_message(body: object) -> Parsed:
     return Named(kept, enveloped=enveloped, cut=len(ids) > MAX_IDS_PER_MESSAGE)
 
 
-def release_visibility(receive_count: int, rng: random.Random) -> int:
+def release_visibility(receive_count: int, rng: random.Random, foreign_for: float = 0.0) -> int:
     """Seconds a message put back for another replica stays hidden, after its
-    `receive_count`th receive: between half and all of a ceiling that starts at
+    `receive_count`th receive, this replica having received nothing but such messages for
+    `foreign_for` seconds: the longer of `RELEASE_BACKLOG_FACTOR` times that (at most
+    `RELEASE_BACKLOG_MAX_SECONDS`) and between half and all of a ceiling that starts at
     `RELEASE_VISIBILITY_SECONDS` and doubles with each receive, up to
-    `RELEASE_VISIBILITY_MAX_SECONDS`; never 0, so this replica is not the next to get it."""
+    `RELEASE_VISIBILITY_MAX_SECONDS`. Never 0, so this replica is not the next to get it."""
     doublings = min(max(receive_count, 1) - 1, 16)
     ceiling = min(RELEASE_VISIBILITY_SECONDS * 2**doublings, RELEASE_VISIBILITY_MAX_SECONDS)
-    return rng.randint(max(1, ceiling // 2), ceiling)
+    backlog = min(RELEASE_BACKLOG_FACTOR * max(0.0, foreign_for), RELEASE_BACKLOG_MAX_SECONDS)
+    return max(rng.randint(max(1, ceiling // 2), ceiling), math.ceil(backlog))
 
 
 def _unwrap(envelope: dict[str, Any]) -> Any | Malformed | Confirmation:

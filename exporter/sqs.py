@@ -310,6 +310,9 @@ class QueueReceiver:
         self._credentials: botocore.credentials.Credentials | None = None
         self._frozen: botocore.credentials.ReadOnlyCredentials | None = None
         self._failures = 0
+        # Since when every message received named only ids other replicas own (None: the
+        # last receive brought one of ours, or nothing): the backlog `release_visibility` hides.
+        self._foreign_since: float | None = None
 
     def held_secrets(self) -> tuple[str, ...]:
         """The AWS secret key and session token last used, for the log mask (no I/O)."""
@@ -344,6 +347,7 @@ class QueueReceiver:
             log.info("notification_queue_recovered", after_failures=self._failures)
             self._failures = 0
         if not batch:
+            self._foreign_since = None  # nothing visible is left to go through
             if self._settings.wait_seconds == 0:
                 await self._sleep(SHORT_POLL_PAUSE_SECONDS)
             return
@@ -365,8 +369,14 @@ class QueueReceiver:
             elif message.handle:
                 done.append(message.handle)
         await self._dispose(done, self._delete, "delete", QueueErrorKind.DELETE_FAILED)
+        if released and len(released) == len(batch):
+            if self._foreign_since is None:
+                self._foreign_since = received_at
+        else:
+            self._foreign_since = None
+        foreign_for = 0.0 if self._foreign_since is None else received_at - self._foreign_since
         handles = [handle for handle, _ in released]
-        visible_in = [release_visibility(count, self._rng) for _, count in released]
+        visible_in = [release_visibility(n, self._rng, foreign_for) for _, n in released]
         await self._dispose(
             handles,
             lambda handles: self._release(handles, visible_in),
