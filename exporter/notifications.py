@@ -39,6 +39,7 @@ __all__ = [
     "RELEASE_AFTER_RECEIVES_AT_MOST",
     "RELEASE_BACKLOG_FACTOR",
     "RELEASE_BACKLOG_MAX_SECONDS",
+    "RELEASE_PAUSE_SECONDS",
     "RELEASE_VISIBILITY_MAX_SECONDS",
     "RELEASE_VISIBILITY_SECONDS",
     "Confirmation",
@@ -69,13 +70,19 @@ MAX_IDS_PER_MESSAGE = 100
 #: `RELEASE_BACKLOG_FACTOR` times that, up to `RELEASE_BACKLOG_MAX_SECONDS`, so that what it
 #: put back stays hidden until it has gone through the backlog to its own messages behind it,
 #: instead of receiving the same ones again and again. After this many receives the message
-#: is deleted instead: time enough for an owner to restart (9 minutes at least), and an owner
-#: gone for good does not keep the message alive.
+#: is deleted instead: time enough for an owner to restart (about 6 minutes at least), and an
+#: owner gone for good does not keep the message alive. The first kind stays short, so that
+#: an owner back from a restart gets its messages within seconds.
 RELEASE_VISIBILITY_SECONDS = 2
-RELEASE_VISIBILITY_MAX_SECONDS = 120
+RELEASE_VISIBILITY_MAX_SECONDS = 8
 RELEASE_BACKLOG_FACTOR = 4.0
 RELEASE_BACKLOG_MAX_SECONDS = 900
-RELEASE_AFTER_RECEIVES_AT_MOST = 12
+RELEASE_AFTER_RECEIVES_AT_MOST = 60
+
+#: Outside a backlog, the replica that put a message back waits up to this long (at random)
+#: before asking again, so that it is not always the first to ask when the message shows
+#: again (moto, for one, rescans on a 1 s beat that whole-second visibilities keep in step).
+RELEASE_PAUSE_SECONDS = 1.0
 
 #: The answer to a SubscribeURL visit read at most (it is a short XML document).
 _MAX_CONFIRM_BYTES = 64 * 1024

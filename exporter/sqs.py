@@ -34,6 +34,7 @@ import structlog
 from exporter.config import SqsConfig
 from exporter.metrics import NotificationMetrics
 from exporter.notifications import (
+    RELEASE_PAUSE_SECONDS,
     NotificationHandler,
     Parsed,
     parse_message,
@@ -383,6 +384,8 @@ class QueueReceiver:
             "release",
             QueueErrorKind.RELEASE_FAILED,
         )
+        if released and foreign_for == 0.0:  # not in a backlog, where it would only slow us
+            await self._sleep(self._rng.uniform(0.0, RELEASE_PAUSE_SECONDS))
 
     async def _dispose(
         self,
