@@ -523,25 +523,36 @@ def _not_tracked() -> _Refused:
 
 
 async def delete_ingestion(request: web.Request) -> web.Response:
-    """DELETE /api/v1/ingestions/{id}: the API source lets go of the id.
+    """DELETE /api/v1/ingestions/{id}[?source=NAME...]: sources let go of the id.
 
-    204 when it is gone (its series with it), 200 with the view when another source still
-    holds it, 409 when the API never held it: config and directory ids are removed there.
+    Without `source`, the API source. `source` (repeatable: config, directory, api,
+    notification, or all) names the sources to release: any id can be deleted, forged ones
+    that notifications registered included. 204 when it is gone (its series with it), 200
+    with the view when another source still holds it, 409 when no named source holds it.
+    Each deletion is logged (`admin_ingestion_deleted`) with the sources it had and released.
     """
     ingestion_id = request.match_info["ingestion_id"]
     tracker = request.app[TRACKER]
     view = tracker.view(ingestion_id)
     if view is None:
         raise _not_tracked()
-    if Source.API.value not in view.sources:
-        held_by = ", ".join(view.sources) or "no source (kept until its retention ends)"
+    named = _sources_named(request)
+    held_by = ", ".join(view.sources) or "no source (kept until its retention ends)"
+    if named is None and Source.API.value not in view.sources:
         message = (
             f"this ingestionId was not registered through the API; it is held by {held_by}: "
-            "remove it there"
+            "remove it there, or name its sources (?source=NAME, or ?source=all)"
         )
         raise _Refused(409, "not_registered_by_api", message)
+    wanted = (Source.API,) if named is None else named
+    releasing = tuple(s for s in wanted if s.value in view.sources)
+    if not releasing:
+        message = f"no source named holds this ingestionId; it is held by {held_by}"
+        raise _Refused(409, "not_held_by_source", message)
     try:
-        await tracker.release(ingestion_id, Source.API, immediate=True, durable=True)
+        released = await tracker.release_sources(
+            ingestion_id, releasing, immediate=True, durable=True
+        )
     except StateError as exc:
         raise _state_unavailable(
             exc, "the state could not be written, so the id is still tracked; retry"
@@ -551,12 +562,35 @@ async def delete_ingestion(request: web.Request) -> web.Response:
         "admin_ingestion_deleted",
         ingestion_id=ingestion_id,
         removed=remaining is None,
+        sources_before=list(view.sources),
+        released_sources=[s.value for s in released],
         remaining_sources=list(remaining.sources) if remaining else [],
+        peer=request.remote,
     )
     if remaining is None:
         return web.Response(status=204)
-    message = "released by the API but still tracked: held by " + ", ".join(remaining.sources)
+    message = "released but still tracked: held by " + ", ".join(remaining.sources)
     return _answer(schema.Released(ingestion=view_body(remaining), message=message))
+
+
+def _sources_named(request: web.Request) -> tuple[Source, ...] | None:
+    """The sources a DELETE's `source` parameters name (None: no parameter)."""
+    unknown = sorted(set(request.query) - {"source"})
+    if unknown:
+        message = f"unknown query parameter {unknown[0][:64]!r}; allowed: source"
+        raise _Refused(400, "unknown_parameter", message)
+    names = request.query.getall("source", [])
+    if not names:
+        return None
+    if "all" in names:
+        return tuple(Source)
+    known = {s.value: s for s in Source}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        choices = ", ".join([*known, "all"])
+        message = f"source must be one of {choices}, got {unknown[0][:32]!r}"
+        raise _Refused(400, "invalid_parameter", message)
+    return tuple(dict.fromkeys(known[n] for n in names))
 
 
 #: How each reason for no report is answered: status and error code.

@@ -147,7 +147,7 @@ class IngestionList(_Body):
 
 
 class Released(_Body):
-    """Released by the API, but another source still holds the id."""
+    """Released by the sources named, but another source still holds the id."""
 
     ingestion: UploadView
     message: str = Field(description="Which sources still hold the id.")
@@ -163,6 +163,7 @@ _ERROR_CODES = (
     *(reason.value for reason in RejectReason),
     "not_found",
     "not_registered_by_api",
+    "not_held_by_source",
     "unauthorized",
     "method_not_allowed",
     "request_timeout",
@@ -227,6 +228,19 @@ _ID_PARAMETER = {
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_INGESTION_ID_LENGTH},
     "description": "The ingestionId, percent-encoded (a '/' in it as %2F).",
+}
+_SOURCE_PARAMETER = {
+    "name": "source",
+    "in": "query",
+    "required": False,
+    "schema": {
+        "type": "array",
+        "items": {"type": "string", "enum": [*(s.value for s in Source), "all"]},
+    },
+    "style": "form",
+    "explode": True,
+    "description": "The sources to release the id from (repeatable); `all`: every source. "
+    "Without it, the API source only.",
 }
 _LIST_PARAMETERS = [
     {
@@ -365,18 +379,29 @@ def _paths() -> dict[str, Any]:
             },
             "delete": {
                 "operationId": "deleteIngestion",
-                "summary": "Stop tracking an id registered through the API",
+                "summary": "Stop tracking an id: for the API source, or for the sources named",
+                "description": "Without `source`, the API source lets go of the id. With it, "
+                "the sources named do, whichever they are: an id registered by a forged "
+                "notification can be deleted too. Each deletion is logged "
+                "(admin_ingestion_deleted) with the sources the id had and released. A config "
+                "or directory id comes back at the next start while still listed there.",
+                "parameters": [_SOURCE_PARAMETER],
                 "responses": _protected(
                     {
                         "204": {"description": "Released and removed; its series are gone."},
                         "200": _json(
                             _ref(Released),
-                            "Released by the API, but another source still holds it.",
+                            "Released by the sources named, but another source still holds it.",
+                        ),
+                        "400": _failure(
+                            "unknown_parameter, or invalid_parameter: a source that is none of "
+                            "config, directory, api, notification, all."
                         ),
                         "404": _failure("not_found: not tracked."),
                         "409": _failure(
-                            "not_registered_by_api: held only by config or directory; remove "
-                            "it there."
+                            "not_registered_by_api: no source named and the API does not hold "
+                            "it (the message names its sources); not_held_by_source: none of "
+                            "the sources named holds it."
                         ),
                     },
                     "state_unavailable: the state could not be written (or persistence is "

@@ -974,6 +974,28 @@ class SqsConfig(_Section):
     max_messages: Annotated[int, Field(ge=1, le=10), _INTEGRAL] = 10
     confirm_subscriptions: bool = False
     max_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # Ids register_unknown may track at once (None: a tenth of ingestions.max_tracked); below
+    # max_tracked, so the config, the directory and the admin API always have room.
+    max_registered: Annotated[int | None, Field(ge=1, le=10_000_000), _INTEGRAL] = None
+    # How long an id registered by a notification stays tracked once the API calls it INVALID.
+    invalid_retention_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+
+    @field_validator("max_registered")
+    @classmethod
+    def _below_max_tracked(cls, cap: int | None, info: ValidationInfo) -> int | None:
+        ingestions = _validated(info, "ingestions")
+        if cap is not None and ingestions is not None and cap >= ingestions.max_tracked:
+            raise _problem(
+                f"expected a number below ingestions.max_tracked ({ingestions.max_tracked}), "
+                f"got {cap}: the other sources need room"
+            )
+        return cap
+
+    def registration_cap(self, max_tracked: int) -> int:
+        """How many ids notifications may hold at once, given ingestions.max_tracked."""
+        if self.max_registered is not None:
+            return min(self.max_registered, max(0, max_tracked - 1))
+        return max_tracked // 10
 
     @field_validator("region")
     @classmethod

@@ -126,6 +126,7 @@ class RejectReason(enum.StrEnum):
     BAD_LABELS = "bad_labels"
     CAP_REACHED = "cap_reached"
     NOT_OWNED = "not_owned"
+    NOTIFICATION_CAP = "notification_cap_reached"  # notifications.sqs.max_registered
 
 
 def ingestion_id_problem(value: object) -> RejectReason | None:

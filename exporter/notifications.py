@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import random
 import re
 import time
 import urllib.parse
@@ -35,7 +37,10 @@ __all__ = [
     "MAX_IDS_PER_MESSAGE",
     "MAX_MESSAGE_BYTES",
     "RELEASE_AFTER_RECEIVES_AT_MOST",
+    "RELEASE_BACKLOG_FACTOR",
+    "RELEASE_BACKLOG_MAX_SECONDS",
     "RELEASE_PAUSE_SECONDS",
+    "RELEASE_VISIBILITY_MAX_SECONDS",
     "RELEASE_VISIBILITY_SECONDS",
     "Confirmation",
     "Malformed",
@@ -45,6 +50,7 @@ __all__ = [
     "Parsed",
     "confirm_subscription",
     "parse_message",
+    "release_visibility",
     "subscribe_url_problem",
 ]
 
@@ -57,14 +63,26 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_IDS_PER_MESSAGE = 100
 
 #: With sharding and a queue the replicas share, a message naming an id another replica owns
-#: goes back to the queue, visible again after 0 to this many seconds, for the owner to
-#: receive; the replica that put it back waits up to `RELEASE_PAUSE_SECONDS` before asking
-#: again (both drawn at random), so that it is not always the first to ask. After this many
-#: receives the message is deleted instead: about a minute, time enough for an owner to
-#: restart, and an owner gone for good does not keep the message alive.
+#: goes back to the queue for the owner to receive, hidden for a while (`release_visibility`)
+#: that grows two ways. With the times it was received: 1-2 s the first time, so a live owner
+#: gets it soon, then doubling up to `RELEASE_VISIBILITY_MAX_SECONDS`. And with how long this
+#: replica has been receiving nothing but such messages (a backlog for an owner that is down):
+#: `RELEASE_BACKLOG_FACTOR` times that, up to `RELEASE_BACKLOG_MAX_SECONDS`, so that what it
+#: put back stays hidden until it has gone through the backlog to its own messages behind it,
+#: instead of receiving the same ones again and again. After this many receives the message
+#: is deleted instead: time enough for an owner to restart (about 6 minutes at least), and an
+#: owner gone for good does not keep the message alive. The first kind stays short, so that
+#: an owner back from a restart gets its messages within seconds.
 RELEASE_VISIBILITY_SECONDS = 2
-RELEASE_PAUSE_SECONDS = 1.0
+RELEASE_VISIBILITY_MAX_SECONDS = 8
+RELEASE_BACKLOG_FACTOR = 4.0
+RELEASE_BACKLOG_MAX_SECONDS = 900
 RELEASE_AFTER_RECEIVES_AT_MOST = 60
+
+#: Outside a backlog, the replica that put a message back waits up to this long (at random)
+#: before asking again, so that it is not always the first to ask when the message shows
+#: again (moto, for one, rescans on a 1 s beat that whole-second visibilities keep in step).
+RELEASE_PAUSE_SECONDS = 1.0
 
 #: The answer to a SubscribeURL visit read at most (it is a short XML document).
 _MAX_CONFIRM_BYTES = 64 * 1024
@@ -133,6 +151,19 @@ def parse_message(body: object) -> Parsed:
         return Malformed(MalformedKind.NO_ID, "JSON naming no ingestionId")
     kept = tuple(ids)[:MAX_IDS_PER_MESSAGE]
     return Named(kept, enveloped=enveloped, cut=len(ids) > MAX_IDS_PER_MESSAGE)
+
+
+def release_visibility(receive_count: int, rng: random.Random, foreign_for: float = 0.0) -> int:
+    """Seconds a message put back for another replica stays hidden, after its
+    `receive_count`th receive, this replica having received nothing but such messages for
+    `foreign_for` seconds: the longer of `RELEASE_BACKLOG_FACTOR` times that (at most
+    `RELEASE_BACKLOG_MAX_SECONDS`) and between half and all of a ceiling that starts at
+    `RELEASE_VISIBILITY_SECONDS` and doubles with each receive, up to
+    `RELEASE_VISIBILITY_MAX_SECONDS`. Never 0, so this replica is not the next to get it."""
+    doublings = min(max(receive_count, 1) - 1, 16)
+    ceiling = min(RELEASE_VISIBILITY_SECONDS * 2**doublings, RELEASE_VISIBILITY_MAX_SECONDS)
+    backlog = min(RELEASE_BACKLOG_FACTOR * max(0.0, foreign_for), RELEASE_BACKLOG_MAX_SECONDS)
+    return max(rng.randint(max(1, ceiling // 2), ceiling), math.ceil(backlog))
 
 
 def _unwrap(envelope: dict[str, Any]) -> Any | Malformed | Confirmation:

@@ -7,7 +7,8 @@ ahead of the heap, still through the rate limit and the concurrency cap; trigger
 upload whose poll is in flight, already triggered or due within `MERGE_WINDOW_SECONDS` join
 that poll. After each poll the upload is put back with its next
 due time: the interval with jitter, a backoff after a passing failure, the long invalid-id
-interval, or, once terminal, the end of its retention, when its series are removed.
+interval (an INVALID id only a notification named is released after its short retention
+instead), or, once terminal, the end of its retention, when its series are removed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Action(enum.Enum):
 
     POLL = "poll"
     RETIRE = "retire"
+    RELEASE = "release"  # an INVALID id only notifications held: its short retention ended
 
 
 class Trigger(enum.Enum):
@@ -85,6 +87,8 @@ class Poller:
         metrics: ExporterMetrics,
         upload_metrics: UploadMetrics,
         on_change: Callable[[str], None] = lambda ingestion_id: None,
+        invalid_release_in: Callable[[str], float | None] = lambda ingestion_id: None,
+        release_invalid: Callable[[str], bool] = lambda ingestion_id: False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -97,6 +101,8 @@ class Poller:
         self._metrics = metrics
         self._upload_metrics = upload_metrics
         self._on_change = on_change
+        self._invalid_release_in = invalid_release_in
+        self._release_invalid = release_invalid
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -233,7 +239,10 @@ class Poller:
                 del self._pending[entry.ingestion_id]
                 if entry.action is Action.POLL:
                     return entry.ingestion_id
-                self._retire(entry.ingestion_id)
+                if entry.action is Action.RELEASE:
+                    self._release(entry.ingestion_id)
+                else:
+                    self._retire(entry.ingestion_id)
                 continue
             self._wakeup.clear()
             if not heap:
@@ -307,9 +316,14 @@ class Poller:
         self._transitioned(self._store.record_error(ingestion_id, error))
         if error.kind is ErrorKind.THROTTLED:
             self._limiter.on_throttled(error.retry_after)
+        action = Action.POLL
         if error.kind is ErrorKind.INVALID_INGESTION_ID:
             self._failures.pop(ingestion_id, None)
-            delay = self._jittered(self._settings.invalid_retry_seconds)
+            release_in = self._invalid_release_in(ingestion_id)
+            if release_in is None:
+                delay = self._jittered(self._settings.invalid_retry_seconds)
+            else:  # a name only a notification gave: not polled on for long
+                delay, action = release_in, Action.RELEASE
         elif error.kind in RETRYABLE_ERRORS:
             failures = self._failures.get(ingestion_id, 0) + 1
             self._failures[ingestion_id] = failures
@@ -317,15 +331,19 @@ class Poller:
         else:
             delay = self._interval()
         if error.logged:
-            return delay, Action.POLL
+            return delay, action
         log.warning(
             "poll_failed",
             kind=error.kind.value,
             http_status=error.http_status,
             message=error.message,
-            retry_in_seconds=round(delay, 3),
+            **{
+                "released_in_seconds" if action is Action.RELEASE else "retry_in_seconds": round(
+                    delay, 3
+                )
+            },
         )
-        return delay, Action.POLL
+        return delay, action
 
     def _transitioned(self, transition: Transition | None) -> None:
         if transition is None:
@@ -341,6 +359,14 @@ class Poller:
         if self._store.retire(ingestion_id):
             log.info("retention_expired", ingestion_id=ingestion_id)
             self._on_change(ingestion_id)
+
+    def _release(self, ingestion_id: str) -> None:
+        """An INVALID id's short retention ended: released, unless a source took it since."""
+        self._failures.pop(ingestion_id, None)
+        if not self._release_invalid(ingestion_id):
+            self._schedule(
+                ingestion_id, self._jittered(self._settings.invalid_retry_seconds), Action.POLL
+            )
 
     def _schedule(self, ingestion_id: str, delay: float, action: Action) -> None:
         if ingestion_id not in self._store:

@@ -47,7 +47,7 @@ from exporter.report import (
 )
 from exporter.scheduler import Poller
 from exporter.sharding import Shard
-from exporter.sqs import QueueErrorKind, QueueReceiver
+from exporter.sqs import AwsSessions, QueueErrorKind, QueueReceiver
 from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import ConfigIdsChange, IngestionTracker
 from exporter.uploads import UploadStore
@@ -73,6 +73,15 @@ def auth_from_config(auth: AuthConfig) -> RequestAuth:
     )
 
 
+def _notification_limits(config: Config) -> dict[str, Any]:
+    """The tracker's limits on what notifications register (`IngestionTracker.configure`)."""
+    sqs = config.notifications.sqs
+    return {
+        "notification_cap": sqs.registration_cap(config.ingestions.max_tracked),
+        "invalid_retention": sqs.invalid_retention_seconds,
+    }
+
+
 class Exporter:
     """One exporter instance: its parts, their lifecycle, and reloads."""
 
@@ -95,7 +104,8 @@ class Exporter:
         self.secret_mask.watch("api", self._held_api_secrets)
         self._receiver: QueueReceiver | None = None
         self.secret_mask.watch("sqs", self._held_queue_secrets)
-        self._aws_session_factory = aws_session_factory
+        # One botocore session for every receiver a reload builds (see `AwsSessions`).
+        self._aws_sessions = AwsSessions(aws_session_factory)
         self.registry = CollectorRegistry(auto_describe=True)
         self.store = UploadStore()
         self.limiter = AdaptiveRateLimiter(
@@ -130,6 +140,7 @@ class Exporter:
             on_removed=self._untrack,
             on_rejected=self.metrics.count_rejected,
             shard=Shard(config.sharding.index, config.sharding.total),
+            **_notification_limits(config),
         )
         self._auth_factory = auth_factory
         self._rng = rng
@@ -138,6 +149,7 @@ class Exporter:
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wanted_notifications = config  # the config the next receiver is built from
         self.metrics.config_loaded(ok=True)
 
     @property
@@ -162,6 +174,8 @@ class Exporter:
             metrics=self.metrics,
             upload_metrics=self.upload_metrics,
             on_change=self.tracker.changed,
+            invalid_release_in=self.tracker.invalid_release_in,
+            release_invalid=self.tracker.release_invalid,
             rng=self._rng,
         )
         self._poller.start()
@@ -204,7 +218,9 @@ class Exporter:
             new.logging.level, new.logging.format, self._log_stream, mask=self.secret_mask
         )
         self.tracker.configure(
-            max_tracked=new.ingestions.max_tracked, label_names=new.ingestions.labels
+            max_tracked=new.ingestions.max_tracked,
+            label_names=new.ingestions.labels,
+            **_notification_limits(new),
         )
         self.limiter.set_max_rate(new.api.max_requests_per_second)
         self.limiter.set_max_pause(new.polling.max_backoff_seconds)
@@ -362,17 +378,28 @@ class Exporter:
             settings,
             handler=handler,
             metrics=self.notification_metrics,
-            session_factory=self._aws_session_factory,
+            sessions=self._aws_sessions,
             rng=self._rng,
         )
         self._spawn("notifications", self._receiver.run())
 
     def _restart_notifications(self, config: Config) -> None:
-        async def restart() -> None:
-            await self._cancel("notifications")
-            self._start_notifications(config)
+        """Replace the receiver with one for `config`. Reloads in quick succession share one
+        restart, which awaits the old receiver's end and then starts the latest config's
+        receiver only: no receiver is ever left running unowned (a second restart task used
+        to overwrite the first by name, and both started one)."""
+        self._wanted_notifications = config
+        running = self._tasks.get("notifications-restart")
+        if running is None or running.done():
+            self._spawn("notifications-restart", self._replace_receiver())
 
-        self._spawn("notifications-restart", restart())
+    async def _replace_receiver(self) -> None:
+        while True:
+            config = self._wanted_notifications
+            await self._cancel("notifications")
+            if config is self._wanted_notifications:  # else a reload came meanwhile: again
+                self._start_notifications(config)
+                return
 
     def _held_queue_secrets(self) -> tuple[str, ...]:
         return () if self._receiver is None else self._receiver.held_secrets()

@@ -14,7 +14,9 @@ and the credentials in use are offered to the log mask (`held_secrets`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
+import functools
 import queue
 import random
 import threading
@@ -33,14 +35,14 @@ from exporter.config import SqsConfig
 from exporter.metrics import NotificationMetrics
 from exporter.notifications import (
     RELEASE_PAUSE_SECONDS,
-    RELEASE_VISIBILITY_SECONDS,
     NotificationHandler,
     Parsed,
     parse_message,
+    release_visibility,
 )
 from exporter.responses import clean_text
 
-__all__ = ["QueueErrorKind", "QueueReceiver", "classify_error"]
+__all__ = ["AwsSessions", "QueueErrorKind", "QueueReceiver", "classify_error"]
 
 log = structlog.get_logger("exporter.sqs")
 
@@ -52,6 +54,10 @@ INITIAL_BACKOFF_SECONDS = 1.0
 
 #: With wait_seconds 0 (short polling), an empty answer waits this long before the next.
 SHORT_POLL_PAUSE_SECONDS = 1.0
+
+#: A worker thread whose call returned waits at most this long for the event loop to take
+#: the result; a result not taken (its waiter was cancelled) is handed back instead.
+HANDOFF_TIMEOUT_SECONDS = 10.0
 
 
 class QueueErrorKind(enum.StrEnum):
@@ -133,6 +139,60 @@ def _kind_of_answer(response: Any) -> QueueErrorKind:
     return kind or QueueErrorKind.OTHER
 
 
+class AwsSessions:
+    """The botocore session the receivers share, and the clients made from it.
+
+    A session reads the credential chain and loads the service model once; building one per
+    reload of notifications.sqs cost about 7 MiB each, never given back. It is replaced only
+    when the credentials it found stop working (`forget`). Made on first use, on a worker
+    thread (it reads files); a lock keeps two threads from making clients from it at once.
+    """
+
+    def __init__(self, factory: Callable[[], botocore.session.Session]) -> None:
+        self._factory = factory
+        self._session: botocore.session.Session | None = None
+        self._lock = threading.Lock()
+
+    def client(
+        self, settings: SqsConfig
+    ) -> tuple[Any, botocore.session.Session, botocore.credentials.Credentials | None]:
+        """A new SQS client for `settings`, the session it came from, and its credentials."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._factory()
+            session = self._session
+            credentials = session.get_credentials()
+            client = session.create_client(
+                "sqs",
+                region_name=settings.region,
+                endpoint_url=settings.endpoint_url or None,
+                config=botocore.config.Config(
+                    connect_timeout=5,
+                    # Longer than the long poll, or every empty poll would be a timeout.
+                    read_timeout=settings.wait_seconds + 10,
+                    # We retry ourselves, with backoff, counting every failure.
+                    retries={"total_max_attempts": 1},
+                    max_pool_connections=1,
+                    user_agent_extra="catalog-upload-exporter",
+                ),
+            )
+        return client, session, credentials
+
+    def forget(self, session: botocore.session.Session) -> None:
+        """`session`'s credentials failed: the next client comes from a new session."""
+        with self._lock:
+            if self._session is session:
+                self._session = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    call: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    abandoned: Callable[[Any], None] | None
+
+
 class _Worker:
     """One daemon thread running blocking calls in order, for one event loop.
 
@@ -142,24 +202,26 @@ class _Worker:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._calls: queue.SimpleQueue[
-            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_Call | Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    async def run(self, call: Callable[[], T]) -> T:
-        """Run `call` on the thread; cancelling the wait does not interrupt the call."""
+    async def run(self, call: Callable[[], T], abandoned: Callable[[T], None] | None = None) -> T:
+        """Run `call` on the thread; cancelling the wait does not interrupt the call. If
+        nobody takes its result any more (the wait was cancelled), `abandoned` gets it, on
+        the thread: what was received is handed back rather than lost."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._calls.put((call, loop, future))
+        self._calls.put(_Call(call, loop, future, abandoned))
         return await future
 
-    def close(self) -> None:
-        """Let the thread end once the call in progress (if any) returns."""
+    def close(self, last: Callable[[], None] | None = None) -> None:
+        """Let the thread end once the calls queued (then `last`, if given) have run."""
         if self._thread is not None:
+            if last is not None:
+                self._calls.put(last)
             self._calls.put(None)
             self._thread = None
 
@@ -168,24 +230,46 @@ class _Worker:
             item = self._calls.get()
             if item is None:
                 return
-            call, loop, future = item
+            if not isinstance(item, _Call):
+                _quietly(item)
+                continue
             try:
-                result, error = call(), None
+                result, error = item.call(), None
             except Exception as exc:  # handed to the awaiting task
                 result, error = None, exc
+            taken = concurrent.futures.Future[bool]()
             try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                return  # the loop is closed: nobody is waiting any more
+                item.loop.call_soon_threadsafe(_settle, item.future, result, error, taken)
+                accepted = taken.result(timeout=HANDOFF_TIMEOUT_SECONDS)
+            except (RuntimeError, TimeoutError):  # the loop is closed, or stopped
+                accepted = False
+            abandoned = item.abandoned
+            if not accepted and error is None and abandoned is not None:
+                _quietly(functools.partial(abandoned, result))
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+def _quietly(call: Callable[[], None]) -> None:
+    """Run a clean-up call on the worker thread; a failure is logged, never raised."""
+    try:
+        call()
+    except Exception as error:
+        log.warning("notification_queue_cleanup_failed", error=_describe(error))
+
+
+def _settle(
+    future: asyncio.Future[Any],
+    result: Any,
+    error: Exception | None,
+    taken: concurrent.futures.Future[bool],
+) -> None:
     if future.done():
+        taken.set_result(False)
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(result)
+    taken.set_result(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +292,7 @@ class QueueReceiver:
         handler: NotificationHandler,
         metrics: NotificationMetrics,
         session_factory: Callable[[], botocore.session.Session] = botocore.session.Session,
+        sessions: AwsSessions | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -215,7 +300,9 @@ class QueueReceiver:
         self._settings = settings
         self._handler = handler
         self._metrics = metrics
-        self._session_factory = session_factory
+        # The exporter's, shared by the receivers of successive reloads; else our own.
+        self._sessions = sessions if sessions is not None else AwsSessions(session_factory)
+        self._session: botocore.session.Session | None = None
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._sleep = sleep
         self._clock = clock
@@ -224,6 +311,9 @@ class QueueReceiver:
         self._credentials: botocore.credentials.Credentials | None = None
         self._frozen: botocore.credentials.ReadOnlyCredentials | None = None
         self._failures = 0
+        # Since when every message received named only ids other replicas own (None: the
+        # last receive brought one of ours, or nothing): the backlog `release_visibility` hides.
+        self._foreign_since: float | None = None
 
     def held_secrets(self) -> tuple[str, ...]:
         """The AWS secret key and session token last used, for the log mask (no I/O)."""
@@ -244,11 +334,13 @@ class QueueReceiver:
             while True:
                 await self._once()
         finally:
-            self._worker.close()
+            # After the receive in flight (whose messages, if nobody takes them, go back to
+            # the queue at once: `_hand_back`), the client's connection is closed.
+            self._worker.close(self._close_client)
 
     async def _once(self) -> None:
         try:
-            batch = await self._worker.run(self._receive)
+            batch = await self._worker.run(self._receive, self._hand_back)
         except Exception as error:  # botocore raises many types; each is counted and retried
             await self._failed(error, "receive")
             return
@@ -256,13 +348,14 @@ class QueueReceiver:
             log.info("notification_queue_recovered", after_failures=self._failures)
             self._failures = 0
         if not batch:
+            self._foreign_since = None  # nothing visible is left to go through
             if self._settings.wait_seconds == 0:
                 await self._sleep(SHORT_POLL_PAUSE_SECONDS)
             return
         received_at = self._clock()
         self._metrics.last_received.set(time.time())
         done: list[str] = []
-        released: list[str] = []
+        released: list[tuple[str, int]] = []  # receipt handle, receive count
         for message in batch:
             try:
                 back = await self._handler.handle(
@@ -272,17 +365,26 @@ class QueueReceiver:
                 # A bug of ours: the message is still deleted, or it would come back forever.
                 log.exception("notification_handling_crashed")
                 back = False
-            if message.handle:
-                (released if back else done).append(message.handle)
+            if message.handle and back:
+                released.append((message.handle, message.receive_count))
+            elif message.handle:
+                done.append(message.handle)
         await self._dispose(done, self._delete, "delete", QueueErrorKind.DELETE_FAILED)
-        visible_in = [self._rng.randint(0, RELEASE_VISIBILITY_SECONDS) for _ in released]
+        if released and len(released) == len(batch):
+            if self._foreign_since is None:
+                self._foreign_since = received_at
+        else:
+            self._foreign_since = None
+        foreign_for = 0.0 if self._foreign_since is None else received_at - self._foreign_since
+        handles = [handle for handle, _ in released]
+        visible_in = [release_visibility(n, self._rng, foreign_for) for _, n in released]
         await self._dispose(
-            released,
+            handles,
             lambda handles: self._release(handles, visible_in),
             "release",
             QueueErrorKind.RELEASE_FAILED,
         )
-        if released:
+        if released and foreign_for == 0.0:  # not in a backlog, where it would only slow us
             await self._sleep(self._rng.uniform(0.0, RELEASE_PAUSE_SECONDS))
 
     async def _dispose(
@@ -314,8 +416,12 @@ class QueueReceiver:
             INITIAL_BACKOFF_SECONDS * 2.0 ** min(self._failures - 1, 30),
         )
         delay = ceiling * self._rng.uniform(0.5, 1.0)  # "equal jitter": never a hot loop
-        if isinstance(error, botocore.exceptions.NoCredentialsError | ConnectionError):
-            self._client = None  # built again: the chain may find credentials later
+        if kind is QueueErrorKind.CREDENTIALS and self._session is not None:
+            # Missing, expired or refused: the next client reads the chain again.
+            self._sessions.forget(self._session)
+        if kind is QueueErrorKind.CREDENTIALS or isinstance(error, ConnectionError):
+            # Built again on the next call.
+            await self._worker.run(functools.partial(_quietly, self._close_client))
         log.warning(
             "notification_queue_error",
             call=call,
@@ -330,24 +436,23 @@ class QueueReceiver:
 
     def _sqs(self) -> Any:
         if self._client is None:
-            session = self._session_factory()
-            self._credentials = session.get_credentials()
-            settings = self._settings
-            self._client = session.create_client(
-                "sqs",
-                region_name=settings.region,
-                endpoint_url=settings.endpoint_url or None,
-                config=botocore.config.Config(
-                    connect_timeout=5,
-                    # Longer than the long poll, or every empty poll would be a timeout.
-                    read_timeout=settings.wait_seconds + 10,
-                    # We retry ourselves, with backoff, counting every failure.
-                    retries={"total_max_attempts": 1},
-                    max_pool_connections=1,
-                    user_agent_extra="catalog-upload-exporter",
-                ),
-            )
+            self._client, self._session, self._credentials = self._sessions.client(self._settings)
         return self._client
+
+    def _close_client(self) -> None:
+        """Close the client's connections; the next call builds another."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _hand_back(self, batch: list[Received]) -> None:
+        """Messages received after the receiver stopped waiting (a reload, a stop): visible
+        again at once, for the next receiver, instead of after the queue's visibility timeout."""
+        handles = [message.handle for message in batch if message.handle]
+        if not handles:
+            return
+        failed = self._release(handles, [0] * len(handles))
+        log.info("notification_messages_handed_back", messages=len(handles), failed=failed)
 
     def _freeze(self) -> None:
         credentials = self._credentials

@@ -24,6 +24,7 @@ from exporter.models import (
     EXPOSED_STATUSES,
     MAX_INGESTION_ID_LENGTH,
     RejectReason,
+    Status,
     exposed_status,
     ingestion_id_problem,
     refused_character,
@@ -212,11 +213,15 @@ class IngestionTracker:
         on_rejected: Callable[[RejectReason], None],
         state: Persistence | None = None,
         shard: Shard = UNSHARDED,
+        notification_cap: int | None = None,
+        invalid_retention: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._shard = shard
         self._max_tracked = max_tracked
+        self._notification_cap = notification_cap
+        self._invalid_retention = invalid_retention
         self._label_names = label_names
         self._on_added = on_added
         self._on_removed = on_removed
@@ -228,10 +233,24 @@ class IngestionTracker:
         self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._pruned_at = -math.inf
 
-    def configure(self, *, max_tracked: int, label_names: tuple[str, ...]) -> None:
-        """Apply reloaded limits; ids already tracked stay, even above a lowered cap."""
+    def configure(
+        self,
+        *,
+        max_tracked: int,
+        label_names: tuple[str, ...],
+        notification_cap: int | None = None,
+        invalid_retention: float | None = None,
+    ) -> None:
+        """Apply reloaded limits; ids already tracked stay, even above a lowered cap.
+
+        `notification_cap`: how many ids the notification source may hold at once (None:
+        only `max_tracked` applies). `invalid_retention`: seconds after which an id only
+        notifications hold, and that the API called INVALID, is released (None: never).
+        """
         self._max_tracked = max_tracked
         self._label_names = label_names
+        self._notification_cap = notification_cap
+        self._invalid_retention = invalid_retention
 
     def attach_state(self, state: Persistence | None) -> None:
         """Persist through `state` from now on (set before `restore`)."""
@@ -271,6 +290,17 @@ class IngestionTracker:
             return self._reject(ingestion_id, RejectReason.CAP_REACHED, message)
         before = self._store.get(ingestion_id)
         held = before is not None and source.value in before.sources
+        cap = self._notification_cap
+        if (
+            source is Source.NOTIFICATION
+            and not held
+            and cap is not None
+            and self._store.held_by(source.value) >= cap
+        ):
+            # Messages are not authenticated: whoever can send to the queue must not be able
+            # to fill max_tracked and lock the other sources out.
+            message = f"notifications already hold notifications.sqs.max_registered={cap} ids"
+            return self._reject(ingestion_id, RejectReason.NOTIFICATION_CAP, message)
         old_labels = dict(before.labels) if before is not None else {}
         new_labels = {k: str(v) for k, v in labels.items()}
         created = self._store.add(ingestion_id, source.value, new_labels)
@@ -317,34 +347,97 @@ class IngestionTracker:
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         """`source` no longer wants the id; see `Tracker.release`."""
+        dropped = await self.release_sources(
+            ingestion_id, (source,), immediate=immediate, durable=durable
+        )
+        return bool(dropped)
+
+    async def release_sources(
+        self,
+        ingestion_id: str,
+        sources: Iterable[Source],
+        *,
+        immediate: bool,
+        durable: bool = False,
+    ) -> tuple[Source, ...]:
+        """Like `release`, for several sources in one change (one write, one rollback);
+        returns those that held the id."""
         async with self._turn(ingestion_id, durable):
             upload = self._store.get(ingestion_id)
-            if upload is None or not self._store.drop_source(ingestion_id, source.value):
-                return False
+            if upload is None:
+                return ()
+            dropped = tuple(s for s in sources if self._store.drop_source(ingestion_id, s.value))
+            if not dropped:
+                return ()
+            names = ",".join(s.value for s in dropped)
             removed = upload.released and (immediate or not upload.awaiting_status)
             if removed:
                 self._store.remove(ingestion_id)
                 self._on_removed([ingestion_id])
-                log.info("ingestion_removed", ingestion_id=ingestion_id, source=source.value)
+                log.info("ingestion_removed", ingestion_id=ingestion_id, source=names)
             elif upload.released:
-                log.info("ingestion_released", ingestion_id=ingestion_id, source=source.value)
+                log.info("ingestion_released", ingestion_id=ingestion_id, source=names)
 
             def undo() -> None:
-                self._undo_release(upload, source, removed=removed)
+                self._undo_release(upload, dropped, removed=removed)
 
             await self._changed(ingestion_id, durable, undo)
-            return True
+            return dropped
 
-    def _undo_release(self, upload: TrackedUpload, source: Source, *, removed: bool) -> None:
-        """Roll back a release whose write failed: the source holds the id again."""
+    def _undo_release(
+        self, upload: TrackedUpload, sources: tuple[Source, ...], *, removed: bool
+    ) -> None:
+        """Roll back a release whose write failed: the sources hold the id again."""
         current = self._store.get(upload.ingestion_id)
         if current is None and removed:
-            upload.sources.add(source.value)
+            upload.sources.update(s.value for s in sources)
             self._store.restore(upload)
             self._on_added([upload.ingestion_id])
         elif current is not None:
-            current.sources.add(source.value)
-        log.info("ingestion_release_undone", ingestion_id=upload.ingestion_id, source=source.value)
+            for source in sources:
+                self._store.add(upload.ingestion_id, source.value, {})
+        names = ",".join(s.value for s in sources)
+        log.info("ingestion_release_undone", ingestion_id=upload.ingestion_id, source=names)
+
+    def invalid_release_in(self, ingestion_id: str) -> float | None:
+        """Seconds until an id that only notifications hold, and that the API calls INVALID,
+        is released (0: now); None for any other id, which is polled on as before.
+
+        Counted from when it became INVALID, so a message naming it again does not extend it.
+        """
+        upload = self._store.get(ingestion_id)
+        retention = self._invalid_retention
+        if retention is None or upload is None or not self._notification_only_invalid(upload):
+            return None
+        return max(0.0, upload.status_changed + retention - self._clock())
+
+    def release_invalid(self, ingestion_id: str) -> bool:
+        """Release an id `invalid_release_in` found due; True if it is no longer tracked.
+
+        False when another source has taken it meanwhile: it stays, polled as before.
+        """
+        upload = self._store.get(ingestion_id)
+        if upload is None:
+            return True
+        if not self._notification_only_invalid(upload):
+            return False
+        self._store.drop_source(ingestion_id, Source.NOTIFICATION.value)
+        self._store.remove(ingestion_id)
+        self._on_removed([ingestion_id])
+        log.info(
+            "ingestion_removed",
+            ingestion_id=ingestion_id,
+            source=Source.NOTIFICATION.value,
+            reason="invalid_retention",
+        )
+        self._mark([ingestion_id])
+        return True
+
+    @staticmethod
+    def _notification_only_invalid(upload: TrackedUpload) -> bool:
+        return upload.status == Status.INVALID.value and upload.sources == {
+            Source.NOTIFICATION.value
+        }
 
     @contextlib.asynccontextmanager
     async def _turn(self, ingestion_id: str, durable: bool) -> AsyncIterator[None]:

@@ -110,6 +110,7 @@ class UploadStore:
         self._retired: dict[str, float] = {}
         self._transitions: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()  # kept in step, so a scrape need not count
+        self._held: Counter[str] = Counter()  # uploads each source holds, kept in step
         self._render: Renderer = _render_nothing
         self._unrender: Forgetter = _forget_nothing
 
@@ -166,7 +167,9 @@ class UploadStore:
             self._uploads[ingestion_id] = upload
             self._sorted_ids.add(ingestion_id)
             self._counts[upload.status] += 1
-        upload.sources.add(source)
+        if source not in upload.sources:
+            upload.sources.add(source)
+            self._held[source] += 1
         if labels and labels != upload.labels:
             upload.labels = dict(labels)
             self._render(upload, True)
@@ -189,6 +192,7 @@ class UploadStore:
         self._uploads[upload.ingestion_id] = upload
         self._sorted_ids.add(upload.ingestion_id)
         self._counts[upload.status] += 1
+        self._held.update(upload.sources)
         self._render(upload, True)
 
     def restore_retired(self, retired: Mapping[str, float]) -> None:
@@ -201,7 +205,12 @@ class UploadStore:
         if upload is None or source not in upload.sources:
             return False
         upload.sources.discard(source)
+        self._held[source] -= 1
         return True
+
+    def held_by(self, source: str) -> int:
+        """How many tracked uploads `source` holds now; O(1)."""
+        return self._held[source]
 
     def remove(self, ingestion_id: str) -> bool:
         """Stop tracking at once; its series disappear. True if it was tracked."""
@@ -282,6 +291,7 @@ class UploadStore:
         if upload is not None:
             self._sorted_ids.remove(ingestion_id)
             self._counts[upload.status] -= 1
+            self._held.subtract(upload.sources)
             self._unrender(upload)
         return upload
 

@@ -783,6 +783,47 @@ async def test_deleting_a_config_only_id_answers_409(admin: Admin) -> None:
     assert admin.tracker.view("from-config") is not None
 
 
+async def test_any_id_can_be_deleted_by_naming_its_sources_and_the_deletion_is_logged(
+    admin: Admin,
+) -> None:
+    """?source= names the sources to release: an id a (forged) notification registered, or
+    one the config holds, goes too; the audit line names the sources it had and released."""
+    await admin.tracker.register("forged-1", Source.NOTIFICATION)
+    refused = await admin.call("DELETE", id_path("forged-1"))
+    assert (refused.status, refused.body["error"]) == (409, "not_registered_by_api")
+    assert "?source=" in refused.body["message"] and "notification" in refused.body["message"]
+    answer = await admin.call("DELETE", id_path("forged-1") + "?source=notification")
+    assert answer.status == 204
+    assert admin.tracker.view("forged-1") is None
+    admin.tracker.replace_config_ids(["listed"])
+    await admin.post({"ingestionId": "listed"})
+    answer = await admin.call("DELETE", id_path("listed") + "?source=all")
+    assert answer.status == 204
+    assert admin.tracker.view("listed") is None and on_disk(admin) == []
+    deleted = [
+        json.loads(line)
+        for line in admin.logs.getvalue().splitlines()
+        if '"admin_ingestion_deleted"' in line
+    ]
+    assert [(d["ingestion_id"], d["sources_before"], d["released_sources"]) for d in deleted] == [
+        ("forged-1", ["notification"], ["notification"]),
+        ("listed", ["api", "config"], ["config", "api"]),
+    ]
+
+
+async def test_a_delete_naming_no_holding_or_an_unknown_source_is_refused(admin: Admin) -> None:
+    """A source that does not hold the id: 409 not_held_by_source; a name that is no source,
+    or another parameter: 400. The id stays tracked."""
+    await admin.tracker.register("kept", Source.NOTIFICATION)
+    answer = await admin.call("DELETE", id_path("kept") + "?source=directory")
+    assert (answer.status, answer.body["error"]) == (409, "not_held_by_source")
+    answer = await admin.call("DELETE", id_path("kept") + "?source=queue")
+    assert (answer.status, answer.body["error"]) == (400, "invalid_parameter")
+    answer = await admin.call("DELETE", id_path("kept") + "?sources=all")
+    assert (answer.status, answer.body["error"]) == (400, "unknown_parameter")
+    assert admin.tracker.view("kept") is not None
+
+
 # -- the bearer token ---------------------------------------------------------------------------
 
 
