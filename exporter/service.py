@@ -149,7 +149,8 @@ class Exporter:
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._wanted_notifications = config  # the config the next receiver is built from
+        # The config the next restart of a background task (by name) is built from.
+        self._wanted: dict[str, Config] = {}
         self.metrics.config_loaded(ok=True)
 
     @property
@@ -197,7 +198,7 @@ class Exporter:
         write the state a last time, close the session."""
         await self._cancel("notifications-restart")
         await self._cancel("notifications")
-        await self._cancel("watcher-restart")
+        await self._cancel("directory-watcher-restart")
         await self._cancel("directory-watcher")
         if self._poller is not None:
             await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
@@ -232,9 +233,9 @@ class Exporter:
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
-            self._restart_watcher(new)
+            self._restart("directory-watcher", new, self._start_watcher)
         if new.notifications != old.notifications:
-            self._restart_notifications(new)
+            self._restart("notifications", new, self._start_notifications)
         for section in ("server", "admin", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
@@ -349,13 +350,6 @@ class Exporter:
             )
             self._spawn("directory-watcher", watcher.run())
 
-    def _restart_watcher(self, config: Config) -> None:
-        async def restart() -> None:
-            await self._cancel("directory-watcher")
-            self._start_watcher(config)
-
-        self._spawn("watcher-restart", restart())
-
     def _start_notifications(self, config: Config) -> None:
         """Receive from the configured queue, if any: its messages trigger polls."""
         settings = config.notifications.sqs
@@ -383,22 +377,22 @@ class Exporter:
         )
         self._spawn("notifications", self._receiver.run())
 
-    def _restart_notifications(self, config: Config) -> None:
-        """Replace the receiver with one for `config`. Reloads in quick succession share one
-        restart, which awaits the old receiver's end and then starts the latest config's
-        receiver only: no receiver is ever left running unowned (a second restart task used
-        to overwrite the first by name, and both started one)."""
-        self._wanted_notifications = config
-        running = self._tasks.get("notifications-restart")
+    def _restart(self, name: str, config: Config, start: Callable[[Config], None]) -> None:
+        """Replace background task `name` by `start(config)`. Reloads in quick succession
+        share one restart, which awaits the old task's end and then starts the latest
+        config's only: none is ever left running unowned (a second restart task used to
+        overwrite the first by name, and both started one)."""
+        self._wanted[name] = config
+        running = self._tasks.get(f"{name}-restart")
         if running is None or running.done():
-            self._spawn("notifications-restart", self._replace_receiver())
+            self._spawn(f"{name}-restart", self._replace(name, start))
 
-    async def _replace_receiver(self) -> None:
+    async def _replace(self, name: str, start: Callable[[Config], None]) -> None:
         while True:
-            config = self._wanted_notifications
-            await self._cancel("notifications")
-            if config is self._wanted_notifications:  # else a reload came meanwhile: again
-                self._start_notifications(config)
+            config = self._wanted[name]
+            await self._cancel(name)
+            if config is self._wanted[name]:  # else a reload came meanwhile: again
+                start(config)
                 return
 
     def _held_queue_secrets(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
+from exporter.config import Config
 from exporter.discovery import (
     BATCH_FILES,
     MAX_JSON_DEPTH,
@@ -775,3 +776,38 @@ async def test_unchanged_and_refused_files_cost_no_pass_over_the_tracked_ids(
     await directory.scan()
     assert tracker.ids_from_calls == 1
     assert len(tracker.registered) == 41
+
+
+async def test_two_quick_reloads_leave_one_watcher_on_the_newest_directory(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
+) -> None:
+    """Reloads A -> B -> C applied back to back: once the restarts end, exactly one
+    directory watcher runs, and it watches C (two restart tasks used to overwrite each
+    other by name, and both started a watcher)."""
+    _, url = await start_simulator()
+    dirs = [tmp_path / name for name in ("a", "b", "c")]
+    for directory in dirs:
+        directory.mkdir()
+
+    def config(directory: Path) -> Config:
+        ingestions = {"directory": str(directory), "directory_poll_seconds": 0.05}
+        return fast_config(url, [], ingestions=ingestions)
+
+    running = await start_exporter(config(dirs[0]))
+    running.exporter.apply(config(dirs[1]))
+    running.exporter.apply(config(dirs[2]))
+
+    async def restarts_ended() -> bool:
+        return not any(
+            task.get_name().endswith("restart") and not task.done() for task in asyncio.all_tasks()
+        )
+
+    await wait_for(restarts_ended)
+    watchers = [t for t in asyncio.all_tasks() if t.get_name() == "directory-watcher"]
+    assert len(watchers) == 1
+    put(dirs[2] / "newest", "in-the-newest")
+
+    async def registered() -> bool:
+        return running.exporter.tracker.view("in-the-newest") is not None
+
+    await wait_for(registered)
