@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,20 @@ async def start_exporter() -> AsyncIterator[ExporterFactory]:
     yield start
     for server in servers:
         await server.close()
+
+
+def launch_exporter(
+    directory: Path, config: Mapping[str, Any]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `python -m exporter` on `config` (written to directory/config.yaml); its output
+    goes to directory/exporter.log, returned beside the process."""
+    config_file = directory / "config.yaml"
+    config_file.write_text(json.dumps(config))  # JSON is YAML
+    log = directory / "exporter.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--config", str(config_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log

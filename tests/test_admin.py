@@ -14,8 +14,6 @@ import io
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -43,7 +41,7 @@ from exporter.sharding import Shard, shard_of
 from exporter.state_writer import Persistence, UnavailableState, open_state
 from exporter.tracking import UNSHARDED, IngestionTracker, RejectReason, Source
 from exporter.uploads import UploadStore
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, launch_exporter, wait_for
 
 NOW = 1718000000.5  # 2024-06-10T06:13:20.500Z
 HOSTILE_ID = 'shelf/42 "summer" Grüße %2F?#'
@@ -1179,15 +1177,7 @@ def run_exporter(directory: Path, admin: dict[str, Any]) -> Iterator[Process]:
         "admin": {"host": "127.0.0.1", "port": port, **admin},
         "reload": {"watch_interval_seconds": 0},
     }
-    config_file = directory / "config.yaml"
-    config_file.write_text(json.dumps(config))  # JSON is YAML
-    log = directory / "exporter.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config_file)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log = launch_exporter(directory, config)
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -25,7 +25,7 @@ import pytest
 from exporter.auth import TOKEN_RECHECK_SECONDS, AuthUnavailable, BearerAuth
 from exporter.models import AuthProblem
 from exporter.secretfile import MAX_SECRET_BYTES, SecretFile, SecretFileProblem, SecretProblem
-from tests.conftest import free_port, free_port_pair, parse_exposition, value
+from tests.conftest import free_port, free_port_pair, launch_exporter, parse_exposition, value
 
 ADMIN_TOKEN = "admin-token-1"
 API_TOKEN = "api-token-1"
@@ -318,15 +318,7 @@ def exporter_process(directory: Path) -> Iterator[Running]:
         "admin": {"host": "127.0.0.1", "port": port + 1, "token_file": str(admin_token)},
         "reload": {"watch_interval_seconds": 0},
     }
-    config_file = directory / "config.yaml"
-    config_file.write_text(json.dumps(config))  # JSON is YAML
-    log = directory / "exporter.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config_file)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log = launch_exporter(directory, config)
     running = Running(proc.pid, port, port + 1, log, admin_token, api_token)
     try:
 

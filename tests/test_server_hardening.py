@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, parse_exposition, value
+from tests.conftest import free_port, launch_exporter, parse_exposition, value
 
 UPLOADS = 20_000
 IDLE_TIMEOUT = 0.5
@@ -77,15 +75,7 @@ def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "reload": {"watch_interval_seconds": 0},
     }
-    config_file = directory / "config.yaml"
-    config_file.write_text(json.dumps(config))  # JSON is YAML
-    log = directory / "exporter.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config_file)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log = launch_exporter(directory, config)
     found = Listeners(("127.0.0.1", metrics_port), ("127.0.0.1", admin_port), log)
     try:
         deadline = time.monotonic() + 30
