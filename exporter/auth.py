@@ -22,6 +22,7 @@ import botocore.session
 from botocore.awsrequest import AWSRequest
 
 from exporter.models import AuthProblem
+from exporter.responses import describe_error
 from exporter.secretfile import SecretFile, SecretFileProblem, SecretProblem
 
 __all__ = [
@@ -321,7 +322,7 @@ class SigV4Auth:
             try:
                 base = session.get_credentials()
             except Exception as exc:  # botocore's providers raise many unrelated types
-                msg = f"could not resolve AWS credentials: {_describe(exc)}"
+                msg = f"could not resolve AWS credentials: {describe_error(exc)}"
                 raise AuthUnavailable(msg) from None
             if base is None:
                 raise AuthUnavailable(_NO_CREDENTIALS, AuthProblem.NO_CREDENTIALS)
@@ -345,19 +346,11 @@ class SigV4Auth:
             frozen = source.get_frozen_credentials()
         except Exception as exc:  # STS, IMDS or a credential process failing in any way
             what = f"assume role {self._role_arn}" if self._role_arn else "refresh AWS credentials"
-            msg = f"could not {what}: {_describe(exc)}"
+            msg = f"could not {what}: {describe_error(exc)}"
             raise AuthUnavailable(msg) from None
         if not frozen.access_key or not frozen.secret_key:
             raise AuthUnavailable(_NO_CREDENTIALS, AuthProblem.NO_CREDENTIALS)
         return frozen
-
-
-def _describe(exc: BaseException) -> str:
-    """Name and shortened text of a botocore error; they carry ARNs and paths, not secrets."""
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def create_auth(

@@ -6,8 +6,8 @@ each upload's exposition lines are rendered into bytes when the upload changes (
 calls `render_upload`), not when it is scraped: a poll that only refreshes the last-success
 time re-renders one line. The lines live only in blocks of a few hundred consecutive
 uploads, one bytes object per block and family, into which changes are spliced: a scrape
-hands out a few thousand pieces (`chunks`; `render` joins them) instead of 400,000 lines,
-and `gzip_chunks` reuses each block's compressed bytes while the block is unchanged. The
+hands out a few thousand pieces (`chunks`) instead of 400,000 lines, and
+`gzip_chunks_off_loop` reuses each block's compressed bytes while the block is unchanged. The
 handful of other metrics (counters, histograms, aggregates) come from the prometheus_client
 registry.
 
@@ -269,7 +269,7 @@ class UploadExposition:
     The lines live in blocks of consecutive uploads (`_Block`), in the store's order: new
     uploads join the last block. A poll re-renders the lines of its upload that changed (only
     the last-success line, usually); the next scrape rebuilds just the blocks and families
-    that changed and hands out the blocks' bytes (`chunks`), joined by `render`.
+    that changed and hands out the blocks' bytes (`chunks`), never joined into one copy.
 
     When the settings change (a reload), every line must be rendered again: 0.7 s at 100,000
     uploads, too long for the event loop or a scrape. `check_settings` (called on reload and
@@ -277,8 +277,7 @@ class UploadExposition:
     REBUILD_SLICE uploads, yielding to the loop between slices, and precompresses it; then it
     replaces the served one at once. Until then scrapes get the previous body as it was when
     the rebuild started (frozen: its uploads are being moved to the new generation), and no
-    scrape ever renders everything. `render` (tests and tools, not the server) finishes a
-    rebuild first.
+    scrape ever renders everything.
     """
 
     def __init__(
@@ -390,12 +389,6 @@ class UploadExposition:
         self.rebuilds += 1
         return True
 
-    def finish_rebuild(self) -> None:
-        """Start a rebuild if the settings changed and carry it out now, on the caller's time."""
-        self.check_settings()
-        while not self.rebuild_step(len(self._todo) + 1):
-            pass
-
     async def run(self, pause: Callable[[], Awaitable[None]] = _next_turn) -> None:
         """Carry out each rebuild as it is started, awaiting `pause()` (by default: let the
         loop run what is ready) between slices. Runs until cancelled."""
@@ -425,31 +418,18 @@ class UploadExposition:
             pieces.append(_EOF)
         return pieces
 
-    def render(self, registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
-        """The whole /metrics body: the registry's metrics, then the per-upload families,
-        with any settings change fully applied first (for tests and tools)."""
-        self.finish_rebuild()
-        return b"".join(self.chunks(registry, openmetrics=openmetrics))
-
-    def gzip_chunks(self, registry: CollectorRegistry, *, openmetrics: bool) -> list[bytes]:
+    async def gzip_chunks_off_loop(
+        self, registry: CollectorRegistry, *, openmetrics: bool
+    ) -> list[bytes]:
         """The body of `chunks`, gzip-encoded (one gzip member) in pieces.
 
         Each block's family is compressed once, when first asked for after it changed, as
         raw deflate ending with a sync flush; those pieces concatenate into one deflate
         stream. Only the CRC of the whole body is computed per scrape (zlib.crc32, C speed).
-        """
-        job = self._gzip_job(openmetrics, self.chunks(registry, openmetrics=openmetrics))
-        pieces, deflated = _compress(job)
-        _keep(job.todo, deflated)
-        return pieces
-
-    async def gzip_chunks_off_loop(
-        self, registry: CollectorRegistry, *, openmetrics: bool
-    ) -> list[bytes]:
-        """`gzip_chunks`, with the compressing and the CRC done in a worker thread (zlib lets
-        go of the GIL): after a start or a mass change every block needs compressing, 0.3 s
-        at 100,000 uploads that the event loop must not spend. The body is the one of the
-        moment this is called, whatever changes meanwhile."""
+        The compressing and the CRC are done in a worker thread (zlib lets go of the GIL):
+        after a start or a mass change every block needs compressing, 0.3 s at 100,000
+        uploads that the event loop must not spend. The body is the one of the moment this
+        is called, whatever changes meanwhile."""
         job = self._gzip_job(openmetrics, self.chunks(registry, openmetrics=openmetrics))
         pieces, deflated = await asyncio.to_thread(_compress, job)
         _keep(job.todo, deflated)

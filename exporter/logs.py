@@ -28,7 +28,6 @@ LEVELS: dict[str, int] = {
 }
 #: The log formats (`logging.format`): JSON lines, or console rendering for people.
 LogFormat = Literal["json", "console"]
-LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 
 #: What a masked secret is replaced with.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import random
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -33,6 +34,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from exporter.backoff import backoff_delay
 from exporter.client import READ_CHUNK_BYTES, CatalogClient
 from exporter.models import RETRYABLE_ERRORS, PollError
 from exporter.responses import clean_text
@@ -207,18 +209,28 @@ async def fetch_report(
     *,
     retries: int = 0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
 ) -> ReportOutcome:
     """Poll the API for a fresh link, then download the report into `sink`.
 
-    A throttled, failed or unanswered poll is tried again up to `retries` times, after the
-    server's Retry-After or 1, 2, 4... seconds: the exporter may be using the API's budget.
+    A throttled, failed or unanswered poll is tried again up to `retries` times, after a
+    `backoff_delay` from 1 s (and no sooner than the server's Retry-After), 10 s at most:
+    the exporter may be using the API's budget, and someone is waiting at a terminal.
     """
+    rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
     outcome, link = await client.fetch_report_link(ingestion_id)
-    for attempt in range(retries):
+    for attempt in range(1, retries + 1):
         if not (isinstance(outcome, PollError) and outcome.kind in RETRYABLE_ERRORS):
             break
-        delay = outcome.retry_after if outcome.retry_after is not None else 2.0**attempt
-        await sleep(min(delay, _MAX_RETRY_DELAY_SECONDS))
+        await sleep(
+            backoff_delay(
+                attempt,
+                base=1.0,
+                cap=_MAX_RETRY_DELAY_SECONDS,
+                rng=rng,
+                retry_after=outcome.retry_after,
+            )
+        )
         outcome, link = await client.fetch_report_link(ingestion_id)
     if isinstance(outcome, PollError):
         detail = f": {outcome.message}" if outcome.message else ""

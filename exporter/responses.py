@@ -182,6 +182,18 @@ def clean_text(text: str) -> str:
     return kept
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception as `Type: text` for a log line or a message, the text through `clean_text`.
+
+    The one way an error reaches a log or a problem string: botocore, SQLite and the OS quote
+    what a hostile endpoint or file said, so the text is shortened, kept on one line and
+    stripped of anything shaped like a credential. The type says what failed when the text
+    alone would not ("database is locked" from which library?).
+    """
+    text = clean_text(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def redact(text: str) -> str:
     """`text` with every credential-shaped part replaced by `<redacted>` (see `clean_text`)."""
     text = _URL_QUERY.sub(r"\1?<redacted>", text)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from exporter.backoff import backoff_delay
 from exporter.client import CatalogClient
 from exporter.config import PollingConfig
 from exporter.metrics import ExporterMetrics, UploadMetrics
@@ -387,13 +388,12 @@ class Poller:
         return seconds * (1.0 - self._rng.uniform(0.0, self._settings.jitter_ratio))
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, never shorter than the server's Retry-After,
-        which is honoured up to `max_backoff_seconds` (a date in 2099 must not park an upload)."""
-        ceiling = min(
-            self._settings.max_backoff_seconds,
-            self._settings.initial_backoff_seconds * 2.0 ** min(failures - 1, 30),
+        """`backoff_delay`'s jittered wait, never shorter than the server's Retry-After (which
+        is honoured up to `max_backoff_seconds`)."""
+        return backoff_delay(
+            failures,
+            base=self._settings.initial_backoff_seconds,
+            cap=self._settings.max_backoff_seconds,
+            rng=self._rng,
+            retry_after=retry_after,
         )
-        delay = self._rng.uniform(0.0, ceiling)
-        if retry_after is None:
-            return delay
-        return max(delay, min(retry_after, self._settings.max_backoff_seconds))

@@ -31,6 +31,7 @@ import botocore.exceptions
 import botocore.session
 import structlog
 
+from exporter.backoff import backoff_delay
 from exporter.config import SqsConfig
 from exporter.metrics import NotificationMetrics
 from exporter.notifications import (
@@ -40,7 +41,7 @@ from exporter.notifications import (
     parse_message,
     release_visibility,
 )
-from exporter.responses import clean_text
+from exporter.responses import describe_error
 
 __all__ = ["AwsSessions", "QueueErrorKind", "QueueReceiver", "classify_error"]
 
@@ -253,7 +254,7 @@ def _quietly(call: Callable[[], None]) -> None:
     try:
         call()
     except Exception as error:
-        log.warning("notification_queue_cleanup_failed", error=_describe(error))
+        log.warning("notification_queue_cleanup_failed", error=describe_error(error))
 
 
 def _settle(
@@ -411,11 +412,12 @@ class QueueReceiver:
         self._failures += 1
         kind = classify_error(error)
         self._metrics.errors.labels(kind.value).inc()
-        ceiling = min(
-            self._settings.max_backoff_seconds,
-            INITIAL_BACKOFF_SECONDS * 2.0 ** min(self._failures - 1, 30),
+        delay = backoff_delay(
+            self._failures,
+            base=INITIAL_BACKOFF_SECONDS,
+            cap=self._settings.max_backoff_seconds,
+            rng=self._rng,
         )
-        delay = ceiling * self._rng.uniform(0.5, 1.0)  # "equal jitter": never a hot loop
         if kind is QueueErrorKind.CREDENTIALS and self._session is not None:
             # Missing, expired or refused: the next client reads the chain again.
             self._sessions.forget(self._session)
@@ -426,7 +428,7 @@ class QueueReceiver:
             "notification_queue_error",
             call=call,
             kind=kind.value,
-            error=_describe(error),
+            error=describe_error(error),
             consecutive_failures=self._failures,
             retry_in_seconds=round(delay, 3),
         )
@@ -506,9 +508,3 @@ def _receive_count(message: dict[str, Any]) -> int:
         return max(1, int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1)))
     except (TypeError, ValueError, AttributeError):
         return 1
-
-
-def _describe(error: BaseException) -> str:
-    """A botocore error's class and cleaned text (it may quote a hostile endpoint's words)."""
-    text = clean_text(str(error))
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

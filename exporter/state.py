@@ -1,9 +1,10 @@
 """What survives a restart: the tracked uploads in an SQLite database, and reading them back.
 
 This module owns the on-disk format: one row per tracked upload (and per retired id), written
-per change; loading it without ever trusting it; and the one-time migration of the JSON state
-file of release 1. It is blocking code for one thread, the state writer's; it knows nothing of
-HTTP, polling, metrics or the event loop (`state_writer` decides when to write).
+per change; loading it without ever trusting it; and, on opening, the one-time migration of
+release 1's JSON state file (whose format `state_migration` reads). It is blocking code for
+one thread, the state writer's; it knows nothing of HTTP, polling, metrics or the event loop
+(`state_writer` decides when to write).
 
 The database, at `state.path` (with `<path>-wal` beside it while the exporter runs)::
 
@@ -51,20 +52,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from exporter.models import ingestion_id_problem
+from exporter.responses import clean_text, describe_error
+from exporter.state_migration import (
+    NotRelease1,
+    keep_backup,
+    read_release_1,
+    remove_temp_files,
+)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x43555845
-JSON_VERSION = 1  #: the version field of release 1's JSON state file
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _SPACING = re.compile(r"\s+")
 _MIGRATING_SUFFIX = ".migrating"
 _REOPENING_SUFFIX = ".reopening"
-_V1_BACKUP_SUFFIX = ".v1.json"
-_V1_TEMP_SUFFIX = ".tmp"  # release 1 saved through `.<name>.<random>.tmp` files
 #: SQLite result codes (the low byte) that mean the file is damaged, not out of reach.
 _CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
@@ -252,8 +257,8 @@ class StateStore:
             db.execute("PRAGMA shrink_memory")
             (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
         except sqlite3.Error as exc:
-            return _short(exc)
-        return None if check == "ok" else _short(ValueError(check))
+            return describe_error(exc)
+        return None if check == "ok" else clean_text(check)
 
     def close(self) -> None:
         """Close the database; SQLite folds the WAL back into the main file first."""
@@ -301,7 +306,8 @@ class StateStore:
             if self._db is not None:  # the open database still holds it all: drop the copy
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
-            raise StateError(f"{problem}; could not write it anew: {_short(exc)}") from None
+            msg = f"{problem}; could not write it anew: {describe_error(exc)}"
+            raise StateError(msg) from None
         self._db, store._db = store._db, None
         self._identity = store._identity
         return f"{problem}; {note}"
@@ -395,7 +401,7 @@ def open_store(
     try:
         head = _head(path)
         if head and not head.startswith(_SQLITE_HEADER):
-            migrated = _migrate_v1(path, now)
+            migrated = _migrate(path, now)
             if migrated.migrated_from is None and migrated.moved_to is None:
                 # Corrupt but still in the way: better no persistence than overwriting it.
                 raise _Unavailable(migrated.problem or "state file could not be moved aside")
@@ -437,7 +443,8 @@ def _head(path: Path) -> bytes:
     except FileNotFoundError:
         return b""
     except OSError as exc:
-        raise _Unavailable(f"state file could not be read: {exc.strerror or _short(exc)}") from None
+        detail = exc.strerror or describe_error(exc)
+        raise _Unavailable(f"state file could not be read: {detail}") from None
 
 
 def _read_regular_file(path: Path, *, limit: int = -1) -> bytes:
@@ -467,7 +474,8 @@ def _open_database(
             path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=True
         )
     except sqlite3.Error as exc:
-        raise _Unavailable(f"state database could not be opened: {_short(exc)}") from None
+        msg = f"state database could not be opened: {describe_error(exc)}"
+        raise _Unavailable(msg) from None
     try:
         _prepare(db)
         snapshot, skipped, first = _load(db) if known is None else (known, 0, "")
@@ -475,8 +483,8 @@ def _open_database(
         db.close()
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         if code in _CORRUPT_CODES:
-            raise _Corrupt(f"state database is damaged: {_short(exc)}") from None
-        raise _Unavailable(f"state database could not be read: {_short(exc)}") from None
+            raise _Corrupt(f"state database is damaged: {describe_error(exc)}") from None
+        raise _Unavailable(f"state database could not be read: {describe_error(exc)}") from None
     except BaseException:
         db.close()
         raise
@@ -520,7 +528,7 @@ def _prepare(db: sqlite3.Connection) -> None:
     (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
     if check != "ok":
         db.close()
-        raise _Corrupt(f"state database is damaged: {_short(ValueError(check))}")
+        raise _Corrupt(f"state database is damaged: {clean_text(check)}")
 
 
 def _schema_objects(db: sqlite3.Connection) -> dict[tuple[str, str], str | None]:
@@ -651,11 +659,6 @@ def _json_column(value: object, name: str) -> object:
         raise _Invalid(f"{name}: not valid JSON") from None
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
 def _companions(path: Path) -> list[Path]:
     """The files SQLite keeps beside the database."""
     return [Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
@@ -669,7 +672,7 @@ def _move_aside(
         target = Path(f"{path}.{kind}-{int(now())}")
         os.replace(path, target)
     except (OSError, ValueError, OverflowError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe_error(exc)
         return LoadResult(StateSnapshot(), f"{problem}; could not move it aside: {detail}")
     for companion, suffix in zip(_companions(path), ("-wal", "-shm", "-journal"), strict=True):
         with contextlib.suppress(FileNotFoundError):
@@ -684,7 +687,6 @@ def _remove_leftovers(path: Path, now: Callable[[], float]) -> None:
     state there is if the exporter died before it took the path: it takes it now. Beside a
     file at the path it is kept, under another name.
     """
-    prefix = f".{path.name}."
     migrating = Path(f"{path}{_MIGRATING_SUFFIX}")
     for leftover in (migrating, *_companions(migrating)):
         with contextlib.suppress(OSError):
@@ -705,14 +707,7 @@ def _remove_leftovers(path: Path, now: Callable[[], float]) -> None:
                     elif target != path:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(target)
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(_V1_TEMP_SUFFIX):
-            with contextlib.suppress(OSError):
-                os.unlink(path.parent / name)
+    remove_temp_files(path)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -723,51 +718,45 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-# -- migrating the JSON file of release 1 -------------------------------------------------------
+# -- migrating the JSON file of release 1 (its format: `state_migration`) ---------------------
 
 
-def _migrate_v1(path: Path, now: Callable[[], float]) -> LoadResult:
+def _migrate(path: Path, now: Callable[[], float]) -> LoadResult:
     """Turn the JSON file at `path` into a database at `path`; keep the JSON beside it.
 
     A file that is not release 1's JSON is moved aside (the caller then makes a new database).
     _Unavailable when the file or the directory cannot be read or written: nothing changes.
+    The database is complete and fsynced under `<path>.migrating` before the JSON is kept as a
+    backup and the database takes the path in one rename: a crash before that repeats it all.
     """
     try:
         raw = _read_regular_file(path)
     except OSError as exc:
-        raise _Unavailable(f"state file could not be read: {exc.strerror or _short(exc)}") from None
+        detail = exc.strerror or describe_error(exc)
+        raise _Unavailable(f"state file could not be read: {detail}") from None
     try:
-        # RecursionError: deeply nested arrays in a hostile file exhaust the parser's stack.
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        return _move_aside(path, f"state file is not valid JSON: {_short(exc)}", now)
-    try:
-        snapshot, skipped, first = _parse_document(document)
-    except _Invalid as exc:
-        return _move_aside(path, f"state file has the wrong shape: {exc}", now)
+        found = read_release_1(raw)
+    except NotRelease1 as exc:
+        return _move_aside(path, str(exc), now)
+    snapshot = StateSnapshot(tuple(UploadRecord(**u) for u in found.uploads), found.retired)
     migrating = Path(f"{path}{_MIGRATING_SUFFIX}")
-    backup = Path(f"{path}{_V1_BACKUP_SUFFIX}")
     try:
         _write_new_database(migrating, snapshot)
-        # The JSON stays as a backup under a second name (a hard link: no copy of 30 MB),
-        # then the database takes the path in one atomic rename.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(backup)
-        try:
-            os.link(path, backup)
-        except OSError:
-            os.replace(path, backup)  # no hard links here: the rename is the backup
+        backup = keep_backup(path)
         os.replace(migrating, path)
         _fsync_directory(path.parent)
     except (OSError, sqlite3.Error) as exc:
         for leftover in (migrating, *_companions(migrating)):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
-        raise _Unavailable(f"state file could not be migrated: {_short(exc)}") from None
+        raise _Unavailable(f"state file could not be migrated: {describe_error(exc)}") from None
     problem = None
-    if skipped:
-        problem = f"skipped {skipped} invalid entries in the JSON state file (first: {first})"
-    return LoadResult(snapshot, problem, skipped=skipped, migrated_from=backup)
+    if found.skipped:
+        problem = (
+            f"skipped {found.skipped} invalid entries in the JSON state file "
+            f"(first: {found.first_skipped})"
+        )
+    return LoadResult(snapshot, problem, skipped=found.skipped, migrated_from=backup)
 
 
 def _write_new_database(path: Path, snapshot: StateSnapshot) -> None:
@@ -785,111 +774,3 @@ def _write_new_database(path: Path, snapshot: StateSnapshot) -> None:
         )
     finally:
         db.close()
-
-
-def _type_name(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _parse_document(document: object) -> tuple[StateSnapshot, int, str]:
-    """The snapshot in `document`, how many entries were skipped, and why the first was."""
-    if not isinstance(document, dict):
-        raise _Invalid(f"expected an object at the top level, got {_type_name(document)}")
-    version = document.get("version")
-    if type(version) is not int or version != JSON_VERSION:
-        shown = version if type(version) is int else _type_name(version)
-        raise _Invalid(f"expected version {JSON_VERSION}, got {shown}")
-    _number(document, "written_at", "")
-    uploads_raw = document.get("uploads")
-    if not isinstance(uploads_raw, list):
-        raise _Invalid(f"uploads: expected a list, got {_type_name(uploads_raw)}")
-    retired_raw = document.get("retired")
-    if not isinstance(retired_raw, dict):
-        raise _Invalid(f"retired: expected an object, got {_type_name(retired_raw)}")
-
-    reasons: list[str] = []
-    uploads: dict[str, UploadRecord] = {}
-    for index, item in enumerate(uploads_raw):
-        where = f"uploads[{index}]."
-        try:
-            record = _parse_record(item, where)
-        except _Invalid as exc:
-            reasons.append(str(exc))
-            continue
-        if ingestion_id_problem(record.ingestion_id) is not None:
-            reasons.append(f"{where}ingestion_id: not a valid ingestionId")
-        elif record.ingestion_id in uploads:
-            reasons.append(f"{where}ingestion_id: a duplicate")
-        else:
-            uploads[record.ingestion_id] = record
-
-    retired: dict[str, float] = {}
-    for key in retired_raw:
-        try:
-            when = _number(retired_raw, key, "retired.")
-        except _Invalid:
-            # Not the message: it would quote the key, which is untrusted text.
-            reasons.append("retired: an entry's time is not a finite number")
-            continue
-        if ingestion_id_problem(key) is not None:
-            reasons.append("retired: not a valid ingestionId")
-            continue
-        retired[key] = when
-    first = reasons[0] if reasons else ""
-    return StateSnapshot(tuple(uploads.values()), retired), len(reasons), first
-
-
-def _parse_record(item: object, where: str) -> UploadRecord:
-    if not isinstance(item, dict):
-        raise _Invalid(f"{where[:-1]}: expected an object, got {_type_name(item)}")
-    sources = item.get("sources")
-    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
-        raise _Invalid(f"{where}sources: expected a list of strings")
-    labels = item.get("labels")
-    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-        raise _Invalid(f"{where}labels: expected an object of strings")
-    return UploadRecord(
-        ingestion_id=_string(item, "ingestion_id", where),
-        sources=tuple(sources),
-        labels=dict(labels),
-        status=_string(item, "status", where),
-        first_seen=_number(item, "first_seen", where),
-        status_changed=_number(item, "status_changed", where),
-        last_success=_optional_number(item, "last_success", where),
-        terminal_at=_optional_number(item, "terminal_at", where),
-        report_available=_flag(item, "report_available", where),
-        queue_observed=_flag(item, "queue_observed", where),
-        released=_flag(item, "released", where),
-    )
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise _Invalid(f"{where}{key}: expected a string, got {_type_name(value)}")
-    return value
-
-
-def _number(obj: dict[str, Any], key: str, where: str) -> float:
-    value = obj.get(key)
-    # bool is an int subclass, but `true` is never a timestamp.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:  # an integer too large for a float
-            number = math.inf
-        if math.isfinite(number):
-            return number
-        raise _Invalid(f"{where}{key}: expected a finite number")
-    raise _Invalid(f"{where}{key}: expected a number, got {_type_name(value)}")
-
-
-def _optional_number(obj: dict[str, Any], key: str, where: str) -> float | None:
-    return None if obj.get(key) is None else _number(obj, key, where)
-
-
-def _flag(obj: dict[str, Any], key: str, where: str) -> bool:
-    value = obj.get(key, False)
-    if not isinstance(value, bool):
-        raise _Invalid(f"{where}{key}: expected true or false, got {_type_name(value)}")
-    return value

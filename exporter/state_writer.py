@@ -24,6 +24,7 @@ from typing import Protocol
 
 import structlog
 
+from exporter.responses import describe_error
 from exporter.state import (
     LoadResult,
     RetiredChange,
@@ -167,7 +168,7 @@ class StateWriter:
         self._wake.set()
         error = await asyncio.shield(future)
         if error is not None:
-            msg = f"could not write the state database {self._store.path}: {_short(error)}"
+            msg = f"could not write the state database {self._store.path}: {describe_error(error)}"
             raise StateError(msg) from error
 
     async def run(self) -> None:
@@ -223,7 +224,7 @@ class StateWriter:
         try:
             await loop.run_in_executor(self._executor, self._store.close)
         except Exception as exc:  # closing must not keep the exporter from stopping
-            log.warning("state_close_failed", path=str(self._store.path), error=_short(exc))
+            log.warning("state_close_failed", path=str(self._store.path), error=describe_error(exc))
         self._executor.shutdown(wait=False)
 
     async def _commit(self, batch: _Batch) -> None:
@@ -265,7 +266,7 @@ class StateWriter:
         try:
             problem = await loop.run_in_executor(self._executor, self._store.quick_check)
         except Exception as exc:  # StateError: no open database to check
-            problem = _short(exc)
+            problem = describe_error(exc)
         if self._on_checked is not None:
             self._call(self._on_checked, problem)
         elif problem is not None:
@@ -308,7 +309,7 @@ class StateWriter:
     def _report(self, exc: Exception) -> None:
         self._healthy = False
         if self._on_error is None:
-            log.warning("state_write_failed", path=str(self._store.path), error=_short(exc))
+            log.warning("state_write_failed", path=str(self._store.path), error=describe_error(exc))
             return
         try:
             self._on_error(exc)
@@ -384,8 +385,3 @@ async def open_state(
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     return (items[start : start + size] for start in range(0, len(items), size))
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:199] + "…"

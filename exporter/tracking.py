@@ -531,10 +531,6 @@ class IngestionTracker:
         upload = self._store.get(ingestion_id)
         return None if upload is None else _view(upload)
 
-    def views(self) -> list[UploadView]:
-        """Every tracked upload, in registration order."""
-        return [_view(upload) for upload in self._store]
-
     def page(self, after: str | None, limit: int, statuses: frozenset[str], examine: int) -> Page:
         """Up to `limit` uploads whose ids sort above `after`, only those in `statuses` if any.
 

@@ -20,6 +20,7 @@ from exporter import exposition as exposition_module
 from exporter.exposition import FAMILIES, UploadExposition
 from exporter.models import ErrorKind, PollError, StatusReport
 from exporter.uploads import UploadStore
+from tests.scrape_body import gzip_scrape_body, scrape_body
 
 REGISTRY = CollectorRegistry()
 
@@ -54,7 +55,7 @@ def from_scratch(
     fresh = UploadStore()
     for upload in store:
         fresh.restore(dataclasses.replace(upload, r_block=None, r_index=0))
-    return new_exposition(fresh, names).render(REGISTRY, openmetrics=openmetrics)
+    return scrape_body(new_exposition(fresh, names), REGISTRY, openmetrics=openmetrics)
 
 
 def filled(n: int, clock: Clock) -> UploadStore:
@@ -72,9 +73,9 @@ def test_a_poll_changing_one_upload_shows_in_the_next_scrape(small_blocks: int) 
     clock = Clock()
     store = filled(50, clock)
     exposition = new_exposition(store)
-    before = exposition.render(REGISTRY, openmetrics=False)
+    before = scrape_body(exposition, REGISTRY, openmetrics=False)
     store.record_report("u0021", StatusReport("DONE", True, "DONE"))
-    after = exposition.render(REGISTRY, openmetrics=False)
+    after = scrape_body(exposition, REGISTRY, openmetrics=False)
     assert after != before
     changed = lines_of(after, "u0021")
     assert 'catalog_upload_status{ingestion_id="u0021",status="DONE"} 1.0' in changed
@@ -89,9 +90,9 @@ def test_a_last_success_refresh_changes_only_that_line(small_blocks: int) -> Non
     store = filled(30, clock)
     store.record_report("u0005", StatusReport("INPROGRESS", False, "INPROGRESS"))
     exposition = new_exposition(store)
-    before = lines_of(exposition.render(REGISTRY, openmetrics=False), "u0005")
+    before = lines_of(scrape_body(exposition, REGISTRY, openmetrics=False), "u0005")
     store.record_report("u0005", StatusReport("INPROGRESS", False, "INPROGRESS"))
-    after = lines_of(exposition.render(REGISTRY, openmetrics=False), "u0005")
+    after = lines_of(scrape_body(exposition, REGISTRY, openmetrics=False), "u0005")
     differing = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
     assert len(differing) == 1
     assert differing[0][1].startswith("catalog_upload_last_success_timestamp_seconds{")
@@ -101,10 +102,10 @@ def test_removing_an_upload_removes_its_lines(small_blocks: int) -> None:
     clock = Clock()
     store = filled(40, clock)
     exposition = new_exposition(store)
-    assert lines_of(exposition.render(REGISTRY, openmetrics=False), "u0013")
+    assert lines_of(scrape_body(exposition, REGISTRY, openmetrics=False), "u0013")
     store.remove("u0013")
     store.retire("u0014")
-    body = exposition.render(REGISTRY, openmetrics=False)
+    body = scrape_body(exposition, REGISTRY, openmetrics=False)
     assert lines_of(body, "u0013") == [] and lines_of(body, "u0014") == []
     assert lines_of(body, "u0012") and lines_of(body, "u0015")
     assert body == from_scratch(store)
@@ -115,13 +116,13 @@ def test_removed_uploads_are_let_go_even_if_nobody_scrapes(small_blocks: int) ->
     clock = Clock()
     store = filled(16, clock)
     exposition = new_exposition(store)
-    exposition.render(REGISTRY, openmetrics=False)
+    scrape_body(exposition, REGISTRY, openmetrics=False)
     for i in range(16, 400):
         store.add(f"u{i:04d}", "api", {})
         store.remove(f"u{i - 16:04d}")
     held = sum(len(block.order) for block in exposition._live.blocks)
     assert held <= len(store) + 2 * len(exposition._live.blocks)
-    assert exposition.render(REGISTRY, openmetrics=False) == from_scratch(store)
+    assert scrape_body(exposition, REGISTRY, openmetrics=False) == from_scratch(store)
 
 
 def test_families_stay_grouped_under_their_headers(small_blocks: int) -> None:
@@ -132,7 +133,7 @@ def test_families_stay_grouped_under_their_headers(small_blocks: int) -> None:
         store.record_report(f"u{i:04d}", StatusReport("INPROGRESS", i % 2 == 0, "x"))
     store.remove("u0007")
     store.add("late", "api", {})
-    body = exposition.render(REGISTRY, openmetrics=True).decode()
+    body = scrape_body(exposition, REGISTRY, openmetrics=True).decode()
     order = [name for name, _ in FAMILIES]
     seen: list[str] = []
     for line in body.splitlines():
@@ -151,12 +152,12 @@ def test_readding_a_removed_upload_before_a_scrape_shows_it_once_at_the_end(
     clock = Clock()
     store = filled(20, clock)
     exposition = new_exposition(store)
-    exposition.render(REGISTRY, openmetrics=False)
+    scrape_body(exposition, REGISTRY, openmetrics=False)
     upload = store.get("u0003")
     assert upload is not None
     store.remove("u0003")
     store.restore(upload)  # the same object back, as from the state file
-    body = exposition.render(REGISTRY, openmetrics=False)
+    body = scrape_body(exposition, REGISTRY, openmetrics=False)
     status_ids = [
         line.split('"')[1]
         for line in body.decode().splitlines()
@@ -195,7 +196,7 @@ def test_many_adds_and_removes_keep_the_output_equal_to_a_from_scratch_render(
             settings["names"] = () if settings["names"] else ("team",)
         if step % 7 == 0:
             openmetrics = step % 2 == 0
-            body = exposition.render(REGISTRY, openmetrics=openmetrics)
+            body = scrape_body(exposition, REGISTRY, openmetrics=openmetrics)
             assert body == from_scratch(store, openmetrics=openmetrics, names=settings["names"]), (
                 step
             )
@@ -216,7 +217,9 @@ def test_sparse_blocks_are_merged_so_the_pieces_stay_few(small_blocks: int) -> N
 
 
 @pytest.mark.parametrize("openmetrics", [False, True])
-def test_gzip_chunks_are_one_gzip_member_of_the_body(small_blocks: int, openmetrics: bool) -> None:
+async def test_gzip_chunks_are_one_gzip_member_of_the_body(
+    small_blocks: int, openmetrics: bool
+) -> None:
     clock = Clock()
     store = filled(50, clock)
     exposition = new_exposition(store)
@@ -224,20 +227,20 @@ def test_gzip_chunks_are_one_gzip_member_of_the_body(small_blocks: int, openmetr
         for i in range(round_, 50, 4):
             store.record_report(f"u{i:04d}", StatusReport("INPROGRESS", False, "INPROGRESS"))
         store.remove(f"u{round_:04d}")
-        compressed = b"".join(exposition.gzip_chunks(REGISTRY, openmetrics=openmetrics))
+        compressed = await gzip_scrape_body(exposition, REGISTRY, openmetrics=openmetrics)
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         plain = decompressor.decompress(compressed)
         # One member, read to its end by a decoder that does not handle concatenated ones.
         assert decompressor.eof and decompressor.unused_data == b""
         assert plain == gzip.decompress(compressed)
-        assert plain == exposition.render(REGISTRY, openmetrics=openmetrics)
+        assert plain == scrape_body(exposition, REGISTRY, openmetrics=openmetrics)
 
 
-def test_an_empty_store_renders_headers_only_and_valid_gzip() -> None:
+async def test_an_empty_store_renders_headers_only_and_valid_gzip() -> None:
     exposition = new_exposition(UploadStore())
-    body = exposition.render(REGISTRY, openmetrics=False)
+    body = scrape_body(exposition, REGISTRY, openmetrics=False)
     assert body.count(b"# TYPE catalog_upload_") == 4
-    assert gzip.decompress(b"".join(exposition.gzip_chunks(REGISTRY, openmetrics=False))) == body
+    assert gzip.decompress(await gzip_scrape_body(exposition, REGISTRY)) == body
 
 
 async def test_precompressing_leaves_the_first_gzip_scrape_only_the_registry_to_compress(
@@ -253,5 +256,5 @@ async def test_precompressing_leaves_the_first_gzip_scrape_only_the_registry_to_
     after = exposition._gzip_job(False, exposition.chunks(REGISTRY, openmetrics=False))
     assert len(before.todo) > 4 * (50 // small_blocks)
     assert [block for _, block, _, _ in after.todo] == [None]  # the registry's head only
-    compressed = b"".join(exposition.gzip_chunks(REGISTRY, openmetrics=False))
-    assert gzip.decompress(compressed) == exposition.render(REGISTRY, openmetrics=False)
+    compressed = await gzip_scrape_body(exposition, REGISTRY)
+    assert gzip.decompress(compressed) == scrape_body(exposition, REGISTRY, openmetrics=False)

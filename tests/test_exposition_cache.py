@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from exporter.exposition import FAMILIES, UploadExposition
 from exporter.models import KNOWN_STATUSES, ErrorKind, PollError, StatusReport
 from exporter.uploads import UploadStore
+from tests.scrape_body import scrape_body
 
 PER_UPLOAD = {name for name, _ in FAMILIES}
 STATUSES = [*KNOWN_STATUSES, "PARTIALLY_DONE"]
@@ -92,7 +93,7 @@ def test_cached_lines_match_the_store_through_random_changes() -> None:
             settings["active"] = not settings["active"]
         if step % 5 == 0:
             openmetrics = step % 10 == 0
-            body = exposition.render(registry, openmetrics=openmetrics)
+            body = scrape_body(exposition, registry, openmetrics=openmetrics)
             expected = expected_samples(store, settings["names"], settings["active"])
             assert rendered_samples(body, openmetrics=openmetrics) == expected, step
 
@@ -103,7 +104,7 @@ def test_active_only_mode_emits_one_status_series_per_upload() -> None:
     for n in range(5):
         store.add(f"u{n}", "config", {})
     exposition = UploadExposition(store, label_names=lambda: (), active_status_only=lambda: True)
-    body = exposition.render(CollectorRegistry(), openmetrics=False).decode()
+    body = scrape_body(exposition, CollectorRegistry(), openmetrics=False).decode()
     status_lines = [line for line in body.splitlines() if line.startswith("catalog_upload_status{")]
     assert len(status_lines) == 5
     assert all(line.endswith(" 1.0") and 'status="UNKNOWN"' in line for line in status_lines)

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from exporter.exposition import CHANGED, FAMILIES, LAST_SUCCESS, REPORT, STATUS, UploadExposition
 from exporter.models import KNOWN_STATUSES, StatusReport
 from exporter.uploads import UploadStore
+from tests.scrape_body import scrape_body
 
 #: Ids and label values that need escaping or are not ASCII, beside plain ones.
 AWKWARD = [
@@ -88,9 +89,13 @@ def both(
     store: UploadStore, label_names: tuple[str, ...], *, active_only: bool, openmetrics: bool
 ) -> tuple[bytes, bytes]:
     """(ours, the oracle's) for the same store and settings."""
-    ours = UploadExposition(
-        store, label_names=lambda: label_names, active_status_only=lambda: active_only
-    ).render(CollectorRegistry(), openmetrics=openmetrics)
+    ours = scrape_body(
+        UploadExposition(
+            store, label_names=lambda: label_names, active_status_only=lambda: active_only
+        ),
+        CollectorRegistry(),
+        openmetrics=openmetrics,
+    )
     registry = CollectorRegistry()
     registry.register(Oracle(store, label_names, active_only))  # type: ignore[arg-type]
     theirs = generate_openmetrics(registry) if openmetrics else generate_latest(registry)

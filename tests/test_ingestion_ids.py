@@ -78,7 +78,7 @@ async def test_the_tracker_refuses_them_from_the_api_and_counts_the_reason(
     assert "invisible format characters" in registration.message
     samples = await running.scrape()
     assert value(samples, REJECTED, reason="format_characters") == 1
-    assert running.exporter.tracker.views() == []
+    assert list(running.exporter.store) == []
 
 
 async def test_a_watched_file_naming_one_is_refused_and_counted(
@@ -101,7 +101,7 @@ async def test_a_watched_file_naming_one_is_refused_and_counted(
         return value(samples, REJECTED, reason="format_characters") == 3
 
     await wait_for(refused_three)
-    assert running.exporter.tracker.views() == []
+    assert list(running.exporter.store) == []
 
 
 def test_a_state_file_record_with_one_is_dropped_and_the_rest_loads(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ async def test_nfc_and_nfd_spellings_of_one_name_are_not_two_uploads(
     assert "NFC" in decomposed.message
     samples = await running.scrape()
     assert value(samples, REJECTED, reason="not_nfc") == 1
-    assert [v.ingestion_id for v in running.exporter.tracker.views()] == ["caf\u00e9"]
+    assert [u.ingestion_id for u in running.exporter.store] == ["caf\u00e9"]
 
 
 async def test_a_watched_file_naming_an_id_not_in_nfc_is_refused_and_counted(
@@ -179,7 +179,7 @@ async def test_a_watched_file_naming_an_id_not_in_nfc_is_refused_and_counted(
         return value(samples, REJECTED, reason="not_nfc") == 2
 
     await wait_for(refused_two)
-    assert running.exporter.tracker.views() == []
+    assert list(running.exporter.store) == []
 
 
 def test_a_state_file_record_not_in_nfc_is_dropped_and_the_rest_loads(tmp_path: Path) -> None:

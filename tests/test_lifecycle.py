@@ -209,7 +209,7 @@ async def test_a_shard_tracks_only_the_ids_it_owns_and_refuses_misdirected_regis
     foreign = next(i for i in ids if shard_of(i, 3) != 1)
     config = fast_config(url, ids, sharding={"total": 3, "index": 1})
     running = await start_exporter(config)
-    assert {view.ingestion_id for view in running.exporter.tracker.views()} == set(owned)
+    assert {upload.ingestion_id for upload in running.exporter.store} == set(owned)
     refused = await running.exporter.tracker.register(foreign, Source.API)
     assert (refused.accepted, refused.reason) == (False, "not_owned")
     assert f"owned by shard {shard_of(foreign, 3)} of 3" in refused.message

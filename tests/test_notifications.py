@@ -224,8 +224,9 @@ async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_its_message_
     ids = [f"ingestion-{n}" for n in range(40)]
     mine = next(i for i in ids if shard.owns(i))
     theirs = next(i for i in ids if not shard.owns(i))
+    store = UploadStore()
     tracker = IngestionTracker(
-        UploadStore(),
+        store,
         max_tracked=100,
         label_names=(),
         on_added=lambda added: None,
@@ -241,7 +242,7 @@ async def test_an_id_another_shard_owns_is_counted_as_not_owned_and_its_message_
         register_unknown=True,
     )
     assert await handler.handle(Named((mine, theirs), enveloped=False), received_at=0.0)
-    assert {v.ingestion_id for v in tracker.views()} == {mine}
+    assert {u.ingestion_id for u in store} == {mine}
     assert [counted(metrics, o) for o in ("unknown_id", "registered", "not_owned")] == [1, 1, 1]
     assert not await handler.handle(Named((mine,), enveloped=False), received_at=0.0)
     last = RELEASE_AFTER_RECEIVES_AT_MOST

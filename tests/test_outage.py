@@ -34,8 +34,9 @@ PHASE_SECONDS = float(os.environ.get("OUTAGE_SECONDS", "10"))
 UPLOADS = 50
 INTERVAL = 0.5
 MAX_BACKOFF = 4.0
-#: With full jitter an upload at the backoff ceiling waits MAX_BACKOFF / 2 on average.
-OUTAGE_RATE_BOUND = 1.5 * UPLOADS * 2 / MAX_BACKOFF
+#: With equal jitter (exporter.backoff) an upload at the backoff ceiling waits 3/4 of
+#: MAX_BACKOFF on average; the bound allows half as much again.
+OUTAGE_RATE_BOUND = 1.5 * UPLOADS / (0.75 * MAX_BACKOFF)
 
 
 class Upstream:

@@ -18,6 +18,7 @@ from exporter.exposition import UploadExposition
 from exporter.models import PollError, StatusReport, ingestion_id_problem
 from exporter.responses import classify_response
 from exporter.uploads import UploadStore
+from tests.scrape_body import scrape_body
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -104,7 +105,7 @@ def test_any_accepted_ids_give_an_exposition_both_parsers_and_promtool_accept(
     accepted = [i for i in ids if ingestion_id_problem(i) is None]
     for ingestion_id in accepted:
         store.add(ingestion_id, "api", {})
-    body = exposition.render(CollectorRegistry(), openmetrics=False)
+    body = scrape_body(exposition, CollectorRegistry(), openmetrics=False)
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     seen = {s.labels["ingestion_id"] for s in families["catalog_upload_status"].samples}
     assert seen == set(accepted)

@@ -268,7 +268,10 @@ async def test_an_api_failure_exits_3_naming_the_kind(
     assert run.code == 3
     assert f"API error ({kind})" in run.stderr
     assert sim.reports.requests == []
-    assert slept == ([1.0, 2.0, 4.0] if kind == "server_error" else [])
+    # Retries wait in the upper half of 1, 2, 4 s (backoff_delay's equal jitter).
+    ceilings = [1.0, 2.0, 4.0] if kind == "server_error" else []
+    assert len(slept) == len(ceilings)
+    assert all(c / 2 <= s <= c for s, c in zip(slept, ceilings, strict=True)), slept
     assert sim.count(ingestion_id="up-1") == len(slept) + 1
 
 

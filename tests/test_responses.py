@@ -8,7 +8,7 @@ import pytest
 from multidict import CIMultiDict
 
 from exporter.models import ErrorKind, PollError, StatusReport
-from exporter.responses import classify_response, parse_retry_after
+from exporter.responses import classify_response, describe_error, parse_retry_after
 
 NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
@@ -178,6 +178,22 @@ def test_error_message_is_shortened_and_stripped_of_control_characters() -> None
     message = error(500, body).message
     assert "\n" not in message and "\r" not in message and "\x00" not in message
     assert len(message) <= 200
+
+
+def test_an_error_is_described_by_its_type_and_cleaned_text() -> None:
+    """describe_error: `Type: text` on one line, at most 200 characters of text, no credential
+    (botocore and SQLite quote what a hostile endpoint or file said)."""
+    hostile = PermissionError("denied\nlevel=error forged token=hunter2 " + "x" * 1000)
+    described = describe_error(hostile)
+    assert described.startswith("PermissionError: denied level=error forged token=")
+    assert "\n" not in described and "hunter2" not in described
+    assert len(described) <= len("PermissionError: ") + 200
+
+
+def test_an_error_without_text_is_described_by_its_type() -> None:
+    """An exception with no message still says what failed."""
+    assert describe_error(TimeoutError()) == "TimeoutError"
+    assert describe_error(ValueError("  \n ")) == "ValueError"
 
 
 PRESIGNED = (

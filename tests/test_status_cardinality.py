@@ -55,7 +55,7 @@ async def test_an_api_answering_a_new_status_on_every_poll_adds_no_series(
     assert len(labelled) == len(EXPOSED_STATUSES)  # the aggregates list each, OTHER too
     counted = value(samples, "catalog_exporter_unknown_statuses_total", exposed_as="OTHER")
     assert counted == UPLOADS * NEW_STATUSES_EACH
-    assert {v.status for v in running.exporter.tracker.views()} == {"INPROGRESS"}
+    assert {u.status for u in running.exporter.store} == {"INPROGRESS"}
     events = [json.loads(line) for line in running.logs.getvalue().splitlines()]
     named = [e["value"] for e in events if e["event"] == "unknown_status_value"]
     assert len(named) == len(set(named)) == MAX_UNKNOWN_VALUES_LOGGED
@@ -88,7 +88,7 @@ def test_a_state_record_with_a_status_outside_the_set_is_restored_as_other_and_r
         UploadRecord("c", ("api",), {}, "DONE", 1.0, 1.0, last_success=1.0),
     ]
     tracker.restore(StateSnapshot(tuple(records), {}))
-    assert {v.ingestion_id: v.status for v in tracker.views()} == {
+    assert {u.ingestion_id: u.status for u in store} == {
         "a": "OTHER",
         "b": "UNKNOWN",
         "c": "DONE",
