@@ -34,6 +34,8 @@ pytestmark = pytest.mark.slow
 UPLOAD = "amzn1.ingestion.rollout-0001"
 #: How long the simulated upload stays INPROGRESS, on the simulator's clock (moved by the test).
 IN_FLIGHT_SECONDS = 3600.0
+#: The queue's visibility timeout in the test (see below).
+VISIBILITY_TIMEOUT_SECONDS = 3
 #: Generous: every wait ends on evidence, this only bounds a broken run.
 TIMEOUT = 60.0
 
@@ -107,6 +109,12 @@ async def test_an_upload_in_flight_when_its_pod_is_replaced_turns_fatal_on_the_n
     sim, api_url = await start_simulator(clock=clock)
     sim.add_upload(UPLOAD, [("INPROGRESS", IN_FLIGHT_SECONDS), ("FATAL", 0)])
     queue = Queue(moto_endpoint, f"catalog-upload-results-{result_sent.replace('_', '-')}")
+    # A stopped exporter's last long poll may still be open at the queue and take a message
+    # sent then; the queue hands it out again after its visibility timeout (30 s by default,
+    # which the second case met in every run). Shortened, so the test waits less for it.
+    queue.client.set_queue_attributes(
+        QueueUrl=queue.url, Attributes={"VisibilityTimeout": str(VISIBILITY_TIMEOUT_SECONDS)}
+    )
     sqs = {"queue_url": queue.url, "endpoint_url": moto_endpoint, "register_unknown": True}
 
     # Pod A: its app drops the upload's file; its sidecar polls it once (interval 600 s).
@@ -134,9 +142,7 @@ async def test_an_upload_in_flight_when_its_pod_is_replaced_turns_fatal_on_the_n
 
     # Pod B (with the queue) and pod C (without) start on empty volumes: neither knows of it.
     pod_b = await run_exporter(api_url, [], sqs, **pod_sections(tmp_path / "pod-b"))
-    pod_c = await run_exporter(
-        api_url, [], {"queue_url": ""}, **pod_sections(tmp_path / "pod-c")
-    )
+    pod_c = await run_exporter(api_url, [], {"queue_url": ""}, **pod_sections(tmp_path / "pod-c"))
     assert await tracked(pod_c) == 0
     if result_sent == "after_pod_b_started":
         assert await tracked(pod_b) == 0
@@ -147,9 +153,9 @@ async def test_an_upload_in_flight_when_its_pod_is_replaced_turns_fatal_on_the_n
     await wait_for(status_is(pod_b, "FATAL"), timeout=TIMEOUT)
     samples = await pod_b.scrape()
     assert value(samples, "catalog_exporter_notifications_total", outcome="registered") == 1
-    assert value(
-        samples, "catalog_upload_status", ingestion_id=UPLOAD, status="FATAL", team=""
-    ), "the message names no label: the series carries none of those pod A's app gave"
+    assert value(samples, "catalog_upload_status", ingestion_id=UPLOAD, status="FATAL", team=""), (
+        "the message names no label: the series carries none of those pod A's app gave"
+    )
     await wait_for(polls(sim, UPLOAD, polls_by_pod_a + 1), timeout=TIMEOUT)
 
     async def deleted() -> bool:
