@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -914,6 +915,46 @@ def test_deploy_kubernetes_takes_its_sidecar_from_the_component(manifests: list[
     assert EXPORTER_IMAGE not in json.dumps(raw)
     (component_exporter,) = sidecar_patch()["initContainers"]
     assert exporter_container(manifests) == component_exporter
+
+
+SIDECAR_SQS = DEPLOY / "components" / "sidecar-sqs"
+
+
+@pytest.fixture(scope="module")
+def sidecar_sqs_app(tmp_path_factory: pytest.TempPathFactory) -> list[Manifest]:
+    """The sample user application with the sidecar and the sidecar-sqs components, rendered."""
+    app = tmp_path_factory.mktemp("sidecar-sqs-app")
+    shutil.copy(SIDECAR_APP / "workloads.yaml", app)
+    components = [os.path.relpath(path, app) for path in (SIDECAR, SIDECAR_SQS)]
+    document = {"resources": ["workloads.yaml"], "components": components}
+    (app / "kustomization.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    return kustomize(app)
+
+
+def test_the_sidecar_sqs_component_differs_from_the_default_only_by_the_result_queue(
+    sidecar_sqs_app: list[Manifest], tmp_path: Path
+) -> None:
+    """Listed after the sidecar, sidecar-sqs puts its config in the one hashed ConfigMap that
+    every labelled workload mounts; the config is the sidecar's default plus a queue with
+    register_unknown (docs/deploying.md, "Rollouts: uploads in flight"), so the two cannot
+    drift, and the exporter's loader accepts it. The rendered objects validate strictly."""
+    configmap = exporter_configmap(sidecar_sqs_app)
+    text = (SIDECAR_SQS / "exporter-config.yaml").read_text(encoding="utf-8")
+    assert configmap["data"] == {"config.yaml": text}
+    for labelled in filter(is_labelled, user_workloads()):
+        workload = one(sidecar_sqs_app, labelled["kind"], labelled["metadata"]["name"])
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["exporter-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    document = yaml.safe_load(text)
+    default = yaml.safe_load((SIDECAR / "exporter-config.yaml").read_text(encoding="utf-8"))
+    assert {k: v for k, v in document.items() if k != "notifications"} == default
+    document["state"]["path"] = str(tmp_path / "state.db")
+    config = parse_config(document, environ={})
+    assert config.notifications.sqs.queue_url.startswith("https://sqs.")
+    assert config.notifications.sqs.register_unknown is True
+    assert config.ingestions.directory == INGESTIONS_DIR
+    problems = schema_problems([m for m in sidecar_sqs_app if m["apiVersion"] != OPERATOR_API])
+    assert not problems, "\n".join(problems)
 
 
 # Runbook links: RUNBOOK_BASE in the Makefile, applied by `make rules`.
