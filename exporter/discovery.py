@@ -59,7 +59,6 @@ import asyncio
 import enum
 import json
 import os
-import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from exporter.boundedjson import MAX_JSON_DEPTH, json_depth_exceeds
 from exporter.metrics import DirectoryMetrics
 from exporter.models import MAX_REGISTRATION_BYTES
 from exporter.tracking import Source, Tracker
@@ -77,14 +77,6 @@ log = structlog.get_logger("exporter.discovery")
 
 #: New or changed files handled between two yields to the event loop.
 BATCH_FILES = 50
-
-#: Deepest nesting of JSON arrays and objects read: an upload file needs 2 (the labels
-#: object); the JSON parser recurses once per level and would exhaust the stack near 1,000.
-MAX_JSON_DEPTH = 32
-
-#: A JSON string (brackets inside do not nest; an unterminated one runs to the end, so that
-#: no position is scanned twice) or a bracket.
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\Z)|[\[\]{}]', re.DOTALL)
 
 
 class FileProblem(enum.StrEnum):
@@ -449,7 +441,7 @@ def _parse(name: str, data: bytes) -> _Named | _Bad:
 
 
 def _parse_json(text: str) -> _Named | _Bad:
-    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
+    if json_depth_exceeds(text, MAX_JSON_DEPTH):
         return _Bad(FileProblem.TOO_DEEP, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         document: Any = json.loads(text)
@@ -464,23 +456,6 @@ def _parse_json(text: str) -> _Named | _Bad:
     if labels is not None and not isinstance(labels, dict):
         return _Bad(FileProblem.BAD_JSON, '"labels" is not a JSON object')
     return _Named(document.get("ingestionId"), labels)
-
-
-def _json_depth_exceeds(text: str, limit: int) -> bool:
-    """True if arrays and objects nest deeper than `limit` (brackets in strings ignored).
-
-    Cheap and forgiving: malformed JSON is left for the parser to refuse.
-    """
-    depth = 0
-    for token in _JSON_TOKENS.finditer(text):
-        bracket = token.group()
-        if bracket in ("[", "{"):
-            depth += 1
-            if depth > limit:
-                return True
-        elif bracket in ("]", "}"):
-            depth -= 1
-    return False
 
 
 def _version_of(status: os.stat_result) -> _Version:

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from exporter.discovery import MAX_JSON_DEPTH, _json_depth_exceeds
+from exporter.boundedjson import MAX_JSON_DEPTH, json_depth_exceeds
 from exporter.metrics import NotificationMetrics
 from exporter.responses import clean_text
 from exporter.scheduler import Trigger
@@ -181,7 +181,7 @@ def _unwrap(envelope: dict[str, Any]) -> Any | Malformed | Confirmation:
 
 
 def _load(text: str) -> Any | Malformed:
-    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
+    if json_depth_exceeds(text, MAX_JSON_DEPTH):
         return Malformed(MalformedKind.TOO_DEEP, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(text)

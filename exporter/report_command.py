@@ -27,6 +27,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from exporter.auth import RequestAuth
+from exporter.auth_setup import AuthFactory, auth_from_config
 from exporter.client import CatalogClient
 from exporter.config import Config, ConfigError, load_config
 from exporter.logs import SecretMask, configure_logging
@@ -39,7 +40,6 @@ from exporter.report import (
     ReportProblem,
     fetch_report,
 )
-from exporter.service import AuthFactory, auth_from_config
 
 __all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "main"]
 

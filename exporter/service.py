@@ -21,9 +21,10 @@ import botocore.session
 import structlog
 from prometheus_client import CollectorRegistry
 
-from exporter.auth import RequestAuth, create_auth
+from exporter.auth import RequestAuth
+from exporter.auth_setup import AuthFactory, auth_from_config
 from exporter.client import CatalogClient
-from exporter.config import AuthConfig, Config
+from exporter.config import Config
 from exporter.discovery import DirectoryWatcher, FileProblem
 from exporter.exposition import UploadExposition
 from exporter.logs import SecretMask, configure_logging
@@ -54,23 +55,8 @@ from exporter.uploads import UploadStore
 
 log = structlog.get_logger("exporter.service")
 
-AuthFactory = Callable[[AuthConfig], RequestAuth]
-
 #: The share of `api.max_requests_per_second` that report link polls may take (0.5 of 5/s).
 REPORT_SHARE = 0.1
-
-
-def auth_from_config(auth: AuthConfig) -> RequestAuth:
-    """The production way to authenticate: exactly what the config says."""
-    return create_auth(
-        type=auth.type,
-        region=auth.region,
-        role_arn=auth.role_arn,
-        token_file=auth.token_file,
-        token_env=auth.token_env,
-        header=auth.header,
-        scheme=auth.scheme,
-    )
 
 
 def _notification_limits(config: Config) -> dict[str, Any]:

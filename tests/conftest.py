@@ -21,10 +21,11 @@ from botocore.credentials import Credentials
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.auth import RequestAuth, SigV4Auth
+from exporter.auth_setup import auth_from_config
 from exporter.config import AuthConfig, Config, parse_config
 from exporter.logs import SecretMask, configure_logging
 from exporter.server import create_app
-from exporter.service import Exporter, auth_from_config
+from exporter.service import Exporter
 from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
 from exporter.simulator import create_app as create_simulator_app
 

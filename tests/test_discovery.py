@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
+from exporter.boundedjson import MAX_JSON_DEPTH
 from exporter.config import Config
 from exporter.discovery import (
     BATCH_FILES,
-    MAX_JSON_DEPTH,
     DirectoryWatcher,
     FileProblem,
 )

@@ -10,8 +10,8 @@ import botocore.session
 import pytest
 from prometheus_client import CollectorRegistry
 
+from exporter.boundedjson import MAX_JSON_DEPTH
 from exporter.config import ConfigError, SqsConfig, parse_config
-from exporter.discovery import MAX_JSON_DEPTH
 from exporter.metrics import NotificationMetrics
 from exporter.notifications import (
     MAX_IDS_PER_MESSAGE,

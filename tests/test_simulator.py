@@ -34,7 +34,7 @@ from exporter.simulator import (
     demo_uploads,
     random_uploads,
 )
-from exporter.simulator import _parser as simulator_parser
+from exporter.simulator.api import _parser as simulator_parser
 from tests.conftest import requests_seen, wait_for
 
 Response = tuple[int, "dict[str, str]", bytes]

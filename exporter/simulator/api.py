@@ -33,8 +33,13 @@ from aiohttp import web
 from botocore.awsrequest import AWSRequest
 
 from exporter.auth import AUTH_TYPES
-from exporter.fakes3 import DEFAULT_LINK_SECONDS, REPORTS_PATH, ReportBucket, ReportRequest
 from exporter.models import TERMINAL_STATUSES
+from exporter.simulator.fakes3 import (
+    DEFAULT_LINK_SECONDS,
+    REPORTS_PATH,
+    ReportBucket,
+    ReportRequest,
+)
 
 __all__ = [
     "API_PATH",
