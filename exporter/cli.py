@@ -8,7 +8,6 @@ be opened.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from exporter import __version__
 from exporter.config import ConfigError, json_schema, load_config
-from exporter.runtime import run_config, run_until_stopped
+from exporter.runtime import load_to_serve, run_config, run_until_stopped
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -72,12 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_until_stopped(lambda: run_demo(port=args.port))
     if args.config is None:
         parser.error("--config PATH is required (or try --demo)")
-    # Start-up builds up to 100,000 uploads: full collections of a growing heap, which finds
-    # no garbage, cost about 1 s of it. `serve` turns the collector back on once it has
-    # frozen what start-up built.
-    gc.disable()
+    load = load_config if args.check_config else load_to_serve  # the latter tunes the GC
     try:
-        config = load_config(args.config)
+        config = load(args.config)
     except ConfigError as exc:
         print(f"catalog-upload-exporter: invalid configuration in {args.config}:", file=sys.stderr)
         for problem in exc.problems:

@@ -22,10 +22,10 @@ import yaml
 from aiohttp import web
 from botocore.credentials import Credentials
 
-from exporter.admin import create_admin_app
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.config import (
     DEFAULT_PORT,
+    AdminConfig,
     ApiConfig,
     AuthConfig,
     Config,
@@ -34,10 +34,7 @@ from exporter.config import (
     PollingConfig,
     ServerConfig,
 )
-from exporter.logs import SecretMask, configure_logging
-from exporter.runtime import Listener, serve
-from exporter.server import create_app
-from exporter.service import Exporter
+from exporter.runtime import build
 from exporter.simulator import (
     DEMO_INVALID_IDS,
     TEST_ACCESS_KEY_ID,
@@ -92,6 +89,7 @@ def demo_config(base_url: str, port: int) -> Config:
         ),
         ingestions=IngestionsConfig(ids=(*uploads, *DEMO_INVALID_IDS)),
         server=ServerConfig(host="127.0.0.1", port=port),
+        admin=AdminConfig(host="127.0.0.1", port=admin_port_for(port)),
         logging=LoggingConfig(level="info", format="console"),
     )
 
@@ -180,7 +178,8 @@ def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
 
 
 async def run_demo(port: int | None = None) -> None:
-    """Start the simulator, then serve the exporter until SIGTERM/SIGINT."""
+    """Start the simulator, then serve the exporter until SIGTERM/SIGINT: built by
+    `runtime.build` as from a config file, with the simulator's test key to sign with."""
     simulator = Simulator(rate_limit=SIMULATOR_RATE_LIMIT, auth="sigv4", error_rate=0.05)
     simulator.add_uploads([*demo_uploads(), REGISTER_EXAMPLE])
     sim_runner = web.AppRunner(create_simulator_app(simulator), access_log=None)
@@ -193,18 +192,12 @@ async def run_demo(port: int | None = None) -> None:
         sim_url = f"http://127.0.0.1:{sim_port}"
         report_config = write_report_config(sim_url, scratch)
         config = demo_config(sim_url, DEFAULT_PORT if port is None else port)
-        mask = SecretMask()
-        configure_logging(config.logging.level, config.logging.format, mask=mask)
-        exporter = Exporter(config, auth_factory=_simulator_auth, secret_mask=mask)
-        admin_app = create_admin_app(exporter.tracker, reports=exporter.fetch_report)
-        await serve(
-            create_app(exporter),
-            config.server.host,
-            config.server.port,
-            admin=Listener(admin_app, "127.0.0.1", admin_port_for(config.server.port)),
+        runtime = build(
+            config,
+            auth_factory=_simulator_auth,
             on_listening=partial(_announce, report_config=report_config),
-            idle_timeout=config.server.idle_timeout_seconds,
         )
+        await runtime.run()
     finally:
         await sim_runner.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)

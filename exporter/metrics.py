@@ -271,6 +271,12 @@ class ExporterMetrics:
             "Scrapes whose client did not read the body within server.write_timeout_seconds.",
             registry=registry,
         )
+        self.task_restarts = Counter(
+            "catalog_exporter_background_task_restarts",
+            "Background tasks restarted after they failed (exporter.supervisor), by task.",
+            ["task"],
+            registry=registry,
+        )
 
     def count_rejected(self, reason: RejectReason) -> None:
         """Count one refused ingestionId."""

@@ -141,7 +141,13 @@ class Poller:
         return max(0.0, self._clock() - heap[0].due) if heap else 0.0
 
     def start(self) -> None:
-        """Start dispatching; uploads already in the store (restored state) are scheduled.
+        """`schedule_store`, then `run` in a task of its own (the exporter runs `run` under
+        its supervisor instead)."""
+        self.schedule_store()
+        self._task = asyncio.create_task(self.run(), name="poller")
+
+    def schedule_store(self) -> None:
+        """Schedule the uploads already in the store (restored state).
 
         Terminal uploads are not polled again: they retire when their retention, counted
         from when they became terminal, runs out.
@@ -154,13 +160,17 @@ class Poller:
                 delay = max(0.0, terminal_at + retention - now)
                 self._schedule(upload.ingestion_id, delay, Action.RETIRE)
         self.track([u.ingestion_id for u in self._store if not u.terminal])
-        self._task = asyncio.create_task(self._dispatch(), name="poller")
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop scheduling, let in-flight polls finish within the grace period, cancel the rest."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.drain(grace_seconds)
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Once `run` has stopped: let in-flight polls finish within the grace period, cancel
+        the rest."""
         if self._inflight:
             _, late = await asyncio.wait(set(self._inflight), timeout=grace_seconds)
             for task in late:
@@ -209,7 +219,9 @@ class Poller:
         self._settings = settings
         self._semaphore = asyncio.Semaphore(max_concurrency)
 
-    async def _dispatch(self) -> None:
+    async def run(self) -> None:
+        """Start the polls as they fall due, until cancelled; a new `run` after a failure
+        picks up the schedules where they were."""
         while True:
             ingestion_id = await self._next_due()
             self._busy.add(ingestion_id)

@@ -1,27 +1,22 @@
 """The exporter's HTTP face: /metrics, /healthz, /readyz and a landing page.
 
 Handlers only read state the poller keeps up to date; none of them waits on the Catalog
-API. The exporter's lifecycle (and the config reloader's, and the event loop lag tick's) hangs
-off the app's cleanup_ctx.
+API. Nothing here starts or stops anything: `runtime` does, and serves this app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
-from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
-from exporter.looplag import measure_loop_lag
-from exporter.reload import ConfigReloader
 from exporter.service import Exporter
 
 EXPORTER = web.AppKey("exporter", Exporter)
-RELOADER = web.AppKey("reloader", ConfigReloader)
 
 log = structlog.get_logger("exporter.server")
 
@@ -45,40 +40,15 @@ _LANDING = """<!DOCTYPE html>
 """
 
 
-def create_app(exporter: Exporter, reloader: ConfigReloader | None = None) -> web.Application:
-    """The aiohttp application; starting it starts polling, cleaning it up stops polling."""
+def create_app(exporter: Exporter) -> web.Application:
+    """The aiohttp application serving `exporter`'s endpoints (`runtime` starts the exporter)."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[EXPORTER] = exporter
-    if reloader is not None:
-        app[RELOADER] = reloader
-    app.cleanup_ctx.append(_run_exporter)
-    app.cleanup_ctx.append(_measure_loop_lag)
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
-
-
-async def _run_exporter(app: web.Application) -> AsyncIterator[None]:
-    exporter = app[EXPORTER]
-    await exporter.start()
-    reloader = app.get(RELOADER)
-    watcher = asyncio.create_task(reloader.run(), name="config-reloader") if reloader else None
-    yield
-    if watcher is not None:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-    await exporter.stop()
-
-
-async def _measure_loop_lag(app: web.Application) -> AsyncIterator[None]:
-    ticker = asyncio.create_task(
-        measure_loop_lag(app[EXPORTER].metrics.loop_lag.observe), name="loop-lag"
-    )
-    yield
-    ticker.cancel()
-    await asyncio.gather(ticker, return_exceptions=True)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

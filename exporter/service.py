@@ -1,18 +1,18 @@
 """Wiring of one running exporter: store, tracker, rate limiter, client, poller, state, discovery,
 notifications.
 
-`Exporter` builds the parts from a `Config`, starts and stops them (its background tasks are
-owned here and awaited on stop), and applies a reloaded config to the running parts. It does
-no HTTP serving (see `server` and `admin`) and no file watching of the config (see `reload`).
+`Exporter` builds the parts from a `Config`, starts and stops them (their background tasks run
+under its `Supervisor`, which stops them in a fixed order), and applies a reloaded config to the
+running parts. It does no HTTP serving (see `server` and `admin`), no file watching of the config
+(see `reload`), and no process set-up (see `runtime`, which builds it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,6 +50,7 @@ from exporter.scheduler import Poller
 from exporter.sharding import Shard
 from exporter.sqs import AwsSessions, QueueErrorKind, QueueReceiver
 from exporter.state_writer import StateWriter, UnavailableState, open_state
+from exporter.supervisor import Stage, Supervisor
 from exporter.tracking import ConfigIdsChange, IngestionTracker
 from exporter.uploads import UploadStore
 
@@ -134,15 +135,14 @@ class Exporter:
         self._session: aiohttp.ClientSession | None = None
         self._poller: Poller | None = None
         self._state: StateWriter | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        # The config the next restart of a background task (by name) is built from.
-        self._wanted: dict[str, Config] = {}
+        #: Every background task of this exporter (and the runtime's reloader and loop lag tick).
+        self.supervisor = Supervisor(restarts=self.metrics.task_restarts)
         self.metrics.config_loaded(ok=True)
 
     @property
     def ready(self) -> bool:
         """Config loaded, state restored and the poll loop running."""
-        return self._poller is not None and self._poller.running
+        return self._poller is not None and self.supervisor.running("poller")
 
     async def start(self) -> None:
         """Restore state, apply the config's ids, open the session and start polling."""
@@ -165,11 +165,20 @@ class Exporter:
             release_invalid=self.tracker.release_invalid,
             rng=self._rng,
         )
-        self._poller.start()
+        poller = self._poller
+        poller.schedule_store()
+        self.supervisor.start(
+            "poller",
+            poller.run,
+            Stage.POLLING,
+            after=lambda: poller.drain(grace_seconds=self.config.api.timeout_seconds),
+        )
         pause = self._rebuild_pause
-        rebuilds = self.exposition.run() if pause is None else self.exposition.run(pause)
-        self._spawn("exposition-rebuilder", rebuilds)
-        self._spawn("exposition-precompress", self.exposition.precompress())
+        rebuilds = (
+            self.exposition.run if pause is None else functools.partial(self.exposition.run, pause)
+        )
+        self.supervisor.start("exposition-rebuilder", rebuilds, Stage.OUTPUT)
+        self.supervisor.start("exposition-precompress", self.exposition.precompress, Stage.OUTPUT)
         self._start_watcher(self.config)
         self._start_notifications(self.config)
         log.info(
@@ -180,17 +189,10 @@ class Exporter:
         )
 
     async def stop(self) -> None:
-        """Stop scheduling and discovery, let in-flight polls end within the API timeout,
-        write the state a last time, close the session."""
-        await self._cancel("notifications-restart")
-        await self._cancel("notifications")
-        await self._cancel("directory-watcher-restart")
-        await self._cancel("directory-watcher")
-        if self._poller is not None:
-            await self._poller.stop(grace_seconds=self.config.api.timeout_seconds)
-        await self._cancel("state-writer")  # its run() writes the last changes on cancel
-        await self._cancel("exposition-rebuilder")
-        await self._cancel("exposition-precompress")
+        """Stop every background task in the supervisor's order (reloads, discovery and
+        notifications, then the poller, whose in-flight polls get the API timeout to end,
+        then the state writer, which writes the last changes), then close the session."""
+        await self.supervisor.stop()
         if self._session is not None:
             await self._session.close()
         log.info("exporter_stopped")
@@ -219,9 +221,13 @@ class Exporter:
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
         watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
         if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
-            self._restart("directory-watcher", new, self._start_watcher)
+            self.supervisor.replace(
+                "directory-watcher", functools.partial(self._start_watcher, new)
+            )
         if new.notifications != old.notifications:
-            self._restart("notifications", new, self._start_notifications)
+            self.supervisor.replace(
+                "notifications", functools.partial(self._start_notifications, new)
+            )
         for section in ("server", "admin", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
@@ -300,7 +306,7 @@ class Exporter:
         self.tracker.attach_state(writer)
         self.tracker.restore(result.snapshot)
         log.info("state_restored", path=str(path), uploads=len(result.snapshot.uploads))
-        self._spawn("state-writer", writer.run())
+        self.supervisor.start("state-writer", writer.run, Stage.OUTPUT)
 
     def _state_write_failed(self, error: Exception) -> None:
         self.metrics.state_write_errors.inc()
@@ -334,7 +340,7 @@ class Exporter:
                 poll_seconds=config.ingestions.directory_poll_seconds,
                 metrics=self.directory_metrics,
             )
-            self._spawn("directory-watcher", watcher.run())
+            self.supervisor.start("directory-watcher", watcher.run, Stage.SOURCES)
 
     def _start_notifications(self, config: Config) -> None:
         """Receive from the configured queue, if any: its messages trigger polls."""
@@ -361,37 +367,10 @@ class Exporter:
             sessions=self._aws_sessions,
             rng=self._rng,
         )
-        self._spawn("notifications", self._receiver.run())
-
-    def _restart(self, name: str, config: Config, start: Callable[[Config], None]) -> None:
-        """Replace background task `name` by `start(config)`. Reloads in quick succession
-        share one restart, which awaits the old task's end and then starts the latest
-        config's only: none is ever left running unowned (a second restart task used to
-        overwrite the first by name, and both started one)."""
-        self._wanted[name] = config
-        running = self._tasks.get(f"{name}-restart")
-        if running is None or running.done():
-            self._spawn(f"{name}-restart", self._replace(name, start))
-
-    async def _replace(self, name: str, start: Callable[[Config], None]) -> None:
-        while True:
-            config = self._wanted[name]
-            await self._cancel(name)
-            if config is self._wanted[name]:  # else a reload came meanwhile: again
-                start(config)
-                return
+        self.supervisor.start("notifications", self._receiver.run, Stage.SOURCES)
 
     def _held_queue_secrets(self) -> tuple[str, ...]:
         return () if self._receiver is None else self._receiver.held_secrets()
-
-    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
-        self._tasks[name] = asyncio.create_task(work, name=name)
-
-    async def _cancel(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     def _held_api_secrets(self) -> tuple[str, ...]:
         return () if self._auth is None else self._auth.held_secrets()

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real simulator and a real exporter, both on loopback HTTP."""
+"""Shared fixtures: a real simulator and a real exporter, both on loopback HTTP.
+
+The exporter is built and started by `exporter.runtime.build`, as in production: the same
+listeners, supervisor, GC freeze and switch interval (only the signals are left out).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.auth import RequestAuth, SigV4Auth
 from exporter.auth_setup import auth_from_config
 from exporter.config import AuthConfig, Config, parse_config
-from exporter.logs import SecretMask, configure_logging
-from exporter.server import create_app
+from exporter.runtime import Runtime, build
 from exporter.service import Exporter
 from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
 from exporter.simulator import create_app as create_simulator_app
@@ -108,18 +111,24 @@ def simulator_sigv4_auth(_: AuthConfig) -> RequestAuth:
 
 
 class RunningExporter:
-    """An exporter served on loopback, with helpers to scrape it."""
+    """An exporter served on loopback (and its admin API), with helpers to scrape it."""
 
-    def __init__(self, exporter: Exporter, server: TestServer, logs: io.StringIO) -> None:
-        self.exporter = exporter
-        self.server = server
+    def __init__(self, runtime: Runtime, logs: io.StringIO) -> None:
+        assert runtime.url is not None, "started"
+        self.runtime = runtime
+        self.exporter: Exporter = runtime.exporter
         self.logs = logs
-        self.url = str(server.make_url("/"))
+        self.url = runtime.url + "/"
+        self.admin_url = runtime.admin_url
+
+    async def stop(self) -> None:
+        """Stop it as SIGTERM would (listeners, then the background work in order)."""
+        await self.runtime.stop()
 
     async def get(self, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
         async with (
             ClientSession() as session,
-            session.get(self.server.make_url(path), headers=headers) as response,
+            session.get(self.url + path.lstrip("/"), headers=headers) as response,
         ):
             return response.status, dict(response.headers), await response.read()
 
@@ -201,6 +210,7 @@ def fast_config(base_url: str, ids: list[str], **overrides: Any) -> Config:
         },
         "ingestions": {"ids": ids},
         "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"port": 0},
         "logging": {"level": "debug"},
     }
     for section, values in overrides.items():
@@ -210,24 +220,22 @@ def fast_config(base_url: str, ids: list[str], **overrides: Any) -> Config:
 
 @pytest.fixture
 async def start_exporter() -> AsyncIterator[ExporterFactory]:
-    """Start exporters on loopback: `running = await start_exporter(config, auth_factory=...)`."""
-    servers: list[TestServer] = []
+    """Start exporters on loopback through the production builder (`runtime.build`):
+    `running = await start_exporter(config, auth_factory=...)`; `config_path` adds the
+    reloader. Every one is stopped at the end."""
+    started: list[Runtime] = []
 
     async def start(config: Config, **kwargs: Any) -> RunningExporter:
         logs = io.StringIO()
-        mask = kwargs.setdefault("secret_mask", SecretMask())
-        configure_logging(config.logging.level, config.logging.format, stream=logs, mask=mask)
         kwargs.setdefault("auth_factory", auth_from_config)
-        kwargs.setdefault("log_stream", logs)
-        exporter = Exporter(config, **kwargs)
-        server = TestServer(create_app(exporter), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return RunningExporter(exporter, server, logs)
+        runtime = build(config, log_stream=logs, **kwargs)
+        started.append(runtime)
+        await runtime.start()
+        return RunningExporter(runtime, logs)
 
     yield start
-    for server in servers:
-        await server.close()
+    for runtime in reversed(started):
+        await runtime.stop()
 
 
 def launch_exporter(

@@ -72,9 +72,7 @@ async def test_gzip_is_served_when_the_scraper_accepts_it(
 
     async with (
         ClientSession(auto_decompress=False) as session,
-        session.get(
-            running.server.make_url("/metrics"), headers={"Accept-Encoding": "gzip"}
-        ) as response,
+        session.get(running.url + "metrics", headers={"Accept-Encoding": "gzip"}) as response,
     ):
         assert response.headers["Content-Encoding"] == "gzip"
         raw = await response.read()
@@ -96,7 +94,7 @@ async def test_the_gzip_body_is_the_identity_body_compressed(
         async with ClientSession(auto_decompress=False) as session:
             for encoding in ("gzip", "identity"):
                 async with session.get(
-                    running.server.make_url("/metrics"),
+                    running.url + "metrics",
                     headers={**headers, "Accept-Encoding": encoding},
                 ) as response:
                     raw = await response.read()

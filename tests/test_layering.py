@@ -315,7 +315,8 @@ def test_no_exporter_module_imports_one_that_imports_it_back() -> None:
 
 
 def test_only_the_cli_and_the_demo_reach_the_runtime() -> None:
-    """Start-up and shutdown live in runtime; the parts below it never start a server."""
+    """Start-up and shutdown live in runtime, the composition root; the parts below it never
+    start a server (the demo builds through it)."""
     graph = import_graph()
     users = {name for name, targets in graph.items() if "runtime" in targets}
     assert users <= {"cli", "demo"}
@@ -392,3 +393,57 @@ def test_the_private_name_check_catches_planted_uses() -> None:
 def test_no_module_uses_another_modules_private_names() -> None:
     """A module's private names can change without a look at the others."""
     assert private_name_violations(read_package()) == []
+
+
+#: Process-wide settings and app lifecycle hooks: what only the composition root may touch.
+PROCESS_LEVERS = {
+    ("gc", "disable"),
+    ("gc", "enable"),
+    ("gc", "freeze"),
+    ("gc", "unfreeze"),
+    ("sys", "setswitchinterval"),
+}
+LIFECYCLE_ATTRIBUTES = {"add_signal_handler", "cleanup_ctx", "on_startup", "on_cleanup"}
+#: The fake Catalog API is a program of its own (`python -m exporter.simulator`).
+OWN_PROGRAMS = {"simulator", "fakes3"}
+
+
+def process_levers(source: str) -> set[str]:
+    """`gc.freeze`, `sys.setswitchinterval`, signal handlers, aiohttp lifecycle hooks used."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            if (owner, node.attr) in PROCESS_LEVERS:
+                found.add(f"{owner}.{node.attr}")
+            elif node.attr in LIFECYCLE_ATTRIBUTES:
+                found.add(node.attr)
+    return found
+
+
+def test_the_lever_finder_finds_a_planted_freeze_and_hook() -> None:
+    """The check below can fail: a module freezing the GC or adding a cleanup_ctx is seen."""
+    source = "import gc\ngc.freeze()\napp.cleanup_ctx.append(f)\n"
+    assert process_levers(source) == {"gc.freeze", "cleanup_ctx"}
+
+
+def test_only_the_runtime_sets_process_settings_signals_and_lifecycles() -> None:
+    """GC, switch interval, signal handlers and start/stop hooks live in the composition
+    root (runtime), not in the CLI, the HTTP faces or the service."""
+    users = {
+        path.stem: levers
+        for path in PACKAGE.glob("*.py")
+        if path.stem not in {"runtime", *OWN_PROGRAMS}
+        and (levers := process_levers(path.read_text(encoding="utf-8")))
+    }
+    assert users == {}
+    assert process_levers((PACKAGE / "runtime.py").read_text(encoding="utf-8")) >= {
+        "gc.freeze",
+        "sys.setswitchinterval",
+        "add_signal_handler",
+    }
+
+
+def test_the_supervisor_knows_nothing_of_what_it_runs() -> None:
+    """The supervisor imports no exporter module: the service and the runtime hand it work."""
+    assert import_graph()["supervisor"] == set()

@@ -34,7 +34,7 @@ async def test_registered_ids_survive_a_restart_with_their_state(
     await wait_for(first.status_is("api-busy", "INPROGRESS"))
     done_before = first.exporter.store.get("api-done")
     assert done_before is not None and done_before.terminal_at is not None
-    await first.server.close()  # a clean stop writes the state a last time
+    await first.stop()  # a clean stop writes the state a last time
     polls_of_done = sim.count(ingestion_id="api-done")
 
     second = await start_exporter(config)
@@ -60,7 +60,7 @@ async def test_an_id_dropped_from_the_config_while_stopped_is_gone_after_restart
     first = await start_exporter(fast_config(url, ["keep", "drop"], state=state))
     await wait_for(first.status_is("drop", "INPROGRESS"))
     await wait_for(first.status_is("keep", "INPROGRESS"))
-    await first.server.close()
+    await first.stop()
     second = await start_exporter(fast_config(url, ["keep"], state=state))
     assert await second.status_of("drop") is None
     assert await second.status_of("keep") == "INPROGRESS"

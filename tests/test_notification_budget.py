@@ -62,7 +62,7 @@ async def test_forged_notifications_fill_only_their_own_cap_and_admin_ids_still_
         reason=RejectReason.NOTIFICATION_CAP.value,
     )
     assert refused == 100 * 100 - 20
-    await first.server.close()  # stops the exporter; the state keeps the 20
+    await first.stop()  # stops the exporter; the state keeps the 20
 
     again = await start_exporter(config)
     exporter = again.exporter
