@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -130,9 +131,6 @@ class Served:
     url: str
     port: int
     registry: CollectorRegistry
-
-
-ServeFactory = Callable[[Path], "asyncio.Future[Served]"]
 
 
 @pytest.fixture
@@ -408,7 +406,6 @@ def test_relative_file_names_are_relative_to_the_web_config_file(tmp_path: Path)
     """As exporter-toolkit's SetDirectory: not the working directory."""
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "web.yml"
-    path.write_text(tls_config() + "  client_ca_file: /etc/ca.pem\n")
     path.write_text(tls_config(client_auth_type="VerifyClientCertIfGiven", client_ca_file="/c"))
     tls = load_web_config(path).tls_server_config
     assert tls.cert_file == str(tmp_path / "conf" / "server.pem")
@@ -512,3 +509,30 @@ async def test_no_password_or_hash_reaches_a_log_or_an_error(
         load_web_config(path)
     assert HASH[:20] not in str(caught.value)
     assert "got a string of 59 characters (not shown)" in str(caught.value)
+
+
+def test_the_web_config_in_docs_security_is_valid(tmp_path: Path) -> None:
+    """The ready-to-copy web config of docs/security.md loads as it stands."""
+    text = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    section = text.split("## TLS and authentication", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "web.yml"
+    path.write_text(block)
+    config = load_web_config(path)
+    assert config.tls_server_config.client_auth_type == "RequireAndVerifyClientCert"
+    assert list(config.basic_auth_users) == ["prometheus"]
+    assert config.warnings() == []
+
+
+async def test_an_inline_certificate_and_key_are_served(
+    pki: Pki, serve: Callable[[Path], object]
+) -> None:
+    """cert and key inline (exporter-toolkit's alternative to the files) work the same."""
+    cert, key = pki.server(serial=5)
+    text = (
+        "tls_server_config:\n"
+        f"  cert: {json.dumps(cert.read_text())}\n"
+        f"  key: {json.dumps(key.read_text())}\n"
+    )
+    served: Served = await serve(write_config(pki, text))  # type: ignore[misc]
+    assert await served_serial(served.port, pki.client_context()) == 5
