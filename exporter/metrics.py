@@ -289,6 +289,29 @@ class ExporterMetrics:
             self.reload_success_timestamp.set(time.time())
 
 
+class WebConfigMetrics:
+    """The web config's reloads (`webconfig`), as Prometheus reports its own config's."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reload_successful = Gauge(
+            "catalog_exporter_web_config_last_reload_successful",
+            "1 if the last load or reload of the web config (and its certificate, key and CA "
+            "files) succeeded, else 0.",
+            registry=registry,
+        )
+        self.reload_success_timestamp = Gauge(
+            "catalog_exporter_web_config_last_reload_success_timestamp_seconds",
+            "When the web config was last loaded successfully.",
+            registry=registry,
+        )
+
+    def web_config_loaded(self, *, ok: bool, now: float) -> None:
+        """Record the outcome of a load or reload; a failed one leaves the last good in force."""
+        self.reload_successful.set(1 if ok else 0)
+        if ok:
+            self.reload_success_timestamp.set(now)
+
+
 class DirectoryMetrics:
     """The watched directory's health: files it cannot use, and scans that fail."""
 
