@@ -34,7 +34,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from exporter.client import READ_CHUNK_BYTES, CatalogClient
-from exporter.models import RETRYABLE_ERRORS, PollError
+from exporter.models import RETRYABLE_ERRORS, ErrorKind, PollError, PollOutcome
 from exporter.responses import clean_text
 
 __all__ = [
@@ -207,19 +207,33 @@ async def fetch_report(
     *,
     retries: int = 0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_throttled: Callable[[float | None], None] | None = None,
 ) -> ReportOutcome:
     """Poll the API for a fresh link, then download the report into `sink`.
 
     A throttled, failed or unanswered poll is tried again up to `retries` times, after the
     server's Retry-After or 1, 2, 4... seconds: the exporter may be using the API's budget.
+    Each 429 is also told to `on_throttled` (with its Retry-After): a link poll that took the
+    rate limiter's token must slow it when throttled, as a poll does.
     """
-    outcome, link = await client.fetch_report_link(ingestion_id)
+
+    async def poll() -> tuple[PollOutcome, str]:
+        outcome, link = await client.fetch_report_link(ingestion_id)
+        if (
+            on_throttled is not None
+            and isinstance(outcome, PollError)
+            and outcome.kind is ErrorKind.THROTTLED
+        ):
+            on_throttled(outcome.retry_after)
+        return outcome, link
+
+    outcome, link = await poll()
     for attempt in range(retries):
         if not (isinstance(outcome, PollError) and outcome.kind in RETRYABLE_ERRORS):
             break
         delay = outcome.retry_after if outcome.retry_after is not None else 2.0**attempt
         await sleep(min(delay, _MAX_RETRY_DELAY_SECONDS))
-        outcome, link = await client.fetch_report_link(ingestion_id)
+        outcome, link = await poll()
     if isinstance(outcome, PollError):
         detail = f": {outcome.message}" if outcome.message else ""
         code = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""
