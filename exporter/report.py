@@ -36,7 +36,7 @@ from aiohttp.resolver import DefaultResolver
 
 from exporter.backoff import backoff_delay
 from exporter.client import READ_CHUNK_BYTES, CatalogClient
-from exporter.models import RETRYABLE_ERRORS, PollError
+from exporter.models import RETRYABLE_ERRORS, ErrorKind, PollError, PollOutcome
 from exporter.responses import clean_text
 
 __all__ = [
@@ -210,15 +210,29 @@ async def fetch_report(
     retries: int = 0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
+    on_throttled: Callable[[float | None], None] | None = None,
 ) -> ReportOutcome:
     """Poll the API for a fresh link, then download the report into `sink`.
 
     A throttled, failed or unanswered poll is tried again up to `retries` times, after a
     `backoff_delay` from 1 s (and no sooner than the server's Retry-After), 10 s at most:
     the exporter may be using the API's budget, and someone is waiting at a terminal.
+    Each 429 is also told to `on_throttled` (with its Retry-After): a link poll that took the
+    rate limiter's token must slow it when throttled, as a poll does.
     """
     rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-    outcome, link = await client.fetch_report_link(ingestion_id)
+
+    async def poll() -> tuple[PollOutcome, str]:
+        outcome, link = await client.fetch_report_link(ingestion_id)
+        if (
+            on_throttled is not None
+            and isinstance(outcome, PollError)
+            and outcome.kind is ErrorKind.THROTTLED
+        ):
+            on_throttled(outcome.retry_after)
+        return outcome, link
+
+    outcome, link = await poll()
     for attempt in range(1, retries + 1):
         if not (isinstance(outcome, PollError) and outcome.kind in RETRYABLE_ERRORS):
             break
@@ -231,7 +245,7 @@ async def fetch_report(
                 retry_after=outcome.retry_after,
             )
         )
-        outcome, link = await client.fetch_report_link(ingestion_id)
+        outcome, link = await poll()
     if isinstance(outcome, PollError):
         detail = f": {outcome.message}" if outcome.message else ""
         code = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""

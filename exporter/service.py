@@ -238,14 +238,21 @@ class Exporter:
         """One upload's processing report into `sink` (the admin API's report route).
 
         The API call goes through the poller's client and the rate limiter, like a poll, after
-        a token of `report_pacing`, the reports' share of it.
+        a token of `report_pacing`, the reports' share of it; a 429 to it slows the limiter,
+        as a poll's does.
         """
         if self._poller is None:
             return ReportFailure(ReportProblem.API_ERROR, "not_started", "not polling yet")
         await self.report_pacing.acquire()
         api = self.config.api
         limits = DownloadLimits(api.max_report_bytes, allowed_hosts=frozenset(api.report_hosts))
-        outcome = await fetch_report(self._poller.client, ingestion_id, sink, limits)
+        outcome = await fetch_report(
+            self._poller.client,
+            ingestion_id,
+            sink,
+            limits,
+            on_throttled=self.limiter.on_throttled,
+        )
         if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
             return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
         return outcome

@@ -7,8 +7,11 @@ hold up the process's exit. Messages are parsed there too (`notifications.parse_
 then handled on the loop, then deleted in one batch, malformed ones included (a message
 naming an id another replica owns goes back to the queue instead, for its owner). Queue errors
 are counted by kind and retried with jittered exponential backoff; polling of the Catalog
-API never waits on the queue. No secret reaches a log: botocore's messages are cleaned,
-and the credentials in use are offered to the log mask (`held_secrets`).
+API never waits on the queue. A receiver cancelled (a reload, a stop) hands back what it holds:
+the late result of its long poll, or what it had not yet deleted or put back of a batch, is
+made visible again at once rather than after the visibility timeout. No secret reaches a
+log: botocore's messages are cleaned, and the credentials in use are offered to the log mask
+(`held_secrets`).
 """
 
 from __future__ import annotations
@@ -216,13 +219,26 @@ class _Worker:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._calls.put(_Call(call, loop, future, abandoned))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled after the result arrived but before this task resumed: the thread
+            # counts it as taken, so it is handed back from here.
+            taken = future.done() and not future.cancelled() and future.exception() is None
+            if abandoned is not None and taken:
+                self.later(functools.partial(abandoned, future.result()))
+            raise
+
+    def later(self, call: Callable[[], None]) -> None:
+        """Run `call` on the thread after the calls queued so far; a failure is logged."""
+        if self._thread is not None:
+            self._calls.put(call)
 
     def close(self, last: Callable[[], None] | None = None) -> None:
         """Let the thread end once the calls queued (then `last`, if given) have run."""
         if self._thread is not None:
             if last is not None:
-                self._calls.put(last)
+                self.later(last)
             self._calls.put(None)
             self._thread = None
 
@@ -353,6 +369,20 @@ class QueueReceiver:
             if self._settings.wait_seconds == 0:
                 await self._sleep(SHORT_POLL_PAUSE_SECONDS)
             return
+        given: set[str] = set()  # the handles a delete or a release has taken
+        try:
+            await self._handle(batch, given)
+        except asyncio.CancelledError:
+            # Stopped mid-batch (a reload, a stop): what no delete or release took is made
+            # visible again at once, as a long poll's late messages are (`_hand_back`).
+            left = [message for message in batch if message.handle not in given]
+            if left:
+                self._worker.later(functools.partial(self._hand_back, left))
+            raise
+
+    async def _handle(self, batch: list[Received], given: set[str]) -> None:
+        """Handle a batch, then delete it, putting back what other replicas own; `given`
+        gets each handle as its delete or release call is queued (from then on it runs)."""
         received_at = self._clock()
         self._metrics.last_received.set(time.time())
         done: list[str] = []
@@ -370,6 +400,7 @@ class QueueReceiver:
                 released.append((message.handle, message.receive_count))
             elif message.handle:
                 done.append(message.handle)
+        given.update(done)
         await self._dispose(done, self._delete, "delete", QueueErrorKind.DELETE_FAILED)
         if released and len(released) == len(batch):
             if self._foreign_since is None:
@@ -379,6 +410,7 @@ class QueueReceiver:
         foreign_for = 0.0 if self._foreign_since is None else received_at - self._foreign_since
         handles = [handle for handle, _ in released]
         visible_in = [release_visibility(n, self._rng, foreign_for) for _, n in released]
+        given.update(handles)
         await self._dispose(
             handles,
             lambda handles: self._release(handles, visible_in),

@@ -199,8 +199,9 @@ class StateWriter:
                     delay = self._debounce
                     if self._failed_at is not None:
                         delay = max(delay, self._failed_at + self._retry_delay - loop.time())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), delay)
+                    with contextlib.suppress(TimeoutError):  # not wait_for either (above)
+                        async with asyncio.timeout(delay):
+                            await self._urgent.wait()
                 self._wake.clear()
                 self._urgent.clear()
                 # No await between clearing the events and cutting the batch: whatever is

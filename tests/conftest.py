@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +239,51 @@ async def start_exporter() -> AsyncIterator[ExporterFactory]:
         await runtime.stop()
 
 
-def launch_exporter(
-    directory: Path, config: Mapping[str, Any]
-) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start `python -m exporter` on `config` (written to directory/config.yaml); its output
-    goes to directory/exporter.log, returned beside the process."""
-    config_file = directory / "config.yaml"
-    config_file.write_text(json.dumps(config))  # JSON is YAML
-    log = directory / "exporter.log"
+#: How the tests start the exporter: as `python -m exporter`, with this Python.
+EXPORTER_COMMAND = (sys.executable, "-m", "exporter")
+
+
+def launch(
+    argv: Sequence[str],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+) -> subprocess.Popen[bytes]:
+    """Start a process whose stdout and stderr both go to `log` (read it as it grows); the
+    one place the tests start the exporter, or the simulator, as a process of its own."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config_file)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
+        return subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=stdin, env=env, cwd=cwd
         )
-    return proc, log
+
+
+def launch_exporter(
+    directory: Path,
+    config: Mapping[str, Any] | Path | None,
+    *,
+    args: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `python -m exporter` on `config` (a mapping is written to
+    directory/config.yaml; a path is used as it is; None gives no --config), then `args`,
+    behind `prefix` (a wrapper such as prlimit). Its output goes to a new
+    directory/exporter[-N].log, returned beside the process."""
+    argv = [*prefix, *EXPORTER_COMMAND]
+    if isinstance(config, Path):
+        argv += ["--config", str(config)]
+    elif config is not None:
+        config_file = directory / "config.yaml"
+        config_file.write_text(json.dumps(config))  # JSON is YAML
+        argv += ["--config", str(config_file)]
+    argv += args
+    log = directory / "exporter.log"
+    for n in itertools.count(2):
+        if not log.exists():
+            break
+        log = directory / f"exporter-{n}.log"
+    return launch(argv, log, env=env, cwd=cwd, stdin=stdin), log

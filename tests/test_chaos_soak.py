@@ -28,7 +28,6 @@ import random
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -42,7 +41,7 @@ import aiohttp
 import pytest
 
 from exporter.simulator import Fault, FaultKind, SimulatedUpload, Simulator, Step
-from tests.conftest import free_port, parse_exposition, wait_for
+from tests.conftest import free_port, launch_exporter, parse_exposition, wait_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.slow]
 
@@ -193,9 +192,7 @@ async def test_exporter_converges_after_a_chaos_soak_with_nothing_lost_or_leaked
         "logging": {"level": "debug"},
         "reload": {"watch_interval_seconds": 0},
     }
-    (directory / "config.yaml").write_text(json.dumps(config))
-    log_path = directory / "exporter.log"
-    proc = spawn_exporter(directory / "config.yaml", log_path)
+    proc, log_path = launch_exporter(directory, config)
     procs.append(proc)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     api_url = f"http://127.0.0.1:{admin_port}/api/v1/ingestions"
@@ -303,15 +300,6 @@ async def test_exporter_converges_after_a_chaos_soak_with_nothing_lost_or_leaked
     assert max(watch.latencies) < 1.0, f"slowest scrape {max(watch.latencies):.3f} s"
     assert summary["injected"]["total"] >= 200, "too few faults to mean anything"
     assert rss_did_not_keep_growing(rss_during_faults), summary["rss_mib"]
-
-
-def spawn_exporter(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
 
 
 async def wait_ready(

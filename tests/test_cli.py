@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,16 +22,19 @@ from exporter.demo import cli_command, demo_config
 from exporter.simulator import Fault
 from exporter.yamlfile import MAX_CONFIG_BYTES
 from tests.conftest import (
+    EXPORTER_COMMAND,
     SimulatorFactory,
     free_port,
     free_port_pair,
+    launch,
+    launch_exporter,
     parse_exposition,
     requests_seen,
     value,
     wait_for,
 )
 
-EXPORTER = [sys.executable, "-m", "exporter"]
+EXPORTER = list(EXPORTER_COMMAND)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -57,28 +59,26 @@ def wait_http(url: str, timeout: float = 15.0) -> str:
 
 
 class Process:
-    """A child process whose stdout is collected line by line in the background."""
+    """A child process started by `tests.conftest.launch`, its output read from its log."""
 
-    def __init__(self, args: list[str], **kwargs: object) -> None:
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            **kwargs,  # type: ignore[call-overload]
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    @classmethod
+    def exporter(cls, config: Path) -> Process:
+        """`python -m exporter --config config`, logging beside the config."""
+        return cls(*launch_exporter(config.parent, config))
 
     @property
     def output(self) -> str:
-        return "".join(self.lines)
+        return self.log.read_text(errors="replace")
+
+    @property
+    def lines(self) -> list[str]:
+        """The complete lines written so far (not one still being written)."""
+        output = self.output
+        return output[: output.rfind("\n") + 1].splitlines(keepends=True)
 
     def events(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.lines if line.startswith("{")]
@@ -99,22 +99,13 @@ class Process:
 
 
 @pytest.fixture
-def simulator() -> Iterator[str]:
+def simulator(tmp_path: Path) -> Iterator[str]:
     """`python -m exporter.simulator` on a free port, with demo uploads and bearer auth."""
     port = free_port()
-    proc = Process(
-        [
-            sys.executable,
-            "-m",
-            "exporter.simulator",
-            "--port",
-            str(port),
-            "--rate-limit",
-            "0",
-            "--uploads",
-            "demo",
-        ]
-    )
+    argv = [sys.executable, "-m", "exporter.simulator", "--port", str(port)]
+    argv += ["--rate-limit", "0", "--uploads", "demo"]
+    log = tmp_path / "simulator.log"
+    proc = Process(launch(argv, log), log)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz")
     yield url
@@ -293,7 +284,7 @@ def test_reload_of_an_oversize_config_file_keeps_the_running_config(
     """A valid file over the size cap is refused on SIGHUP: the old ids stay, metric says 0."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     try:
         wait_http(metrics_url)
@@ -368,7 +359,7 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
     an invalid file keeps the old config, metric says 0."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     try:
         wait_http(metrics_url)
@@ -412,7 +403,7 @@ def test_config_file_change_is_picked_up_without_a_signal(simulator: str, tmp_pa
     trigger)."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port, watch="0.2")
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz")
         write_config(config, simulator, ["demo-done-01", "demo-fatal-02"], port, watch="0.2")
@@ -439,7 +430,7 @@ async def test_sigterm_with_requests_in_flight_exits_0(
     port = free_port()
     config = write_config(tmp_path / "c.yaml", url, ["hanging"], port)
     config.write_text(config.read_text().replace("timeout_seconds: 5", "timeout_seconds: 2"))
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     try:
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz")
         await wait_for(requests_seen(sim, "hanging"))  # a poll is in flight, hanging
@@ -459,7 +450,7 @@ def test_logs_are_one_json_object_per_line_with_timestamp_level_event(
     """Every stdout line is a JSON object carrying timestamp, level and event."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01", "nosuch"], port)
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     try:
         proc.wait_for_event("poll_failed")
     finally:
@@ -510,7 +501,7 @@ def test_the_banner_command_is_the_path_make_demo_ran_when_path_lacks_it(tmp_pat
 
 
 @pytest.mark.slow
-def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> None:
+def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters(tmp_path: Path) -> None:
     """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute;
     its admin API answers at port + 1, and the banner's register and grep commands work.
     Started as `make demo` starts it (`.venv/bin/catalog-upload-exporter` from the clone, the
@@ -519,7 +510,10 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters() -> No
     assert VENV_COMMAND.is_file()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path_without_the_command()}
     started_as = os.path.relpath(VENV_COMMAND, CLONE)
-    proc = Process([started_as, "--demo", "--port", str(port)], env=env, cwd=CLONE)
+    log = tmp_path / "demo.log"
+    proc = Process(
+        launch([started_as, "--demo", "--port", str(port)], log, env=env, cwd=CLONE), log
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     admin = f"http://127.0.0.1:{port + 1}"
     try:
@@ -602,7 +596,7 @@ def test_register_command_adds_an_id_through_the_admin_api(simulator: str, tmp_p
     port, admin_port = free_port(), free_port()
     config = write_config(tmp_path / "c.yaml", simulator, [], port)
     config.write_text(config.read_text().replace("  port: 0", f"  port: {admin_port}"))
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     admin = f"http://127.0.0.1:{admin_port}"
     try:
         wait_http(f"{admin}/healthz")
@@ -660,7 +654,7 @@ def test_shutdown_logs_shutting_down_then_admin_stopped_then_exporter_stopped(
     """SIGTERM: the admin API closes (no new registrations) before the exporter stops."""
     port = free_port()
     config = write_config(tmp_path / "c.yaml", simulator, ["demo-done-01"], port)
-    proc = Process([*EXPORTER, "--config", str(config)])
+    proc = Process.exporter(config)
     wait_http(f"http://127.0.0.1:{port}/readyz")
     proc.wait_for_event("admin_api_listening")
     assert proc.stop() == 0

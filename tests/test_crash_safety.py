@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, launch, launch_exporter
 
 ROUNDS = 6
 
@@ -48,11 +48,8 @@ def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> Non
 
 
 def start_exporter(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, _ = launch_exporter(config.parent, config)  # each start logs to a file of its own
+    return proc
 
 
 def tracked_ids(api: str) -> set[str]:
@@ -70,12 +67,11 @@ def tracked_ids(api: str) -> set[str]:
 
 
 @pytest.fixture
-def simulator_url() -> Iterator[str]:
+def simulator_url(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen(
+    proc = launch(
         [sys.executable, "-m", "exporter.simulator", "--port", str(port), "--rate-limit", "0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        tmp_path / "simulator.log",
     )
     try:
         wait_up(f"http://127.0.0.1:{port}/healthz", proc)

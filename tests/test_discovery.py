@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -35,19 +34,35 @@ from tests.conftest import (
     wait_for,
 )
 
-_LABEL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+#: The label names the tests' files use, allow-listed as `ingestions.labels` would.
+LABEL_NAMES = ("team",)
 
 
-class FakeTracker:
-    """An in-memory tracker that validates ids and labels like the real one and records calls."""
+class RecordingTracker:
+    """The real `IngestionTracker` (its id and label validation, its sources), recording the
+    calls the watcher makes; the ids given are held by the directory already."""
 
     def __init__(self, *held: str) -> None:
-        self.sources: dict[str, set[Source]] = {i: {Source.DIRECTORY} for i in held}
-        self.labels: dict[str, dict[str, object]] = {}
+        self.store = UploadStore()
         self.registered: list[object] = []
         self.rejected: list[RejectReason] = []
         self.released: list[tuple[str, bool]] = []
         self.ids_from_calls = 0
+        for ingestion_id in held:
+            self.store.add(ingestion_id, Source.DIRECTORY.value, {})
+        self._tracker = IngestionTracker(
+            self.store,
+            max_tracked=100_000,
+            label_names=LABEL_NAMES,
+            on_added=lambda ids: None,
+            on_removed=lambda ids: None,
+            on_rejected=self.rejected.append,
+        )
+
+    @property
+    def labels(self) -> dict[str, dict[str, str]]:
+        """Each tracked id's labels."""
+        return {upload.ingestion_id: dict(upload.labels) for upload in self.store}
 
     async def register(
         self,
@@ -58,59 +73,28 @@ class FakeTracker:
         durable: bool = False,
     ) -> Registration:
         self.registered.append(ingestion_id)
-        problem = _id_problem(ingestion_id) or _labels_problem(labels)
-        if problem is not None or not isinstance(ingestion_id, str):
-            reason, message = problem or (RejectReason.NOT_A_STRING, "")
-            self.rejected.append(reason)
-            return Registration("", accepted=False, reason=reason, message=message)
-        created = ingestion_id not in self.sources
-        self.sources.setdefault(ingestion_id, set()).add(source)
-        self.labels[ingestion_id] = dict(labels or {})
-        return Registration(ingestion_id, accepted=True, created=created)
+        return await self._tracker.register(ingestion_id, source, labels, durable=durable)
 
     async def release(
         self, ingestion_id: str, source: Source, *, immediate: bool, durable: bool = False
     ) -> bool:
         self.released.append((ingestion_id, immediate))
-        holders = self.sources.get(ingestion_id, set())
-        if source not in holders:
-            return False
-        holders.discard(source)
-        if not holders:  # retention is not modelled: released means gone
-            del self.sources[ingestion_id]
-        return True
+        return await self._tracker.release(
+            ingestion_id, source, immediate=immediate, durable=durable
+        )
 
     def ids_from(self, source: Source) -> set[str]:
         self.ids_from_calls += 1
-        return {i for i, holders in self.sources.items() if source in holders}
+        return self._tracker.ids_from(source)
 
     def holds(self, ingestion_id: str, source: Source) -> bool:
-        return source in self.sources.get(ingestion_id, set())
+        return self._tracker.holds(ingestion_id, source)
 
     def owns(self, ingestion_id: str) -> bool:
-        return True
+        return self._tracker.owns(ingestion_id)
 
 
-def _id_problem(ingestion_id: object) -> tuple[RejectReason, str] | None:
-    if not isinstance(ingestion_id, str):
-        return RejectReason.NOT_A_STRING, "ingestionId must be a string"
-    if not ingestion_id:
-        return RejectReason.EMPTY, "ingestionId is empty"
-    if len(ingestion_id) > 255:
-        return RejectReason.TOO_LONG, "ingestionId is longer than 255 characters"
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in ingestion_id):
-        return RejectReason.CONTROL_CHARACTERS, "ingestionId contains control characters"
-    return None
-
-
-def _labels_problem(labels: Mapping[str, object] | None) -> tuple[RejectReason, str] | None:
-    for name, label_value in (labels or {}).items():
-        if not _LABEL_NAME.fullmatch(name) or not isinstance(label_value, str):
-            return RejectReason.BAD_LABELS, "labels must map lower-case names to strings"
-    return None
-
-
-class FlakyTracker(FakeTracker):
+class FlakyTracker(RecordingTracker):
     """A tracker whose next `failures` registrations raise, as a bug would."""
 
     def __init__(self, failures: int) -> None:
@@ -163,7 +147,7 @@ async def test_an_empty_file_names_the_id_that_is_its_file_name(tmp_path: Path) 
     """`touch <dir>/<id>` tracks the id, with no labels."""
     (tmp_path / "amzn1.ingestion.a").touch()
     put(tmp_path / "blank", " \n\n ")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.ids_from(Source.DIRECTORY) == {"amzn1.ingestion.a", "blank"}
     assert tracker.labels["amzn1.ingestion.a"] == {}
@@ -173,7 +157,7 @@ async def test_the_first_non_empty_line_stripped_is_the_id(tmp_path: Path) -> No
     """Leading blank lines, surrounding spaces, a BOM and later lines are not part of the id."""
     put(tmp_path / "upload-1", "\n\n  amzn1.ingestion.b  \r\nsecond line\n")
     put(tmp_path / "upload-2", "\ufeffamzn1.ingestion.c\n")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.registered == ["amzn1.ingestion.b", "amzn1.ingestion.c"]
 
@@ -183,7 +167,7 @@ async def test_a_json_object_gives_the_id_and_its_labels(tmp_path: Path) -> None
     document = {"ingestionId": "amzn1.ingestion.d", "labels": {"team": "pricing"}, "x": 1}
     put(tmp_path / "d.json", "  " + json.dumps(document))
     put(tmp_path / "e.json", json.dumps({"ingestionId": "amzn1.ingestion.e"}))
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.labels == {"amzn1.ingestion.d": {"team": "pricing"}, "amzn1.ingestion.e": {}}
 
@@ -191,7 +175,7 @@ async def test_a_json_object_gives_the_id_and_its_labels(tmp_path: Path) -> None
 async def test_dot_files_are_ignored(tmp_path: Path, logs: list[EventDict]) -> None:
     """A file being written as `.tmp-x` is neither read nor warned about until renamed."""
     put(tmp_path / ".tmp-x", "amzn1.ingestion.f")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     assert tracker.registered == []
@@ -209,7 +193,7 @@ async def test_directories_fifos_and_symlinks_to_directories_are_ignored(
     put(tmp_path / "subdir" / "inner", "amzn1.ingestion.g")
     (tmp_path / "link-to-dir").symlink_to(tmp_path / "subdir")
     os.mkfifo(tmp_path / "pipe")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.registered == []
     assert logs == []
@@ -220,7 +204,7 @@ async def test_a_symlink_to_a_file_inside_the_directory_is_followed(tmp_path: Pa
     (tmp_path / "..data").mkdir()
     put(tmp_path / "..data" / "upload", "amzn1.ingestion.h")
     (tmp_path / "upload").symlink_to(Path("..data") / "upload")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.registered == ["amzn1.ingestion.h"]
 
@@ -233,7 +217,7 @@ async def test_a_symlink_out_of_the_directory_is_not_read(
     watched = tmp_path / "watched"
     watched.mkdir()
     (watched / "upload").symlink_to(secret)
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(watched, tracker).scan()
     assert tracker.registered == []
     [warning] = events(logs, "ingestion_file_unreadable")
@@ -247,7 +231,7 @@ async def test_a_file_over_64_kib_is_skipped_with_one_warning(
     """A large file is not read, and is warned about once per version, not once per scan."""
     big = put(tmp_path / "big", "amzn1.ingestion.i\n" + "x" * MAX_REGISTRATION_BYTES)
     put(tmp_path / "at-limit", "amzn1.ingestion.j".ljust(MAX_REGISTRATION_BYTES))
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):
         await directory.scan()
@@ -267,7 +251,7 @@ async def test_a_new_file_is_registered_by_the_next_scan_and_only_once(
     tmp_path: Path, logs: list[EventDict]
 ) -> None:
     """Unchanged files are not registered again on later scans."""
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(tmp_path / "upload", "amzn1.ingestion.k")
@@ -283,7 +267,7 @@ async def test_a_new_file_is_registered_by_the_next_scan_and_only_once(
 async def test_a_changed_file_is_registered_again(tmp_path: Path) -> None:
     """New labels for the same id reach the tracker, and the id is not released."""
     upload = put(tmp_path / "upload", json.dumps({"ingestionId": "amzn1.ingestion.l"}))
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(upload, json.dumps({"ingestionId": "amzn1.ingestion.l", "labels": {"team": "ads"}}))
@@ -298,7 +282,7 @@ async def test_a_file_renamed_into_place_with_the_same_size_and_mtime_is_seen(
 ) -> None:
     """A new inode is a new version even within the file system's timestamp granularity."""
     upload = put(tmp_path / "upload", "amzn1.ingestion.m1")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     replacement = tmp_path / ".tmp-upload"
@@ -313,7 +297,7 @@ async def test_a_file_renamed_into_place_with_the_same_size_and_mtime_is_seen(
 async def test_a_file_that_now_names_another_id_releases_the_old_one(tmp_path: Path) -> None:
     """The old id is released for removal once terminal, the new one registered."""
     upload = put(tmp_path / "upload", "amzn1.ingestion.n1")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(upload, "amzn1.ingestion.n2")
@@ -327,7 +311,7 @@ async def test_deleting_a_file_releases_its_id_not_immediately(
 ) -> None:
     """A deleted file's id is released with immediate=False, so a final FATAL is still seen."""
     upload = put(tmp_path / "upload", "amzn1.ingestion.o")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     upload.unlink()
@@ -344,7 +328,7 @@ async def test_an_id_named_by_two_files_is_released_only_when_both_are_gone(
     """Deleting one of two files naming the same id releases nothing."""
     first = put(tmp_path / "first", "amzn1.ingestion.p")
     second = put(tmp_path / "second", "amzn1.ingestion.p")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     first.unlink()
@@ -359,7 +343,7 @@ async def test_two_files_swapping_ids_in_one_scan_release_nothing(tmp_path: Path
     """Releases wait for the whole scan, so an id that moves between files stays tracked."""
     first = put(tmp_path / "first", "amzn1.ingestion.q1")
     second = put(tmp_path / "second", "amzn1.ingestion.q2")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(first, "amzn1.ingestion.q2")
@@ -371,7 +355,7 @@ async def test_two_files_swapping_ids_in_one_scan_release_nothing(tmp_path: Path
 async def test_the_first_scan_releases_held_ids_that_no_file_names(tmp_path: Path) -> None:
     """Ids left from a previous run whose files are gone are released; the others kept."""
     put(tmp_path / "kept", "amzn1.ingestion.kept")
-    tracker = FakeTracker("amzn1.ingestion.kept", "amzn1.ingestion.gone")
+    tracker = RecordingTracker("amzn1.ingestion.kept", "amzn1.ingestion.gone")
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     await directory.scan()
@@ -384,7 +368,7 @@ async def test_a_missing_directory_is_warned_once_and_scanned_once_created(
 ) -> None:
     """No error and no release while the directory is missing; its files count once it exists."""
     missing = tmp_path / "ingestions"
-    tracker = FakeTracker("amzn1.ingestion.r0")
+    tracker = RecordingTracker("amzn1.ingestion.r0")
     directory = watcher(missing, tracker)
     for _ in range(3):
         await directory.scan()
@@ -404,7 +388,7 @@ async def test_an_unlistable_directory_is_warned_once_per_distinct_error(
 ) -> None:
     """A path that is not a directory is an error listing it, logged once and retried."""
     not_a_directory = put(tmp_path / "ingestions", "")
-    directory = watcher(not_a_directory, FakeTracker())
+    directory = watcher(not_a_directory, RecordingTracker())
     for _ in range(3):
         await directory.scan()
     [warning] = events(logs, "ingestion_directory_unreadable")
@@ -437,7 +421,7 @@ async def test_a_bad_file_is_warned_once_across_scans_and_read_again_when_fixed(
 ) -> None:
     """Bad JSON or undecodable bytes: one warning per file version, no registration."""
     bad = put(tmp_path / "bad", content)
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):
         await directory.scan()
@@ -453,7 +437,7 @@ async def test_a_bad_file_is_warned_once_across_scans_and_read_again_when_fixed(
 async def test_a_file_turning_bad_releases_its_id(tmp_path: Path) -> None:
     """A file that no longer names any id no longer holds the one it named."""
     upload = put(tmp_path / "upload", "amzn1.ingestion.t")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(upload, "{not json")
@@ -474,6 +458,11 @@ async def test_a_file_turning_bad_releases_its_id(tmp_path: Path) -> None:
         pytest.param("bell", "amzn1\x07ingestion", RejectReason.CONTROL_CHARACTERS, id="bell"),
         pytest.param("amzn1\ningestion", "", RejectReason.CONTROL_CHARACTERS, id="file-name"),
         pytest.param("number", '{"ingestionId": 42}', RejectReason.NOT_A_STRING, id="number"),
+        # The two the old fake tracker, with rules of its own, let through as valid ids:
+        pytest.param(
+            "rtl", "amzn1.\u202eingestion", RejectReason.FORMAT_CHARACTERS, id="rtl-override"
+        ),
+        pytest.param("nfd", "amzn1.ingestion.cafe\u0301", RejectReason.NOT_NFC, id="not-nfc"),
     ],
 )
 async def test_a_hostile_id_goes_to_the_tracker_and_its_rejection_is_warned_once(
@@ -481,7 +470,7 @@ async def test_a_hostile_id_goes_to_the_tracker_and_its_rejection_is_warned_once
 ) -> None:
     """The tracker sees the id as written and refuses it; the warning never quotes it."""
     put(tmp_path / name, content)
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):
         await directory.scan()
@@ -496,7 +485,7 @@ async def test_a_hostile_id_goes_to_the_tracker_and_its_rejection_is_warned_once
 async def test_a_rejected_label_update_keeps_the_id_until_the_file_goes(tmp_path: Path) -> None:
     """Bad labels on a tracked id are refused, but the file still names the id it holds."""
     upload = put(tmp_path / "upload", "amzn1.ingestion.v")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     await directory.scan()
     put(upload, json.dumps({"ingestionId": "amzn1.ingestion.v", "labels": {"Bad-Name": "x"}}))
@@ -512,7 +501,7 @@ async def test_run_picks_up_a_file_within_a_few_polls_and_stops_on_cancel(
     tmp_path: Path,
 ) -> None:
     """The loop scans every poll_seconds until its task is cancelled."""
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     task = asyncio.create_task(watcher(tmp_path, tracker, poll_seconds=0.05).run())
     await asyncio.sleep(0.06)
     put(tmp_path / "upload", "amzn1.ingestion.w")
@@ -569,7 +558,7 @@ async def test_a_file_crashing_every_scan_is_logged_once_and_blocks_no_other_fil
 async def test_run_logs_a_crashed_scan_and_goes_on(tmp_path: Path, logs: list[EventDict]) -> None:
     """An exception outside any one file (here, in a release) is logged; the loop goes on."""
     put(tmp_path / "upload", "amzn1.ingestion.x")
-    tracker = FakeTracker("amzn1.ingestion.gone")
+    tracker = RecordingTracker("amzn1.ingestion.gone")
     calls = 0
     release = tracker.release
 
@@ -609,7 +598,7 @@ async def test_json_nested_to_the_limit_is_read_and_one_deeper_is_refused(
 
     put(tmp_path / "at-limit", nested(MAX_JSON_DEPTH))
     put(tmp_path / "over-limit", nested(MAX_JSON_DEPTH + 1))
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     await watcher(tmp_path, tracker).scan()
     assert tracker.registered == ["{[["]
     [warning] = events(logs, "ingestion_file_unreadable")
@@ -621,7 +610,7 @@ async def test_a_hostile_file_does_not_stop_the_others_from_registering_or_relea
 ) -> None:
     """Deep JSON beside good files: new ids register, deleted ones release, one count each."""
     gone = put(tmp_path / "gone", "amzn1.ingestion.z0")
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     registry = CollectorRegistry()
     directory = DirectoryWatcher(tmp_path, tracker, metrics=DirectoryMetrics(registry, FileProblem))
     await directory.scan()
@@ -648,7 +637,7 @@ async def test_scan_failing_shows_a_directory_that_cannot_be_listed(tmp_path: Pa
     missing = tmp_path / "ingestions"
     registry = CollectorRegistry()
     directory = DirectoryWatcher(
-        missing, FakeTracker(), metrics=DirectoryMetrics(registry, FileProblem)
+        missing, RecordingTracker(), metrics=DirectoryMetrics(registry, FileProblem)
     )
     await directory.scan()
     assert registry.get_sample_value("catalog_exporter_directory_scan_failing") == 1
@@ -702,7 +691,7 @@ async def test_the_running_exporter_keeps_discovering_beside_a_deeply_nested_fil
 def test_poll_seconds_must_be_positive(tmp_path: Path) -> None:
     """A zero interval would spin the event loop; the constructor refuses it."""
     with pytest.raises(ValueError, match="poll_seconds"):
-        DirectoryWatcher(tmp_path, FakeTracker(), poll_seconds=0)
+        DirectoryWatcher(tmp_path, RecordingTracker(), poll_seconds=0)
 
 
 class TickingTracker(IngestionTracker):
@@ -768,7 +757,7 @@ async def test_unchanged_and_refused_files_cost_no_pass_over_the_tracked_ids(
     for n in range(20):
         put(tmp_path / f"good-{n}", f"amzn1.ingestion.{n}")
         put(tmp_path / f"bad-{n}", json.dumps({"ingestionId": f"id-{n}", "labels": {"X": "y"}}))
-    tracker = FakeTracker()
+    tracker = RecordingTracker()
     directory = watcher(tmp_path, tracker)
     for _ in range(3):
         await directory.scan()

@@ -29,6 +29,7 @@ from tests.conftest import (
     SimulatorFactory,
     fast_config,
     free_port,
+    launch,
     require_tool,
     wait_for,
 )
@@ -89,8 +90,7 @@ class Processes:
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = launch(args, log)
         self._procs.append(proc)
         return proc
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import (
     SimulatorFactory,
     fast_config,
     free_port,
+    launch_exporter,
     value,
     wait_for,
 )
@@ -139,11 +139,7 @@ async def test_the_exporter_process_masks_its_api_and_admin_tokens(
         f"admin: {{host: 127.0.0.1, port: {admin_port}, token_file: '{tmp_path}/admin-token'}}\n"
         "reload: {watch_interval_seconds: 0}\n"
     )
-    stdout = tmp_path / "stdout.log"
-    with stdout.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "exporter", "--config", str(config), stdout=out, stderr=out
-        )
+    proc, stdout = launch_exporter(tmp_path, config)
     try:
         admin = f"http://127.0.0.1:{admin_port}/api/v1/ingestions"
         deadline = time.monotonic() + 20
@@ -152,7 +148,7 @@ async def test_the_exporter_process_masks_its_api_and_admin_tokens(
                 assert await asyncio.to_thread(_get, admin, ADMIN_TOKEN) == 200
                 break
             except OSError:
-                assert proc.returncode is None and time.monotonic() < deadline
+                assert proc.poll() is None and time.monotonic() < deadline
                 await asyncio.sleep(0.1)
         sim.inject(_echo(f"marker-1 api {TOKEN} admin {ADMIN_TOKEN}"), count=1)
 
@@ -162,7 +158,7 @@ async def test_the_exporter_process_masks_its_api_and_admin_tokens(
         await wait_for(logged, timeout=20)
     finally:
         proc.terminate()
-        await proc.wait()
+        await asyncio.to_thread(proc.wait)
     logs = stdout.read_text()
     assert "marker-1 api <secret> admin <secret>" in logs
     assert TOKEN not in logs

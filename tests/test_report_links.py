@@ -30,7 +30,7 @@ from exporter.ratelimit import AdaptiveRateLimiter, RateShare
 from exporter.report import PublicAddresses, address_problem
 from exporter.runtime import app_runner
 from exporter.service import REPORT_SHARE
-from exporter.simulator import Simulator
+from exporter.simulator import Fault, FaultKind, Simulator
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 from tests.test_report import SIMULATOR_HOSTS, assert_no_link, run_report, write_config
 from tests.virtual_time import VirtualTime
@@ -544,3 +544,42 @@ async def test_polls_hold_their_rate_under_100_abandoned_report_requests(
         await runner.cleanup()
     assert rate >= 1.25
     assert link_polls <= 5 * REPORT_SHARE * seconds + MAX_REPORTS_IN_FLIGHT
+
+
+# -- issue 22: a 429 to a report link poll reaches the adaptive limiter -------------------------
+
+
+@pytest.mark.parametrize("path", ["poll", "report"])
+async def test_a_429_on_the_report_route_slows_the_limiter_as_a_polls_429_does(
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, path: str
+) -> None:
+    """One 429 from the API, to a poll or to the admin report route's link poll, halves the
+    rate in force (catalog_api_rate_limit_requests_per_second): the route takes the limiter's
+    tokens, so the API's throttling of it must slow the limiter too (it did not)."""
+    sim, url = await start_simulator()
+    sim.add_upload("up-1", [("FATAL", math.inf)])
+    sim.add_upload("busy", [("INPROGRESS", math.inf)])
+    config = fast_config(url, ["up-1", "busy"], api={"report_hosts": SIMULATOR_HOSTS})
+    running = await start_exporter(config)
+    await wait_for(running.status_is("up-1", "FATAL"))
+    app = create_admin_app(running.exporter.tracker, reports=running.exporter.fetch_report)
+    admin_url, runner = await serve_admin(app)
+    try:
+        rate = "catalog_api_rate_limit_requests_per_second"
+        assert (await running.scrape())[(rate, frozenset())] == 200
+        throttled = "up-1" if path == "report" else "busy"
+        sim.inject(Fault(FaultKind.THROTTLE, retry_after=0.1), ingestion_id=throttled, count=1)
+        if path == "report":
+            target = aiohttp.client.URL(f"{admin_url}/api/v1/ingestions/up-1/report")
+            async with aiohttp.ClientSession() as session, session.get(target) as response:
+                assert response.status == 502, await response.text()
+                assert b'"api_error"' in await response.read()
+
+        async def slowed() -> bool:
+            # Halved to 100/s, then climbing back at 200/30 per second: under 150 for 7 s.
+            return (await running.scrape())[(rate, frozenset())] < 150
+
+        await wait_for(slowed, timeout=5)
+        assert sim.count(ingestion_id=throttled, status=429) == 1
+    finally:
+        await runner.cleanup()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from tests.conftest import (
     Samples,
     SimulatorFactory,
     free_port,
+    launch,
+    launch_exporter,
     parse_exposition,
     require_tool,
     value,
@@ -54,13 +55,12 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's SQS over HTTP on a free loopback port, as its own process."""
     port = free_port()
-    proc = subprocess.Popen(
+    proc = launch(
         [require_tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        tmp_path_factory.mktemp("moto") / "moto.log",
     )
     try:
         _wait_for_port(port, proc)
@@ -114,7 +114,7 @@ def enveloped(message: dict[str, Any], kind: str = "Notification", **extra: str)
 
 @dataclass
 class Process:
-    proc: asyncio.subprocess.Process
+    proc: subprocess.Popen[bytes]
     metrics_url: str
     stdout: Path
 
@@ -144,7 +144,7 @@ class Process:
 @pytest.fixture
 async def run_exporter(tmp_path: Path) -> AsyncIterator[Any]:
     """Start `python -m exporter --config ...` with the test's AWS credentials in its env."""
-    started: list[asyncio.subprocess.Process] = []
+    started: list[subprocess.Popen[bytes]] = []
 
     async def start(
         api_url: str, ids: list[str], sqs: dict[str, Any], **sections: dict[str, Any]
@@ -172,23 +172,12 @@ async def run_exporter(tmp_path: Path) -> AsyncIterator[Any]:
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
-        stdout = tmp_path / f"stdout-{len(started)}.log"
-        with stdout.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "exporter",
-                "--config",
-                str(config),
-                stdout=out,
-                stderr=out,
-                env=environment,
-            )
+        proc, stdout = launch_exporter(tmp_path, config, env=environment)
         started.append(proc)
         running = Process(proc, f"http://127.0.0.1:{port}/metrics", stdout)
 
         async def listening() -> bool:
-            assert proc.returncode is None, stdout.read_text()
+            assert proc.poll() is None, stdout.read_text()
             try:
                 await running.scrape()
             except OSError:
@@ -200,9 +189,9 @@ async def run_exporter(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for proc in started:
-        if proc.returncode is None:
+        if proc.poll() is None:
             proc.terminate()
-            await proc.wait()
+            await asyncio.to_thread(proc.wait)
 
 
 def polls(sim: Simulator, ingestion_id: str, n: int) -> Any:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 from typing import Any
 
 import botocore.session
@@ -19,7 +20,7 @@ from exporter.metrics import NotificationMetrics
 from exporter.notifications import NotificationHandler, Parsed
 from exporter.scheduler import Trigger
 from exporter.sharding import Shard
-from exporter.sqs import QueueErrorKind, QueueReceiver
+from exporter.sqs import QueueErrorKind, QueueReceiver, _Worker
 from exporter.tracking import IngestionTracker
 from exporter.uploads import UploadStore
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
@@ -174,6 +175,89 @@ async def test_a_message_received_after_the_receiver_stopped_is_handed_back_at_o
     messages = answer.get("Messages", [])
     assert [json.loads(m["Body"])["ingestionId"] for m in messages] == ["after-the-reload"]
     assert messages[0]["Attributes"]["ApproximateReceiveCount"] == "2"  # the old one's, then ours
+
+
+class Stuck(NotificationHandler):
+    """The real handler's interface, handling nothing and never finishing: the receiver is
+    stopped while it handles a batch (`entered` says it has begun)."""
+
+    def __init__(self, metrics: NotificationMetrics) -> None:
+        super().__init__(
+            trigger=lambda i, polled: Trigger.TRIGGERED,
+            tracker=None,  # type: ignore[arg-type]  # never asked
+            metrics=metrics,
+            register_unknown=False,
+        )
+        self.entered = asyncio.Event()
+
+    async def handle(self, parsed: Parsed, received_at: float, receive_count: int = 1) -> bool:
+        self.entered.set()
+        await asyncio.Event().wait()
+        return False
+
+
+async def test_a_batch_the_receiver_is_stopped_in_the_middle_of_is_handed_back_at_once(
+    moto_endpoint: str,
+) -> None:
+    """A receiver cancelled (a reload, a stop) while it handles a batch: the messages neither
+    deleted nor put back yet are made visible again at once, not hidden for the queue's
+    30 s visibility timeout (as they were)."""
+    queue = Queue(moto_endpoint, "stopped-mid-batch")
+    queue.send(body("mid-batch"))
+    counts = metrics()
+    handler = Stuck(counts)
+    settings = SqsConfig(
+        queue_url=queue.url, region=REGION, endpoint_url=moto_endpoint, wait_seconds=1
+    )
+    before = set(receiver_threads())
+    receiver = QueueReceiver(settings, handler=handler, metrics=counts, session_factory=credentials)
+    task = asyncio.create_task(receiver.run())
+    await asyncio.wait_for(handler.entered.wait(), 20)
+    (thread,) = set(receiver_threads()) - before
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.to_thread(thread.join, 30)  # it handed the batch back, then ended
+    assert not thread.is_alive()
+    answer = await asyncio.to_thread(
+        queue.client.receive_message,
+        QueueUrl=queue.url,
+        WaitTimeSeconds=5,
+        MessageSystemAttributeNames=["ApproximateReceiveCount"],
+    )
+    messages = answer.get("Messages", [])
+    assert [json.loads(m["Body"])["ingestionId"] for m in messages] == ["mid-batch"]
+    assert messages[0]["Attributes"]["ApproximateReceiveCount"] == "2"
+
+
+async def test_a_result_that_meets_a_cancel_in_one_loop_step_is_handed_back() -> None:
+    """The worker thread's result (a received batch) reaches the loop, and the waiting task is
+    cancelled before it resumes: the thread counted the result as taken, so the waiter hands
+    it back (it was dropped, its messages hidden for the visibility timeout). The 0.1 s pause
+    only orders the two (the thread queues its result meanwhile); nothing is asserted on
+    time."""
+    worker = _Worker("sqs-test-worker")
+    loop = asyncio.get_running_loop()
+    handed_back: list[str] = []
+    back = threading.Event()
+
+    def cancel_after_the_result() -> None:
+        time.sleep(0.1)  # blocks the loop while the thread queues the result behind us
+        loop.call_soon(waiting.cancel)  # runs after the result is set, before the wake-up
+
+    def receive() -> str:
+        loop.call_soon_threadsafe(cancel_after_the_result)
+        return "batch"
+
+    def abandoned(result: str) -> None:
+        handed_back.append(result)
+        back.set()
+
+    waiting = asyncio.create_task(worker.run(receive, abandoned))
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    worker.close()
+    assert await asyncio.to_thread(back.wait, 10), "the batch was dropped"
+    assert handed_back == ["batch"]
 
 
 async def test_forty_quick_reloads_leave_one_receiver_one_session_and_no_extra_threads(

@@ -18,7 +18,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from exporter.state import APPLICATION_ID, SCHEMA_VERSION
-from tests.conftest import free_port, parse_exposition, value
+from tests.conftest import free_port, launch_exporter, parse_exposition, value
 
 AVAILABLE = "catalog_exporter_state_persistence_available"
 SKIPPED = "catalog_exporter_state_skipped_entries_total"
@@ -90,15 +89,7 @@ def exporter_at(tmp_path: Path) -> Iterator[Start]:
             "state": {"path": str(state), "debounce_seconds": 0},
             "reload": {"watch_interval_seconds": 0},
         }
-        config_file = tmp_path / "config.yaml"
-        config_file.write_text(json.dumps(config))  # JSON is YAML
-        log = tmp_path / f"exporter-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [*(prefix or []), sys.executable, "-m", "exporter", "--config", str(config_file)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc, log = launch_exporter(tmp_path, config, prefix=prefix or ())
         running = Running(
             proc, f"http://127.0.0.1:{metrics_port}", f"http://127.0.0.1:{admin_port}", log
         )
