@@ -1,8 +1,8 @@
 """The wait before a retry: exponential backoff with "equal jitter", for every retry loop.
 
-The poller's failed uploads, the SQS receive loop and the report command's link polls all
-wait through `backoff_delay`, each with its own base, cap and random generator (a seeded one
-in tests, so a schedule can be replayed in virtual time).
+The poller's failed uploads, the SQS receive loop, the report link polls and the supervisor's
+task restarts all wait through `backoff_delay`, each with its own base, cap and random
+generator (a seeded one in tests, so a schedule can be replayed in virtual time).
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """The one owner of the exporter's background work: starts, restarts and stops every task.
 
 No background task is fire-and-forget. Each runs under a `Supervisor`, which
-- restarts one that raises, after an exponential backoff (1 s, doubling up to 60 s, reset once
-  it has run that long), and logs (`background_task_failed`) and counts it
-  (`catalog_exporter_background_task_restarts_total{task}`);
+- restarts one that raises, after the exporter's one backoff (`backoff.backoff_delay`: from
+  1 s, doubling up to 60 s, equal jitter; reset once it has run a minute), and logs
+  (`background_task_failed`) and counts it (`catalog_exporter_background_task_restarts_total`);
 - serialises replacements (`replace`): a reload that rebuilds a task from a new config waits
   for the old task's end, and of reloads in quick succession only the newest is started;
 - stops everything in the order of `Stage` (RELIABILITY.md, "Shutdown"): what reconfigures
   first, then what brings in ids, then the poller, then what writes out.
-It knows nothing of what the tasks do; the clock and the sleep are injected for tests.
+It knows nothing of what the tasks do; the clock, the sleep and the random source are
+injected for tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
+
+from exporter.backoff import backoff_delay
 
 log = structlog.get_logger("exporter.supervisor")
 
@@ -46,12 +50,6 @@ class Stage(enum.IntEnum):
     OUTPUT = 3
 
 
-def restart_delay(failures: int, initial: float, maximum: float) -> float:
-    """Seconds before restarting a task after `failures` failures in a row (no jitter: one
-    process's tasks, nothing to spread out)."""
-    return float(min(maximum, initial * 2 ** (failures - 1)))
-
-
 @dataclass(slots=True)
 class _Job:
     name: str
@@ -74,12 +72,14 @@ class Supervisor:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         initial_backoff: float = INITIAL_BACKOFF_SECONDS,
         max_backoff: float = MAX_BACKOFF_SECONDS,
+        rng: random.Random | None = None,
     ) -> None:
         self._restarts = restarts
         self._clock = clock
         self._sleep = sleep
         self._initial = initial_backoff
         self._max = max_backoff
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._jobs: dict[str, _Job] = {}
         # The start function each pending replacement (by task name) will call: the newest.
         self._wanted: dict[str, Callable[[], None]] = {}
@@ -174,7 +174,7 @@ class Supervisor:
                     break
                 # A task that ran a while before failing starts again from the first delay.
                 failures = 1 if self._clock() - started >= self._max else failures + 1
-                delay = restart_delay(failures, self._initial, self._max)
+                delay = backoff_delay(failures, base=self._initial, cap=self._max, rng=self._rng)
                 log.error(
                     "background_task_failed",
                     task=job.name,

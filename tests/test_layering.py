@@ -445,5 +445,6 @@ def test_only_the_runtime_sets_process_settings_signals_and_lifecycles() -> None
 
 
 def test_the_supervisor_knows_nothing_of_what_it_runs() -> None:
-    """The supervisor imports no exporter module: the service and the runtime hand it work."""
-    assert import_graph()["supervisor"] == set()
+    """The supervisor imports no exporter module but the shared backoff: the service and the
+    runtime hand it work."""
+    assert import_graph()["supervisor"] == {"backoff"}

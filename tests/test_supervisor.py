@@ -7,6 +7,7 @@ import asyncio
 import gc
 import io
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporter.logs import configure_logging
 from exporter.runtime import SWITCH_INTERVAL_SECONDS
-from exporter.supervisor import Stage, Supervisor, restart_delay
+from exporter.supervisor import Stage, Supervisor
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 from tests.virtual_time import VirtualTime
 
@@ -37,13 +38,17 @@ def logs() -> io.StringIO:
 def counted(registry: CollectorRegistry) -> tuple[Counter, Supervisor, VirtualTime]:
     counter = Counter("catalog_exporter_background_task_restarts", "r", ["task"], registry=registry)
     time = VirtualTime()
-    return counter, Supervisor(restarts=counter, clock=time.clock, sleep=time.sleep), time
+    supervisor = Supervisor(
+        restarts=counter, clock=time.clock, sleep=time.sleep, rng=TopOfTheWindow()
+    )
+    return counter, supervisor, time
 
 
-def test_the_restart_delay_doubles_from_one_second_up_to_a_minute() -> None:
-    """1, 2, 4, ... 32, then 60 s for every further failure in a row."""
-    delays = [restart_delay(n, 1.0, 60.0) for n in range(1, 9)]
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+class TopOfTheWindow(random.Random):
+    """Draws every jittered delay at its ceiling, so restarts land on whole seconds."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 async def test_a_task_that_raises_is_logged_counted_and_restarted_with_backoff(
