@@ -236,7 +236,7 @@ class Exporter:
             self._restart("directory-watcher", new, self._start_watcher)
         if new.notifications != old.notifications:
             self._restart("notifications", new, self._start_notifications)
-        for section in ("server", "admin", "state", "sharding"):
+        for section in ("server", "admin", "proxy", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))
