@@ -24,6 +24,7 @@ from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
 from exporter.config import Config, ServerConfig
 from exporter.logs import SecretMask, configure_logging
+from exporter.proxy import ProxyDeps, create_proxy_app
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
 from exporter.service import Exporter
@@ -83,16 +84,39 @@ def run_config(config: Config, config_path: Path, *, port: int | None = None) ->
         if admin_auth is not None:
             mask.watch("admin", admin_auth.held_secrets)
         admin = Listener(admin_app, config.admin.host, config.admin.port)
+    proxy = proxy_listener(exporter, config)
     return run_until_stopped(
         lambda: serve(
             create_app(exporter, reloader),
             config.server.host,
             config.server.port if port is None else port,
             admin=admin,
+            proxy=proxy,
             on_reload=reloader.request,
             idle_timeout=config.server.idle_timeout_seconds,
         )
     )
+
+
+# COORDINATOR (issue 24): the proxy's wiring, the one place it meets the running exporter.
+# Call it from the composition root and open the Listener it returns (None: proxy.enabled is
+# false) beside the admin API's; close it first on shutdown (no new uploads while stopping).
+def proxy_listener(exporter: Exporter, config: Config) -> Listener | None:
+    """The signing proxy's listener (docs/proxy.md), or None when `proxy.enabled` is false."""
+    if not config.proxy.enabled:
+        return None
+    deps = ProxyDeps(
+        api=lambda: exporter.config.api,
+        auth_factory=exporter.auth_factory,
+        limiter=exporter.limiter,
+        register=exporter.tracker.register,
+        observe_status=exporter.observed_status,
+        registry=exporter.registry,
+        secret_mask=exporter.secret_mask,
+        body_timeout=config.server.idle_timeout_seconds,
+    )
+    app = create_proxy_app(deps, config.proxy)
+    return Listener(app, config.proxy.host, config.proxy.port)
 
 
 def app_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
@@ -124,6 +148,7 @@ async def serve(
     port: int,
     *,
     admin: Listener | None = None,
+    proxy: Listener | None = None,
     on_reload: Callable[[], None] | None = None,
     on_listening: Callable[[str, str | None], None] | None = None,
     idle_timeout: float = ServerConfig().idle_timeout_seconds,
@@ -137,6 +162,7 @@ async def serve(
     """
     runner = app_runner(app, idle_timeout)
     admin_runner = app_runner(admin.app, idle_timeout) if admin else None
+    proxy_runner = app_runner(proxy.app, idle_timeout) if proxy else None
     await runner.setup()
     try:
         url = await _listen(runner, host, port)
@@ -146,6 +172,10 @@ async def serve(
             await admin_runner.setup()
             admin_url = await _listen(admin_runner, admin.host, admin.port)
             log.info("admin_api_listening", url=f"{admin_url}/api/v1/ingestions")
+        if proxy is not None and proxy_runner is not None:
+            await proxy_runner.setup()
+            proxy_url = await _listen(proxy_runner, proxy.host, proxy.port)
+            log.info("proxy_listening", url=proxy_url)
         # What start-up loaded (up to 100,000 uploads and their lines) lives as long as the
         # process: keep it out of the cyclic GC's full collections, which would otherwise
         # pause the event loop for tens of milliseconds now and then (scrape p99;
@@ -169,6 +199,9 @@ async def serve(
         await stop.wait()
         log.info("shutting_down")
     finally:
+        if proxy_runner is not None and proxy_runner.server is not None:
+            await proxy_runner.cleanup()  # no new uploads while the exporter stops
+            log.info("proxy_stopped")
         if admin_runner is not None and admin_runner.server is not None:
             await admin_runner.cleanup()  # no registrations while the exporter stops
             log.info("admin_api_stopped")

@@ -35,6 +35,7 @@ from exporter.metrics import (
     UploadCollector,
     UploadMetrics,
 )
+from exporter.models import StatusReport
 from exporter.notifications import NotificationHandler, confirm_subscription
 from exporter.ratelimit import AdaptiveRateLimiter, RateShare
 from exporter.report import (
@@ -154,6 +155,11 @@ class Exporter:
         self.metrics.config_loaded(ok=True)
 
     @property
+    def auth_factory(self) -> Callable[[AuthConfig], RequestAuth]:
+        """How API credentials are made from `api.auth` (the proxy signs the same way)."""
+        return self._auth_factory
+
+    @property
     def ready(self) -> bool:
         """Config loaded, state restored and the poll loop running."""
         return self._poller is not None and self._poller.running
@@ -257,6 +263,11 @@ class Exporter:
         if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
             return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
         return outcome
+
+    def observed_status(self, ingestion_id: str, report: StatusReport) -> bool:
+        """A status the app fetched through the proxy, applied like a poll's (`Poller.observed`);
+        False when the id is not tracked or polling has not started."""
+        return self._poller is not None and self._poller.observed(ingestion_id, report)
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:
