@@ -694,9 +694,7 @@ async def test_an_upload_operation_answers_a_new_id_that_follows_the_upload_scri
     assert headers["Content-Type"].startswith("application/json")
     (new_id,) = json.loads(body).values()
     assert new_id == "sim-upload-000001"
-    assert [(u.path, u.ingestion_id, u.size) for u in sim.received_uploads] == [
-        (path, new_id, 13)
-    ]
+    assert [(u.path, u.ingestion_id, u.size) for u in sim.received_uploads] == [(path, new_id, 13)]
     assert json.loads((await post(session, url, new_id))[2])["processingStatus"] == "INQUEUE"
     clock.now += 5
     assert json.loads((await post(session, url, new_id))[2])["processingStatus"] == "FATAL"
