@@ -10,6 +10,7 @@ from prometheus_client import disable_created_metrics, enable_created_metrics
 from pydantic import BaseModel
 
 from exporter.config import Config
+from exporter.runtime import proxy_listener
 from exporter.simulator import demo_uploads
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, wait_for
 
@@ -129,7 +130,9 @@ async def test_every_metric_exposed_is_in_docs_metrics_and_every_one_listed_is_e
     docs/metrics.md's table."""
     sim, url = await start_simulator()
     sim.add_uploads(demo_uploads())
-    running = await start_exporter(fast_config(url, ["demo-done-fast"]))
+    config = fast_config(url, ["demo-done-fast"], proxy={"enabled": True, "port": 0})
+    running = await start_exporter(config)
+    assert proxy_listener(running.exporter, config) is not None  # its metrics, on the registry
     await wait_for(running.status_is("demo-done-fast", "INQUEUE"))
     disable_created_metrics()  # type: ignore[no-untyped-call]  # as exporter.runtime does
     try:
