@@ -13,7 +13,7 @@ mkdir -p bench/output
 summary=bench/output/summary.jsonl
 : >"$summary"
 failed=()
-for name in render startup memory throughput ratelimit fairness scrape stall register notifications sidecar prometheus; do
+for name in render startup memory throughput ratelimit fairness scrape stall register proxy notifications sidecar prometheus; do
     echo "### bench_${name}.py $*"
     started=$SECONDS
     if "$PY" "bench/bench_${name}.py" "$@" | tee "bench/output/${name}.txt"; then

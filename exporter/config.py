@@ -94,6 +94,7 @@ __all__ = [
     "MetricsConfig",
     "NotificationsConfig",
     "PollingConfig",
+    "ProxyConfig",
     "ReloadConfig",
     "ServerConfig",
     "ShardingConfig",
@@ -107,6 +108,10 @@ __all__ = [
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
 DEFAULT_ADMIN_PORT = 10185  # the next one, so a sidecar's two listeners sit side by side
+DEFAULT_PROXY_PORT = DEFAULT_ADMIN_PORT + 1  # the signing proxy, beside the admin API
+#: Largest request body the proxy forwards: API Gateway's own payload limit (10 MB), so no
+#: body the API would take is refused, and no larger one is held in memory to be refused there.
+DEFAULT_PROXY_MAX_BODY_BYTES = 10 * 1024 * 1024
 #: Largest processing report the `report` command and the admin API download (32 MiB).
 DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
@@ -866,6 +871,46 @@ class AdminConfig(_Section):
         return self
 
 
+class ProxyConfig(_Section):
+    """The signing proxy (docs/proxy.md): the app sends its Catalog API calls here unsigned.
+
+    Off by default. It signs with the pod's credentials, so it listens on loopback only: a
+    proxy anyone could reach would lend them our IAM role. `max_body_bytes` is buffered in
+    full before signing (SigV4 signs the payload's hash).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: ListenPort = DEFAULT_PROXY_PORT
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024), _INTEGRAL] = (
+        DEFAULT_PROXY_MAX_BODY_BYTES
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host_usable(cls, host: str) -> str:
+        host = _listen_host(cls, host)
+        if not is_loopback_host(host):
+            raise _problem(
+                f"{host!r} is not a loopback address (127.0.0.1, ::1, localhost): the proxy "
+                "signs with the exporter's credentials, so whoever reaches it could use them"
+            )
+        return host
+
+    @field_validator("port")
+    @classmethod
+    def _port_free(cls, port: int, info: ValidationInfo) -> int:
+        """Its own port: not the metrics listener's nor the admin API's."""
+        if info.data.get("enabled") is not True or port == 0:
+            return port
+        server, admin = _validated(info, "server"), _validated(info, "admin")
+        if server is not None and port == server.port:
+            raise _problem(f"must differ from server.port ({server.port})")
+        if admin is not None and admin.enabled and port == admin.port:
+            raise _problem(f"must differ from admin.port ({admin.port})")
+        return port
+
+
 class StateConfig(_Section):
     """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
 
@@ -1056,6 +1101,7 @@ class Config(_Section):
     state: StateConfig = _SECTION_DEFAULT
     sharding: ShardingConfig = _SECTION_DEFAULT
     notifications: NotificationsConfig = _SECTION_DEFAULT
+    proxy: ProxyConfig = _SECTION_DEFAULT
 
     @model_validator(mode="before")
     @classmethod

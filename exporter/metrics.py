@@ -41,6 +41,10 @@ from exporter.uploads import Transition, UploadStore
 #: client gives up at `api.timeout_seconds` (10 s by default).
 REQUEST_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+#: Proxied requests: the proxy adds about a millisecond to the API's tens (BENCHMARKS.md); an
+#: upload's body may take seconds to send.
+PROXY_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 #: Upload and queue durations: catalog processing takes from seconds to hours.
 UPLOAD_DURATION_BUCKETS = (
     10.0,
@@ -122,6 +126,67 @@ class ApiMetrics:
 
 #: How a status value outside the documented five is exposed (the `exposed_as` label).
 UNKNOWN_STATUS_LABELS = (Status.OTHER.value, Status.UNKNOWN.value)
+
+
+class ProxyMetrics:
+    """The signing proxy's requests: forwarded (by path and the API's code), refused (by
+    reason), and what their answers taught the exporter (by outcome). The app's share of the
+    rate budget is `catalog_exporter_proxy_requests_total`; the exporter's own is
+    `catalog_api_requests_total`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        paths: Iterable[str],
+        refusals: Iterable[str],
+        outcomes: Iterable[str],
+    ) -> None:
+        self.requests = Counter(
+            "catalog_exporter_proxy_requests",
+            "Requests of the app forwarded by the proxy, by path and the API's HTTP code "
+            "('error' when there was none to pass on).",
+            ["path", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "catalog_exporter_proxy_request_duration_seconds",
+            "Time from a forwarded request's arrival to its answer, the wait for a rate-limit "
+            "token and the registration included.",
+            ["path"],
+            buckets=PROXY_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "catalog_exporter_proxy_refused",
+            "Requests the proxy answered itself, forwarding nothing, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.answers = Counter(
+            "catalog_exporter_proxy_answers",
+            "What the API's 2xx answers to the app taught the exporter, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        for path in paths:
+            self.duration.labels(path)
+        for reason in refusals:
+            self.refusals.labels(reason)
+        for outcome in outcomes:
+            self.answers.labels(outcome)
+
+    def observe(self, path: str, code: str, seconds: float) -> None:
+        """One forwarded request."""
+        self.requests.labels(path, code).inc()
+        self.duration.labels(path).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        """One request answered by the proxy itself."""
+        self.refusals.labels(reason).inc()
+
+    def learned(self, outcome: str) -> None:
+        """One 2xx answer read."""
+        self.answers.labels(outcome).inc()
 
 
 class UploadMetrics:

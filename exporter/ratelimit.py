@@ -5,6 +5,10 @@ configured maximum until the API throttles us; each 429 cuts it (multiplicative 
 at most once per `decrease_hold_seconds` so one burst of 429s counts once) and honours
 Retry-After by pausing everyone, for at most `max_pause_seconds` (`polling.max_backoff_seconds`:
 a far-future date must not stop all polling); then it climbs back linearly (additive increase).
+
+Two lanes share the one bucket: the app's own calls through the proxy take tokens in the
+priority lane, ahead of every poll (an upload never waits behind a poll), and the polls take
+theirs in arrival order from what the priority lane leaves.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class AdaptiveRateLimiter:
         self._paused_until = now
         self._last_decrease = -float("inf")
         self._lock = asyncio.Lock()
+        self._priority_lock = asyncio.Lock()
+        self._priority_waiting = 0
+        self._priority_idle = asyncio.Event()
+        self._priority_idle.set()
 
     @property
     def max_rate(self) -> float:
@@ -79,21 +87,42 @@ class AdaptiveRateLimiter:
         self._max_pause = seconds
         self._paused_until = min(self._paused_until, now + seconds)
 
-    async def acquire(self) -> None:
-        """Wait for a token; callers are served in arrival order."""
-        async with self._lock:
-            while True:
-                now = self._clock()
-                self._advance(now)
-                wait = self._paused_until - now
-                if wait <= 0:
-                    # A hair below one token is one token: float rounding must not leave a
-                    # caller waiting for ever-smaller amounts of time.
-                    if self._tokens >= 1.0 - 1e-9:
-                        self._tokens = max(0.0, self._tokens - 1.0)
-                        return
-                    wait = (1.0 - self._tokens) / self._rate
-                await self._sleep(wait)
+    async def acquire(self, *, priority: bool = False) -> None:
+        """Wait for a token; callers are served in arrival order within their lane.
+
+        A `priority` caller (the app's call through the proxy) is served before any poll
+        waiting: a poll about to take a token yields while a priority caller waits.
+        """
+        if not priority:
+            async with self._lock:
+                await self._take(yield_to_priority=True)
+            return
+        self._priority_waiting += 1
+        self._priority_idle.clear()
+        try:
+            async with self._priority_lock:
+                await self._take(yield_to_priority=False)
+        finally:
+            self._priority_waiting -= 1
+            if self._priority_waiting == 0:
+                self._priority_idle.set()
+
+    async def _take(self, *, yield_to_priority: bool) -> None:
+        while True:
+            if yield_to_priority and self._priority_waiting:
+                await self._priority_idle.wait()
+                continue
+            now = self._clock()
+            self._advance(now)
+            wait = self._paused_until - now
+            if wait <= 0:
+                # A hair below one token is one token: float rounding must not leave a
+                # caller waiting for ever-smaller amounts of time.
+                if self._tokens >= 1.0 - 1e-9:
+                    self._tokens = max(0.0, self._tokens - 1.0)
+                    return
+                wait = (1.0 - self._tokens) / self._rate
+            await self._sleep(wait)
 
     def on_throttled(self, retry_after: float | None) -> None:
         """The API answered 429: slow down, and pause everyone for Retry-After if given,

@@ -10,7 +10,7 @@ interval) and stop the same way. It never parses arguments and never prints usag
 Start-up: the cyclic GC is off from `build` (or `load_to_serve`) on; the exporter starts
 (state, polls, sources), then the reloader and the loop lag tick, then the listeners (metrics,
 then admin); then what start-up built is frozen out of the GC and the switch interval is set.
-Shutdown (RELIABILITY.md, "Shutdown"): `shutting_down`; the admin listener (no new
+Shutdown (RELIABILITY.md, "Shutdown"): `shutting_down`; the proxy and the admin listener (no new
 registrations: `admin_api_stopped`), the metrics listener; then the supervisor's stages
 (reloader and loop lag tick, directory watcher and SQS receiver, the poller and its polls in
 flight, the state writer's last commit and the exposition); `exporter_stopped`.
@@ -37,6 +37,7 @@ from exporter.admin import create_admin_app
 from exporter.config import Config, load_config
 from exporter.logs import SecretMask, configure_logging
 from exporter.looplag import measure_loop_lag
+from exporter.proxy import ProxyDeps, create_proxy_app, upstream_session
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
 from exporter.service import Exporter
@@ -138,10 +139,30 @@ def build(
         exporter,
         metrics,
         admin=admin,
+        proxy=proxy_listener(exporter, config),
         reloader=reloader,
         on_listening=on_listening,
         idle_timeout=server.idle_timeout_seconds,
     )
+
+
+def proxy_listener(exporter: Exporter, config: Config) -> Listener | None:
+    """The signing proxy's listener (docs/proxy.md), or None when `proxy.enabled` is false."""
+    if not config.proxy.enabled:
+        return None
+    deps = ProxyDeps(
+        api=lambda: exporter.config.api,
+        auth_factory=exporter.auth_factory,
+        limiter=exporter.limiter,
+        register=exporter.tracker.register,
+        observe_status=exporter.observed_status,
+        registry=exporter.registry,
+        secret_mask=exporter.secret_mask,
+        body_timeout=config.server.idle_timeout_seconds,
+    )
+    app = create_proxy_app(deps, config.proxy)
+    app.cleanup_ctx.append(upstream_session)
+    return Listener(app, config.proxy.host, config.proxy.port)
 
 
 def app_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
@@ -163,6 +184,7 @@ class Runtime:
         metrics: Listener,
         *,
         admin: Listener | None,
+        proxy: Listener | None = None,
         reloader: ConfigReloader | None,
         on_listening: OnListening | None,
         idle_timeout: float,
@@ -171,6 +193,7 @@ class Runtime:
         self.reloader = reloader
         self._metrics = metrics
         self._admin = admin
+        self._proxy = proxy
         self._on_listening = on_listening
         self._idle_timeout = idle_timeout
         self._runners: list[tuple[str, web.AppRunner]] = []
@@ -178,6 +201,7 @@ class Runtime:
         #: a wildcard address).
         self.url: str | None = None
         self.admin_url: str | None = None
+        self.proxy_url: str | None = None
         self._switch_interval: float | None = None
         self._stopped = False
 
@@ -218,6 +242,9 @@ class Runtime:
             if self._admin is not None:
                 self.admin_url = await self._listen("admin", self._admin)
                 log.info("admin_api_listening", url=f"{self.admin_url}/api/v1/ingestions")
+            if self._proxy is not None:
+                self.proxy_url = await self._listen("proxy", self._proxy)
+                log.info("proxy_listening", url=self.proxy_url)
         except BaseException:
             await self.stop()
             raise
@@ -233,10 +260,11 @@ class Runtime:
             return
         self._stopped = True
         log.info("shutting_down")
-        for name, runner in reversed(self._runners):  # admin first: no new registrations
+        # The proxy, then the admin API first: no new uploads or registrations while stopping.
+        for name, runner in reversed(self._runners):
             await runner.cleanup()
-            if name == "admin":
-                log.info("admin_api_stopped")
+            if name in {"admin", "proxy"}:
+                log.info("admin_api_stopped" if name == "admin" else "proxy_stopped")
         await self.exporter.stop()
         self._unsettle()
 

@@ -214,6 +214,18 @@ class Poller:
         self._wakeup.set()
         return Trigger.MERGED if soon else Trigger.TRIGGERED
 
+    def observed(self, ingestion_id: str, report: StatusReport) -> bool:
+        """A status the app fetched itself (through the proxy): applied as a poll's would be,
+        and the next poll is a full interval from now, so the exporter polls less. False when
+        the upload is not tracked. A poll in flight or triggered keeps its own schedule."""
+        if ingestion_id not in self._store:
+            return False
+        with structlog.contextvars.bound_contextvars(ingestion_id=ingestion_id):
+            delay, action = self._apply_report(ingestion_id, report)
+        if ingestion_id not in self._busy and ingestion_id not in self._urgent:
+            self._schedule(ingestion_id, delay, action)
+        return True
+
     def reconfigure(self, settings: PollingConfig, max_concurrency: int) -> None:
         """Apply reloaded settings; current schedules keep their due times."""
         self._settings = settings

@@ -36,6 +36,7 @@ from exporter.metrics import (
     UploadCollector,
     UploadMetrics,
 )
+from exporter.models import StatusReport
 from exporter.notifications import NotificationHandler, confirm_subscription
 from exporter.ratelimit import AdaptiveRateLimiter, RateShare
 from exporter.report import (
@@ -140,6 +141,11 @@ class Exporter:
         self.metrics.config_loaded(ok=True)
 
     @property
+    def auth_factory(self) -> AuthFactory:
+        """How API credentials are made from `api.auth` (the proxy signs the same way)."""
+        return self._auth_factory
+
+    @property
     def ready(self) -> bool:
         """Config loaded, state restored and the poll loop running."""
         return self._poller is not None and self.supervisor.running("poller")
@@ -228,7 +234,7 @@ class Exporter:
             self.supervisor.replace(
                 "notifications", functools.partial(self._start_notifications, new)
             )
-        for section in ("server", "admin", "state", "sharding"):
+        for section in ("server", "admin", "proxy", "state", "sharding"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("settings_need_restart", section=section)
         log.info("config_applied", tracked_ingestions=len(self.store))
@@ -256,6 +262,11 @@ class Exporter:
         if isinstance(outcome, ReportFailure):  # an API may echo our token in its message
             return dataclasses.replace(outcome, message=self.secret_mask.mask(outcome.message))
         return outcome
+
+    def observed_status(self, ingestion_id: str, report: StatusReport) -> bool:
+        """A status the app fetched through the proxy, applied like a poll's (`Poller.observed`);
+        False when the id is not tracked or polling has not started."""
+        return self._poller is not None and self._poller.observed(ingestion_id, report)
 
     def _track(self, ids: list[str]) -> None:
         if self._poller is not None:

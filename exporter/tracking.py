@@ -1,6 +1,7 @@
 """Which ingestionIds are tracked, and why: the one entry point for every discovery source.
 
-The config file, the watched directory, the admin API and notifications register ids here.
+The config file, the watched directory, the admin API, notifications and the signing proxy
+register ids here.
 The tracker validates each id (`models.ingestion_id_problem`: the API's 255-character limit,
 no control or invisible format characters, in Unicode NFC) and its labels (only allow-listed
 names), enforces the cap on tracked ids, counts every rejection, keeps the store and the
@@ -80,6 +81,7 @@ class Source(enum.StrEnum):
     DIRECTORY = "directory"
     API = "api"
     NOTIFICATION = "notification"
+    PROXY = "proxy"  # an upload's answer the signing proxy passed on
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,7 @@ class RunningExporter:
         self.logs = logs
         self.url = runtime.url + "/"
         self.admin_url = runtime.admin_url
+        self.proxy_url = runtime.proxy_url
 
     async def stop(self) -> None:
         """Stop it as SIGTERM would (listeners, then the background work in order)."""

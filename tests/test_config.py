@@ -22,6 +22,7 @@ from exporter.config import (
     LoggingConfig,
     NotificationsConfig,
     PollingConfig,
+    ProxyConfig,
     ReloadConfig,
     ServerConfig,
     ShardingConfig,
@@ -98,6 +99,7 @@ def test_example_config_loads_with_the_values_it_documents():
     assert config.state == StateConfig(path="", debounce_seconds=0.5)
     assert config.sharding == ShardingConfig(total=1, index=0)
     assert config.notifications == NotificationsConfig(sqs=SqsConfig())
+    assert config.proxy == ProxyConfig(enabled=False, host="127.0.0.1", port=10186)
 
 
 def test_example_config_without_its_region_takes_aws_region_from_the_environment(tmp_path):
@@ -1716,3 +1718,16 @@ def test_bad_cardinality_settings_are_named():
     )
     assert any(p.startswith("metrics.status_series:") for p in problems)
     assert any(p.startswith("polling.done_retention_seconds:") for p in problems)
+
+
+def test_proxy_listens_on_loopback_only():
+    """The proxy signs with the exporter's credentials: a non-loopback host is refused."""
+    (problem,) = problems_of(minimal(proxy={"host": ALL_INTERFACES}))
+    assert problem.startswith("proxy.host: '0.0.0.0' is not a loopback address")
+
+
+def test_proxy_port_must_differ_from_the_other_listeners():
+    """An enabled proxy on the admin API's or the metrics port is refused, naming which."""
+    for port, other in ((10185, "admin.port (10185)"), (10184, "server.port (10184)")):
+        problems = problems_of(minimal(proxy={"enabled": True, "port": port}))
+        assert problems == (f"proxy.port: must differ from {other}",)

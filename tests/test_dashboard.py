@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import ClientSession
 
 from exporter.models import KNOWN_STATUSES, TERMINAL_STATUSES
-from exporter.simulator import Fault
+from exporter.simulator import UPLOAD_PATHS, Fault
 from tests.conftest import ExporterFactory, SimulatorFactory, fast_config, require_tool, wait_for
 from tests.test_rules import slo_error_budget
 
@@ -66,6 +67,7 @@ REQUIRED_METRICS = {
     "catalog_exporter_notifications_total",
     "catalog_exporter_notification_errors_total",
     "catalog_exporter_notification_poll_delay_seconds_bucket",
+    "catalog_exporter_proxy_requests_total",
     "up",
 }
 
@@ -510,7 +512,12 @@ async def test_every_metric_and_label_the_dashboard_uses_is_exported(
     sim.inject(Fault("throttle"), ingestion_id="running", count=2)
     sim.inject(Fault("server_error_json"), ingestion_id="queued", count=1)
     ids = ["finished", "failed", "cancelled", "queued", "running", "nosuch"]
-    running = await start_exporter(fast_config(url, ids))
+    config = fast_config(url, ids, proxy={"enabled": True, "port": 0})
+    running = await start_exporter(config)
+    assert running.proxy_url is not None
+    async with ClientSession() as session:
+        upload = await session.post(running.proxy_url + UPLOAD_PATHS[0], data=b"{}")
+        assert upload.status == 200  # the app's side of the budget has a series too
 
     async def every_kind_of_series_seen() -> bool:
         samples = await running.scrape()

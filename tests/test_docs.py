@@ -144,7 +144,9 @@ async def test_every_metric_exposed_is_in_docs_metrics_and_every_one_listed_is_e
     docs/metrics.md's table."""
     sim, url = await start_simulator()
     sim.add_uploads(demo_uploads())
-    running = await start_exporter(fast_config(url, ["demo-done-fast"]))
+    config = fast_config(url, ["demo-done-fast"], proxy={"enabled": True, "port": 0})
+    running = await start_exporter(config)
+    assert running.proxy_url is not None  # the proxy's metrics are on the registry too
     await wait_for(running.status_is("demo-done-fast", "INQUEUE"))
     disable_created_metrics()  # type: ignore[no-untyped-call]  # as exporter.runtime does
     try:

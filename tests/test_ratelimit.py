@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from exporter.ratelimit import AdaptiveRateLimiter
+from tests.virtual_time import VirtualTime
 
 
 class FakeTime:
@@ -149,3 +152,37 @@ async def test_a_partly_refilled_bucket_waits_for_the_rest_of_the_token() -> Non
     before = fake.now
     await bucket.acquire()
     assert fake.now - before == pytest.approx(0.1)
+
+
+async def test_a_priority_caller_is_served_before_polls_already_waiting() -> None:
+    """Polls queued first still wait: the app's call through the proxy takes the next token."""
+    time = VirtualTime()
+    bucket = AdaptiveRateLimiter(1.0, clock=time.clock, sleep=time.sleep)
+    await bucket.acquire()  # the burst of one is spent
+    served: list[str] = []
+
+    async def take(name: str, *, priority: bool = False) -> None:
+        await bucket.acquire(priority=priority)
+        served.append(name)
+
+    polls = [asyncio.create_task(take(f"poll-{i}")) for i in range(3)]
+    await time.settle()
+    upload = asyncio.create_task(take("upload", priority=True))
+    await time.run_until(lambda: len(served) == 4, limit=10)
+    await asyncio.gather(upload, *polls)
+    assert served == ["upload", "poll-0", "poll-1", "poll-2"]
+    assert time.now == pytest.approx(1004.0)  # one token a second, shared by both lanes
+
+
+async def test_a_cancelled_priority_caller_lets_the_polls_go_on() -> None:
+    """A proxied request that gives up (its client left) does not block the poll lane."""
+    time = VirtualTime()
+    bucket = AdaptiveRateLimiter(1.0, clock=time.clock, sleep=time.sleep)
+    await bucket.acquire()
+    poll = asyncio.create_task(bucket.acquire())
+    await time.settle()
+    upload = asyncio.create_task(bucket.acquire(priority=True))
+    await time.settle()
+    upload.cancel()
+    await time.run_until(poll.done, limit=5)
+    assert time.now == pytest.approx(1001.0)

@@ -26,6 +26,7 @@ from exporter.simulator import (
     TEST_ACCESS_KEY_ID,
     TEST_REGION,
     TEST_SECRET_ACCESS_KEY,
+    UPLOAD_PATHS,
     Fault,
     FaultKind,
     SimulatedUpload,
@@ -676,3 +677,36 @@ def test_every_simulator_option_has_help_text_and_the_help_names_the_test_key() 
         assert action.option_strings[-1] in result.stdout
     for fact in (TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, TEST_REGION, "demo-done-fast"):
         assert fact in result.stdout, fact
+
+
+@pytest.mark.parametrize("path", UPLOAD_PATHS)
+async def test_an_upload_operation_answers_a_new_id_that_follows_the_upload_script(
+    serve, session, path
+):
+    """Each asynchronous operation answers 200 {"ingestionId"} with a fresh id, polled as the
+    script says; the body's size and hash are recorded, not the body."""
+    clock = FakeClock()
+    sim = Simulator(rate_limit=None, clock=clock)
+    sim.upload_script = [("INQUEUE", 5), ("FATAL", 0)]
+    url = await serve(sim)
+    status, headers, body = await post(session, url, body=b'{"feed": "x"}', path=path)
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    (new_id,) = json.loads(body).values()
+    assert new_id == "sim-upload-000001"
+    assert [(u.path, u.ingestion_id, u.size) for u in sim.received_uploads] == [(path, new_id, 13)]
+    assert json.loads((await post(session, url, new_id))[2])["processingStatus"] == "INQUEUE"
+    clock.now += 5
+    assert json.loads((await post(session, url, new_id))[2])["processingStatus"] == "FATAL"
+    assert sim.requests[0].path == path
+
+
+async def test_an_upload_operation_takes_faults_injected_for_its_path(serve, session):
+    """A fault injected for an operation's path answers it instead; no id is created."""
+    sim = Simulator(rate_limit=None)
+    sim.inject(Fault("throttle", retry_after=3), ingestion_id=UPLOAD_PATHS[0], count=1)
+    url = await serve(sim)
+    status, headers, _ = await post(session, url, body=b"{}", path=UPLOAD_PATHS[0])
+    assert (status, headers["Retry-After"]) == (429, "3")
+    assert sim.received_uploads == []
+    assert (await post(session, url, body=b"{}", path=UPLOAD_PATHS[0]))[0] == 200

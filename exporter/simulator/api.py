@@ -48,8 +48,10 @@ __all__ = [
     "TEST_ACCESS_KEY_ID",
     "TEST_REGION",
     "TEST_SECRET_ACCESS_KEY",
+    "UPLOAD_PATHS",
     "Fault",
     "FaultKind",
+    "ReceivedUpload",
     "ReportRequest",
     "RequestRecord",
     "SimulatedUpload",
@@ -76,8 +78,21 @@ MAX_INGESTION_ID_LENGTH: Final = 255
 StatusValue = str | list[str]
 Step = tuple[StatusValue, float]
 
+#: The asynchronous operations: each answers 200 {"ingestionId": ...} with a new id whose
+#: status then follows `Simulator.upload_script` (the proxy's tests and the demo use them).
+UPLOAD_PATHS: Final = ("/v1/catalog/upload", "/v1/catalog/cart/upload", "/v1/catalog/archive")
+#: Largest upload body taken: API Gateway's payload limit (10 MB).
+MAX_UPLOAD_BYTES: Final = 10 * 1024 * 1024
+#: What a new upload's status does unless a test sets `Simulator.upload_script`.
+DEFAULT_UPLOAD_SCRIPT: Final[tuple[Step, ...]] = (
+    ("INQUEUE", 2.0),
+    ("INPROGRESS", 3.0),
+    ("DONE", 0),
+)
+
 #: When the request being handled arrived, for its RequestRecord.
 _RECEIVED: ContextVar[float] = ContextVar("simulator_request_received")
+_PATH: ContextVar[str] = ContextVar("simulator_request_path")
 
 _SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -182,6 +197,18 @@ class RequestRecord:
     fault: str | None
     auth_ok: bool
     received: float | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedUpload:
+    """An upload body the simulator took: which operation, the id it answered, the body's
+    size and SHA-256 (the body itself is not kept)."""
+
+    path: str
+    ingestion_id: str
+    size: int
+    sha256: str
 
 
 @dataclass(slots=True)
@@ -493,6 +520,12 @@ class Simulator:
         )
         self._throttled = 0
         self._uploads: dict[str, _Tracked] = {}
+        #: The script each upload created through UPLOAD_PATHS follows; its ids are
+        #: `sim-upload-000001`, `-000002`... in creation order.
+        self.upload_script: Sequence[Step] = DEFAULT_UPLOAD_SCRIPT
+        #: Every upload body taken (a signature checked, an id answered), in order.
+        self.received_uploads: list[ReceivedUpload] = []
+        self._created = 0
         self._injections: list[_Injection] = []
         self._chaos: list[tuple[Fault, float]] = []
         #: The reports behind the links; `reports.requests` records who asked, with what.
@@ -633,7 +666,8 @@ class Simulator:
         auth_ok: bool = True,
     ) -> None:
         received = _RECEIVED.get(None)
-        record = RequestRecord(self._clock(), ingestion_id, status, fault, auth_ok, received)
+        path = _PATH.get(None)
+        record = RequestRecord(self._clock(), ingestion_id, status, fault, auth_ok, received, path)
         self.requests.append(record)
         if self._max_records is not None and len(self.requests) > self._max_records * 1.1:
             del self.requests[: len(self.requests) - self._max_records]
@@ -664,6 +698,9 @@ class Simulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         _RECEIVED.set(self._clock())  # each request is handled in a task, a context, of its own
+        _PATH.set(request.path)
+        if request.method == "POST" and request.path.endswith(UPLOAD_PATHS):
+            return await self._create_upload(request)
         # API Gateway serves a stage under a prefix (/prod/v1/...), and answers any unknown
         # route or method with this 403 rather than a 404.
         if request.method != "POST" or not request.path.endswith(API_PATH):
@@ -698,6 +735,42 @@ class Simulator:
         if injected is not None:
             return await self._apply_fault(request, injected, ingestion_id)
         return await self._answer(request, ingestion_id, None)
+
+    async def _create_upload(self, request: web.Request) -> web.StreamResponse:
+        """An asynchronous operation: authenticated and rate-limited like a poll, then a new
+        id whose status follows `upload_script`. Faults injected for the operation's path
+        (`inject(fault, ingestion_id="/v1/catalog/upload")`) or for any request apply first,
+        those that answer at once only."""
+        body = await request.content.read(MAX_UPLOAD_BYTES + 1)
+        while len(body) <= MAX_UPLOAD_BYTES and not request.content.at_eof():
+            chunk = await request.content.read(MAX_UPLOAD_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > MAX_UPLOAD_BYTES:
+            response = _json(
+                413, {"message": "Request Too Long"}, error_type="RequestTooLongException"
+            )
+            return self._answered(response, None, None)
+        try:
+            self._authenticate(request, body)
+        except _Denied as denied:
+            response = _json(
+                denied.status, {"message": denied.message}, error_type=denied.error_type
+            )
+            return self._answered(response, None, None, auth_ok=False)
+        operation = next(p for p in UPLOAD_PATHS if request.path.endswith(p))
+        fault = self._take_fault(operation)
+        if fault is not None and FaultKind(fault.kind) in _CANNED:
+            return self._answered(_canned(fault), None, fault.label)
+        if self._bucket is not None and not self._bucket.take():
+            return self._answered(self._throttle_response(), None, None)
+        self._created += 1
+        ingestion_id = f"sim-upload-{self._created:06d}"
+        self.add_upload(ingestion_id, self.upload_script)
+        digest = hashlib.sha256(body).hexdigest()
+        self.received_uploads.append(ReceivedUpload(operation, ingestion_id, len(body), digest))
+        return self._answered(_json(200, {"ingestionId": ingestion_id}), ingestion_id, None)
 
     def _take_fault(self, ingestion_id: str | None) -> Fault | None:
         chosen = None
