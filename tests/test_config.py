@@ -1552,7 +1552,7 @@ def test_example_config_sharding_across_a_statefulset_loads_when_edited(tmp_path
 
 def test_a_single_replica_never_looks_at_the_hostname(monkeypatch):
     """With total 1 (the default, or given) the index is 0 and no hostname is needed."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     for sharding in (None, {}, {"total": 1}, {"total": 1, "index": None}, {"index": 0}):
         config = parse_config(minimal(sharding=sharding), environ=REGION_ENV)
@@ -1561,7 +1561,7 @@ def test_a_single_replica_never_looks_at_the_hostname(monkeypatch):
 
 def test_an_explicit_index_wins_over_the_hostname(monkeypatch):
     """sharding.index given: the hostname is neither read nor compared."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     config = parse_config(
         minimal(sharding={"total": 4, "index": 3}),
@@ -1584,7 +1584,9 @@ def test_a_null_index_is_the_statefulset_ordinal_of_the_hostname_given():
 
 def test_the_hostname_comes_from_the_hostname_variable_then_the_system(monkeypatch):
     """Without `hostname=`, HOSTNAME (set by Kubernetes) is used, else socket.gethostname()."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", lambda: "exporter-1.example.org")
+    monkeypatch.setattr(
+        "exporter.config_preflight.socket.gethostname", lambda: "exporter-1.example.org"
+    )
     data = minimal(sharding={"total": 3})
 
     from_env = parse_config(data, environ={**REGION_ENV, "HOSTNAME": "exporter-2"})
@@ -1649,7 +1651,7 @@ def test_a_fully_qualified_hostname_gives_the_ordinal_of_its_first_label():
 
 def test_a_bad_total_is_reported_alone_without_an_index_check(monkeypatch):
     """A wrong total is one problem: the index is not compared and no hostname is read."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     assert sharding_problems({"total": "3"}) == (
         "sharding.total: expected an integer from 1 to 1024, got '3' "

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from exporter.config import ConfigError, json_schema, parse_config
+from exporter.config import ConfigError, parse_config
+from exporter.config_schema import json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "config.schema.json"
