@@ -30,6 +30,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
+from exporter.config_models import validate_document
 from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.yamlfile import MAX_CONFIG_BYTES
 
@@ -1718,3 +1719,41 @@ def test_bad_cardinality_settings_are_named():
     )
     assert any(p.startswith("metrics.status_series:") for p in problems)
     assert any(p.startswith("polling.done_retention_seconds:") for p in problems)
+
+
+def test_pre_flight_problems_are_reported_with_the_models_in_the_order_of_the_keys(tmp_path):
+    """A missing token file (pre-flight) and a bad interval (the models) in one run, in the
+    document's key order; a section the models refused is not pre-flighted on top."""
+    missing = tmp_path / "nowhere" / "state.db"
+    document = {
+        **bearer(token_file=str(tmp_path / "no-token")),
+        "polling": {"interval_seconds": -1},
+        "state": {"path": str(missing)},
+        "admin": {"port": "x", "token_file": str(tmp_path / "no-admin-token")},
+    }
+
+    problems = problems_of(document)
+
+    assert [problem.split(":", 1)[0] for problem in problems] == [
+        "api.auth.token_file",
+        "polling.interval_seconds",
+        "admin.port",
+        "state.path",
+    ]
+    assert "does not exist" in problems[0]
+    assert problems[3] == f"state.path: directory {str(missing.parent)!r} does not exist"
+
+
+def test_models_validate_the_document_alone_and_leave_the_surroundings_to_pre_flight():
+    """The models read no environment: a sigv4 region or a shard index they leave unset is
+    the pre-flight's to fill in (so the same document validates the same anywhere)."""
+    config, details, _ = validate_document(minimal(sharding={"total": 3}))
+
+    assert details == []
+    assert config is not None
+    assert (config.api.auth.region, config.sharding.index) == ("", 0)
+    assert "index" not in config.sharding.model_fields_set
+    resolved = parse_config(
+        minimal(sharding={"total": 3}), environ={"AWS_REGION": "eu-west-1"}, hostname="x-2"
+    )
+    assert (resolved.api.auth.region, resolved.sharding.index) == ("eu-west-1", 2)
