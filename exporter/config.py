@@ -50,8 +50,9 @@ from exporter.config_models import (
     StateConfig,
     is_loopback_host,
     validate_document,
+    validate_section,
 )
-from exporter.config_preflight import Surroundings, preflight
+from exporter.config_preflight import READS, Surroundings, preflight
 from exporter.config_wording import TOP_LEVEL, describe, problem_line
 from exporter.yamlfile import YamlFileError, read_yaml
 
@@ -118,7 +119,12 @@ def parse_config(
         shown = describe(data, secret=True)
         raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {shown}"])
     config, details, valid = validate_document(data)
-    sections: Mapping[str, Any] = dict(config) if config is not None else valid
+    sections: dict[str, Any] = dict(config) if config is not None else dict(valid)
+    for name, keys in READS.items():
+        if name not in sections and isinstance(data.get(name), dict):
+            section = validate_section(name, _picked(data[name], keys), valid)
+            if section is not None:
+                sections[name] = section
     found = preflight(sections, Surroundings.of(environ, hostname, config_path))
     problems: list[Mapping[str, Any]] = list(details)
     problems.extend(
@@ -129,6 +135,23 @@ def parse_config(
         problems.sort(key=lambda detail: _key_order(Config, detail["loc"]))
         raise ConfigError(problem_line(Config, detail) for detail in problems)
     return config.model_copy(update=found.resolved)
+
+
+def _picked(mapping: dict[Any, Any], paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    """Only the keys at `paths` of a mapping (nested mappings kept as mappings)."""
+    picked: dict[str, Any] = {}
+    for path in paths:
+        source: object = mapping
+        target = picked
+        for depth, key in enumerate(path):
+            if not isinstance(source, dict) or key not in source:
+                break
+            if depth == len(path) - 1:
+                target[key] = source[key]
+            else:
+                source = source[key]
+                target = target.setdefault(key, {})
+    return picked
 
 
 def _key_order(model: type[BaseModel] | None, loc: Sequence[str | int]) -> tuple[int, ...]:

@@ -86,6 +86,7 @@ __all__ = [
     "is_loopback_host",
     "is_within",
     "validate_document",
+    "validate_section",
 ]
 
 DEFAULT_PORT = 10184  # unallocated in Prometheus' default-port list (9100-9999 is full)
@@ -861,6 +862,18 @@ class Config(_Section):
         if isinstance(info.context, _Document) and info.field_name is not None:
             info.context.validated[info.field_name] = section
         return section
+
+
+def validate_section(name: str, data: object, validated: dict[str, Any]) -> Any | None:
+    """One section of the document alone, checked against the sections `validated` (the
+    checks across sections); None when it is refused (the document's problems say why)."""
+    model = Config.model_fields[name].annotation
+    if not isinstance(model, type) or not issubclass(model, _Section):
+        return None  # not a section
+    try:
+        return model.model_validate(data, context=_Document(dict(validated)))
+    except ValidationError:
+        return None
 
 
 def validate_document(data: object) -> tuple[Config | None, list[ErrorDetails], dict[str, Any]]:

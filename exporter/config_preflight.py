@@ -12,8 +12,8 @@ token, and no message echoes a value that might be one. It creates nothing: a mi
 ingestions.directory or state file is left for the app.
 
 Each problem names its key path, as the models' do: `config.parse_config` words and sorts
-them together. A section the models refused is not checked here (its problems are
-reported already); every valid one is, so one run still reports what it can.
+them together. A section the models refused is checked on the keys it reads (`READS`) when
+those alone are valid, so one run still reports what it can.
 """
 
 from __future__ import annotations
@@ -40,7 +40,19 @@ from exporter.config_wording import describe
 from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.sharding import index_from_hostname
 
-__all__ = ["Finding", "Preflight", "Surroundings", "preflight"]
+__all__ = ["READS", "Finding", "Preflight", "Surroundings", "preflight"]
+
+#: The keys the pre-flight of each section reads, by section. A section the models refused
+#: is still pre-flighted when these keys alone (the others at their defaults) are valid: a
+#: missing token file is reported beside a bad port, as the models report every bad key.
+READS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "api": (("base_url",), ("auth",)),
+    "ingestions": (("directory",),),
+    "admin": (("enabled",), ("token_file",)),
+    "state": (("path",),),
+    "sharding": (("total",), ("index",)),
+    "notifications": (("sqs", "queue_url"), ("sqs", "region")),
+}
 
 _REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 # Only a conventional upper-case name is echoed: a mixed-case value may be a token pasted

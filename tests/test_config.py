@@ -1723,7 +1723,7 @@ def test_bad_cardinality_settings_are_named():
 
 def test_pre_flight_problems_are_reported_with_the_models_in_the_order_of_the_keys(tmp_path):
     """A missing token file (pre-flight) and a bad interval (the models) in one run, in the
-    document's key order; a section the models refused is not pre-flighted on top."""
+    document's key order; a section with a bad key is still pre-flighted on the others."""
     missing = tmp_path / "nowhere" / "state.db"
     document = {
         **bearer(token_file=str(tmp_path / "no-token")),
@@ -1738,10 +1738,11 @@ def test_pre_flight_problems_are_reported_with_the_models_in_the_order_of_the_ke
         "api.auth.token_file",
         "polling.interval_seconds",
         "admin.port",
+        "admin.token_file",
         "state.path",
     ]
     assert "does not exist" in problems[0]
-    assert problems[3] == f"state.path: directory {str(missing.parent)!r} does not exist"
+    assert problems[4] == f"state.path: directory {str(missing.parent)!r} does not exist"
 
 
 def test_models_validate_the_document_alone_and_leave_the_surroundings_to_pre_flight():
