@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exporter import __version__
-from exporter.config import ConfigError, json_schema, load_config
+from exporter.config import ConfigError, load_config
+from exporter.config_schema import json_schema
 from exporter.runtime import load_to_serve, run_config, run_until_stopped
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -112,5 +113,7 @@ def print_schema(arguments: Sequence[str]) -> int:
         "config.schema.json holds, for editors and CI linters.",
     )
     parser.parse_args(arguments)
-    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    # ASCII only: the id pattern names invisible characters above U+FFFF, which JSON escapes
+    # keep visible in the file (no regex escape for them is common to ECMA-262 and Python).
+    print(json.dumps(json_schema(), indent=2))
     return EXIT_OK

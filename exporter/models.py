@@ -9,6 +9,7 @@ watched directory, admin API): `ingestion_id_problem` and its limits. Parsing li
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ MAX_REGISTRATION_BYTES = 64 * 1024
 #: Unicode categories refused in ids and label values: controls, line and paragraph
 #: separators, lone surrogates.
 _REFUSED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+#: The category of invisible format characters, refused in ids with a reason of their own.
+_FORMAT_CATEGORY = "Cf"
+_LAST_CODE_POINT = 0x10FFFF
 
 
 class Status(enum.StrEnum):
@@ -184,6 +188,39 @@ def not_nfc_character(text: str) -> int | None:
         (i for i, (a, b) in enumerate(zip(text, composed, strict=False)) if a != b),
         min(len(text), len(composed)),
     )
+
+
+@functools.cache
+def ingestion_id_pattern() -> str:
+    """The part of `ingestion_id_problem` a regular expression can say, for JSON Schema:
+    no character of a refused category or of Cf, by this Python's Unicode tables.
+
+    The same category sets as the rule, so the two cannot drift apart; the length is
+    `MAX_INGESTION_ID_LENGTH` (minLength/maxLength count code points, as len() does). NFC
+    is beyond a regular expression. Built on first use (a scan of every code point, about
+    0.2 s), never at start-up. BMP characters are written as `\\uXXXX` escapes; those above
+    it literally (no escape is common to ECMA-262 and Python), which a JSON file written
+    with ensure_ascii keeps printable. `$(?!\\n)`: Python's `$` also matches before a final
+    newline, ECMA-262's only at the end; the look-ahead makes both mean the end.
+    """
+    refused = _REFUSED_CATEGORIES | {_FORMAT_CATEGORY}
+    ranges: list[tuple[int, int]] = []
+    for point in range(_LAST_CODE_POINT + 1):
+        if unicodedata.category(chr(point)) not in refused:
+            continue
+        if ranges and ranges[-1][1] == point - 1:
+            ranges[-1] = (ranges[-1][0], point)
+        else:
+            ranges.append((point, point))
+    members = "".join(
+        _class_member(first) if first == last else f"{_class_member(first)}-{_class_member(last)}"
+        for first, last in ranges
+    )
+    return f"^[^{members}]*$(?!\\n)"
+
+
+def _class_member(point: int) -> str:
+    return f"\\u{point:04x}" if point <= 0xFFFF else chr(point)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@
 repeated in one mapping is refused naming its path and both lines (PyYAML keeps the last
 silently), and every failure is a `YamlFileError` whose lines never quote the document (it
 may hold secrets; a repeated key's path shows only names shaped like config keys). What the
-document means is `exporter.config`'s business, not this one's.
+document means is `exporter.config_models`' business, not this one's.
 """
 
 from __future__ import annotations

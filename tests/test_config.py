@@ -31,6 +31,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
+from exporter.config_models import validate_document
 from exporter.secretfile import MAX_SECRET_BYTES
 from exporter.yamlfile import MAX_CONFIG_BYTES
 
@@ -1554,7 +1555,7 @@ def test_example_config_sharding_across_a_statefulset_loads_when_edited(tmp_path
 
 def test_a_single_replica_never_looks_at_the_hostname(monkeypatch):
     """With total 1 (the default, or given) the index is 0 and no hostname is needed."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     for sharding in (None, {}, {"total": 1}, {"total": 1, "index": None}, {"index": 0}):
         config = parse_config(minimal(sharding=sharding), environ=REGION_ENV)
@@ -1563,7 +1564,7 @@ def test_a_single_replica_never_looks_at_the_hostname(monkeypatch):
 
 def test_an_explicit_index_wins_over_the_hostname(monkeypatch):
     """sharding.index given: the hostname is neither read nor compared."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     config = parse_config(
         minimal(sharding={"total": 4, "index": 3}),
@@ -1586,7 +1587,9 @@ def test_a_null_index_is_the_statefulset_ordinal_of_the_hostname_given():
 
 def test_the_hostname_comes_from_the_hostname_variable_then_the_system(monkeypatch):
     """Without `hostname=`, HOSTNAME (set by Kubernetes) is used, else socket.gethostname()."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", lambda: "exporter-1.example.org")
+    monkeypatch.setattr(
+        "exporter.config_preflight.socket.gethostname", lambda: "exporter-1.example.org"
+    )
     data = minimal(sharding={"total": 3})
 
     from_env = parse_config(data, environ={**REGION_ENV, "HOSTNAME": "exporter-2"})
@@ -1651,7 +1654,7 @@ def test_a_fully_qualified_hostname_gives_the_ordinal_of_its_first_label():
 
 def test_a_bad_total_is_reported_alone_without_an_index_check(monkeypatch):
     """A wrong total is one problem: the index is not compared and no hostname is read."""
-    monkeypatch.setattr("exporter.config.socket.gethostname", no_hostname)
+    monkeypatch.setattr("exporter.config_preflight.socket.gethostname", no_hostname)
 
     assert sharding_problems({"total": "3"}) == (
         "sharding.total: expected an integer from 1 to 1024, got '3' "
@@ -1731,3 +1734,42 @@ def test_proxy_port_must_differ_from_the_other_listeners():
     for port, other in ((10185, "admin.port (10185)"), (10184, "server.port (10184)")):
         problems = problems_of(minimal(proxy={"enabled": True, "port": port}))
         assert problems == (f"proxy.port: must differ from {other}",)
+
+
+def test_pre_flight_problems_are_reported_with_the_models_in_the_order_of_the_keys(tmp_path):
+    """A missing token file (pre-flight) and a bad interval (the models) in one run, in the
+    document's key order; a section with a bad key is still pre-flighted on the others."""
+    missing = tmp_path / "nowhere" / "state.db"
+    document = {
+        **bearer(token_file=str(tmp_path / "no-token")),
+        "polling": {"interval_seconds": -1},
+        "state": {"path": str(missing)},
+        "admin": {"port": "x", "token_file": str(tmp_path / "no-admin-token")},
+    }
+
+    problems = problems_of(document)
+
+    assert [problem.split(":", 1)[0] for problem in problems] == [
+        "api.auth.token_file",
+        "polling.interval_seconds",
+        "admin.port",
+        "admin.token_file",
+        "state.path",
+    ]
+    assert "does not exist" in problems[0]
+    assert problems[4] == f"state.path: directory {str(missing.parent)!r} does not exist"
+
+
+def test_models_validate_the_document_alone_and_leave_the_surroundings_to_pre_flight():
+    """The models read no environment: a sigv4 region or a shard index they leave unset is
+    the pre-flight's to fill in (so the same document validates the same anywhere)."""
+    config, details, _ = validate_document(minimal(sharding={"total": 3}))
+
+    assert details == []
+    assert config is not None
+    assert (config.api.auth.region, config.sharding.index) == ("", 0)
+    assert "index" not in config.sharding.model_fields_set
+    resolved = parse_config(
+        minimal(sharding={"total": 3}), environ={"AWS_REGION": "eu-west-1"}, hostname="x-2"
+    )
+    assert (resolved.api.auth.region, resolved.sharding.index) == ("eu-west-1", 2)
