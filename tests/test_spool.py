@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -21,6 +27,15 @@ from exporter.state import open_store
 from exporter.state_writer import StateWriter, UnavailableState, open_state
 from exporter.tracking import IngestionTracker, Source
 from exporter.uploads import UploadStore
+from tests.conftest import (
+    Samples,
+    SimulatorFactory,
+    free_port,
+    launch_exporter,
+    parse_exposition,
+    value,
+    wait_for,
+)
 
 
 @dataclass
@@ -249,3 +264,181 @@ def test_spool_mode_without_state_path_is_a_config_error_naming_the_key() -> Non
     }
     with pytest.raises(ConfigError, match=r"ingestions\.directory_mode: spool needs state\.path"):
         parse_config(document)
+
+
+# -- against the running exporter ---------------------------------------------------------------
+
+#: The sidecar component's sizeLimit of the ingestions emptyDir (deploy/components/sidecar).
+SIDECAR_SIZE_LIMIT = 16 * 1024 * 1024
+
+
+def _usage(directory: Path) -> tuple[int, int]:
+    """Entries in `directory` and their allocated bytes, as the kubelet counts them."""
+    files = allocated = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                allocated += entry.stat(follow_symlinks=False).st_blocks * 512
+            except FileNotFoundError:  # consumed since listed
+                continue
+            files += 1
+    return files, allocated
+
+
+def _write(directory: Path, count: int, rate: float, stop: threading.Event) -> float:
+    """Write `count` files as the app would (a dot-name renamed into place), in batches of a
+    tenth of a second at `rate` per second; the seconds taken."""
+    per_batch = round(rate / 10)
+    started = time.monotonic()
+    for first in range(0, count, per_batch):
+        for n in range(first, min(count, first + per_batch)):
+            document = {"ingestionId": f"amzn1.ingestion.{n:06d}", "labels": {"team": "t"}}
+            temporary = directory / f".tmp-{n:06d}"
+            temporary.write_text(json.dumps(document))
+            temporary.rename(directory / f"upload-{n:06d}")
+        ahead = started + (first + per_batch) / rate - time.monotonic()
+        if ahead > 0 and stop.wait(ahead):
+            break
+    return time.monotonic() - started
+
+
+def _stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """SIGTERM the exporter; it must exit 0 without a traceback."""
+    proc.terminate()
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    text = log.read_text()
+    assert code == 0, f"the exporter did not stop on SIGTERM (exit {code}): {text[-3000:]}"
+    assert "Traceback" not in text
+
+
+def _scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return parse_exposition(answer.read().decode())
+
+
+def _spool_config(base_url: str, port: int, directory: Path, state: Path) -> dict[str, Any]:
+    """The sidecar component's ingestions and state settings, in spool mode, on loopback."""
+    return {
+        "api": {"base_url": base_url, "auth": {"type": "none"}, "max_requests_per_second": 5},
+        "polling": {"interval_seconds": 60},
+        "ingestions": {
+            "directory": str(directory),
+            "directory_mode": "spool",
+            "directory_poll_seconds": 2,
+            "directory_size_limit_bytes": SIDECAR_SIZE_LIMIT,
+            "labels": ["team"],
+            "max_tracked": 100_000,
+        },
+        "state": {"path": str(state), "debounce_seconds": 0.5},
+        "server": {"host": "127.0.0.1", "port": port},
+        "reload": {"watch_interval_seconds": 0},
+    }
+
+
+@pytest.mark.slow
+async def test_twenty_thousand_files_keep_the_volume_within_the_sidecars_size_limit(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """20,000 registration files at 800 a second (a wall-clock rate: the volume's peak is
+    rate x the time a file waits, so the test must write at a rate) into a running exporter
+    in spool mode with the component's settings: the directory's allocated bytes, sampled
+    every 10 ms, stay within the 16 MiB sizeLimit, and every id ends up in the state."""
+    _, base_url = await start_simulator()
+    directory, state = tmp_path / "ingestions", tmp_path / "state" / "state.db"
+    directory.mkdir()
+    state.parent.mkdir()
+    port = free_port()
+    proc, log = launch_exporter(tmp_path, _spool_config(base_url, port, directory, state))
+    files, rate = 20_000, 800.0
+    peak = [0, 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            found = _usage(directory)
+            peak[:] = [max(peak[0], found[0]), max(peak[1], found[1])]
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        await wait_for(lambda: _healthy(proc, port, log), timeout=30)
+        sampler.start()
+        seconds = await asyncio.to_thread(_write, directory, files, rate, stop)
+
+        async def consumed() -> bool:
+            return _usage(directory)[0] == 0
+
+        await wait_for(consumed, timeout=60)
+        stop.set()
+        sampler.join()
+        samples = await asyncio.to_thread(_scrape, port)
+    finally:
+        stop.set()
+        _stop(proc, log)
+    print(  # the figures docs/deploying.md quotes; shown with -s
+        f"\nspool: {files} files in {seconds:.1f} s ({files / seconds:.0f}/s); peak "
+        f"{peak[0]} files, {peak[1] / 1024 / 1024:.2f} MiB of {SIDECAR_SIZE_LIMIT // 2**20} MiB "
+        f"({100 * peak[1] / SIDECAR_SIZE_LIMIT:.0f}%)"
+    )
+    assert files / seconds >= rate * 0.9, "the writer fell behind: the rate was not tested"
+    assert 0 < peak[1] <= SIDECAR_SIZE_LIMIT
+    assert value(samples, "catalog_exporter_tracked_ingestions") == files
+    assert value(samples, "catalog_exporter_directory_size_limit_bytes") == SIDECAR_SIZE_LIMIT
+    assert value(samples, "catalog_exporter_directory_files_deleted_total", reason="registered")
+    store, result = open_store(state)
+    assert store is not None
+    store.close()
+    assert len(result.snapshot.uploads) == files
+    assert {r.sources for r in result.snapshot.uploads} == {("directory",)}
+
+
+async def _healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> bool:
+    assert proc.poll() is None, log.read_text()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+async def test_a_directory_the_exporter_cannot_write_keeps_files_and_says_so(
+    start_simulator: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Mounted read-only (here: a directory its owner may not write), spool mode registers
+    the file, counts delete_failed, logs it once, and keeps running."""
+    _, base_url = await start_simulator()
+    directory = tmp_path / "ingestions"
+    directory.mkdir()
+    put(directory / "amzn1.ingestion.kept")
+    directory.chmod(0o555)
+    port = free_port()
+    config = _spool_config(base_url, port, directory, tmp_path / "state.db")
+    # Root writes anywhere: without its capabilities (setpriv) the mode bits apply to it too.
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    try:
+        proc, log = launch_exporter(tmp_path, config, wrapper=drop)
+        try:
+            await wait_for(lambda: _healthy(proc, port, log), timeout=30)
+
+            async def counted() -> bool:
+                samples = await asyncio.to_thread(_scrape, port)
+                failed = value(
+                    samples, "catalog_exporter_directory_file_errors_total", reason="delete_failed"
+                )
+                return bool(failed)
+
+            await wait_for(counted, timeout=30)
+            samples = await asyncio.to_thread(_scrape, port)
+        finally:
+            _stop(proc, log)
+    finally:
+        directory.chmod(0o755)
+    assert (directory / "amzn1.ingestion.kept").exists()
+    assert value(samples, "catalog_exporter_tracked_ingestions") == 1
+    kept = [line for line in log.read_text().splitlines() if "ingestion_file_kept" in line]
+    assert len(kept) == 1 and "delete_failed" in kept[0]
