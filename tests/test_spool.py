@@ -398,11 +398,15 @@ async def test_twenty_thousand_files_keep_the_volume_within_the_sidecars_size_li
 
 async def _healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> bool:
     assert proc.poll() is None, log.read_text()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
+
+    def get() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    return await asyncio.to_thread(get)
 
 
 @pytest.mark.slow
