@@ -344,7 +344,7 @@ def _spool_config(base_url: str, port: int, directory: Path, state: Path) -> dic
 async def test_twenty_thousand_files_keep_the_volume_within_the_sidecars_size_limit(
     start_simulator: SimulatorFactory, tmp_path: Path
 ) -> None:
-    """20,000 registration files at 800 a second (a wall-clock rate: the volume's peak is
+    """20,000 registration files at 500 a second (a wall-clock rate: the volume's peak is
     rate x the time a file waits, so the test must write at a rate) into a running exporter
     in spool mode with the component's settings: the directory's allocated bytes, sampled
     every 10 ms, stay within the 16 MiB sizeLimit, and every id ends up in the state."""
@@ -354,7 +354,7 @@ async def test_twenty_thousand_files_keep_the_volume_within_the_sidecars_size_li
     state.parent.mkdir()
     port = free_port()
     proc, log = launch_exporter(tmp_path, _spool_config(base_url, port, directory, state))
-    files, rate = 20_000, 800.0
+    files, rate = 20_000, 500.0
     peak = [0, 0]
     stop = threading.Event()
 
