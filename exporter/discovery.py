@@ -86,6 +86,7 @@ tracker's job, which also counts rejections) and never logs file content beyond 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import json
 import os
@@ -109,6 +110,11 @@ log = structlog.get_logger("exporter.discovery")
 
 #: New or changed files handled between two yields to the event loop.
 BATCH_FILES = 50
+
+#: Batches of new files spool mode has in flight at once (registered, awaiting their commit,
+#: or being deleted): enough for commits to overlap the next registrations, few enough that a
+#: cap reached or a failing state stops it within a few hundred files.
+SPOOL_WINDOW = 8
 
 #: Seconds the spool waits after a file it could not consume (cap reached, state not
 #: writable, delete refused) before it tries again: each try costs the loop a registration
@@ -410,33 +416,47 @@ class DirectoryWatcher:
 
     async def _consume_all(self, changed: Mapping[str, _Observed]) -> None:
         """Spool mode: register each new file durably, then delete it; in batches of
-        `BATCH_FILES` (one group commit and one thread hop for the deletes each)."""
+        `BATCH_FILES` (one thread hop for the deletes each), up to `SPOOL_WINDOW` batches in
+        flight, so that their flushes share group commits instead of waiting for each other."""
         names = sorted(changed)
-        for start in range(0, len(names), BATCH_FILES):
-            if self._monotonic() < self._paused_until:
-                return  # the rest waits, unread by the loop: O(1) while paused
-            batch = names[start : start + BATCH_FILES]
-            outcomes = await asyncio.gather(
-                *(self._consume_confined(name, changed[name]) for name in batch)
-            )
-            doomed = {
-                name: (changed[name].version, reason)
-                for name, reason in zip(batch, outcomes, strict=True)
-                if reason is not None
-            }
-            if not doomed:
-                continue
-            versions = {name: version for name, (version, _) in doomed.items()}
-            failed = await asyncio.to_thread(_unlink_all, self._directory, versions)
-            for name, (_, reason) in doomed.items():
-                if name not in failed:
-                    self._metrics.files_deleted.labels(reason.value).inc()
-            if failed:
-                name, message = min(failed.items())
-                self._spool_blocked(FileProblem.DELETE_FAILED, message, file=name)
-            elif self._spool_problems and self._monotonic() >= self._paused_until:
-                log.info("ingestion_spool_resumed", directory=str(self._directory))
-                self._spool_problems.clear()
+        flying: collections.deque[asyncio.Task[None]] = collections.deque()
+        try:
+            for start in range(0, len(names), BATCH_FILES):
+                if len(flying) >= SPOOL_WINDOW:
+                    await flying.popleft()
+                if self._monotonic() < self._paused_until:
+                    break  # the rest waits, unread by the loop: O(1) while paused
+                batch = {n: changed[n] for n in names[start : start + BATCH_FILES]}
+                flying.append(asyncio.create_task(self._consume_batch(batch)))
+                await asyncio.sleep(0)  # each batch's registrations run in a step of their own
+            while flying:
+                await flying.popleft()
+        finally:
+            for task in flying:  # a cancelled scan leaves nothing running
+                task.cancel()
+
+    async def _consume_batch(self, batch: Mapping[str, _Observed]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._consume_confined(name, found) for name, found in batch.items())
+        )
+        doomed = {
+            name: (batch[name].version, reason)
+            for name, reason in zip(batch, outcomes, strict=True)
+            if reason is not None
+        }
+        if not doomed:
+            return
+        versions = {name: version for name, (version, _) in doomed.items()}
+        failed = await asyncio.to_thread(_unlink_all, self._directory, versions)
+        for name, (_, reason) in doomed.items():
+            if name not in failed:
+                self._metrics.files_deleted.labels(reason.value).inc()
+        if failed:
+            name, message = min(failed.items())
+            self._spool_blocked(FileProblem.DELETE_FAILED, message, file=name)
+        elif self._spool_problems and self._monotonic() >= self._paused_until:
+            log.info("ingestion_spool_resumed", directory=str(self._directory))
+            self._spool_problems.clear()
 
     async def _consume_confined(self, name: str, found: _Observed) -> Deleted | None:
         """`_consume`, with a crash confined to this file: logged once per version, retried."""
