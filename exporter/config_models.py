@@ -100,6 +100,8 @@ DEFAULT_PROXY_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_REPORT_BYTES = 32 * 1024 * 1024
 
 StatusSeries = Literal["all", "active"]
+#: How the watched directory is read (see exporter.discovery).
+DirectoryMode = Literal["watch", "spool"]
 
 _MAX_LABELS = 10  # each one is copied onto every upload series
 _MAX_SHARDS = 1024  # far more replicas than one account's ~10 requests/s could keep busy
@@ -581,6 +583,10 @@ class IngestionsConfig(_Section):
     ] = ()
     directory: Annotated[str, _checked(_directory_problem)] = ""
     directory_poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    # watch: a file present means tracked; spool: files are consumed (needs state.path).
+    directory_mode: Annotated[DirectoryMode, _CHOICE] = "watch"
+    # The volume's sizeLimit, for the directory-filling alert (0: not known).
+    directory_size_limit_bytes: Annotated[int, Field(ge=0, le=2**50), _INTEGRAL] = 0
     max_tracked: Annotated[int, Field(ge=1, le=10_000_000), _INTEGRAL] = 100_000
     labels: Annotated[
         tuple[LabelName, ...],
@@ -891,6 +897,18 @@ class Config(_Section):
     sharding: ShardingConfig = _SECTION_DEFAULT
     notifications: NotificationsConfig = _SECTION_DEFAULT
     proxy: ProxyConfig = _SECTION_DEFAULT
+
+    @model_validator(mode="after")
+    def _spool_is_persisted(self) -> Config:
+        """Spool mode deletes a file once its id is in the state: it needs a state."""
+        ingestions = self.ingestions
+        if ingestions.directory and ingestions.directory_mode == "spool" and not self.state.path:
+            message = (
+                "spool needs state.path: a consumed file's id is kept only in the state "
+                '(set state.path, or directory_mode: "watch")'
+            )
+            raise refusal(type(self).__name__, self, [(("ingestions", "directory_mode"), message)])
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -49,6 +49,36 @@ unreadable listing says nothing about which files are gone. While scans fail (no
 a crash), `catalog_exporter_directory_scan_failing` is 1, and
 `catalog_exporter_directory_last_scan_success_timestamp_seconds` says since when.
 
+Spool mode (`ingestions.directory_mode: spool`)
+-----------------------------------------------
+The exporter consumes the files: a file is a request to track its id, not the reason it
+stays tracked. Each new file is registered durably (the tracker's `durable=True`: the state
+database has committed the row, the same acknowledgement as an admin 2xx), then deleted. The
+id stays held by the `directory` source in the state, so the delete releases nothing and a
+restart's first scan reconciles nothing; it leaves like any other id once terminal and past
+its retention (or through the admin API's DELETE with `?source=directory`). What happens to
+each file:
+
+* registered (or already tracked, or retired): deleted, counted as `registered`;
+* refused for good (an invalid id, labels not allowed) or naming no id (too large, bad
+  JSON...): logged and counted once, then deleted (`refused`, `unusable`); it can never be
+  tracked as it is, and kept it would fill the volume;
+* refused as cap_reached, not made durable (the state cannot be written), or not deletable
+  (no write access): kept, and the spool pauses for `RETRY_SECONDS` before it tries again
+  (each pause is counted in `catalog_exporter_directory_file_errors_total`: reason
+  cap_reached, not_durable, delete_failed, and logged once per distinct problem);
+* owned by another shard: left for its owner, like a file in watch mode;
+* unreadable or crashed: as in watch mode (retried on every scan).
+
+A file is deleted only if it still has the version that was read (checked just before the
+unlink), so a file rewritten meanwhile is read again instead; the app should still write
+each upload under a new name.
+
+Every scan, in both modes, also sums the directory's usage off the loop: the number of
+entries that are not directories and their allocated bytes (`st_blocks * 512`, what fills
+an emptyDir's `sizeLimit`: a 40-byte file takes a 4 KiB block), for
+`catalog_exporter_directory_files` and `catalog_exporter_directory_bytes`.
+
 This module reads files and talks to the tracker; it must not validate ids or labels (the
 tracker's job, which also counts rejections) and never logs file content beyond the id.
 """
@@ -56,11 +86,13 @@ tracker's job, which also counts rejections) and never logs file content beyond 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import json
 import os
 import stat
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,13 +102,24 @@ from prometheus_client import CollectorRegistry
 
 from exporter.boundedjson import MAX_JSON_DEPTH, json_depth_exceeds
 from exporter.metrics import DirectoryMetrics
-from exporter.models import MAX_REGISTRATION_BYTES
-from exporter.tracking import Source, Tracker
+from exporter.models import MAX_REGISTRATION_BYTES, RejectReason
+from exporter.state import StateError
+from exporter.tracking import Registration, Source, Tracker
 
 log = structlog.get_logger("exporter.discovery")
 
 #: New or changed files handled between two yields to the event loop.
 BATCH_FILES = 50
+
+#: Batches of new files spool mode has in flight at once (registered, awaiting their commit,
+#: or being deleted): enough for commits to overlap the next registrations, few enough that a
+#: cap reached or a failing state stops it within a few hundred files.
+SPOOL_WINDOW = 8
+
+#: Seconds the spool waits after a file it could not consume (cap reached, state not
+#: writable, delete refused) before it tries again: each try costs the loop a registration
+#: and a log line, and none of these clears up in a few seconds.
+RETRY_SECONDS = 30.0
 
 
 class FileProblem(enum.StrEnum):
@@ -91,6 +134,20 @@ class FileProblem(enum.StrEnum):
     READ_ERROR = "read_error"
     #: A bug of ours while reading, parsing or registering the file.
     CRASHED = "crashed"
+    #: Spool mode: kept, as the tracker is full (ingestions.max_tracked).
+    CAP_REACHED = "cap_reached"
+    #: Spool mode: kept, as the registration could not be committed to the state.
+    NOT_DURABLE = "not_durable"
+    #: Spool mode: registered, but the file could not be deleted (no write access?).
+    DELETE_FAILED = "delete_failed"
+
+
+class Deleted(enum.StrEnum):
+    """Why spool mode deleted a file (`reason` of the deleted-files counter)."""
+
+    REGISTERED = "registered"
+    REFUSED = "refused"
+    UNUSABLE = "unusable"
 
 
 _Version = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
@@ -145,6 +202,9 @@ class _Listing:
     gone: list[str]
     #: Names with a noted read error or crash that are gone.
     forgotten: list[str]
+    #: Entries that are not directories, hidden ones included, and their allocated bytes.
+    files: int = 0
+    allocated_bytes: int = 0
 
 
 class DirectoryWatcher:
@@ -157,7 +217,11 @@ class DirectoryWatcher:
         *,
         poll_seconds: float = 2.0,
         metrics: DirectoryMetrics | None = None,
+        consume: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`consume`: spool mode (see the module's docstring); the tracker must then persist
+        (a `durable` registration is what allows the delete)."""
         if poll_seconds <= 0:
             msg = f"poll_seconds must be positive, got {poll_seconds}"
             raise ValueError(msg)
@@ -174,8 +238,15 @@ class DirectoryWatcher:
         # Kept across scans so an exception between a file's removal and its release
         # cannot lose the release.
         self._to_release: set[str] = set()
-        self._reconciled = False
+        # Spool mode: the files are gone by design, so their absence releases nothing.
+        self._consuming = consume
+        self._reconciled = consume
         self._directory_problem: str | None = None
+        self._monotonic = monotonic
+        # Spool mode: no file is consumed before this (monotonic time), after a failure.
+        self._paused_until = -float("inf")
+        # The last spool problem logged, by reason: logged again only when it changes.
+        self._spool_problems: dict[FileProblem, str] = {}
 
     async def run(self) -> None:
         """Scan, sleep `poll_seconds`, forever; cancel the task to stop."""
@@ -211,9 +282,15 @@ class DirectoryWatcher:
             self._directory_problem = None
             log.info("ingestion_directory_available", directory=str(self._directory))
 
+        self._metrics.files.set(listing.files)
+        self._metrics.allocated_bytes.set(listing.allocated_bytes)
+        if self._consuming:
+            await self._consume_all(listing.changed)
         # Registrations come before releases, so an id that moves from one file to another
         # in the same scan is never released.
         for done, name in enumerate(sorted(listing.changed), start=1):
+            if self._consuming:
+                break
             await self._update_confined(name, listing.changed[name])
             if done % BATCH_FILES == 0:
                 await asyncio.sleep(0)  # thousands of new files must not stall the loop
@@ -329,6 +406,121 @@ class DirectoryWatcher:
                 log.info("ingestion_released", ingestion_id=ingestion_id, was_held=was_held)
             self._to_release.discard(ingestion_id)
 
+    async def _consume_all(self, changed: Mapping[str, _Observed]) -> None:
+        """Spool mode: register each new file durably, then delete it; in batches of
+        `BATCH_FILES` (one thread hop for the deletes each), up to `SPOOL_WINDOW` batches in
+        flight, so that their flushes share group commits instead of waiting for each other."""
+        names = sorted(changed)
+        flying: collections.deque[asyncio.Task[None]] = collections.deque()
+        try:
+            for start in range(0, len(names), BATCH_FILES):
+                if len(flying) >= SPOOL_WINDOW:
+                    await flying.popleft()
+                if self._monotonic() < self._paused_until:
+                    break  # the rest waits, unread by the loop: O(1) while paused
+                batch = {n: changed[n] for n in names[start : start + BATCH_FILES]}
+                flying.append(asyncio.create_task(self._consume_batch(batch)))
+                await asyncio.sleep(0)  # each batch's registrations run in a step of their own
+            while flying:
+                await flying.popleft()
+        finally:
+            for task in flying:  # a cancelled scan leaves nothing running
+                task.cancel()
+
+    async def _consume_batch(self, batch: Mapping[str, _Observed]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._consume_confined(name, found) for name, found in batch.items())
+        )
+        doomed = {
+            name: (batch[name].version, reason)
+            for name, reason in zip(batch, outcomes, strict=True)
+            if reason is not None
+        }
+        if not doomed:
+            return
+        versions = {name: version for name, (version, _) in doomed.items()}
+        failed = await asyncio.to_thread(_unlink_all, self._directory, versions)
+        for name, (_, reason) in doomed.items():
+            if name not in failed:
+                self._metrics.files_deleted.labels(reason.value).inc()
+        if failed:
+            name, message = min(failed.items())
+            self._spool_blocked(FileProblem.DELETE_FAILED, message, file=name)
+        elif self._spool_problems and self._monotonic() >= self._paused_until:
+            log.info("ingestion_spool_resumed", directory=str(self._directory))
+            self._spool_problems.clear()
+
+    async def _consume_confined(self, name: str, found: _Observed) -> Deleted | None:
+        """`_consume`, with a crash confined to this file: logged once per version, retried."""
+        try:
+            reason = await self._consume(name, found)
+        except Exception:
+            if self._crashed.get(name) != found.version:
+                self._crashed[name] = found.version
+                self._metrics.file_errors.labels(FileProblem.CRASHED.value).inc()
+                log.exception("ingestion_file_crashed", file=name)
+            return None
+        self._crashed.pop(name, None)
+        return reason
+
+    async def _consume(self, name: str, found: _Observed) -> Deleted | None:
+        """What to do with one new file: the reason to delete it, or None to keep it."""
+        content = found.content
+        if isinstance(content, _Unreadable | _Bad):
+            await self._update(name, found)  # logged and counted as in watch mode
+            if isinstance(content, _Unreadable):
+                return None  # retried on every scan, like a read error in watch mode
+            self._files.pop(name, None)
+            return Deleted.UNUSABLE
+        try:
+            registration = await self._tracker.register(
+                content.ingestion_id, Source.DIRECTORY, content.labels, durable=True
+            )
+        except StateError as error:
+            self._spool_blocked(FileProblem.NOT_DURABLE, str(error), file=name)
+            return None
+        return self._consumed(name, found, registration)
+
+    def _consumed(self, name: str, found: _Observed, registration: Registration) -> Deleted | None:
+        if registration.accepted:
+            if not self._tracker.owns(registration.ingestion_id):
+                # Another replica's file in a shared directory: its owner consumes it.
+                self._files[name] = _Seen(found.version, None)
+                return None
+            log.info(
+                "ingestion_file_consumed",
+                file=name,
+                ingestion_id=registration.ingestion_id,
+                created=registration.created,
+            )
+            return Deleted.REGISTERED
+        if registration.reason is RejectReason.CAP_REACHED:
+            self._spool_blocked(FileProblem.CAP_REACHED, registration.message, file=name)
+            return None
+        # The tracker logged and counted the refusal; the id is not logged (it may be why).
+        log.warning(
+            "ingestion_file_discarded",
+            file=name,
+            reason=registration.reason,
+            message="refused for good, so deleted: write a corrected file to track the upload",
+        )
+        return Deleted.REFUSED
+
+    def _spool_blocked(self, problem: FileProblem, message: str, *, file: str) -> None:
+        """Pause consumption for RETRY_SECONDS; count, and log a problem not logged last."""
+        self._paused_until = self._monotonic() + RETRY_SECONDS
+        self._metrics.file_errors.labels(problem.value).inc()
+        if self._spool_problems.get(problem) == message:
+            return
+        self._spool_problems[problem] = message
+        log.warning(
+            "ingestion_file_kept",
+            file=file,
+            reason=problem.value,
+            message=message,
+            retry_in_seconds=RETRY_SECONDS,
+        )
+
     def _directory_unavailable(self, error: OSError) -> None:
         missing = isinstance(error, FileNotFoundError)
         problem = "missing" if missing else str(error)
@@ -360,8 +552,16 @@ def _observe(
     root = os.path.realpath(directory)
     listed: set[str] = set()
     changed: dict[str, _Observed] = {}
+    files = allocated = 0
     with os.scandir(directory) as entries:
         for entry in entries:
+            try:
+                own = entry.stat(follow_symlinks=False)
+            except OSError:  # deleted since listed, or unreadable: the read below says which
+                own = None
+            if own is not None and not stat.S_ISDIR(own.st_mode):
+                files += 1
+                allocated += own.st_blocks * 512
             if entry.name.startswith("."):
                 continue
             try:
@@ -389,7 +589,27 @@ def _observe(
                 changed[entry.name] = _Observed(version, _Bad(FileProblem.CRASHED, message))
     gone = [name for name in known if name not in listed]
     forgotten = [name for names in noted for name in names if name not in listed]
-    return _Listing(changed, gone, forgotten)
+    return _Listing(changed, gone, forgotten, files, allocated)
+
+
+def _unlink_all(directory: Path, versions: Mapping[str, _Version]) -> dict[str, str]:
+    """Delete each named file that still has the version read; the problems, by name.
+
+    Blocking: runs in a worker thread. A file gone already counts as deleted; one with
+    another version is kept (not a problem: the next scan reads it again).
+    """
+    failed: dict[str, str] = {}
+    for name, version in versions.items():
+        path = directory / name
+        try:
+            if version != _NO_VERSION and _version_of(path.stat()) != version:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            failed[name] = f"could not delete the file: {error.strerror or error}"
+    return failed
 
 
 def _read(entry: os.DirEntry[str], root: str) -> _Observed:

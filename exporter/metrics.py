@@ -380,7 +380,12 @@ class WebConfigMetrics:
 class DirectoryMetrics:
     """The watched directory's health: files it cannot use, and scans that fail."""
 
-    def __init__(self, registry: CollectorRegistry, file_problems: Iterable[str]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        file_problems: Iterable[str],
+        deleted_reasons: Iterable[str] = (),
+    ) -> None:
         self.file_errors = Counter(
             "catalog_exporter_directory_file_errors",
             "Files in the watched directory that name no id, once per file version, by reason.",
@@ -399,6 +404,30 @@ class DirectoryMetrics:
             "When a scan of the watched directory last completed (0 until one does).",
             registry=registry,
         )
+        # Counted off the loop by each scan: what fills the volume's sizeLimit.
+        self.files = Gauge(
+            "catalog_exporter_directory_files",
+            "Entries in the watched directory at the last scan (all but subdirectories).",
+            registry=registry,
+        )
+        self.allocated_bytes = Gauge(
+            "catalog_exporter_directory_bytes",
+            "Bytes allocated to those entries at the last scan (st_blocks * 512).",
+            registry=registry,
+        )
+        self.size_limit_bytes = Gauge(
+            "catalog_exporter_directory_size_limit_bytes",
+            "The volume's size limit, from ingestions.directory_size_limit_bytes (0: not set).",
+            registry=registry,
+        )
+        self.files_deleted = Counter(
+            "catalog_exporter_directory_files_deleted",
+            "Files spool mode deleted, by reason: registered durably, refused, unusable.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in deleted_reasons:
+            self.files_deleted.labels(reason)
 
     def scan_succeeded(self) -> None:
         """Record a complete scan."""

@@ -25,7 +25,7 @@ from exporter.auth import RequestAuth
 from exporter.auth_setup import AuthFactory, auth_from_config
 from exporter.client import CatalogClient
 from exporter.config import Config
-from exporter.discovery import DirectoryWatcher, FileProblem
+from exporter.discovery import Deleted, DirectoryWatcher, FileProblem
 from exporter.exposition import UploadExposition
 from exporter.logs import SecretMask, configure_logging
 from exporter.metrics import (
@@ -70,6 +70,12 @@ def _notification_limits(config: Config) -> dict[str, Any]:
     }
 
 
+def _watched(config: Config) -> tuple[object, ...]:
+    """What the directory watcher is built from: a change restarts it."""
+    ingestions = config.ingestions
+    return (ingestions.directory, ingestions.directory_poll_seconds, ingestions.directory_mode)
+
+
 class Exporter:
     """One exporter instance: its parts, their lifecycle, and reloads."""
 
@@ -111,7 +117,8 @@ class Exporter:
             poll_lag=lambda: self._poller.lag() if self._poller is not None else 0.0,
         )
         self.registry.register(UploadCollector(self.store))
-        self.directory_metrics = DirectoryMetrics(self.registry, FileProblem)
+        self.directory_metrics = DirectoryMetrics(self.registry, FileProblem, Deleted)
+        self.directory_metrics.size_limit_bytes.set(config.ingestions.directory_size_limit_bytes)
         self.notification_metrics = NotificationMetrics(
             self.registry, [kind.value for kind in QueueErrorKind]
         )
@@ -225,8 +232,8 @@ class Exporter:
                 self._poller.client = self._make_client(new)
         change = self.tracker.replace_config_ids(new.ingestions.ids, previous=old.ingestions.ids)
         self.exposition.check_settings()  # new labels or series: re-rendered off the scrapes
-        watched = (new.ingestions.directory, new.ingestions.directory_poll_seconds)
-        if watched != (old.ingestions.directory, old.ingestions.directory_poll_seconds):
+        self.directory_metrics.size_limit_bytes.set(new.ingestions.directory_size_limit_bytes)
+        if _watched(new) != _watched(old):
             self.supervisor.replace(
                 "directory-watcher", functools.partial(self._start_watcher, new)
             )
@@ -357,6 +364,7 @@ class Exporter:
                 self.tracker,
                 poll_seconds=config.ingestions.directory_poll_seconds,
                 metrics=self.directory_metrics,
+                consume=config.ingestions.directory_mode == "spool",
             )
             self.supervisor.start("directory-watcher", watcher.run, Stage.SOURCES)
 

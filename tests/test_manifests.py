@@ -294,6 +294,26 @@ def test_the_app_and_the_exporter_share_the_ingestions_volume(manifests: list[Ma
     assert not app_mount[0].get("readOnly", False), "the application writes the ids"
 
 
+_QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def test_the_exporter_consumes_the_ingestions_volume_and_knows_its_size_limit(
+    manifests: list[Manifest],
+) -> None:
+    """Spool mode, a read-write mount, and directory_size_limit_bytes equal to the emptyDir's
+    sizeLimit (the filling alert compares the directory's bytes with it)."""
+    document = yaml.safe_load(next(iter(exporter_configmap(manifests)["data"].values())))
+    assert document["ingestions"]["directory_mode"] == "spool"
+    mounts = [
+        m for m in exporter_container(manifests)["volumeMounts"] if m["mountPath"] == INGESTIONS_DIR
+    ]
+    assert not mounts[0].get("readOnly", False), "spool mode deletes consumed files"
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    limit = volumes[mounts[0]["name"]]["emptyDir"]["sizeLimit"]
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", limit).groups()  # type: ignore[union-attr]
+    assert document["ingestions"]["directory_size_limit_bytes"] == int(number) * _QUANTITY[unit]
+
+
 def test_the_exporter_reads_its_config_from_the_generated_configmap(
     manifests: list[Manifest],
 ) -> None:
