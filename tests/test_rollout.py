@@ -130,7 +130,7 @@ async def test_an_upload_in_flight_when_its_pod_is_replaced_turns_fatal_on_the_n
 
     # The rollout: pod A is stopped (SIGTERM, as the kubelet does) and its volumes go with it.
     pod_a.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(pod_a.proc.wait(), TIMEOUT) == 0
+    assert await asyncio.to_thread(pod_a.proc.wait, TIMEOUT) == 0
     polls_by_pod_a = sim.count(ingestion_id=UPLOAD)
 
     async def turn_fatal() -> None:
