@@ -32,14 +32,16 @@ from exporter.config import (
     IngestionsConfig,
     LoggingConfig,
     PollingConfig,
+    ProxyConfig,
     ServerConfig,
 )
-from exporter.runtime import build
+from exporter.runtime import Runtime, build
 from exporter.simulator import (
     DEMO_INVALID_IDS,
     TEST_ACCESS_KEY_ID,
     TEST_REGION,
     TEST_SECRET_ACCESS_KEY,
+    UPLOAD_PATHS,
     SimulatedUpload,
     Simulator,
     demo_uploads,
@@ -68,6 +70,12 @@ def admin_port_for(port: int) -> int:
     return port + 1 if 0 < port < 65535 else 0
 
 
+def proxy_port_for(port: int) -> int:
+    """The demo's signing proxy port: the metrics port + 2 (10186 by default); any free one
+    when the metrics port is 0 or one of the last two."""
+    return port + 2 if 0 < port < 65534 else 0
+
+
 def demo_config(base_url: str, port: int) -> Config:
     """A config polling every 2 s, so that the demo moves quickly."""
     uploads = [u.ingestion_id for u in demo_uploads()]
@@ -90,6 +98,7 @@ def demo_config(base_url: str, port: int) -> Config:
         ingestions=IngestionsConfig(ids=(*uploads, *DEMO_INVALID_IDS)),
         server=ServerConfig(host="127.0.0.1", port=port),
         admin=AdminConfig(host="127.0.0.1", port=admin_port_for(port)),
+        proxy=ProxyConfig(enabled=True, port=proxy_port_for(port)),
         logging=LoggingConfig(level="info", format="console"),
     )
 
@@ -155,8 +164,10 @@ def cli_command(
     return f"{shlex.quote(python)} -m exporter"
 
 
-def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
-    admin = admin_url or "http://127.0.0.1:<admin port>"
+def _announce(runtime: Runtime, report_config: Path) -> None:
+    url = runtime.url
+    admin = runtime.admin_url or "http://127.0.0.1:<admin port>"
+    proxy = runtime.proxy_url or "http://127.0.0.1:<proxy port>"
     command = cli_command(sys.argv[0], Path.cwd(), sys.executable)
     print(
         f"\ncatalog-upload-exporter demo is running.\n"
@@ -170,6 +181,9 @@ def _announce(url: str, admin_url: str | None, report_config: Path) -> None:
         f"      what is tracked, with sources and last poll\n"
         f"  {command} register {REGISTER_EXAMPLE.ingestion_id} --url {admin}\n"
         f"      track one more upload, as your app would (then grep again)\n"
+        f"  curl -s -X POST {proxy}{UPLOAD_PATHS[0]} -d '{{\"items\": []}}'\n"
+        f"      upload through the signing proxy, unsigned: the answer's ingestionId is\n"
+        f"      tracked at once (source proxy) and turns DONE in ~5 s\n"
         f"  {report_example(report_config, command)}\n"
         f"      {REPORT_EXAMPLE_ID}'s processing report, once it is FATAL (~10 s)\n"
         f"Stop with Ctrl-C.\n",

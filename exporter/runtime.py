@@ -50,8 +50,9 @@ SWITCH_INTERVAL_SECONDS = 0.001
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
-#: What a `Runtime` calls once listening: the metrics URL and the admin API's (None without).
-OnListening = Callable[[str, str | None], None]
+#: What a `Runtime` calls once listening, with the runtime: its `url`, `admin_url` and
+#: `proxy_url` (None for a listener it does not have).
+OnListening = Callable[["Runtime"], None]
 
 
 class CannotListen(OSError):
@@ -252,7 +253,7 @@ class Runtime:
             gc.enable()
         self._settle()
         if self._on_listening is not None:
-            self._on_listening(self.url, self.admin_url)
+            self._on_listening(self)
 
     async def stop(self) -> None:
         """Stop in the documented order (see the module's docstring); once."""

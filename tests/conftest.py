@@ -81,16 +81,20 @@ def free_port() -> int:
 
 
 def free_port_pair() -> int:
-    """A free port whose successor is free too (the demo's admin API takes port + 1)."""
+    """A free port whose two successors are free too (the demo's admin API takes port + 1,
+    its signing proxy port + 2)."""
     for _ in range(100):
         port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    pytest.fail("no two consecutive free ports")
+        if port + 2 > 65535:
+            continue
+        try:
+            with socket.socket() as one, socket.socket() as two:
+                one.bind(("127.0.0.1", port + 1))
+                two.bind(("127.0.0.1", port + 2))
+        except OSError:
+            continue
+        return port
+    pytest.fail("no three consecutive free ports")
 
 
 def requests_seen(

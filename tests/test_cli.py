@@ -503,7 +503,8 @@ def test_the_banner_command_is_the_path_make_demo_ran_when_path_lacks_it(tmp_pat
 @pytest.mark.slow
 def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters(tmp_path: Path) -> None:
     """`--demo` needs nothing else and shows all statuses, 429s and errors within a minute;
-    its admin API answers at port + 1, and the banner's register and grep commands work.
+    its admin API answers at port + 1, and the banner's register, proxy upload and grep
+    commands work.
     Started as `make demo` starts it (`.venv/bin/catalog-upload-exporter` from the clone, the
     command not on PATH), its register line runs as printed, by a shell."""
     port = free_port_pair()
@@ -544,6 +545,24 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters(tmp_pat
         tracked = {v["ingestionId"] for v in listed}
         assert register[register.index("register") + 1] in tracked
         assert len(tracked) == len(demo_config("http://127.0.0.1:1", port).ingestions.ids) + 1
+        # The banner's upload through the signing proxy, run as printed: the simulator's
+        # answer comes back, and its id is tracked by the time it has.
+        (upload_line,) = [s.strip() for s in proc.output.splitlines() if "-X POST" in s]
+        assert f"http://127.0.0.1:{port + 2}/v1/catalog/upload" in upload_line
+        uploaded = subprocess.run(
+            ["bash", "-c", upload_line],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env=env,
+            cwd=CLONE,
+        )
+        upload_id = json.loads(uploaded.stdout)["ingestionId"]
+        listed = json.loads(http_get(f"{admin}/api/v1/ingestions?limit=1000")[1])["ingestions"]
+        (view,) = [v for v in listed if v["ingestionId"] == upload_id]
+        assert view["sources"] == ["proxy"]
+        tracked = {v["ingestionId"] for v in listed}
         wanted = {"INQUEUE", "INPROGRESS", "DONE", "CANCELLED", "FATAL", "INVALID", "UNKNOWN"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
