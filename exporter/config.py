@@ -167,6 +167,9 @@ class _Surroundings:
     # Sections validated so far, by name, for checks across sections (ports, paths).
     validated: dict[str, Any] = field(default_factory=dict)
     config_path: str = ""  # the file the document was read from, if any
+    # A token file that does not exist yet is no problem (`--on-invalid-config=serve`): the
+    # token is read at request time, and a Secret may be mounted after the pod started.
+    token_files_may_be_absent: bool = False
 
 
 def _surroundings(info: ValidationInfo) -> _Surroundings:
@@ -264,24 +267,26 @@ def _base_url_problem(url: str) -> str | None:
     return next((message for failed, message in checks if failed), None)
 
 
-def _token_file_problem(path: str) -> str | None:
+def _token_file_problem(path: str, info: ValidationInfo) -> str | None:
     """Say why the token file cannot be used, or None; the file's content is never read.
 
     The path is not quoted: the key may hold the token itself, pasted in the wrong place.
+    A file that does not exist is fine when the context says token files may be absent.
     """
     try:
-        info = os.stat(path)
+        found = os.stat(path)
     except FileNotFoundError:
-        return f"the file named here ({_length(path)}) does not exist"
+        absent_ok = _surroundings(info).token_files_may_be_absent
+        return None if absent_ok else f"the file named here ({_length(path)}) does not exist"
     except (OSError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not a usable path"
         return f"the file named here ({_length(path)}) cannot be checked: {reason}"
-    if not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(found.st_mode):
         return f"the path named here ({_length(path)}) is not a regular file"
-    if info.st_size > MAX_SECRET_BYTES:
+    if found.st_size > MAX_SECRET_BYTES:
         return (
             f"the file named here ({_length(path)}) is too large for a token "
-            f"({info.st_size} > {MAX_SECRET_BYTES} bytes)"
+            f"({found.st_size} > {MAX_SECRET_BYTES} bytes)"
         )
     try:
         # O_NONBLOCK: a FIFO swapped in since the stat() must not make the open wait.
@@ -603,7 +608,7 @@ class AuthConfig(_Section):
                 if getattr(self, key)
             )
         elif self.type == "bearer":
-            problems.extend(self._bearer_problems(environ))
+            problems.extend(self._bearer_problems(environ, info))
         if problems:
             raise refusal(type(self).__name__, self, problems)
         return self if region == self.region else self.model_copy(update={"region": region})
@@ -635,13 +640,15 @@ class AuthConfig(_Section):
             )
         return region
 
-    def _bearer_problems(self, environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], str]]:
+    def _bearer_problems(
+        self, environ: Mapping[str, str], info: ValidationInfo
+    ) -> list[tuple[tuple[str, ...], str]]:
         token_file, token_env = self.token_file, self.token_env
         if bool(token_file) == bool(token_env):
             which = "both are set" if token_file else "neither is set"
             return [((), f"type: bearer needs exactly one of token_file or token_env; {which}")]
         if token_file:
-            problem = _token_file_problem(token_file)
+            problem = _token_file_problem(token_file, info)
             return [(("token_file",), problem)] if problem else []
         if environ.get(token_env, "").strip():
             return []
@@ -841,7 +848,9 @@ class AdminConfig(_Section):
     @classmethod
     def _token_file_usable(cls, token_file: str, info: ValidationInfo) -> str:
         problem = (
-            info.data.get("enabled") is True and token_file and _token_file_problem(token_file)
+            info.data.get("enabled") is True
+            and token_file
+            and _token_file_problem(token_file, info)
         )
         if problem:
             raise _problem(problem)
@@ -1097,13 +1106,15 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
     config_path: str | os.PathLike[str] = "",
+    token_files_may_be_absent: bool = False,
 ) -> Config:
     """Validate an already-parsed YAML document.
 
     `environ` defaults to os.environ. `hostname` is read only to resolve a null
     sharding.index; it defaults to environ["HOSTNAME"] (Kubernetes sets it to the pod name),
     else socket.gethostname(). `config_path` is the file the document came from: state.path
-    must not name it.
+    must not name it. With `token_files_may_be_absent` a token file that does not exist is
+    not a problem (`--on-invalid-config=serve`: it may be mounted later).
     """
     env = os.environ if environ is None else environ
 
@@ -1121,7 +1132,12 @@ def parse_config(
         shown = describe(data, secret=True)
         raise ConfigError([f"{TOP_LEVEL}: expected a mapping of sections, got {shown}"])
     try:
-        context = _Surroundings(env, resolve_hostname, config_path=os.fspath(config_path))
+        context = _Surroundings(
+            env,
+            resolve_hostname,
+            config_path=os.fspath(config_path),
+            token_files_may_be_absent=token_files_may_be_absent,
+        )
         return Config.model_validate(data, context=context)
     except ValidationError as error:
         raise ConfigError(
@@ -1134,10 +1150,12 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
+    token_files_may_be_absent: bool = False,
 ) -> Config:
     """Read (`yamlfile.read_yaml`: bounded, no repeated keys) and validate.
 
-    Every failure is a ConfigError. `environ` and `hostname` are as for `parse_config`.
+    Every failure is a ConfigError. `environ`, `hostname` and `token_files_may_be_absent` are
+    as for `parse_config`.
     """
     try:
         data = read_yaml(path)
@@ -1146,4 +1164,10 @@ def load_config(
     if data is None:
         name = os.fspath(path)
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
-    return parse_config(data, environ=environ, hostname=hostname, config_path=path)
+    return parse_config(
+        data,
+        environ=environ,
+        hostname=hostname,
+        config_path=path,
+        token_files_may_be_absent=token_files_may_be_absent,
+    )
