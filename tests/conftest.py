@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,16 +239,16 @@ async def start_exporter() -> AsyncIterator[ExporterFactory]:
 
 
 def launch_exporter(
-    directory: Path, config: Mapping[str, Any]
+    directory: Path, config: Mapping[str, Any], args: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start `python -m exporter` on `config` (written to directory/config.yaml); its output
-    goes to directory/exporter.log, returned beside the process."""
+    """Start `python -m exporter` on `config` (written to directory/config.yaml), with `args`
+    after `--config`; its output goes to directory/exporter.log, returned beside the process."""
     config_file = directory / "config.yaml"
     config_file.write_text(json.dumps(config))  # JSON is YAML
     log = directory / "exporter.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config", str(config_file)],
+            [sys.executable, "-m", "exporter", "--config", str(config_file), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
