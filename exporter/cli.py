@@ -1,8 +1,9 @@
 """Command line: parse arguments, load and check the config, hand over to `runtime`.
 
 Exit codes: 0 after a clean shutdown or a valid `--check-config`; 2 for a bad command line
-or an invalid configuration (the message names every bad key); 1 when the listener cannot
-be opened.
+or an invalid configuration (the message names every bad key; with `--on-invalid-config=serve`
+an invalid config at start-up is logged and the process waits for a valid one instead); 1
+when the listener cannot be opened.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from pathlib import Path
 from exporter import __version__
 from exporter.config import ConfigError, load_config
 from exporter.config_schema import json_schema
-from exporter.runtime import load_to_serve, run_config, run_until_stopped
+from exporter.runtime import load_to_serve, run_config, run_standby, run_until_stopped
 
 EXIT_OK, EXIT_USAGE = 0, 2
+
+#: `--on-invalid-config`: fail fast (a person at a terminal), or keep serving (a sidecar,
+#: whose crash loop would keep the app it watches from starting).
+ON_INVALID_EXIT, ON_INVALID_SERVE = "exit", "serve"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, metavar="N", help="listen on this port instead of server.port"
     )
+    parser.add_argument(
+        "--on-invalid-config",
+        choices=[ON_INVALID_EXIT, ON_INVALID_SERVE],
+        default=ON_INVALID_EXIT,
+        help="what an invalid --config does at start-up: exit 2 (the default), or serve "
+        "/healthz and /metrics (catalog_exporter_config_valid 0) until the file is fixed, then "
+        "start without a restart; with serve, a token file that does not exist yet is no "
+        "error either (the sidecar's setting; --check-config always exits 2)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -72,10 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_until_stopped(lambda: run_demo(port=args.port))
     if args.config is None:
         parser.error("--config PATH is required (or try --demo)")
-    load = load_config if args.check_config else load_to_serve  # the latter tunes the GC
+    serve = args.on_invalid_config == ON_INVALID_SERVE and not args.check_config
     try:
-        config = load(args.config)
+        if args.check_config:
+            config = load_config(args.config)
+        else:  # load_to_serve also tunes the GC
+            config = load_to_serve(args.config, token_files_may_be_absent=serve)
     except ConfigError as exc:
+        if serve:
+            return run_standby(args.config, exc.problems, port=args.port)
         print(f"catalog-upload-exporter: invalid configuration in {args.config}:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
@@ -86,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({len(config.ingestions.ids)} ingestion ids, auth {config.api.auth.type})"
         )
         return EXIT_OK
-    return run_config(config, args.config, port=args.port)
+    return run_config(config, args.config, port=args.port, token_files_may_be_absent=serve)
 
 
 def _run_command(arguments: Sequence[str]) -> int | None:

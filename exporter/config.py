@@ -104,13 +104,15 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
     config_path: str | os.PathLike[str] = "",
+    token_files_may_be_absent: bool = False,
 ) -> Config:
     """Validate an already-parsed YAML document, then pre-flight it.
 
     `environ` defaults to os.environ. `hostname` is read only to resolve a null
     sharding.index; it defaults to environ["HOSTNAME"] (Kubernetes sets it to the pod name),
     else socket.gethostname(). `config_path` is the file the document came from: state.path
-    must not name it.
+    must not name it. With `token_files_may_be_absent` a token file that does not exist is
+    not a problem (`--on-invalid-config=serve`: it may be mounted later).
     """
     if data is None:
         raise ConfigError(
@@ -127,7 +129,10 @@ def parse_config(
             section = validate_section(name, _picked(data[name], keys), valid)
             if section is not None:
                 sections[name] = section
-    found = preflight(sections, Surroundings.of(environ, hostname, config_path))
+    surroundings = Surroundings.of(
+        environ, hostname, config_path, token_files_may_be_absent=token_files_may_be_absent
+    )
+    found = preflight(sections, surroundings)
     problems: list[Mapping[str, Any]] = list(details)
     problems.extend(
         {"loc": f.loc, "type": "config", "input": f.value, "ctx": {"message": f.message}}
@@ -177,10 +182,12 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     hostname: str | None = None,
+    token_files_may_be_absent: bool = False,
 ) -> Config:
     """Read (`yamlfile.read_yaml`: bounded, no repeated keys), validate and pre-flight.
 
-    Every failure is a ConfigError. `environ` and `hostname` are as for `parse_config`.
+    Every failure is a ConfigError. `environ`, `hostname` and `token_files_may_be_absent` are
+    as for `parse_config`.
     """
     try:
         data = read_yaml(path)
@@ -189,4 +196,10 @@ def load_config(
     if data is None:
         name = os.fspath(path)
         raise ConfigError([f"{name}: the file is empty; at least api.base_url is required"])
-    return parse_config(data, environ=environ, hostname=hostname, config_path=path)
+    return parse_config(
+        data,
+        environ=environ,
+        hostname=hostname,
+        config_path=path,
+        token_files_may_be_absent=token_files_may_be_absent,
+    )

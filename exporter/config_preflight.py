@@ -65,11 +65,15 @@ _STATE_COMPANIONS = ("-wal", "-shm", "-journal", ".migrating", ".reopening", ".v
 @dataclass(frozen=True, slots=True)
 class Surroundings:
     """What the pre-flight may look at besides the config: the environment, the hostname
-    (asked only to resolve a null sharding.index) and the file the config was read from."""
+    (asked only to resolve a null sharding.index) and the file the config was read from.
+    With `token_files_may_be_absent` (`--on-invalid-config=serve`), a token file that does
+    not exist yet is no problem: the token is read at request time, and a Secret may be
+    mounted after the pod started."""
 
     environ: Mapping[str, str]
     hostname: Callable[[], str]
     config_path: str = ""
+    token_files_may_be_absent: bool = False
 
     @classmethod
     def of(
@@ -77,6 +81,8 @@ class Surroundings:
         environ: Mapping[str, str] | None = None,
         hostname: str | None = None,
         config_path: str | os.PathLike[str] = "",
+        *,
+        token_files_may_be_absent: bool = False,
     ) -> Surroundings:
         """The process' own, unless given: HOSTNAME (Kubernetes sets it to the pod name),
         else socket.gethostname()."""
@@ -87,7 +93,7 @@ class Surroundings:
                 return hostname
             return env.get("HOSTNAME") or socket.gethostname()
 
-        return cls(env, resolve_hostname, os.fspath(config_path))
+        return cls(env, resolve_hostname, os.fspath(config_path), token_files_may_be_absent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +121,14 @@ def preflight(sections: Mapping[str, Any], surroundings: Surroundings) -> Prefli
     api, admin = sections.get("api"), sections.get("admin")
     ingestions = sections.get("ingestions")
     if isinstance(api, ApiConfig):
-        _check_api(api, surroundings.environ, found)
+        _check_api(api, surroundings, found)
     if isinstance(ingestions, IngestionsConfig) and ingestions.directory:
         # Missing is fine: an emptyDir or a mount may only appear once the app starts.
         problem = _kind_problem(ingestions.directory, directory=True, required=False)
         if problem:
             found.problems.append(Finding(("ingestions", "directory"), problem))
     if isinstance(admin, AdminConfig) and admin.enabled and admin.token_file:
-        problem = _token_file_problem(admin.token_file)
+        problem = _token_file_problem(admin.token_file, surroundings.token_files_may_be_absent)
         if problem:
             found.problems.append(Finding(("admin", "token_file"), problem, admin.token_file))
     state = sections.get("state")
@@ -141,8 +147,9 @@ def preflight(sections: Mapping[str, Any], surroundings: Surroundings) -> Prefli
     return found
 
 
-def _check_api(api: ApiConfig, environ: Mapping[str, str], found: Preflight) -> None:
+def _check_api(api: ApiConfig, surroundings: Surroundings, found: Preflight) -> None:
     """sigv4's region from the environment when the file has none; bearer's token source."""
+    environ = surroundings.environ
     auth = api.auth
     at = ("api", "auth")
     if auth.type == "sigv4" and not auth.region:
@@ -169,7 +176,7 @@ def _check_api(api: ApiConfig, environ: Mapping[str, str], found: Preflight) -> 
                 update={"auth": auth.model_copy(update={"region": region})}
             )
     elif auth.type == "bearer" and auth.token_file:
-        problem = _token_file_problem(auth.token_file)
+        problem = _token_file_problem(auth.token_file, surroundings.token_files_may_be_absent)
         if problem:
             found.problems.append(Finding((*at, "token_file"), problem, auth.token_file))
     elif auth.type == "bearer" and auth.token_env and not environ.get(auth.token_env, "").strip():
@@ -241,15 +248,16 @@ def _resolve_sqs_region(
         )
 
 
-def _token_file_problem(path: str) -> str | None:
+def _token_file_problem(path: str, absent_ok: bool = False) -> str | None:
     """Say why the token file cannot be used, or None; the file's content is never read.
 
     The path is not quoted: the key may hold the token itself, pasted in the wrong place.
+    A file that does not exist is fine with `absent_ok`.
     """
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        return f"the file named here ({_length(path)}) does not exist"
+        return None if absent_ok else f"the file named here ({_length(path)}) does not exist"
     except (OSError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not a usable path"
         return f"the file named here ({_length(path)}) cannot be checked: {reason}"

@@ -232,6 +232,51 @@ class UploadMetrics:
             self.duration.labels(transition.new).observe(transition.finished_after)
 
 
+class ConfigMetrics:
+    """Whether the configuration file is valid, and when it last loaded: on the exporter's
+    registry, and on the stand-by's (`runtime`) while no valid config was ever loaded."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reload_successful = Gauge(
+            "catalog_exporter_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, else 0.",
+            registry=registry,
+        )
+        self.reload_success_timestamp = Gauge(
+            "catalog_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully.",
+            registry=registry,
+        )
+        self.valid = Gauge(
+            "catalog_exporter_config_valid",
+            "1 if the configuration file read last is valid; 0 if not (the exporter waits "
+            "for a fixed file with --on-invalid-config=serve, or keeps the last good config "
+            "after a reload).",
+            registry=registry,
+        )
+
+    def loaded(self, *, ok: bool) -> None:
+        """Record the outcome of a configuration load or reload."""
+        self.reload_successful.set(1 if ok else 0)
+        self.valid.set(1 if ok else 0)
+        if ok:
+            self.reload_success_timestamp.set(time.time())
+
+
+def register_build_info(registry: CollectorRegistry) -> None:
+    """`catalog_exporter_build_info` and the process, platform and GC collectors."""
+    build = Gauge(
+        "catalog_exporter_build_info",
+        "Always 1; labels say which build is running.",
+        ["version", "python_version"],
+        registry=registry,
+    )
+    build.labels(__version__, platform.python_version()).set(1)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
 class ExporterMetrics:
     """The exporter's own health: reloads, build, rate limit in force, tracked ids, event
     loop lag, and the process, platform and GC collectors of prometheus_client (memory, CPU,
@@ -244,16 +289,7 @@ class ExporterMetrics:
         rate_limit: Callable[[], float],
         poll_lag: Callable[[], float],
     ) -> None:
-        self.reload_successful = Gauge(
-            "catalog_exporter_config_last_reload_successful",
-            "1 if the last configuration load or reload succeeded, else 0.",
-            registry=registry,
-        )
-        self.reload_success_timestamp = Gauge(
-            "catalog_exporter_config_last_reload_success_timestamp_seconds",
-            "When the configuration was last loaded successfully.",
-            registry=registry,
-        )
+        self.config = ConfigMetrics(registry)
         self.last_successful_poll = Gauge(
             "catalog_exporter_last_successful_poll_timestamp_seconds",
             "When any poll last succeeded (0 until one does).",
@@ -272,13 +308,6 @@ class ExporterMetrics:
             registry=registry,
         )
         lag.set_function(poll_lag)
-        build = Gauge(
-            "catalog_exporter_build_info",
-            "Always 1; labels say which build is running.",
-            ["version", "python_version"],
-            registry=registry,
-        )
-        build.labels(__version__, platform.python_version()).set(1)
         self.rejected = Counter(
             "catalog_exporter_rejected_ingestions",
             "Incoming ingestionIds refused (bad id, labels not allow-listed, cap reached).",
@@ -328,9 +357,7 @@ class ExporterMetrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=registry,
         )
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        register_build_info(registry)
         self.scrape_clients_dropped = Counter(
             "catalog_exporter_scrape_clients_dropped",
             "Scrapes whose client did not read the body within server.write_timeout_seconds.",
@@ -349,9 +376,7 @@ class ExporterMetrics:
 
     def config_loaded(self, ok: bool) -> None:
         """Record the outcome of a configuration load or reload."""
-        self.reload_successful.set(1 if ok else 0)
-        if ok:
-            self.reload_success_timestamp.set(time.time())
+        self.config.loaded(ok=ok)
 
 
 class WebConfigMetrics:

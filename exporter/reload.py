@@ -1,7 +1,10 @@
 """Configuration reloads: on SIGHUP and when the file's content changes on disk.
 
 A new config is validated in full before anything is applied; an invalid one is logged,
-the running config is kept, and `catalog_exporter_config_last_reload_successful` drops to 0.
+the running config is kept, and `catalog_exporter_config_valid` and
+`catalog_exporter_config_last_reload_successful` drop to 0. What a valid one is applied to is
+a `ReloadTarget`: the running exporter (`ExporterReloads`), or the stand-by that
+`--on-invalid-config=serve` runs until the file is valid (`runtime`).
 The content is compared (not the mtime) because Kubernetes updates a mounted ConfigMap by
 swapping a symlink, which some filesystems report with an unchanged mtime.
 """
@@ -11,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-from exporter.config import ConfigError, load_config
+from exporter.config import Config, ConfigError, load_config
 from exporter.service import Exporter
 from exporter.yamlfile import MAX_CONFIG_BYTES
 
@@ -38,12 +43,55 @@ class Trigger(enum.StrEnum):
     FILE = "file"
 
 
-class ConfigReloader:
-    """Reloads `path` into `exporter` when asked (SIGHUP) or when the file changes."""
+class ReloadTarget(Protocol):
+    """What the file is reloaded into."""
 
-    def __init__(self, path: Path, exporter: Exporter) -> None:
-        self._path = path
+    @property
+    def watch_interval(self) -> float:
+        """Seconds between checks of the file's content (0: SIGHUP only)."""
+
+    def loaded(self, *, ok: bool) -> None:
+        """Record whether the file read was valid (the config gauges)."""
+
+    def apply(self, config: Config) -> Mapping[str, object]:
+        """Apply a valid config; what to add to the `config_reloaded` log line."""
+
+
+class ExporterReloads:
+    """The running exporter as a `ReloadTarget`."""
+
+    def __init__(self, exporter: Exporter) -> None:
         self._exporter = exporter
+
+    @property
+    def watch_interval(self) -> float:
+        """The running config's `reload.watch_interval_seconds`."""
+        return self._exporter.config.reload.watch_interval_seconds
+
+    def loaded(self, *, ok: bool) -> None:
+        """Set the exporter's config gauges."""
+        self._exporter.metrics.config_loaded(ok=ok)
+
+    def apply(self, config: Config) -> Mapping[str, object]:
+        """Apply `config` to the exporter; the ids it added and removed."""
+        change = self._exporter.apply(config)
+        return {"ids_added": change.added, "ids_removed": change.removed}
+
+
+class ConfigReloader:
+    """Reloads `path` into `target` when asked (SIGHUP) or when the file changes; `load`
+    reads and validates the file (`config.load_config`, with the CLI's options)."""
+
+    def __init__(
+        self,
+        path: Path,
+        target: ReloadTarget,
+        *,
+        load: Callable[[Path], Config] = load_config,
+    ) -> None:
+        self._path = path
+        self._target = target
+        self._load = load
         self._requested = asyncio.Event()
         self._digest = _digest(path)
 
@@ -54,7 +102,7 @@ class ConfigReloader:
     async def run(self) -> None:
         """Wait for requests or file changes, forever; cancel to stop."""
         while True:
-            interval = self._exporter.config.reload.watch_interval_seconds
+            interval = self._target.watch_interval
             try:
                 await asyncio.wait_for(self._requested.wait(), interval or None)
             except TimeoutError:
@@ -72,9 +120,9 @@ class ConfigReloader:
         """Load, validate and apply the file; keep the running config if it is invalid."""
         self._digest = await asyncio.to_thread(_digest, self._path)
         try:
-            config = await asyncio.to_thread(load_config, self._path)
+            config = await asyncio.to_thread(self._load, self._path)
         except ConfigError as exc:
-            self._exporter.metrics.config_loaded(ok=False)
+            self._target.loaded(ok=False)
             log.error(
                 "config_reload_failed",
                 path=str(self._path),
@@ -82,13 +130,7 @@ class ConfigReloader:
                 problems=list(exc.problems),
             )
             return False
-        change = self._exporter.apply(config)
-        self._exporter.metrics.config_loaded(ok=True)
-        log.info(
-            "config_reloaded",
-            path=str(self._path),
-            trigger=trigger.value,
-            ids_added=change.added,
-            ids_removed=change.removed,
-        )
+        applied = self._target.apply(config)
+        self._target.loaded(ok=True)
+        log.info("config_reloaded", path=str(self._path), trigger=trigger.value, **applied)
         return True

@@ -14,6 +14,10 @@ Shutdown (RELIABILITY.md, "Shutdown"): `shutting_down`; the proxy and the admin 
 registrations: `admin_api_stopped`), the metrics listener; then the supervisor's stages
 (reloader and loop lag tick, directory watcher and SQS receiver, the poller and its polls in
 flight, the state writer's last commit and the exposition); `exporter_stopped`.
+
+With `--on-invalid-config=serve` (the sidecar), a config file that is invalid at start-up
+does not end the process: `run_standby` serves a `Standby` (alive, not ready, the config
+gauges at 0) until the file is valid, then hands over to `build` in the same process.
 """
 
 from __future__ import annotations
@@ -23,25 +27,28 @@ import functools
 import gc
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
+import pydantic
 import structlog
 from aiohttp import web
-from prometheus_client import disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
-from exporter.config import Config, load_config
+from exporter.config import Config, LoggingConfig, ReloadConfig, ServerConfig, load_config
 from exporter.logs import SecretMask, configure_logging
 from exporter.looplag import measure_loop_lag
+from exporter.metrics import ConfigMetrics, register_build_info
 from exporter.proxy import ProxyDeps, create_proxy_app, upstream_session
-from exporter.reload import ConfigReloader
-from exporter.server import create_app
+from exporter.reload import ConfigReloader, ExporterReloads
+from exporter.server import create_app, create_standby_app
 from exporter.service import Exporter
-from exporter.supervisor import Stage
+from exporter.supervisor import Stage, Supervisor
+from exporter.yamlfile import YamlFileError, read_yaml
 
 log = structlog.get_logger("exporter.runtime")
 
@@ -49,6 +56,8 @@ log = structlog.get_logger("exporter.runtime")
 SWITCH_INTERVAL_SECONDS = 0.001
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+
+_Section = TypeVar("_Section", bound=pydantic.BaseModel)
 
 #: What a `Runtime` calls once listening, with the runtime: its `url`, `admin_url` and
 #: `proxy_url` (None for a listener it does not have).
@@ -83,7 +92,7 @@ def run_until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
     return EXIT_OK
 
 
-def load_to_serve(path: Path) -> Config:
+def load_to_serve(path: Path, *, token_files_may_be_absent: bool = False) -> Config:
     """`load_config` for a process that goes on to serve: the cyclic GC goes off first.
 
     Start-up builds up to 100,000 uploads (the config's ids, then the state's): full
@@ -92,12 +101,26 @@ def load_to_serve(path: Path) -> Config:
     start-up built.
     """
     gc.disable()
-    return load_config(path)
+    return load_config(path, token_files_may_be_absent=token_files_may_be_absent)
 
 
-def run_config(config: Config, config_path: Path, *, port: int | None = None) -> int:
+def run_config(
+    config: Config,
+    config_path: Path,
+    *,
+    port: int | None = None,
+    token_files_may_be_absent: bool = False,
+) -> int:
     """Serve the exporter `config` describes (and its admin API) until stopped."""
-    return run_until_stopped(build(config, config_path, port=port).run)
+    runtime = build(
+        config, config_path, port=port, token_files_may_be_absent=token_files_may_be_absent
+    )
+    return run_until_stopped(runtime.run)
+
+
+def run_standby(config_path: Path, problems: Sequence[str], *, port: int | None = None) -> int:
+    """Serve a `Standby` until `config_path` is valid, then the exporter it describes."""
+    return run_until_stopped(Standby(config_path, problems, port=port).run)
 
 
 def build(
@@ -107,11 +130,13 @@ def build(
     port: int | None = None,
     log_stream: TextIO | None = None,
     on_listening: OnListening | None = None,
+    token_files_may_be_absent: bool = False,
     **parts: Any,
 ) -> Runtime:
     """Everything one exporter process runs, built from `config`, not started yet.
 
-    `config_path` is what SIGHUP and changes of the file reload (none: no reloader). `port`
+    `config_path` is what SIGHUP and changes of the file reload (none: no reloader), with
+    `token_files_may_be_absent` as at start-up (`--on-invalid-config=serve`). `port`
     replaces `server.port` (the `--port` flag). Logs go to `log_stream` (stdout by default).
     `parts` go to `Exporter` (`auth_factory`, `rng`, `rebuild_pause`, `aws_session_factory`):
     the demo's simulator credentials, the tests' clocks.
@@ -120,7 +145,10 @@ def build(
     mask = SecretMask()
     configure_logging(config.logging.level, config.logging.format, log_stream, mask=mask)
     exporter = Exporter(config, secret_mask=mask, log_stream=log_stream, **parts)
-    reloader = None if config_path is None else ConfigReloader(config_path, exporter)
+    reloader = None
+    if config_path is not None:
+        load = functools.partial(load_config, token_files_may_be_absent=token_files_may_be_absent)
+        reloader = ConfigReloader(config_path, ExporterReloads(exporter), load=load)
     server = config.server
     metrics = Listener(create_app(exporter), server.host, server.port if port is None else port)
     admin = None
@@ -304,3 +332,131 @@ class Runtime:
         if self._switch_interval is not None:
             gc.unfreeze()
             sys.setswitchinterval(self._switch_interval)
+
+
+class Standby:
+    """The process while its config file is invalid (`--on-invalid-config=serve`).
+
+    It logs the problems once (`config_invalid`), serves /healthz (200), /readyz (503) and
+    /metrics (`catalog_exporter_config_valid` 0, build info, process metrics) on the address
+    of the file's `server` section if that section alone is valid, else the defaults (`port`,
+    the `--port` flag, wins either way). It reloads the file as the running exporter does
+    (SIGHUP, and content changes checked every `reload.watch_interval_seconds`, the file's
+    value if that section alone is valid, else the default), and once the file is valid
+    closes its listener and runs `build(config)` in the same process: no restart.
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        problems: Sequence[str],
+        *,
+        port: int | None = None,
+        log_stream: TextIO | None = None,
+    ) -> None:
+        self._path = config_path
+        self._problems = tuple(problems)
+        self._port = port
+        self._log_stream = log_stream
+        document = _read_document(config_path)
+        self._server = _valid_section(document, "server", ServerConfig)
+        self._logging = _valid_section(document, "logging", LoggingConfig)
+        self._reload = _valid_section(document, "reload", ReloadConfig)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._config_metrics = ConfigMetrics(self.registry)
+        self._config_metrics.loaded(ok=False)
+        register_build_info(self.registry)
+        self._config: Config | None = None
+        self._done: asyncio.Event | None = None
+
+    @property
+    def watch_interval(self) -> float:
+        """`ReloadTarget`: how often the file's content is checked."""
+        return self._reload.watch_interval_seconds
+
+    def loaded(self, *, ok: bool) -> None:
+        """`ReloadTarget`: the config gauges."""
+        self._config_metrics.loaded(ok=ok)
+
+    def apply(self, config: Config) -> Mapping[str, object]:
+        """`ReloadTarget`: a valid config at last; `run` hands over to it."""
+        self._config = config
+        if self._done is not None:
+            self._done.set()
+        return {"handed_over_to": "exporter"}
+
+    async def run(self) -> None:
+        """Stand by until SIGTERM or SIGINT, or until the file is valid: then run the exporter
+        (`Runtime.run`). Raises `CannotListen` as `Runtime.run` does."""
+        gc.enable()  # `load_to_serve` turned it off; `build` does again for its start-up
+        configure_logging(self._logging.level, self._logging.format, self._log_stream)
+        log.error(
+            "config_invalid",
+            path=str(self._path),
+            problems=list(self._problems),
+            consequence="serving /healthz, /readyz (503) and /metrics "
+            "(catalog_exporter_config_valid 0) until the file is valid; then the exporter "
+            "starts, with no restart",
+        )
+        self._done = done = asyncio.Event()
+        load = functools.partial(load_config, token_files_may_be_absent=True)
+        reloader = ConfigReloader(self._path, self, load=load)
+        supervisor = Supervisor()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, done.set)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        port = self._server.port if self._port is None else self._port
+        host = self._server.host
+        runner = app_runner(create_standby_app(self.registry), self._server.idle_timeout_seconds)
+        try:
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                log.error("cannot_listen", host=host, port=port, error=str(exc))
+                raise CannotListen(str(exc)) from exc
+            log.info("standby_listening", url=_shown_url(runner), path=str(self._path))
+            supervisor.start("config-reloader", reloader.run, Stage.CONTROL)
+            await done.wait()
+        finally:
+            await supervisor.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            await runner.cleanup()
+        if self._config is None:
+            log.info("standby_stopped")
+            return
+        log.info("standby_handing_over", path=str(self._path))
+        runtime = build(
+            self._config,
+            self._path,
+            port=self._port,
+            log_stream=self._log_stream,
+            token_files_may_be_absent=True,
+        )
+        await runtime.run()
+
+
+def _read_document(path: Path) -> object:
+    """The config file's document, or None when it cannot be read as YAML."""
+    try:
+        return read_yaml(path)
+    except YamlFileError:
+        return None
+
+
+def _valid_section(document: object, name: str, model: type[_Section]) -> _Section:
+    """Section `name` of `document` if it is valid on its own, else its defaults."""
+    value = document.get(name) if isinstance(document, dict) else None
+    try:
+        return model.model_validate({} if value is None else value)
+    except pydantic.ValidationError:
+        return model()
+
+
+def _shown_url(runner: web.AppRunner) -> str:
+    """Where `runner` listens; loopback shown for a wildcard address."""
+    bound_host, bound_port = runner.addresses[0][:2]
+    shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
+    return f"http://{shown_host}:{bound_port}"

@@ -44,6 +44,12 @@ MERGE_WINDOW_SECONDS = 1.0
 #: neither memory (at most this many values of at most 200 characters) nor the log.
 MAX_UNKNOWN_VALUES_LOGGED = 100
 
+#: A poll that sent nothing because the credentials were unavailable (a token file not
+#: mounted yet, no IAM credentials) is tried again after at most this long, not a whole
+#: interval: it costs the API nothing, and credentials that appear are used within this (plus
+#: the token file's 1 s recheck), as docs/deploying.md promises.
+CREDENTIALS_RETRY_SECONDS = 10.0
+
 
 class Action(enum.Enum):
     """What happens to an upload when its heap entry comes due."""
@@ -353,6 +359,9 @@ class Poller:
             failures = self._failures.get(ingestion_id, 0) + 1
             self._failures[ingestion_id] = failures
             delay = self._backoff(failures, error.retry_after)
+        elif error.kind is ErrorKind.UNAUTHORIZED and error.http_status is None:
+            # Refused by our own auth before sending (`client`): no answer from the API.
+            delay = min(self._interval(), self._jittered(CREDENTIALS_RETRY_SECONDS))
         else:
             delay = self._interval()
         if error.logged:

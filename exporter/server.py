@@ -1,7 +1,8 @@
 """The exporter's HTTP face: /metrics, /healthz, /readyz and a landing page.
 
 Handlers only read state the poller keeps up to date; none of them waits on the Catalog
-API. Nothing here starts or stops anything: `runtime` does, and serves this app.
+API. Nothing here starts or stops anything: `runtime` does, and serves this app, or the
+stand-by's (`create_standby_app`) while the config file is invalid.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ import html
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
 from exporter.service import Exporter
 
 EXPORTER = web.AppKey("exporter", Exporter)
+STANDBY_REGISTRY = web.AppKey("standby_registry", CollectorRegistry)
+
+#: /readyz of the stand-by. The problems are in the log only: /readyz is open to anyone who
+#: reaches the port.
+STANDBY_NOT_READY = (
+    "not ready: the configuration file is invalid (the log names every problem); "
+    "it is loaded once it is fixed\n"
+)
 
 log = structlog.get_logger("exporter.server")
 
@@ -124,3 +134,26 @@ async def landing(request: web.Request) -> web.Response:
         base_url=html.escape(exporter.config.api.base_url),
     )
     return web.Response(text=page, content_type="text/html")
+
+
+def create_standby_app(registry: CollectorRegistry) -> web.Application:
+    """What `--on-invalid-config=serve` serves until the config file is valid: /healthz 200,
+    /readyz 503 and `registry` (the config gauges at 0, build info) on /metrics."""
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app[STANDBY_REGISTRY] = registry
+    app.router.add_get("/metrics", standby_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", standby_readyz)
+    return app
+
+
+async def standby_metrics(request: web.Request) -> web.Response:
+    """The stand-by's few metrics, in the format the scraper asks for."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[STANDBY_REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def standby_readyz(request: web.Request) -> web.Response:
+    """Never ready: no valid config, no poll loop."""
+    return web.Response(status=503, text=STANDBY_NOT_READY)

@@ -325,6 +325,25 @@ def test_running_with_a_missing_token_file_exits_2(tmp_path: Path) -> None:
     assert "api.auth.token_file" in result.stderr
 
 
+def test_check_config_stays_strict_with_on_invalid_config_serve(tmp_path: Path) -> None:
+    """--check-config exits 2 on a missing token file even with --on-invalid-config=serve,
+    which only changes what running does."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api:\n  base_url: http://127.0.0.1:1\n"
+        f"  auth: {{type: bearer, token_file: {tmp_path / 'nope'}}}\n"
+    )
+    result = subprocess.run(
+        [*EXPORTER, "--config", str(config), "--check-config", "--on-invalid-config=serve"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert "api.auth.token_file" in result.stderr
+
+
 def test_a_state_path_naming_the_config_file_exits_2_and_leaves_the_file(tmp_path: Path) -> None:
     """state.path equal to the config file: exit 2 naming state.path; not renamed nor written."""
     config = tmp_path / "c.yaml"
@@ -387,6 +406,7 @@ def test_sighup_reloads_ids_and_a_bad_config_is_rejected(simulator: str, tmp_pat
         proc.wait_for_event("config_reload_failed")
         samples = parse_exposition(http_get(metrics_url)[1])
         assert value(samples, "catalog_exporter_config_last_reload_successful") == 0.0
+        assert value(samples, "catalog_exporter_config_valid") == 0.0  # the old config runs
         ids = {
             dict(labels).get("ingestion_id")
             for (n, labels) in samples

@@ -615,6 +615,20 @@ def test_bearer_token_file_that_is_missing_is_reported_without_its_path(tmp_path
     )
 
 
+def test_token_files_that_do_not_exist_yet_are_accepted_when_the_caller_allows_it(tmp_path):
+    """With token_files_may_be_absent (--on-invalid-config=serve) a missing API or admin token
+    file is no problem (it is read at request time); anything else about it still is."""
+    missing = str(tmp_path / "secret" / "token")
+    document = {**bearer(token_file=missing), "admin": {"token_file": missing}}
+
+    config = parse_config(document, environ={}, token_files_may_be_absent=True)
+
+    assert config.api.auth.token_file == missing == config.admin.token_file
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bearer(token_file=str(tmp_path)), environ={}, token_files_may_be_absent=True)
+    assert "is not a regular file" in caught.value.problems[0]
+
+
 def test_bearer_token_file_that_is_a_directory_is_rejected(tmp_path):
     """A directory is not a token file."""
     problems = problems_of(bearer(token_file=str(tmp_path)), environ={})

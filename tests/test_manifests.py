@@ -264,18 +264,48 @@ def assert_container_locked_down(container: Manifest) -> None:
     assert ":" in container["image"], name
 
 
-def test_the_exporter_is_a_native_sidecar_with_health_probes(manifests: list[Manifest]) -> None:
-    """The exporter is an init container with restartPolicy Always, probed on /healthz and
-    /readyz through its port named metrics."""
+def test_the_exporter_is_a_native_sidecar_probed_for_liveness_only(
+    manifests: list[Manifest],
+) -> None:
+    """The exporter is an init container with restartPolicy Always whose only probe is a
+    generous liveness probe on /healthz (through its port named metrics): nothing about it
+    gates the app's start or readiness, and it keeps serving an invalid config."""
     spec = pod_spec(manifests)
     exporter = exporter_container(manifests)
     assert exporter in spec["initContainers"]
     assert exporter["restartPolicy"] == "Always"
     assert metrics_port(manifests) == 10184
-    assert exporter["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert exporter["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    if "startupProbe" in exporter:
-        assert exporter["startupProbe"]["httpGet"]["port"] == "metrics"
+    assert_gates_nothing(exporter)
+    assert "--on-invalid-config=serve" in exporter["args"]
+
+
+def assert_gates_nothing(exporter: Manifest) -> None:
+    """No startupProbe, no readinessProbe, and a liveness probe on /healthz that restarts
+    only an exporter that failed to answer for a minute or more."""
+    assert "startupProbe" not in exporter, "a native sidecar's startupProbe gates the app"
+    assert "readinessProbe" not in exporter, "a native sidecar's readiness is the pod's"
+    liveness = exporter["livenessProbe"]
+    assert liveness["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    patience = liveness["periodSeconds"] * liveness["failureThreshold"]
+    assert patience >= 60, "only a hung exporter is restarted"
+    assert liveness["timeoutSeconds"] >= 5
+
+
+def test_the_sidecar_requests_the_memory_it_uses_idle_and_limits_what_100k_uploads_need(
+    manifests: list[Manifest],
+) -> None:
+    """The memory request covers the measured idle RSS (61 MiB) with room for a few thousand
+    uploads (a scheduler can trust it); the limit holds 100,000 uploads (285 MiB, 340 MiB in a
+    relabelling reload; docs/deploying.md, "Resources")."""
+    resources = exporter_container(manifests)["resources"]
+    assert mebibytes(resources["requests"]["memory"]) >= 128
+    assert mebibytes(resources["limits"]["memory"]) >= 384
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity in MiB (only the suffixes our manifests use)."""
+    units = {"Mi": 1.0, "Gi": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
 
 
 def test_the_app_and_the_exporter_share_the_ingestions_volume(manifests: list[Manifest]) -> None:
@@ -320,7 +350,7 @@ def test_the_exporter_reads_its_config_from_the_generated_configmap(
     """--config names a key of the hashed ConfigMap, mounted read-only at that directory."""
     exporter = exporter_container(manifests)
     args = exporter["args"]
-    assert args[:1] == ["--config"] and len(args) == 2
+    assert args[:1] == ["--config"] and args[2:] == ["--on-invalid-config=serve"]
     config_dir, _, key = args[1].rpartition("/")
     assert config_dir == "/etc/catalog-upload-exporter"
     configmap = exporter_configmap(manifests)
@@ -708,8 +738,9 @@ def test_the_base_servicemonitor_scrapes_every_replica_through_the_headless_serv
 def test_the_statefulsets_pod_is_locked_down_like_the_sidecar(
     manifests: list[Manifest], sharded: list[Manifest]
 ) -> None:
-    """The shards pass the security checks and keep the sidecar's security contexts, probes,
-    resources, image and service account."""
+    """The shards pass the security checks and keep the sidecar's security contexts, liveness
+    probe, resources, image and service account; alone in their pods they gate no app, so
+    they fail fast on an invalid config and keep a readiness probe on /readyz."""
     spec = pod_spec(sharded, "StatefulSet")
     assert_locked_down(spec)
     base_spec = pod_spec(manifests)
@@ -717,17 +748,10 @@ def test_the_statefulsets_pod_is_locked_down_like_the_sidecar(
     assert spec["serviceAccountName"] == base_spec["serviceAccountName"]
     assert spec["automountServiceAccountToken"] is False
     shard, sidecar = exporter_container(sharded, "StatefulSet"), exporter_container(manifests)
-    for key in (
-        "image",
-        "args",
-        "ports",
-        "securityContext",
-        "resources",
-        "startupProbe",
-        "livenessProbe",
-        "readinessProbe",
-    ):
+    for key in ("image", "ports", "securityContext", "resources", "livenessProbe"):
         assert shard[key] == sidecar[key], key
+    assert shard["args"] == [a for a in sidecar["args"] if not a.startswith("--on-invalid")]
+    assert shard["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
 
 def test_each_shard_keeps_its_state_on_its_own_small_volume(sharded: list[Manifest]) -> None:
@@ -867,6 +891,21 @@ def test_the_sidecar_component_adds_the_exporter_to_labelled_workloads_only(
             assert rendered == workload
 
 
+def test_the_exporter_rendered_into_the_users_app_gates_neither_its_start_nor_its_readiness(
+    sidecar_app: list[Manifest],
+) -> None:
+    """In every labelled workload of the sample app the exporter has no startupProbe and no
+    readinessProbe on /readyz, and runs with --on-invalid-config=serve."""
+    labelled = list(filter(is_labelled, user_workloads()))
+    assert labelled
+    for workload in labelled:
+        rendered = one(sidecar_app, workload["kind"], workload["metadata"]["name"])
+        exporter = rendered["spec"]["template"]["spec"]["initContainers"][0]
+        assert exporter["name"] == "catalog-upload-exporter"
+        assert_gates_nothing(exporter)
+        assert "--on-invalid-config=serve" in exporter["args"]
+
+
 def test_the_users_own_containers_and_volumes_stay_as_they_were(
     sidecar_app: list[Manifest],
 ) -> None:
@@ -921,8 +960,7 @@ def test_the_sidecar_is_restricted_by_itself_and_validates_strictly(
         workload = one(sidecar_app, labelled["kind"], labelled["metadata"]["name"])
         (exporter, *_) = workload["spec"]["template"]["spec"]["initContainers"]
         assert_container_locked_down(exporter)
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert exporter[probe]["httpGet"]["port"] == "metrics", probe
+        assert exporter["livenessProbe"]["httpGet"]["port"] == "metrics"
     problems = schema_problems([m for m in sidecar_app if m["apiVersion"] != OPERATOR_API])
     assert not problems, "\n".join(problems)
 

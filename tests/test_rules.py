@@ -31,6 +31,7 @@ REQUIRED_ALERTS = {
     "CatalogExporterEventLoopLagging",
     "CatalogExporterNotificationQueueFailing",
     "CatalogUploadSuccessBudgetBurn",
+    "CatalogExporterConfigInvalid",
 }
 #: Recording rule names follow the Prometheus convention `level:metric:operations`.
 RECORD_NAME = re.compile(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+")

@@ -17,7 +17,7 @@ from exporter.config import PollingConfig
 from exporter.metrics import ExporterMetrics, UploadMetrics
 from exporter.models import ErrorKind, PollError, PollOutcome, StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
-from exporter.scheduler import Poller
+from exporter.scheduler import CREDENTIALS_RETRY_SECONDS, Poller
 from exporter.uploads import UploadStore
 from tests.virtual_time import VirtualTime
 
@@ -209,6 +209,27 @@ async def test_invalid_id_is_retried_only_after_invalid_retry_seconds(harness: H
     await harness.time.run_until(lambda: client.count("nosuch") >= 3, limit=200)
     gaps = [b - a for a, b in itertools.pairwise(client.times("nosuch"))]
     assert all(54.0 <= g <= 60.0 for g in gaps), gaps
+
+
+async def test_a_poll_refused_for_want_of_credentials_is_retried_within_ten_seconds(
+    harness: Harness,
+) -> None:
+    """No request was sent (a token file not mounted yet): the next try comes within
+    CREDENTIALS_RETRY_SECONDS, not a whole interval, so credentials that appear are used
+    soon; a 401 from the API itself still waits the interval."""
+    unavailable = PollError(ErrorKind.UNAUTHORIZED, "token file cannot be read", logged=True)
+    refused = PollError(ErrorKind.UNAUTHORIZED, "Unauthorized", http_status=401)
+    _, client = harness.start(
+        ["no-token", "refused"],
+        lambda ingestion_id, n: unavailable if ingestion_id == "no-token" else refused,
+        interval_seconds=60,
+        jitter_ratio=0.1,
+    )
+    await harness.time.run_until(lambda: client.count("refused") >= 3, limit=200)
+    fast = [b - a for a, b in itertools.pairwise(client.times("no-token"))]
+    assert fast and all(9.0 <= g <= CREDENTIALS_RETRY_SECONDS for g in fast), fast
+    slow = [b - a for a, b in itertools.pairwise(client.times("refused"))]
+    assert all(54.0 <= g <= 60.0 for g in slow), slow
 
 
 async def test_poll_lag_stays_zero_within_budget(harness: Harness) -> None:
