@@ -7,9 +7,11 @@ serves until SIGTERM or SIGINT (SIGHUP reloads). The command line (`run_config`)
 the in-process tests all go through `build`, so they start, tune the process (GC, switch
 interval) and stop the same way. It never parses arguments and never prints usage.
 
-Start-up: the cyclic GC is off from `build` (or `load_to_serve`) on; the exporter starts
-(state, polls, sources), then the reloader and the loop lag tick, then the listeners (metrics,
-then admin); then what start-up built is frozen out of the GC and the switch interval is set.
+Start-up: the cyclic GC is off from `build` (or `load_to_serve`) on; the web config, if any,
+is read (a bad one stops the start: exit 2); the exporter starts (state, polls, sources), then
+the reloader, the web config's watcher and the loop lag tick, then the listeners (metrics,
+over TLS with the web config's, then admin); then what start-up built is frozen out of the
+GC and the switch interval is set.
 Shutdown (RELIABILITY.md, "Shutdown"): `shutting_down`; the admin listener (no new
 registrations: `admin_api_stopped`), the metrics listener; then the supervisor's stages
 (reloader and loop lag tick, directory watcher and SQS receiver, the poller and its polls in
@@ -22,6 +24,7 @@ import asyncio
 import functools
 import gc
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -34,20 +37,26 @@ from prometheus_client import disable_created_metrics
 
 from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
-from exporter.config import Config, load_config
+from exporter.config import Config, ConfigError, load_config
 from exporter.logs import SecretMask, configure_logging
 from exporter.looplag import measure_loop_lag
+from exporter.metrics import WebConfigMetrics
 from exporter.reload import ConfigReloader
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.supervisor import Stage
+from exporter.webconfig import WebConfigWatcher, install
+
+#: Paths of the metrics listener that basic auth leaves open (TLS still applies): the
+#: kubelet's probes cannot easily send credentials, and they answer nothing secret.
+PROBE_PATHS = ("/healthz", "/readyz")
 
 log = structlog.get_logger("exporter.runtime")
 
 #: sys.setswitchinterval once serving: how long a thread may keep the GIL from the loop.
 SWITCH_INTERVAL_SECONDS = 0.001
 
-EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 #: What a `Runtime` calls once listening: the metrics URL and the admin API's (None without).
 OnListening = Callable[[str, str | None], None]
@@ -78,6 +87,8 @@ def run_until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
         asyncio.run(run())
     except CannotListen:
         return EXIT_FAILURE
+    except ConfigError:  # the web config, read at start (logged as web_config_invalid)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -93,9 +104,17 @@ def load_to_serve(path: Path) -> Config:
     return load_config(path)
 
 
-def run_config(config: Config, config_path: Path, *, port: int | None = None) -> int:
+def run_config(
+    config: Config,
+    config_path: Path,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    web_config_file: str | None = None,
+) -> int:
     """Serve the exporter `config` describes (and its admin API) until stopped."""
-    return run_until_stopped(build(config, config_path, port=port).run)
+    runtime = build(config, config_path, port=port, host=host, web_config_file=web_config_file)
+    return run_until_stopped(runtime.run)
 
 
 def build(
@@ -103,6 +122,8 @@ def build(
     config_path: Path | None = None,
     *,
     port: int | None = None,
+    host: str | None = None,
+    web_config_file: str | None = None,
     log_stream: TextIO | None = None,
     on_listening: OnListening | None = None,
     **parts: Any,
@@ -110,7 +131,9 @@ def build(
     """Everything one exporter process runs, built from `config`, not started yet.
 
     `config_path` is what SIGHUP and changes of the file reload (none: no reloader). `port`
-    replaces `server.port` (the `--port` flag). Logs go to `log_stream` (stdout by default).
+    and `host` replace `server.port` and `server.host` (`--port`, `--web.listen-address`;
+    host "" is every interface, IPv4 and IPv6), `web_config_file` replaces
+    `server.web_config_file` (`--web.config.file`). Logs go to `log_stream` (stdout by default).
     `parts` go to `Exporter` (`auth_factory`, `rng`, `rebuild_pause`, `aws_session_factory`):
     the demo's simulator credentials, the tests' clocks.
     """
@@ -120,7 +143,12 @@ def build(
     exporter = Exporter(config, secret_mask=mask, log_stream=log_stream, **parts)
     reloader = None if config_path is None else ConfigReloader(config_path, exporter)
     server = config.server
-    metrics = Listener(create_app(exporter), server.host, server.port if port is None else port)
+    metrics = Listener(
+        create_app(exporter),
+        server.host if host is None else host,
+        server.port if port is None else port,
+    )
+    web_config = server.web_config_file if web_config_file is None else web_config_file
     admin = None
     if config.admin.enabled:
         admin_app = create_admin_app(
@@ -141,6 +169,7 @@ def build(
         reloader=reloader,
         on_listening=on_listening,
         idle_timeout=server.idle_timeout_seconds,
+        web_config_file=web_config or None,
     )
 
 
@@ -166,6 +195,7 @@ class Runtime:
         reloader: ConfigReloader | None,
         on_listening: OnListening | None,
         idle_timeout: float,
+        web_config_file: str | None = None,
     ) -> None:
         self.exporter = exporter
         self.reloader = reloader
@@ -173,6 +203,9 @@ class Runtime:
         self._admin = admin
         self._on_listening = on_listening
         self._idle_timeout = idle_timeout
+        self._web_config_file = web_config_file
+        #: The metrics listener's web config (TLS, basic auth, headers), once started.
+        self.web_config: WebConfigWatcher | None = None
         self._runners: list[tuple[str, web.AppRunner]] = []
         #: Where the metrics app and the admin API listen, once started (loopback shown for
         #: a wildcard address).
@@ -207,13 +240,19 @@ class Runtime:
         """Start the exporter and its background work, open the listeners, then settle the
         process for serving (GC frozen, switch interval); on failure, stop what started."""
         try:
+            # First: a bad web config refuses to start before the exporter opens its state.
+            if self._web_config_file is not None:
+                self.web_config = await self._read_web_config(self._web_config_file)
             await self.exporter.start()
             supervisor = self.exporter.supervisor
             if self.reloader is not None:
                 supervisor.start("config-reloader", self.reloader.run, Stage.CONTROL)
+            if self.web_config is not None:
+                supervisor.start("web-config-watcher", self.web_config.watch, Stage.CONTROL)
             ticks = functools.partial(measure_loop_lag, self.exporter.metrics.loop_lag.observe)
             supervisor.start("loop-lag", ticks, Stage.CONTROL)
-            self.url = await self._listen("metrics", self._metrics)
+            tls = None if self.web_config is None else self.web_config.listener_context
+            self.url = await self._listen("metrics", self._metrics, ssl_context=tls)
             log.info("listening", url=self.url, metrics=f"{self.url}/metrics")
             if self._admin is not None:
                 self.admin_url = await self._listen("admin", self._admin)
@@ -240,12 +279,30 @@ class Runtime:
         await self.exporter.stop()
         self._unsettle()
 
-    async def _listen(self, name: str, listener: Listener) -> str:
+    async def _read_web_config(self, path: str) -> WebConfigWatcher:
+        """The web config's watcher, read in a thread (files, the bcrypt dummy hash), and its
+        guard on the metrics app: TLS, client SANs, basic auth (not on the probes), headers.
+
+        The admin API does not take it: it has its own bearer token in the same
+        Authorization header, and listens on loopback by default (docs/security.md)."""
+        metrics = WebConfigMetrics(self.exporter.registry)
+        try:
+            watcher = await asyncio.to_thread(WebConfigWatcher, path, metrics=metrics)
+        except ConfigError as error:
+            log.error("web_config_invalid", path=path, problems=list(error.problems))
+            raise
+        install(self._metrics.app, lambda: watcher.settings, open_paths=PROBE_PATHS)
+        return watcher
+
+    async def _listen(
+        self, name: str, listener: Listener, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         runner = app_runner(listener.app, self._idle_timeout)
         await runner.setup()
         self._runners.append((name, runner))
         try:
-            await web.TCPSite(runner, listener.host, listener.port).start()
+            site = web.TCPSite(runner, listener.host, listener.port, ssl_context=ssl_context)
+            await site.start()
         except OSError as exc:
             # Logged here, before the stop that logs exporter_stopped.
             log.error("cannot_listen", host=listener.host, port=listener.port, error=str(exc))
@@ -253,7 +310,10 @@ class Runtime:
         bound_host, bound_port = runner.addresses[0][:2]
         # A wildcard address is not something to click on: show loopback instead.
         shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
-        return f"http://{shown_host}:{bound_port}"
+        if ":" in shown_host:
+            shown_host = f"[{shown_host}]"
+        scheme = "http" if ssl_context is None else "https"
+        return f"{scheme}://{shown_host}:{bound_port}"
 
     def _settle(self) -> None:
         # What start-up loaded (up to 100,000 uploads and their lines) lives as long as the
