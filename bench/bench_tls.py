@@ -196,7 +196,18 @@ async def run(args: argparse.Namespace) -> None:
         summary["gzip_new_connection"] = found
     common.print_table(
         f"GET /metrics at {n:,} uploads, HTTPS + basic auth against HTTP (seconds)",
-        ["encoding", "connection", "target", "n", "median", "p90", "p99", "max", "MB", "CPU ms (with polls)"],
+        [
+            "encoding",
+            "connection",
+            "target",
+            "n",
+            "median",
+            "p90",
+            "p99",
+            "max",
+            "MB",
+            "CPU ms (with polls)",
+        ],
         rows,
     )
     for key in ("gzip", "identity", "gzip_new_connection"):
