@@ -617,6 +617,9 @@ class ServerConfig(_Section):
     port: ListenPort = DEFAULT_PORT
     idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 75.0
     write_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # exporter-toolkit's web config (TLS, basic auth, headers), read at start by `webconfig`
+    # and watched for rotation; "" serves plain HTTP. `--web.config.file` wins over it.
+    web_config_file: str = ""
 
     @field_validator("host")
     @classmethod

@@ -7,9 +7,11 @@ serves until SIGTERM or SIGINT (SIGHUP reloads). The command line (`run_config`)
 the in-process tests all go through `build`, so they start, tune the process (GC, switch
 interval) and stop the same way. It never parses arguments and never prints usage.
 
-Start-up: the cyclic GC is off from `build` (or `load_to_serve`) on; the exporter starts
-(state, polls, sources), then the reloader and the loop lag tick, then the listeners (metrics,
-then admin); then what start-up built is frozen out of the GC and the switch interval is set.
+Start-up: the cyclic GC is off from `build` (or `load_to_serve`) on; the web config, if any,
+is read (a bad one stops the start: exit 2); the exporter starts (state, polls, sources), then
+the reloader, the web config's watcher and the loop lag tick, then the listeners (metrics,
+over TLS with the web config's, then admin, then the signing proxy); then what start-up built
+is frozen out of the GC and the switch interval is set.
 Shutdown (RELIABILITY.md, "Shutdown"): `shutting_down`; the proxy and the admin listener (no new
 registrations: `admin_api_stopped`), the metrics listener; then the supervisor's stages
 (reloader and loop lag tick, directory watcher and SQS receiver, the poller and its polls in
@@ -26,6 +28,7 @@ import asyncio
 import functools
 import gc
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,23 +42,35 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from exporter.admin import TOKEN as ADMIN_TOKEN
 from exporter.admin import create_admin_app
-from exporter.config import Config, LoggingConfig, ReloadConfig, ServerConfig, load_config
+from exporter.config import (
+    Config,
+    ConfigError,
+    LoggingConfig,
+    ReloadConfig,
+    ServerConfig,
+    load_config,
+)
 from exporter.logs import SecretMask, configure_logging
 from exporter.looplag import measure_loop_lag
-from exporter.metrics import ConfigMetrics, register_build_info
+from exporter.metrics import ConfigMetrics, WebConfigMetrics, register_build_info
 from exporter.proxy import ProxyDeps, create_proxy_app, upstream_session
 from exporter.reload import ConfigReloader, ExporterReloads
 from exporter.server import create_app, create_standby_app
 from exporter.service import Exporter
 from exporter.supervisor import Stage, Supervisor
+from exporter.webconfig import WebConfigWatcher, install
 from exporter.yamlfile import YamlFileError, read_yaml
+
+#: Paths of the metrics listener that basic auth leaves open (TLS still applies): the
+#: kubelet's probes cannot easily send credentials, and they answer nothing secret.
+PROBE_PATHS = ("/healthz", "/readyz")
 
 log = structlog.get_logger("exporter.runtime")
 
 #: sys.setswitchinterval once serving: how long a thread may keep the GIL from the loop.
 SWITCH_INTERVAL_SECONDS = 0.001
 
-EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 _Section = TypeVar("_Section", bound=pydantic.BaseModel)
 
@@ -89,6 +104,8 @@ def run_until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
         asyncio.run(run())
     except CannotListen:
         return EXIT_FAILURE
+    except ConfigError:  # the web config, read at start (logged as web_config_invalid)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -109,18 +126,33 @@ def run_config(
     config_path: Path,
     *,
     port: int | None = None,
+    host: str | None = None,
+    web_config_file: str | None = None,
     token_files_may_be_absent: bool = False,
 ) -> int:
     """Serve the exporter `config` describes (and its admin API) until stopped."""
     runtime = build(
-        config, config_path, port=port, token_files_may_be_absent=token_files_may_be_absent
+        config,
+        config_path,
+        port=port,
+        host=host,
+        web_config_file=web_config_file,
+        token_files_may_be_absent=token_files_may_be_absent,
     )
     return run_until_stopped(runtime.run)
 
 
-def run_standby(config_path: Path, problems: Sequence[str], *, port: int | None = None) -> int:
+def run_standby(
+    config_path: Path,
+    problems: Sequence[str],
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    web_config_file: str | None = None,
+) -> int:
     """Serve a `Standby` until `config_path` is valid, then the exporter it describes."""
-    return run_until_stopped(Standby(config_path, problems, port=port).run)
+    standby = Standby(config_path, problems, port=port, host=host, web_config_file=web_config_file)
+    return run_until_stopped(standby.run)
 
 
 def build(
@@ -128,6 +160,8 @@ def build(
     config_path: Path | None = None,
     *,
     port: int | None = None,
+    host: str | None = None,
+    web_config_file: str | None = None,
     log_stream: TextIO | None = None,
     on_listening: OnListening | None = None,
     token_files_may_be_absent: bool = False,
@@ -137,7 +171,9 @@ def build(
 
     `config_path` is what SIGHUP and changes of the file reload (none: no reloader), with
     `token_files_may_be_absent` as at start-up (`--on-invalid-config=serve`). `port`
-    replaces `server.port` (the `--port` flag). Logs go to `log_stream` (stdout by default).
+    and `host` replace `server.port` and `server.host` (`--port`, `--web.listen-address`;
+    host "" is every interface, IPv4 and IPv6), `web_config_file` replaces
+    `server.web_config_file` (`--web.config.file`). Logs go to `log_stream` (stdout by default).
     `parts` go to `Exporter` (`auth_factory`, `rng`, `rebuild_pause`, `aws_session_factory`):
     the demo's simulator credentials, the tests' clocks.
     """
@@ -150,7 +186,12 @@ def build(
         load = functools.partial(load_config, token_files_may_be_absent=token_files_may_be_absent)
         reloader = ConfigReloader(config_path, ExporterReloads(exporter), load=load)
     server = config.server
-    metrics = Listener(create_app(exporter), server.host, server.port if port is None else port)
+    metrics = Listener(
+        create_app(exporter),
+        server.host if host is None else host,
+        server.port if port is None else port,
+    )
+    web_config = server.web_config_file if web_config_file is None else web_config_file
     admin = None
     if config.admin.enabled:
         admin_app = create_admin_app(
@@ -172,6 +213,7 @@ def build(
         reloader=reloader,
         on_listening=on_listening,
         idle_timeout=server.idle_timeout_seconds,
+        web_config_file=web_config or None,
     )
 
 
@@ -217,6 +259,7 @@ class Runtime:
         reloader: ConfigReloader | None,
         on_listening: OnListening | None,
         idle_timeout: float,
+        web_config_file: str | None = None,
     ) -> None:
         self.exporter = exporter
         self.reloader = reloader
@@ -225,6 +268,9 @@ class Runtime:
         self._proxy = proxy
         self._on_listening = on_listening
         self._idle_timeout = idle_timeout
+        self._web_config_file = web_config_file
+        #: The metrics listener's web config (TLS, basic auth, headers), once started.
+        self.web_config: WebConfigWatcher | None = None
         self._runners: list[tuple[str, web.AppRunner]] = []
         #: Where the metrics app and the admin API listen, once started (loopback shown for
         #: a wildcard address).
@@ -260,13 +306,19 @@ class Runtime:
         """Start the exporter and its background work, open the listeners, then settle the
         process for serving (GC frozen, switch interval); on failure, stop what started."""
         try:
+            # First: a bad web config refuses to start before the exporter opens its state.
+            if self._web_config_file is not None:
+                self.web_config = await self._read_web_config(self._web_config_file)
             await self.exporter.start()
             supervisor = self.exporter.supervisor
             if self.reloader is not None:
                 supervisor.start("config-reloader", self.reloader.run, Stage.CONTROL)
+            if self.web_config is not None:
+                supervisor.start("web-config-watcher", self.web_config.watch, Stage.CONTROL)
             ticks = functools.partial(measure_loop_lag, self.exporter.metrics.loop_lag.observe)
             supervisor.start("loop-lag", ticks, Stage.CONTROL)
-            self.url = await self._listen("metrics", self._metrics)
+            tls = None if self.web_config is None else self.web_config.listener_context
+            self.url = await self._listen("metrics", self._metrics, ssl_context=tls)
             log.info("listening", url=self.url, metrics=f"{self.url}/metrics")
             if self._admin is not None:
                 self.admin_url = await self._listen("admin", self._admin)
@@ -297,12 +349,30 @@ class Runtime:
         await self.exporter.stop()
         self._unsettle()
 
-    async def _listen(self, name: str, listener: Listener) -> str:
+    async def _read_web_config(self, path: str) -> WebConfigWatcher:
+        """The web config's watcher, read in a thread (files, the bcrypt dummy hash), and its
+        guard on the metrics app: TLS, client SANs, basic auth (not on the probes), headers.
+
+        The admin API does not take it: it has its own bearer token in the same
+        Authorization header, and listens on loopback by default (docs/security.md)."""
+        metrics = WebConfigMetrics(self.exporter.registry)
+        try:
+            watcher = await asyncio.to_thread(WebConfigWatcher, path, metrics=metrics)
+        except ConfigError as error:
+            log.error("web_config_invalid", path=path, problems=list(error.problems))
+            raise
+        install(self._metrics.app, lambda: watcher.settings, open_paths=PROBE_PATHS)
+        return watcher
+
+    async def _listen(
+        self, name: str, listener: Listener, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         runner = app_runner(listener.app, self._idle_timeout)
         await runner.setup()
         self._runners.append((name, runner))
         try:
-            await web.TCPSite(runner, listener.host, listener.port).start()
+            site = web.TCPSite(runner, listener.host, listener.port, ssl_context=ssl_context)
+            await site.start()
         except OSError as exc:
             # Logged here, before the stop that logs exporter_stopped.
             log.error("cannot_listen", host=listener.host, port=listener.port, error=str(exc))
@@ -310,7 +380,10 @@ class Runtime:
         bound_host, bound_port = runner.addresses[0][:2]
         # A wildcard address is not something to click on: show loopback instead.
         shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
-        return f"http://{shown_host}:{bound_port}"
+        if ":" in shown_host:
+            shown_host = f"[{shown_host}]"
+        scheme = "http" if ssl_context is None else "https"
+        return f"{scheme}://{shown_host}:{bound_port}"
 
     def _settle(self) -> None:
         # What start-up loaded (up to 100,000 uploads and their lines) lives as long as the
@@ -352,11 +425,15 @@ class Standby:
         problems: Sequence[str],
         *,
         port: int | None = None,
+        host: str | None = None,
+        web_config_file: str | None = None,
         log_stream: TextIO | None = None,
     ) -> None:
         self._path = config_path
         self._problems = tuple(problems)
         self._port = port
+        self._host = host
+        self._web_config_file = web_config_file
         self._log_stream = log_stream
         document = _read_document(config_path)
         self._server = _valid_section(document, "server", ServerConfig)
@@ -407,12 +484,14 @@ class Standby:
             loop.add_signal_handler(signum, done.set)
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
         port = self._server.port if self._port is None else self._port
-        host = self._server.host
-        runner = app_runner(create_standby_app(self.registry), self._server.idle_timeout_seconds)
+        host = self._server.host if self._host is None else self._host
+        app = create_standby_app(self.registry)
+        tls = await self._web_config(app)
+        runner = app_runner(app, self._server.idle_timeout_seconds)
         try:
             await runner.setup()
             try:
-                await web.TCPSite(runner, host, port).start()
+                await web.TCPSite(runner, host, port, ssl_context=tls).start()
             except OSError as exc:
                 log.error("cannot_listen", host=host, port=port, error=str(exc))
                 raise CannotListen(str(exc)) from exc
@@ -432,10 +511,31 @@ class Standby:
             self._config,
             self._path,
             port=self._port,
+            host=self._host,
+            web_config_file=self._web_config_file,
             log_stream=self._log_stream,
             token_files_may_be_absent=True,
         )
         await runtime.run()
+
+    async def _web_config(self, app: web.Application) -> ssl.SSLContext | None:
+        """The stand-by's listener speaks what the exporter's will (TLS, basic auth, headers),
+        so probes and scrapes set up for it keep working; a web config that cannot be read
+        yet leaves it plain HTTP (logged): the exporter proper reports it when it starts."""
+        path = self._web_config_file
+        if path is None:
+            path = self._server.web_config_file
+        if not path:
+            return None
+        try:
+            watcher = await asyncio.to_thread(
+                WebConfigWatcher, path, metrics=WebConfigMetrics(self.registry)
+            )
+        except ConfigError as error:
+            log.error("web_config_invalid", path=path, problems=list(error.problems))
+            return None
+        install(app, lambda: watcher.settings, open_paths=PROBE_PATHS)
+        return watcher.listener_context
 
 
 def _read_document(path: Path) -> object:

@@ -138,14 +138,16 @@ def test_the_developers_layout_names_every_module() -> None:
 
 
 async def test_every_metric_exposed_is_in_docs_metrics_and_every_one_listed_is_exposed(
-    start_simulator: SimulatorFactory, start_exporter: ExporterFactory
+    start_simulator: SimulatorFactory, start_exporter: ExporterFactory, tmp_path: Path
 ) -> None:
     """The names in a running exporter's `# TYPE` lines are exactly the metrics listed in
-    docs/metrics.md's table."""
+    docs/metrics.md's table (with a web config, whose gauges exist only with one)."""
     sim, url = await start_simulator()
     sim.add_uploads(demo_uploads())
+    web_config = tmp_path / "web-config.yml"
+    web_config.write_text("")  # valid: plain HTTP, no authentication, its gauges exposed
     config = fast_config(url, ["demo-done-fast"], proxy={"enabled": True, "port": 0})
-    running = await start_exporter(config)
+    running = await start_exporter(config, web_config_file=str(web_config))
     assert running.proxy_url is not None  # the proxy's metrics are on the registry too
     await wait_for(running.status_is("demo-done-fast", "INQUEUE"))
     disable_created_metrics()  # type: ignore[no-untyped-call]  # as exporter.runtime does

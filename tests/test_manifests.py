@@ -25,6 +25,8 @@ import pytest
 import yaml
 
 from exporter.config import ConfigError, parse_config
+from exporter.runtime import PROBE_PATHS
+from exporter.webconfig import load_web_config
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).parent.parent
@@ -1124,3 +1126,115 @@ def test_the_shipped_kubernetes_configs_expose_one_status_series_per_upload(
         {"api": {"base_url": "http://127.0.0.1:1"}}, environ={"AWS_REGION": "us-east-1"}
     )
     assert minimal.metrics.status_series == "all"
+
+
+# TLS on /metrics: deploy/components/tls, in the user's app and in deploy/kubernetes.
+
+TLS = DEPLOY / "components" / "tls"
+TLS_APP = ROOT / "tests" / "fixtures" / "tls-app"
+TLS_EXAMPLE = ROOT / "tests" / "fixtures" / "tls-example"
+CERT_MANAGER_API = "cert-manager.io/v1"
+
+
+def tls_certificate(manifests: list[Manifest]) -> Manifest:
+    """The exporter's serving Certificate: the one that is not a CA."""
+    (found,) = [
+        m for m in manifests if m["kind"] == "Certificate" and not m["spec"].get("isCA", False)
+    ]
+    return found
+
+
+def assert_tls_wired(manifests: list[Manifest], workload: Manifest, tmp_path: Path) -> None:
+    """The workload's exporter reads the component's web config, whose certificate and key
+    are the files of the Certificate's Secret, mounted whole; its one probe (liveness) uses
+    HTTPS, and the patch adds no probe that would gate the app."""
+    spec = workload["spec"]["template"]["spec"]
+    (exporter,) = [c for c in spec["initContainers"] if c["image"].startswith(EXPORTER_IMAGE)]
+    (sidecar_exporter,) = sidecar_patch()["initContainers"]
+    flag = exporter["args"].index("--web.config.file")
+    assert exporter["args"][:flag] == sidecar_exporter["args"], "the sidecar's args, kept"
+    web_config_path = Path(exporter["args"][flag + 1])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in exporter["volumeMounts"]}
+    mount = mounts[str(web_config_path.parent)]
+    assert "subPath" not in mount and mount["readOnly"]
+    configmap = one(manifests, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    text = configmap["data"][web_config_path.name]
+    (tmp_path / "web-config.yml").write_text(text, encoding="utf-8")
+    tls = load_web_config(tmp_path / "web-config.yml").tls_server_config
+    secret_name = tls_certificate(manifests)["spec"]["secretName"]
+    for path, key in ((tls.cert_file, "tls.crt"), (tls.key_file, "tls.key")):
+        secret_mount = mounts[str(Path(path).parent)]
+        assert "subPath" not in secret_mount, "a Secret is updated in place only when whole"
+        assert volumes[secret_mount["name"]]["secret"]["secretName"] == secret_name
+        assert Path(path).name == key
+    assert "startupProbe" not in exporter and "readinessProbe" not in exporter
+    assert exporter["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert exporter["livenessProbe"]["httpGet"]["path"] in PROBE_PATHS, "open to basic auth"
+
+
+def assert_monitor_verifies(endpoint: Manifest, manifests: list[Manifest]) -> None:
+    """An endpoint scraped over HTTPS, verified with the CA in the Certificate's Secret,
+    under a name the certificate holds."""
+    certificate = tls_certificate(manifests)["spec"]
+    assert endpoint["scheme"] == "https"
+    tls = endpoint["tlsConfig"]
+    assert tls["ca"]["secret"] == {"name": certificate["secretName"], "key": "ca.crt"}
+    assert tls["serverName"] in certificate["dnsNames"]
+    assert not tls.get("insecureSkipVerify", False)
+
+
+def test_the_tls_component_turns_on_tls_in_the_users_app_and_its_podmonitor(
+    tmp_path: Path,
+) -> None:
+    """Listed after the sidecar and podmonitor components, the tls component gives every
+    labelled workload's exporter the web config (flag, volumes, HTTPS liveness), adds the
+    Certificate, and the PodMonitor scrapes over HTTPS verifying the CA; unlabelled workloads
+    and the core objects' validity are untouched."""
+    rendered = kustomize(TLS_APP)
+    plain = kustomize(SIDECAR_APP)
+    labelled = [w for w in user_workloads() if is_labelled(w)]
+    assert labelled
+    for workload in labelled:
+        assert_tls_wired(
+            rendered, one(rendered, workload["kind"], workload["metadata"]["name"]), tmp_path
+        )
+    for workload in user_workloads():
+        if not is_labelled(workload):
+            name = workload["metadata"]["name"]
+            assert one(rendered, workload["kind"], name) == one(plain, workload["kind"], name)
+    (endpoint,) = one(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert_monitor_verifies(endpoint, rendered)
+    (plain_endpoint,) = one(plain, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert {k: v for k, v in endpoint.items() if k not in {"scheme", "tlsConfig"}} == (
+        plain_endpoint
+    )
+    core = [m for m in rendered if m["apiVersion"] not in {OPERATOR_API, CERT_MANAGER_API}]
+    problems = schema_problems(core)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_tls_component_turns_on_tls_in_deploy_kubernetes_and_its_servicemonitor(
+    tmp_path: Path,
+) -> None:
+    """On deploy/kubernetes, the same component wires the example's exporter and makes its
+    ServiceMonitor scrape over HTTPS, verifying the CA."""
+    rendered = kustomize(TLS_EXAMPLE)
+    assert_tls_wired(rendered, one(rendered, "Deployment"), tmp_path)
+    (endpoint,) = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+    assert_monitor_verifies(endpoint, rendered)
+    kinds = Counter(m["kind"] for m in rendered if m["apiVersion"] == CERT_MANAGER_API)
+    assert kinds == {"Issuer": 2, "Certificate": 2}
+
+
+def test_the_tls_components_certificate_chain_issues_the_serving_certificate() -> None:
+    """The bootstrap chain holds together: the serving Certificate's issuer is the CA Issuer,
+    whose Secret is the CA Certificate's, itself issued by the self-signed Issuer."""
+    documents = [d for d in yaml.safe_load_all((TLS / "certificate.yaml").read_text()) if d]
+    issuers = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "Issuer"}
+    certificates = [d["spec"] for d in documents if d["kind"] == "Certificate"]
+    (ca,) = [c for c in certificates if c.get("isCA")]
+    (serving,) = [c for c in certificates if not c.get("isCA")]
+    assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    assert issuers[serving["issuerRef"]["name"]]["ca"]["secretName"] == ca["secretName"]
+    assert "server auth" in serving["usages"]

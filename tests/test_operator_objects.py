@@ -80,13 +80,16 @@ def validate_operator_objects(manifests: list[Manifest]) -> list[dict[str, Any]]
 
 
 def test_every_kustomization_in_the_repository_is_found() -> None:
-    """The walk finds the example, the whole deploy/, the sharded overlay and the fixture app."""
+    """The walk finds the example, the whole deploy/, the sharded overlay and the fixture apps
+    (so the tls component's PodMonitor and ServiceMonitor are validated below)."""
     found = {str(path.relative_to(ROOT)) for path in kustomizations()}
     assert found >= {
         "deploy",
         "deploy/kubernetes",
         "deploy/overlays/sharded",
         "tests/fixtures/sidecar-app",
+        "tests/fixtures/tls-app",  # deploy/components/tls: the monitors over HTTPS
+        "tests/fixtures/tls-example",
     }
 
 

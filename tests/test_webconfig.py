@@ -4,10 +4,7 @@ certificates made here, basic auth, rotation without a restart, and its error wo
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
-import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,107 +16,20 @@ import pytest
 import structlog
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
 from exporter.config import ConfigError
 from exporter.metrics import WebConfigMetrics
 from exporter.webconfig import BasicAuth, WebConfigWatcher, install, load_web_config
+from tests.pki import LOOPBACK, Pki, make_pki, replace_file
 
 PASSWORD = "s3cret-Scrape-pass"  # a test password: looked for in the logs below
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 
 
-# Certificates
-
-
-@dataclass
-class Pki:
-    """A CA and the files of the certificates it signed, in `directory`."""
-
-    directory: Path
-    ca_key: ec.EllipticCurvePrivateKey
-    ca_cert: x509.Certificate
-
-    @property
-    def ca_file(self) -> Path:
-        return self.directory / "ca.pem"
-
-    def issue(
-        self, name: str, *, serial: int, sans: list[x509.GeneralName], client: bool = False
-    ) -> tuple[Path, Path]:
-        """A certificate and its key, written as name.pem and name-key.pem (replaced
-        atomically, as a Secret volume does)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        usage = x509.oid.ExtendedKeyUsageOID
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage([usage.CLIENT_AUTH if client else usage.SERVER_AUTH]),
-                critical=False,
-            )
-            .sign(self.ca_key, hashes.SHA256())
-        )
-        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
-        _replace(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        _replace(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        return cert_path, key_path
-
-    def server(self, serial: int) -> tuple[Path, Path]:
-        return self.issue("server", serial=serial, sans=[x509.IPAddress(LOOPBACK)])
-
-    def client_context(self, *, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        if cert is not None:
-            context.load_cert_chain(*cert)
-        return context
-
-
-LOOPBACK = ipaddress.ip_address("127.0.0.1")
-
-
-def _replace(path: Path, data: bytes) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    found = Pki(tmp_path, key, cert)
-    found.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return found
+    return make_pki(tmp_path)
 
 
 # A listener guarded by a watcher
@@ -164,7 +74,7 @@ async def serve() -> AsyncIterator[Callable[[Path], object]]:
 
 def write_config(pki: Pki, text: str) -> Path:
     path = pki.directory / "web-config.yml"
-    _replace(path, text.encode())
+    replace_file(path, text.encode())
     return path
 
 
