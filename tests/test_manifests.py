@@ -741,8 +741,8 @@ def test_the_statefulsets_pod_is_locked_down_like_the_sidecar(
     manifests: list[Manifest], sharded: list[Manifest]
 ) -> None:
     """The shards pass the security checks and keep the sidecar's security contexts, liveness
-    probe, resources, image and service account; alone in their pods they gate no app, so
-    they fail fast on an invalid config and keep a readiness probe on /readyz."""
+    probe, resources, image, metrics port and service account; alone in their pods they gate
+    no app, so they fail fast on an invalid config and keep a readiness probe on /readyz."""
     spec = pod_spec(sharded, "StatefulSet")
     assert_locked_down(spec)
     base_spec = pod_spec(manifests)
@@ -750,8 +750,10 @@ def test_the_statefulsets_pod_is_locked_down_like_the_sidecar(
     assert spec["serviceAccountName"] == base_spec["serviceAccountName"]
     assert spec["automountServiceAccountToken"] is False
     shard, sidecar = exporter_container(sharded, "StatefulSet"), exporter_container(manifests)
-    for key in ("image", "ports", "securityContext", "resources", "livenessProbe"):
+    for key in ("image", "securityContext", "resources", "livenessProbe"):
         assert shard[key] == sidecar[key], key
+    # No app beside a shard, so no signing proxy: only the sidecar lists the proxy's port.
+    assert shard["ports"] == [p for p in sidecar["ports"] if p["name"] != "catalog-proxy"]
     assert shard["args"] == [a for a in sidecar["args"] if not a.startswith("--on-invalid")]
     assert shard["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
