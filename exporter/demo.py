@@ -183,7 +183,8 @@ def _announce(runtime: Runtime, report_config: Path) -> None:
         f"      track one more upload, as your app would (then grep again)\n"
         f"  curl -s -X POST {proxy}{UPLOAD_PATHS[0]} -d '{{\"items\": []}}'\n"
         f"      upload through the signing proxy, unsigned: the answer's ingestionId is\n"
-        f"      tracked at once (source proxy) and turns DONE in ~5 s\n"
+        f"      tracked at once (source proxy) and turns DONE in ~5 s (the demo API throttles\n"
+        f"      and fails now and then, as the real one does: on a 429 or 5xx, run it again)\n"
         f"  {report_example(report_config, command)}\n"
         f"      {REPORT_EXAMPLE_ID}'s processing report, once it is FATAL (~10 s)\n"
         f"Stop with Ctrl-C.\n",
