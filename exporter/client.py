@@ -29,7 +29,23 @@ READ_CHUNK_BYTES = 64 * 1024
 
 
 class BodyTooLarge(Exception):
-    """The answer's body exceeded `api.max_response_bytes`."""
+    """A body exceeded its cap (`api.max_response_bytes`, `proxy.max_body_bytes`)."""
+
+
+async def read_capped(content: aiohttp.StreamReader, declared: int | None, limit: int) -> bytes:
+    """A whole body of at most `limit` bytes, read in `READ_CHUNK_BYTES` pieces; raises
+    `BodyTooLarge` as soon as the declared length or the bytes read pass it, so a huge or
+    endless body is never held (answers from the API, requests to the proxy)."""
+    if declared is not None and declared > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class CatalogClient:
@@ -98,7 +114,9 @@ class CatalogClient:
                 allow_redirects=False,
             ) as response:
                 code = str(response.status)
-                payload = await self._read_capped(response)
+                payload = await read_capped(
+                    response.content, response.content_length, self._max_bytes
+                )
                 outcome = classify_response(response.status, payload, response.headers)
         except BodyTooLarge:
             outcome = PollError(
@@ -128,15 +146,3 @@ class CatalogClient:
                 "again only when the problem changes",
             )
         return PollError(ErrorKind.UNAUTHORIZED, message, logged=True)
-
-    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
-        if response.content_length is not None and response.content_length > self._max_bytes:
-            raise BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-            size += len(chunk)
-            if size > self._max_bytes:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)

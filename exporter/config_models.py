@@ -80,6 +80,7 @@ __all__ = [
     "PollingConfig",
     "ProxyConfig",
     "ReloadConfig",
+    "Section",
     "ServerConfig",
     "ShardingConfig",
     "SqsConfig",
@@ -389,7 +390,7 @@ ListenPort = Annotated[int, Field(ge=0, le=65535), _INTEGRAL]
 # The models
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     """A mapping of the document: strict types, unknown keys refused, frozen once built."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
@@ -404,7 +405,7 @@ class _Section(BaseModel):
         return data
 
 
-class AuthConfig(_Section):
+class AuthConfig(Section):
     """How requests are authenticated: SigV4 (IAM), a bearer token, or nothing.
 
     `region` is resolved at load time for sigv4 (from AWS_REGION / AWS_DEFAULT_REGION when
@@ -487,7 +488,7 @@ class AuthConfig(_Section):
         return self
 
 
-class ApiConfig(_Section):
+class ApiConfig(Section):
     """Where the Catalog API is and how hard we may lean on it.
 
     `base_url` has no trailing "/" and may carry a path prefix such as an API Gateway stage.
@@ -531,7 +532,7 @@ class ApiConfig(_Section):
     ] = ()
 
 
-class PollingConfig(_Section):
+class PollingConfig(Section):
     """When each ingestion id is polled, retried and forgotten."""
 
     interval_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
@@ -567,7 +568,7 @@ class PollingConfig(_Section):
         return self.terminal_retention_seconds
 
 
-class IngestionsConfig(_Section):
+class IngestionsConfig(Section):
     """Which uploads are tracked, and what is attached to their metrics.
 
     `ids` and `labels` have duplicates removed, in the order first listed. `directory` is
@@ -607,7 +608,7 @@ class IngestionsConfig(_Section):
         return self
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
     """Where the metrics endpoint listens (port 0 picks a free port), and how long clients may
     dawdle: idle or half-sent requests are closed after `idle_timeout_seconds`, a scrape not
     read within `write_timeout_seconds` is dropped (so stalled clients cannot pile up bodies).
@@ -627,26 +628,26 @@ class ServerConfig(_Section):
         return _listen_host(cls, host)
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """Log level (debug, info, warning, error) and format (json, console), lower-case."""
 
     level: Annotated[LogLevel, _CHOICE] = "info"
     format: Annotated[LogFormat, _CHOICE] = "json"
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     """How many series each upload costs: `all` (one-hot, seven status series) or `active`."""
 
     status_series: Annotated[StatusSeries, _CHOICE] = "all"
 
 
-class ReloadConfig(_Section):
+class ReloadConfig(Section):
     """How often the config file is checked for changes; 0 leaves only SIGHUP."""
 
     watch_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
 
 
-class AdminConfig(_Section):
+class AdminConfig(Section):
     """The admin HTTP API (register, list and delete ids) on its own listener.
 
     Loopback by default: in a sidecar the app reaches it on localhost. With `token_file` set
@@ -697,7 +698,7 @@ class AdminConfig(_Section):
         return self
 
 
-class ProxyConfig(_Section):
+class ProxyConfig(Section):
     """The signing proxy (docs/proxy.md): the app sends its Catalog API calls here unsigned.
 
     Off by default. It signs with the pod's credentials, so it listens on loopback only: a
@@ -737,7 +738,7 @@ class ProxyConfig(_Section):
         return port
 
 
-class StateConfig(_Section):
+class StateConfig(Section):
     """Where tracked ids and their state survive restarts ("" disables), and write coalescing."""
 
     # What is beside the path (its directory, the config's other files) is config_preflight's.
@@ -763,7 +764,7 @@ class StateConfig(_Section):
         return path
 
 
-class ShardingConfig(_Section):
+class ShardingConfig(Section):
     """This replica's share of the ids: those `exporter.sharding.shard_of` maps to `index`.
 
     `index` is resolved at load time: the file's value, else the StatefulSet ordinal at the
@@ -800,7 +801,7 @@ class ShardingConfig(_Section):
 _OPTIONAL_URL_SCHEMA = Field(json_schema_extra={"pattern": "^(https?://[^?#@ ]+)?$"})
 
 
-class SqsConfig(_Section):
+class SqsConfig(Section):
     """An SQS queue of upload-result notifications, used as poll triggers ("" queue_url: off).
 
     `region` is resolved at load time: the file's, else the queue URL's
@@ -870,13 +871,13 @@ class SqsConfig(_Section):
         return region
 
 
-class NotificationsConfig(_Section):
+class NotificationsConfig(Section):
     """Where upload-result notifications come from (only SQS so far)."""
 
     sqs: SqsConfig = _SECTION_DEFAULT
 
 
-class Config(_Section):
+class Config(Section):
     """The whole validated configuration."""
 
     model_config = ConfigDict(
@@ -935,7 +936,7 @@ def validate_section(name: str, data: object, validated: dict[str, Any]) -> Any 
     """One section of the document alone, checked against the sections `validated` (the
     checks across sections); None when it is refused (the document's problems say why)."""
     model = Config.model_fields[name].annotation
-    if not isinstance(model, type) or not issubclass(model, _Section):
+    if not isinstance(model, type) or not issubclass(model, Section):
         return None  # not a section
     try:
         return model.model_validate(data, context=_Document(dict(validated)))

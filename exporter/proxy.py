@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from exporter.auth import AuthUnavailable, RequestAuth
-from exporter.client import READ_CHUNK_BYTES, STATUS_PATH
+from exporter.client import STATUS_PATH, BodyTooLarge, read_capped
 from exporter.config import ApiConfig, AuthConfig, ProxyConfig, is_loopback_host
 from exporter.logs import SecretMask
 from exporter.metrics import ProxyMetrics
@@ -121,10 +121,6 @@ _REFUSALS: Final[dict[Refusal, tuple[int, str]]] = {
 }
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 @dataclass(frozen=True, slots=True)
 class ProxyDeps:
     """What the proxy needs of the running exporter; the runtime fills it in.
@@ -206,8 +202,8 @@ class _Proxy:
         path = request.raw_path
         try:
             async with asyncio.timeout(self._deps.body_timeout):
-                body = await self._read_body(request)
-        except _BodyTooLarge:
+                body = await read_capped(request.content, request.content_length, self._max_body)
+        except BodyTooLarge:
             return self._refuse(Refusal.BODY_TOO_LARGE, request)
         except TimeoutError:
             return self._refuse(Refusal.BODY_TIMEOUT, request)
@@ -243,9 +239,11 @@ class _Proxy:
                 timeout=aiohttp.ClientTimeout(total=api.timeout_seconds),
             ) as upstream:
                 status = upstream.status
-                payload = await _read_capped(upstream, api.max_response_bytes)
+                payload = await read_capped(
+                    upstream.content, upstream.content_length, api.max_response_bytes
+                )
                 answer_headers = upstream.headers.copy()
-        except _BodyTooLarge:
+        except BodyTooLarge:
             message = "answer larger than api.max_response_bytes"
             return _upstream_failed(502, "bad_gateway", message), "error"
         except TimeoutError:
@@ -319,19 +317,6 @@ class _Proxy:
     def _held_secrets(self) -> tuple[str, ...]:
         return () if self._auth is None else self._auth.held_secrets()
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise _BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
-            size += len(chunk)
-            if size > self._max_body:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def _refuse(self, refusal: Refusal, request: web.Request) -> web.Response:
         """Answer without forwarding; logged at debug with the method only (the target and
         the headers are the client's, maybe hostile)."""
@@ -394,19 +379,6 @@ def _forwarded_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
             continue
         kept.add(name, value)
     return kept
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise _BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _json_field(body: bytes, name: str) -> object:

@@ -35,9 +35,10 @@ from typing import Annotated, Any, Literal
 import bcrypt
 import structlog
 from aiohttp import hdrs, web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from exporter.config import ConfigError
+from exporter.config_models import Section
 from exporter.config_wording import (
     SECRET,
     TOP_LEVEL,
@@ -115,22 +116,7 @@ WATCH_INTERVAL_SECONDS = 1.0
 Problems = list[tuple[tuple[str, ...], str]]
 
 
-class _Section(BaseModel):
-    """A mapping of the file: strict types, unknown keys refused, frozen; null is the default."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if data is None:
-            return {}
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
-        return data
-
-
-class TLSServerConfig(_Section):
+class TLSServerConfig(Section):
     """`tls_server_config`: TLS is on as soon as any certificate key or client_auth_type is set
     (exporter-toolkit's rule); relative paths are relative to the web config file."""
 
@@ -250,7 +236,7 @@ class TLSServerConfig(_Section):
         return problems
 
 
-class HTTPServerConfig(_Section):
+class HTTPServerConfig(Section):
     """`http_server_config`: headers added to every response; http2 is accepted and noted."""
 
     http2: bool = True
@@ -282,7 +268,7 @@ class HTTPServerConfig(_Section):
         return self
 
 
-class WebConfig(_Section):
+class WebConfig(Section):
     """The whole file. An empty file is valid: plain HTTP, no authentication."""
 
     tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
