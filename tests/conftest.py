@@ -264,6 +264,16 @@ def launch(
         )
 
 
+def assert_own_ports(config: Mapping[str, Any]) -> None:
+    """A config a test process runs on names its admin API's and proxy's ports or turns
+    them off: their defaults (10185, 10186) are shared by every test running at once, and a
+    second exporter on them exits with cannot_listen (a flaky failure under xdist)."""
+    for section in ("admin", "proxy"):
+        settings = config.get(section) or {}
+        enabled = settings.get("enabled", section == "admin")
+        assert not enabled or "port" in settings, f"{section}: set port (0 for any) or disable it"
+
+
 def launch_exporter(
     directory: Path,
     config: Mapping[str, Any] | Path | None,
@@ -282,6 +292,7 @@ def launch_exporter(
     if isinstance(config, Path):
         argv += ["--config", str(config)]
     elif config is not None:
+        assert_own_ports(config)
         config_file = directory / "config.yaml"
         config_file.write_text(json.dumps(config))  # JSON is YAML
         argv += ["--config", str(config_file)]

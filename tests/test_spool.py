@@ -336,6 +336,7 @@ def _spool_config(base_url: str, port: int, directory: Path, state: Path) -> dic
         },
         "state": {"path": str(state), "debounce_seconds": 0.5},
         "server": {"host": "127.0.0.1", "port": port},
+        "admin": {"enabled": False},
         "reload": {"watch_interval_seconds": 0},
     }
 
