@@ -3,6 +3,7 @@ signs (the `cryptography` package of the test extra)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -101,3 +102,14 @@ def make_pki(tmp_path: Path) -> Pki:
     found = Pki(tmp_path, key, cert)
     found.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return found
+
+
+async def served_serial(port: int, context: ssl.SSLContext) -> int:
+    """The serial of the certificate a new handshake is served."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).serial_number
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -6,7 +6,6 @@ rotated under the real process (new serial, same PID)."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from tests.conftest import (
     value,
     wait_for,
 )
-from tests.pki import LOOPBACK, Pki, make_pki, replace_file
+from tests.pki import LOOPBACK, Pki, make_pki, replace_file, served_serial
 from tests.test_end_to_end import Processes, wait_ready
 
 USER, PASSWORD = "prometheus", "tls-e2e-Scrape-pass"  # looked for in the logs below
@@ -73,17 +72,6 @@ async def fetch(
         session.get(url, ssl=context, headers=headers) as response,
     ):
         return response.status, dict(response.headers), await response.read()
-
-
-async def served_serial(port: int, context: ssl.SSLContext) -> int:
-    """The serial of the certificate a new handshake is given."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        return x509.load_der_x509_certificate(der).serial_number
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 # In process: the listener as runtime.build wires it

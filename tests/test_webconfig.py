@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from exporter.config import ConfigError
 from exporter.metrics import WebConfigMetrics
 from exporter.webconfig import BasicAuth, WebConfigWatcher, install, load_web_config
-from tests.pki import LOOPBACK, Pki, make_pki, replace_file
+from tests.pki import LOOPBACK, Pki, make_pki, replace_file, served_serial
 
 PASSWORD = "s3cret-Scrape-pass"  # a test password: looked for in the logs below
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -94,17 +94,6 @@ async def get(
     ):
         await response.read()
         return response.status, dict(response.headers)
-
-
-async def served_serial(port: int, context: ssl.SSLContext) -> int:
-    """The serial of the certificate a new handshake is served."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        return x509.load_der_x509_certificate(der).serial_number
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 def tls_config(**extra: str) -> str:
