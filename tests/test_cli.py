@@ -551,15 +551,20 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters(tmp_pat
         register = shlex.split(line)
         assert register[0] == started_as
         assert register[register.index("--url") + 1] == admin
-        result = subprocess.run(
-            ["bash", "-c", line],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-            env=env,
-            cwd=CLONE,
-        )
+
+        def run_line(line: str) -> subprocess.CompletedProcess[str]:
+            """A banner line run as printed, by a shell, from the clone."""
+            return subprocess.run(
+                ["bash", "-c", line],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+                env=env,
+                cwd=CLONE,
+            )
+
+        result = run_line(line)
         assert result.returncode == 0, result.stderr
         listed = json.loads(http_get(f"{admin}/api/v1/ingestions?limit=1000")[1])["ingestions"]
         tracked = {v["ingestionId"] for v in listed}
@@ -573,15 +578,8 @@ def test_demo_shows_every_status_and_nonzero_throttle_and_error_counters(tmp_pat
         # answer, and the line is run again, as the banner says.
         answers = []
         for _ in range(20):
-            uploaded = subprocess.run(
-                ["bash", "-c", upload_line],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=30,
-                env=env,
-                cwd=CLONE,
-            )
+            uploaded = run_line(upload_line)
+            assert uploaded.returncode == 0, uploaded.stderr
             answers.append(uploaded.stdout)
             if '"ingestionId"' in uploaded.stdout:
                 break
