@@ -212,6 +212,7 @@ def test_an_id_not_in_nfc_passes_the_schema_as_its_description_says(validator, i
     assert "NFC" in items["description"]
 
 
+@pytest.mark.slow  # every code point, about 2 s each
 def test_the_id_pattern_refuses_every_character_the_rule_refuses_and_no_other():
     """Every code point as a one-character id: the published pattern refuses it exactly when
     `ingestion_id_problem` does, NFC aside (one definition, not two that may drift)."""
@@ -244,6 +245,7 @@ console.log(JSON.stringify(refused));
 """
 
 
+@pytest.mark.slow  # every code point, about 2 s each
 def test_an_editors_regex_engine_refuses_the_same_characters_as_the_rule():
     """node's ECMA-262 engine (`u` flag) reads the published pattern as Python's does."""
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
