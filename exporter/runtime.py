@@ -246,6 +246,49 @@ def app_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
     return web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout)
 
 
+#: The log line each listener's close is reported with (the metrics listener's is silent).
+_STOPPED_EVENTS = {"admin": "admin_api_stopped", "proxy": "proxy_stopped"}
+
+
+async def open_site(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> str:
+    """Listen on `host`:`port` with a set-up `runner`; the URL to show for it (loopback for
+    a wildcard address, an IPv6 host in brackets). Raises `CannotListen` after logging
+    `cannot_listen` (before the stop that logs exporter_stopped)."""
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except OSError as exc:
+        log.error("cannot_listen", host=host, port=port, error=str(exc))
+        raise CannotListen(str(exc)) from exc
+    bound_host, bound_port = runner.addresses[0][:2]
+    # A wildcard address is not something to click on: show loopback instead.
+    shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+    scheme = "http" if ssl_context is None else "https"
+    return f"{scheme}://{shown_host}:{bound_port}"
+
+
+async def guard_with_web_config(
+    path: str, app: web.Application, registry: CollectorRegistry
+) -> WebConfigWatcher:
+    """The web config's watcher, read in a thread (files, the bcrypt dummy hash), its
+    gauges on `registry`, and its guard on `app`: TLS, client SANs, basic auth (not on the
+    probes), headers. Raises `ConfigError` after logging `web_config_invalid`.
+
+    The admin API does not take it: it has its own bearer token in the same Authorization
+    header, and listens on loopback by default (docs/security.md)."""
+    metrics = WebConfigMetrics(registry)
+    try:
+        watcher = await asyncio.to_thread(WebConfigWatcher, path, metrics=metrics)
+    except ConfigError as error:
+        log.error("web_config_invalid", path=path, problems=list(error.problems))
+        raise
+    install(app, lambda: watcher.settings, open_paths=PROBE_PATHS)
+    return watcher
+
+
 class Runtime:
     """One built exporter: `run()` in a process, `start()`/`stop()` in tests."""
 
@@ -308,7 +351,9 @@ class Runtime:
         try:
             # First: a bad web config refuses to start before the exporter opens its state.
             if self._web_config_file is not None:
-                self.web_config = await self._read_web_config(self._web_config_file)
+                self.web_config = await guard_with_web_config(
+                    self._web_config_file, self._metrics.app, self.exporter.registry
+                )
             await self.exporter.start()
             supervisor = self.exporter.supervisor
             if self.reloader is not None:
@@ -344,25 +389,10 @@ class Runtime:
         # The proxy, then the admin API first: no new uploads or registrations while stopping.
         for name, runner in reversed(self._runners):
             await runner.cleanup()
-            if name in {"admin", "proxy"}:
-                log.info("admin_api_stopped" if name == "admin" else "proxy_stopped")
+            if name in _STOPPED_EVENTS:
+                log.info(_STOPPED_EVENTS[name])
         await self.exporter.stop()
         self._unsettle()
-
-    async def _read_web_config(self, path: str) -> WebConfigWatcher:
-        """The web config's watcher, read in a thread (files, the bcrypt dummy hash), and its
-        guard on the metrics app: TLS, client SANs, basic auth (not on the probes), headers.
-
-        The admin API does not take it: it has its own bearer token in the same
-        Authorization header, and listens on loopback by default (docs/security.md)."""
-        metrics = WebConfigMetrics(self.exporter.registry)
-        try:
-            watcher = await asyncio.to_thread(WebConfigWatcher, path, metrics=metrics)
-        except ConfigError as error:
-            log.error("web_config_invalid", path=path, problems=list(error.problems))
-            raise
-        install(self._metrics.app, lambda: watcher.settings, open_paths=PROBE_PATHS)
-        return watcher
 
     async def _listen(
         self, name: str, listener: Listener, *, ssl_context: ssl.SSLContext | None = None
@@ -370,20 +400,7 @@ class Runtime:
         runner = app_runner(listener.app, self._idle_timeout)
         await runner.setup()
         self._runners.append((name, runner))
-        try:
-            site = web.TCPSite(runner, listener.host, listener.port, ssl_context=ssl_context)
-            await site.start()
-        except OSError as exc:
-            # Logged here, before the stop that logs exporter_stopped.
-            log.error("cannot_listen", host=listener.host, port=listener.port, error=str(exc))
-            raise CannotListen(str(exc)) from exc
-        bound_host, bound_port = runner.addresses[0][:2]
-        # A wildcard address is not something to click on: show loopback instead.
-        shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
-        if ":" in shown_host:
-            shown_host = f"[{shown_host}]"
-        scheme = "http" if ssl_context is None else "https"
-        return f"{scheme}://{shown_host}:{bound_port}"
+        return await open_site(runner, listener.host, listener.port, ssl_context)
 
     def _settle(self) -> None:
         # What start-up loaded (up to 100,000 uploads and their lines) lives as long as the
@@ -490,12 +507,8 @@ class Standby:
         runner = app_runner(app, self._server.idle_timeout_seconds)
         try:
             await runner.setup()
-            try:
-                await web.TCPSite(runner, host, port, ssl_context=tls).start()
-            except OSError as exc:
-                log.error("cannot_listen", host=host, port=port, error=str(exc))
-                raise CannotListen(str(exc)) from exc
-            log.info("standby_listening", url=_shown_url(runner), path=str(self._path))
+            url = await open_site(runner, host, port, tls)
+            log.info("standby_listening", url=url, path=str(self._path))
             supervisor.start("config-reloader", reloader.run, Stage.CONTROL)
             await done.wait()
         finally:
@@ -528,13 +541,9 @@ class Standby:
         if not path:
             return None
         try:
-            watcher = await asyncio.to_thread(
-                WebConfigWatcher, path, metrics=WebConfigMetrics(self.registry)
-            )
-        except ConfigError as error:
-            log.error("web_config_invalid", path=path, problems=list(error.problems))
+            watcher = await guard_with_web_config(path, app, self.registry)
+        except ConfigError:
             return None
-        install(app, lambda: watcher.settings, open_paths=PROBE_PATHS)
         return watcher.listener_context
 
 
@@ -553,10 +562,3 @@ def _valid_section(document: object, name: str, model: type[_Section]) -> _Secti
         return model.model_validate({} if value is None else value)
     except pydantic.ValidationError:
         return model()
-
-
-def _shown_url(runner: web.AppRunner) -> str:
-    """Where `runner` listens; loopback shown for a wildcard address."""
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown_host = "127.0.0.1" if bound_host in {"0.0.0.0", "::"} else bound_host  # noqa: S104
-    return f"http://{shown_host}:{bound_port}"
