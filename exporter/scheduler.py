@@ -128,12 +128,6 @@ class Poller:
         self._unknown_values_log_full = False
         self._wakeup = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def running(self) -> bool:
-        """True while the dispatcher task is alive (what /readyz reports)."""
-        return self._task is not None and not self._task.done()
 
     def lag(self) -> float:
         """How overdue the most overdue upload is, in seconds (0 when none is).
@@ -145,12 +139,6 @@ class Poller:
         while heap and self._pending.get(heap[0].ingestion_id) is not heap[0]:
             heapq.heappop(heap)
         return max(0.0, self._clock() - heap[0].due) if heap else 0.0
-
-    def start(self) -> None:
-        """`schedule_store`, then `run` in a task of its own (the exporter runs `run` under
-        its supervisor instead)."""
-        self.schedule_store()
-        self._task = asyncio.create_task(self.run(), name="poller")
 
     def schedule_store(self) -> None:
         """Schedule the uploads already in the store (restored state).
@@ -166,13 +154,6 @@ class Poller:
                 delay = max(0.0, terminal_at + retention - now)
                 self._schedule(upload.ingestion_id, delay, Action.RETIRE)
         self.track([u.ingestion_id for u in self._store if not u.terminal])
-
-    async def stop(self, grace_seconds: float) -> None:
-        """Stop scheduling, let in-flight polls finish within the grace period, cancel the rest."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.drain(grace_seconds)
 
     async def drain(self, grace_seconds: float) -> None:
         """Once `run` has stopped: let in-flight polls finish within the grace period, cancel

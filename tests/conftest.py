@@ -29,9 +29,11 @@ from exporter.auth import RequestAuth, SigV4Auth
 from exporter.auth_setup import auth_from_config
 from exporter.config import AuthConfig, Config, parse_config
 from exporter.runtime import Runtime, build
+from exporter.scheduler import Poller
 from exporter.service import Exporter
 from exporter.simulator import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, Simulator
 from exporter.simulator import create_app as create_simulator_app
+from exporter.supervisor import Stage, Supervisor
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -78,6 +80,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def supervise_poller(poller: Poller, grace_seconds: float) -> Supervisor:
+    """The poller started as the exporter starts it: the store scheduled, `run` under a
+    supervisor, its polls in flight given `grace_seconds` when the supervisor stops."""
+    poller.schedule_store()
+    supervisor = Supervisor()
+    supervisor.start("poller", poller.run, Stage.POLLING, after=lambda: poller.drain(grace_seconds))
+    return supervisor
 
 
 def free_port_pair() -> int:

@@ -18,7 +18,9 @@ from exporter.metrics import ExporterMetrics, UploadMetrics
 from exporter.models import ErrorKind, PollError, PollOutcome, StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import CREDENTIALS_RETRY_SECONDS, Poller
+from exporter.supervisor import Supervisor
 from exporter.uploads import UploadStore
+from tests.conftest import supervise_poller
 from tests.virtual_time import VirtualTime
 
 Answer = Callable[[str, int], PollOutcome]
@@ -54,7 +56,7 @@ class Harness:
 
     def __init__(self) -> None:
         self.time = VirtualTime()
-        self.pollers: list[Poller] = []
+        self.supervisors: list[Supervisor] = []
 
     def start(
         self,
@@ -89,8 +91,7 @@ class Harness:
             sleep=self.time.sleep,
             rng=random.Random(seed),
         )
-        poller.start()
-        self.pollers.append(poller)
+        self.supervisors.append(supervise_poller(poller, grace_seconds=0))
         return poller, client
 
 
@@ -99,8 +100,8 @@ async def harness() -> AsyncIterator[Harness]:
     """A harness whose pollers are stopped after the test."""
     h = Harness()
     yield h
-    for poller in h.pollers:
-        await poller.stop(0)
+    for supervisor in h.supervisors:
+        await supervisor.stop()
 
 
 def always(outcome: PollOutcome) -> Answer:

@@ -16,7 +16,7 @@ from exporter.models import StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
 from exporter.scheduler import Poller, Trigger
 from exporter.uploads import UploadStore
-from tests.conftest import wait_for
+from tests.conftest import supervise_poller, wait_for
 
 INTERVAL = 600.0
 
@@ -92,14 +92,14 @@ async def rig() -> AsyncIterator[Rig]:
     )
     for ingestion_id in ("a", "b", "c"):
         store.add(ingestion_id, "config", {})
-    poller.start()
+    supervisor = supervise_poller(poller, grace_seconds=1.0)
 
     async def first_polls_done() -> bool:
         return len(client.calls) == 3 and poller.lag() == 0.0
 
     await wait_for(first_polls_done)
     yield Rig(poller, client, fake, store)
-    await poller.stop(grace_seconds=1.0)
+    await supervisor.stop()
 
 
 async def polled(client: FakeClient, ingestion_id: str, times: int) -> None:
