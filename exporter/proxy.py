@@ -29,8 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.auth import AuthUnavailable, RequestAuth
 from exporter.client import STATUS_PATH, BodyTooLarge, read_capped
-from exporter.config import ApiConfig, AuthConfig, ProxyConfig, is_loopback_host
-from exporter.logs import SecretMask
+from exporter.config import ApiConfig, ProxyConfig, is_loopback_host
 from exporter.metrics import ProxyMetrics
 from exporter.models import StatusReport
 from exporter.ratelimit import AdaptiveRateLimiter
@@ -125,18 +124,19 @@ _REFUSALS: Final[dict[Refusal, tuple[int, str]]] = {
 class ProxyDeps:
     """What the proxy needs of the running exporter; the runtime fills it in.
 
-    `api` is read per request, so a reload's base URL, timeout and credentials apply at once.
+    `api` and `auth` are read per request, so a reload's base URL, timeout and credentials
+    apply at once; `auth` is the signer the polls use (None before the exporter started), so
+    the proxy resolves no credentials of its own.
     `register` is the tracker's one entry point; `observe_status` applies a status the app
     fetched as a poll's would be (False when the id is not tracked).
     """
 
     api: Callable[[], ApiConfig]
-    auth_factory: Callable[[AuthConfig], RequestAuth]
+    auth: Callable[[], RequestAuth | None]
     limiter: AdaptiveRateLimiter
     register: Callable[..., Awaitable[Registration]]
     observe_status: Callable[[str, StatusReport], bool]
     registry: CollectorRegistry
-    secret_mask: SecretMask
     body_timeout: float = 75.0
     clock: Callable[[], float] = time.perf_counter
 
@@ -170,9 +170,6 @@ class _Proxy:
             deps.registry, FORWARDED_PATHS, [r.value for r in Refusal], [x.value for x in Learned]
         )
         self._session: aiohttp.ClientSession | None = None
-        self._auth_config: AuthConfig | None = None
-        self._auth: RequestAuth | None = None
-        deps.secret_mask.watch("proxy", self._held_secrets)
 
     async def session_context(self) -> AsyncIterator[None]:
         """The proxy's own keep-alive session to the API, open while the listener is."""
@@ -215,14 +212,24 @@ class _Proxy:
             return self._refuse(Refusal.RATE_BUDGET, request)
         url = api.base_url + path
         headers = _forwarded_headers(request.headers)
-        try:
-            headers.update(await self._auth_for(api).headers("POST", url, body, headers))
-        except AuthUnavailable as exc:
-            log.warning("proxy_credentials_unavailable", kind=exc.kind.value)
+        if not await self._sign(url, body, headers):
             return self._refuse(Refusal.CREDENTIALS, request)
         response, code = await self._forward(api, path, url, body, headers)
         self._metrics.observe(path, code, self._deps.clock() - started)
         return response
+
+    async def _sign(self, url: str, body: bytes, headers: CIMultiDict[str]) -> bool:
+        """Add the polls' signature to `headers`; False when there are no credentials (the
+        exporter has not started polling, or the chain has none now)."""
+        auth = self._deps.auth()
+        if auth is None:
+            return False
+        try:
+            headers.update(await auth.headers("POST", url, body, headers))
+        except AuthUnavailable as exc:
+            log.warning("proxy_credentials_unavailable", kind=exc.kind.value)
+            return False
+        return True
 
     async def _forward(
         self, api: ApiConfig, path: str, url: str, body: bytes, headers: CIMultiDict[str]
@@ -305,17 +312,6 @@ class _Proxy:
         if self._deps.observe_status(ingestion_id, outcome):
             return Learned.STATUS_APPLIED
         return Learned.STATUS_UNTRACKED
-
-    def _auth_for(self, api: ApiConfig) -> RequestAuth:
-        """The signer for the auth settings in force: rebuilt only when a reload changed them,
-        so cached credentials survive."""
-        if self._auth is None or api.auth != self._auth_config:
-            self._auth = self._deps.auth_factory(api.auth)
-            self._auth_config = api.auth
-        return self._auth
-
-    def _held_secrets(self) -> tuple[str, ...]:
-        return () if self._auth is None else self._auth.held_secrets()
 
     def _refuse(self, refusal: Refusal, request: web.Request) -> web.Response:
         """Answer without forwarding; logged at debug with the method only (the target and

@@ -223,12 +223,11 @@ def proxy_listener(exporter: Exporter, config: Config) -> Listener | None:
         return None
     deps = ProxyDeps(
         api=lambda: exporter.config.api,
-        auth_factory=exporter.auth_factory,
+        auth=lambda: exporter.auth,
         limiter=exporter.limiter,
         register=exporter.tracker.register,
         observe_status=exporter.observed_status,
         registry=exporter.registry,
-        secret_mask=exporter.secret_mask,
         body_timeout=config.server.idle_timeout_seconds,
     )
     app = create_proxy_app(deps, config.proxy)

@@ -148,9 +148,10 @@ class Exporter:
         self.metrics.config_loaded(ok=True)
 
     @property
-    def auth_factory(self) -> AuthFactory:
-        """How API credentials are made from `api.auth` (the proxy signs the same way)."""
-        return self._auth_factory
+    def auth(self) -> RequestAuth | None:
+        """The signer the polls use, for the config in force (None before `start`): the proxy
+        signs with it too, so credentials are resolved once."""
+        return self._auth
 
     @property
     def ready(self) -> bool:
