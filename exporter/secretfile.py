@@ -32,7 +32,14 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["MAX_SECRET_BYTES", "SecretFile", "SecretFileProblem", "SecretProblem"]
+__all__ = [
+    "MAX_SECRET_BYTES",
+    "FileVersion",
+    "SecretFile",
+    "SecretFileProblem",
+    "SecretProblem",
+    "file_version",
+]
 
 #: The largest secret file read (bytes). A bearer token is tens to a few thousand bytes (a JWT
 #: with many claims stays under 8 KiB); a larger file is a mistake or an attack, refused from
@@ -42,8 +49,9 @@ MAX_SECRET_BYTES = 64 * 1024
 #: What the reader opens with: never waits (a FIFO with no writer), never leaks into children.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
-#: A file's identity and version: (st_dev, st_ino, st_mtime_ns, st_size).
-_Key = tuple[int, int, int, int]
+#: A file's identity and version: (st_dev, st_ino, st_mtime_ns, st_size). A Kubernetes
+#: Secret's atomic swap of its `..data` link changes the inode.
+FileVersion = tuple[int, int, int, int]
 
 
 class SecretProblem(enum.StrEnum):
@@ -94,7 +102,7 @@ class SecretFile:
         self._noun = noun
         self._check = check
         self._limit = limit
-        self._cached: tuple[_Key, str | SecretFileProblem] | None = None
+        self._cached: tuple[FileVersion, str | SecretFileProblem] | None = None
         self._reads = 0
 
     @property
@@ -114,7 +122,7 @@ class SecretFile:
             info = os.stat(self._path)
         except (OSError, ValueError) as exc:
             return self._unreadable(exc)
-        key = _key(info)
+        key = file_version(info)
         cached = self._cached
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -126,7 +134,7 @@ class SecretFile:
             self._cached = (loaded, result)
         return result
 
-    def _load(self) -> tuple[_Key | None, str | SecretFileProblem]:
+    def _load(self) -> tuple[FileVersion | None, str | SecretFileProblem]:
         """Open, check again what was opened, read at most one byte past the bound. The key
         is None when the open or the read failed: permissions or an I/O error may change
         without changing the key, so that is not cached."""
@@ -136,7 +144,7 @@ class SecretFile:
             return None, self._unreadable(exc)
         try:
             info = os.fstat(fd)
-            key = _key(info)
+            key = file_version(info)
             if not stat.S_ISREG(info.st_mode):
                 return key, self._not_regular(info.st_mode)
             if info.st_size > self._limit:
@@ -180,7 +188,8 @@ class SecretFile:
         return SecretFileProblem(self._path, reason, f"{self._noun} {self._path} {wording}")
 
 
-def _key(info: os.stat_result) -> _Key:
+def file_version(info: os.stat_result) -> FileVersion:
+    """What tells a replaced or rewritten file from the one read before (`FileVersion`)."""
     return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
 
 

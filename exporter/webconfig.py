@@ -49,6 +49,7 @@ from exporter.config_wording import (
     refusal,
 )
 from exporter.metrics import WebConfigMetrics
+from exporter.secretfile import FileVersion, file_version
 from exporter.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
@@ -564,20 +565,17 @@ def settings_from(config: WebConfig) -> WebSettings:
     )
 
 
-Fingerprint = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+Fingerprint = tuple[tuple[str, FileVersion | None], ...]
 
 
 def _fingerprint(paths: Collection[str]) -> Fingerprint:
-    """Device, inode, mtime and size of each file (None when it cannot be stat'ed): a
-    Kubernetes Secret's atomic swap of its `..data` link changes the inode."""
-    found: list[tuple[str, tuple[int, int, int, int] | None]] = []
+    """Each file's `file_version` (None when it cannot be stat'ed)."""
+    found: list[tuple[str, FileVersion | None]] = []
     for path in paths:
         try:
-            st = os.stat(path)
+            found.append((path, file_version(os.stat(path))))
         except (OSError, ValueError):
             found.append((path, None))
-            continue
-        found.append((path, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)))
     return tuple(found)
 
 
